@@ -1,0 +1,44 @@
+//! `GET /health` and `GET /metrics`: what a load balancer and Prometheus ask.
+//!
+//! Health asks the store for a trivial read with a short deadline: a store that cannot answer makes the
+//! node `degraded` (503), so a load balancer stops sending producers to a node that could not commit.
+
+use std::time::Duration;
+
+use futures_util::future::{select, Either};
+
+use crate::http::response::Response;
+use crate::shard::Shard;
+
+/// How long health waits for the store before calling it down.
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /health`.
+pub async fn health(shard: &Shard) -> Response {
+    let ping = std::pin::pin!(shard.store.ping());
+    let deadline = std::pin::pin!(glommio::timer::sleep(STORE_PING_TIMEOUT));
+    let store_ok = matches!(select(ping, deadline).await, Either::Left((Ok(()), _)));
+    // Multi-node fan-out over Redis is not built yet; start-up warns when REDIS_URL is set.
+    let redis = "disabled";
+    let (status, code) = if store_ok {
+        ("ok", 200)
+    } else {
+        ("degraded", 503)
+    };
+    let body = format!(
+        "{{\"status\":\"{status}\",\"store\":\"{}\",\"redis\":\"{redis}\",\"connections\":{},\"uptime_s\":{}}}",
+        if store_ok { "ok" } else { "down" },
+        shard.metrics.websockets_open(),
+        shard.metrics.uptime_s(),
+    );
+    Response::json(code, body.into_bytes())
+}
+
+/// `GET /metrics`.
+pub fn metrics(shard: &Shard) -> Response {
+    Response::text(
+        200,
+        "text/plain; version=0.0.4",
+        shard.metrics.render().into_bytes(),
+    )
+}

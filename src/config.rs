@@ -1,0 +1,164 @@
+//! Configuration: every setting is a CLI flag and an environment variable of the same name, read once
+//! at start-up, validated once, and handed to the rest of the program as a typed [`Config`].
+//!
+//! No other module reads the environment. Limits live here with their defaults so that an operator
+//! finds every knob in `--help` and in the README's table, and a test can set any of them.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The server's settings (API.md, "Configuration"). Run with `--help` for the full list.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "notification-service", version, about = "A thread-per-core real-time notification server", long_about = None)]
+pub struct Config {
+    /// Listen port. 0 picks a free port (the chosen one is printed at start-up).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Listen address.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// `sqlite://path` (embedded, the default) or `postgres://...`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://data/notifications.db"
+    )]
+    pub database_url: String,
+
+    /// Redis for multi-node fan-out (`host:port` or `redis://host:port/db`). Unset: single node.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Executors, one per core. Default: the number of CPUs.
+    #[arg(long, env = "SHARDS")]
+    pub shards: Option<usize>,
+
+    /// If set, the HTTP API wants `Authorization: Bearer <key>` (not enforced yet).
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// If set, `/ws` wants `?token=<JWT>` (not enforced yet).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Seconds between server WebSocket pings; a connection that misses two pongs is closed.
+    #[arg(long, env = "HEARTBEAT_S", default_value_t = 30)]
+    pub heartbeat_s: u64,
+
+    /// Largest accepted HTTP request body, in bytes (413 above it).
+    #[arg(long, env = "MAX_BODY", default_value_t = 64 * 1024)]
+    pub max_body: usize,
+
+    /// Largest accepted body of `POST /api/v1/notifications/batch` (up to 1,000 notifications), in bytes.
+    #[arg(long, env = "MAX_BATCH_BODY", default_value_t = 1024 * 1024)]
+    pub max_batch_body: usize,
+
+    /// Largest accepted HTTP request head, in bytes (431 above it).
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 8 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Largest accepted WebSocket message, in bytes (close 1009 above it).
+    #[arg(long, env = "MAX_FRAME", default_value_t = 64 * 1024)]
+    pub max_frame: usize,
+
+    /// Most bytes queued for one slow connection before it is closed with 1013.
+    #[arg(long, env = "MAX_OUTBOUND_BYTES", default_value_t = 1024 * 1024)]
+    pub max_outbound_bytes: usize,
+
+    /// Most channels one WebSocket connection may subscribe to.
+    #[arg(long, env = "MAX_CHANNELS_PER_CONNECTION", default_value_t = 100)]
+    pub max_channels_per_connection: usize,
+
+    /// Most connections (HTTP and WebSocket) one shard holds; over it new ones get 503.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_SHARD", default_value_t = 500_000)]
+    pub max_connections_per_shard: usize,
+
+    /// Seconds a client has to send a complete request head (408 after).
+    #[arg(long, env = "HEADER_TIMEOUT_S", default_value_t = 10)]
+    pub header_timeout_s: u64,
+
+    /// Seconds an idle keep-alive HTTP connection is kept open.
+    #[arg(long, env = "KEEPALIVE_TIMEOUT_S", default_value_t = 75)]
+    pub keepalive_timeout_s: u64,
+
+    /// Most stored notifications replayed by one `resume` (`complete: false` when cut).
+    #[arg(long, env = "MAX_REPLAY", default_value_t = 1000)]
+    pub max_replay: usize,
+
+    /// Seconds a graceful shutdown waits for in-flight requests before closing anyway.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    pub shutdown_timeout_s: u64,
+
+    /// Log format: `text` or `json`. The level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl Config {
+    /// Parses flags and environment, then validates the combination.
+    pub fn from_args() -> Result<Config, String> {
+        let config = Config::parse();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects settings that would make the server misbehave rather than fail to start.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == Some(0) {
+            return Err("SHARDS must be at least 1".into());
+        }
+        if self.heartbeat_s == 0 {
+            return Err("HEARTBEAT_S must be at least 1".into());
+        }
+        if self.max_header_bytes < 256 {
+            return Err("MAX_HEADER_BYTES must be at least 256".into());
+        }
+        if self.max_frame < 128 {
+            return Err("MAX_FRAME must be at least 128".into());
+        }
+        if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
+            return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run: `SHARDS`, or one per CPU.
+    pub fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+
+    /// [`Config::heartbeat_s`] as a duration.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::parse_from(["notification-service"]);
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.database_url, "sqlite://data/notifications.db");
+        assert_eq!(c.max_body, 65536);
+        assert_eq!(c.heartbeat_s, 30);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn flags_override_and_zero_shards_is_refused() {
+        let c = Config::parse_from(["x", "--port", "0", "--shards", "0"]);
+        assert_eq!(c.port, 0);
+        assert!(c.validate().unwrap_err().contains("SHARDS"));
+    }
+}

@@ -1,0 +1,53 @@
+//! notification-service: a thread-per-core real-time notification server.
+//!
+//! Producers call the HTTP API to notify a user or a channel; browsers, phones and services hold
+//! WebSocket connections and get each notification live. Every notification is stored first: a 2xx means
+//! committed, and a client that reconnects replays what it missed. The public contract is `API.md`; the
+//! architecture is `docs/architecture.md`.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, as a CLI flag and an environment variable, validated once.
+//! - [`server`]: start-up (listeners, store, shards, signals) and the ordered shutdown.
+//! - [`shard`]: one glommio executor per core, with its own `SO_REUSEPORT` listener, connections and
+//!   indexes. [`shard::hub`] holds the connections and the user → connections and channel → connections
+//!   indexes; [`shard::inbox`] is how other threads hand a shard work; [`shard::outbound`] writes frames
+//!   to sockets and enforces the slow-consumer limit; `shard::connection` is one connection's task (the
+//!   HTTP/1.1 loop).
+//! - [`http`]: the hand-rolled HTTP/1.1 request parser (httparse) and response writer, with limits.
+//! - [`ws`]: the WebSocket handshake, frame codec (tungstenite's frame header on our own buffers), the JSON
+//!   protocol of API.md, and the session that runs one upgraded connection.
+//! - [`api`]: one handler per HTTP route.
+//! - [`store`]: the `Store` handle, the store thread that commits in groups, the reader threads, and the
+//!   SQLite backend; migrations live in `migrations/`.
+//! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
+//!   encoded once and shared.
+//! - [`model`]: the notification, its validation and its JSON encoding.
+//! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
+//!
+//! # One notification's way
+//!
+//! ```text
+//! producer ── POST /api/v1/notifications/send ──► shard N: connection task
+//!     http::request::parse_head ─► api::notifications::send ─► model::SendInput::validate
+//!     ─► store::Store::insert ══ crossbeam queue ══► store thread: group commit (one transaction for
+//!        everything queued), ids assigned in commit order
+//!     ─► bus::Fanout (CommitListener): encode the frame once ══ inbox of every shard ══►
+//!        shard M: Hub::for_each_target (user ∪ channels ∪ broadcast, once per connection)
+//!        ─► outbound::send_frame: one non-blocking send(2) of the shared frame, or queue it
+//!     ◄── the store thread replies; shard N answers 201 {"id","timestamp"}
+//! ```
+//!
+//! Client publishes skip the store: `ws::session` delivers to its own shard and sends the same shared
+//! delivery to the other shards' inboxes.
+
+pub mod api;
+pub mod bus;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod shard;
+pub mod store;
+pub mod ws;

@@ -1,0 +1,499 @@
+//! The notification: its stored shape, the producer's input, validation, and its JSON encoding.
+//!
+//! One shape serves REST responses, history and WebSocket delivery (API.md, "Notification object"), so
+//! it is encoded by one hand-written writer, [`Notification::write_json`]. The writer is on the hot path
+//! (every committed notification is encoded once, then shared by every connection that receives it), and
+//! `data` is kept as the raw JSON text the producer sent, spliced in as is instead of being re-parsed.
+//!
+//! Validation happens once, at the edge ([`SendInput::validate`]), and reports the offending field by name
+//! so a producer can fix its request from the error message alone.
+
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+/// Longest accepted `user_id`, in bytes (API.md).
+pub const MAX_USER_ID_BYTES: usize = 128;
+/// Longest accepted channel name, in bytes (API.md).
+pub const MAX_CHANNEL_BYTES: usize = 128;
+/// Most channels one notification may target; a bound so one request cannot fan out without limit.
+pub const MAX_CHANNELS_PER_NOTIFICATION: usize = 100;
+/// The `type` a notification gets when the producer names none.
+pub const DEFAULT_TYPE: &str = "info";
+
+/// Milliseconds since the Unix epoch, the unit every stored time uses.
+pub type Millis = i64;
+
+/// A stored notification, as the store returns it and as it is delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    /// UUIDv7, assigned at commit by the store thread, so id order is commit order on one node and a
+    /// client can resume "after id X".
+    pub id: Uuid,
+    /// The producer's category (`type` in JSON; `type` is a Rust keyword).
+    pub kind: String,
+    /// Short headline; empty when the producer sent none.
+    pub title: String,
+    /// The body text; the one required field.
+    pub message: String,
+    /// The inbox this notification belongs to; `None` for channel-only or broadcast notifications,
+    /// which are stored for replay but appear in no user's history.
+    pub user_id: Option<String>,
+    /// Channels it was published to; their subscribers receive it.
+    pub channels: Vec<String>,
+    /// Sent to every connection of the node (and of every node, with a bus).
+    pub broadcast: bool,
+    /// The producer's `data` object as raw JSON text, spliced into the encoding unchanged.
+    pub data: String,
+    /// Creation (commit) time; `timestamp` in JSON.
+    pub created_at: Millis,
+    /// When the user read it; `None` while unread.
+    pub read_at: Option<Millis>,
+    /// When it was first written to a live connection of its user (not tracked yet: always `None`).
+    pub delivered_at: Option<Millis>,
+    /// When a client reported it seen (not tracked yet: always `None`).
+    pub seen_at: Option<Millis>,
+    /// The time it was scheduled for, for scheduled notifications.
+    pub scheduled_at: Option<Millis>,
+}
+
+/// A validated notification that has no id or timestamp yet: the store assigns both at commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewNotification {
+    /// See [`Notification::kind`].
+    pub kind: String,
+    /// See [`Notification::title`].
+    pub title: String,
+    /// See [`Notification::message`].
+    pub message: String,
+    /// See [`Notification::user_id`].
+    pub user_id: Option<String>,
+    /// See [`Notification::channels`].
+    pub channels: Vec<String>,
+    /// See [`Notification::broadcast`].
+    pub broadcast: bool,
+    /// See [`Notification::data`]; `{}` when the producer sent none.
+    pub data: String,
+    /// See [`Notification::scheduled_at`].
+    pub scheduled_at: Option<Millis>,
+}
+
+impl NewNotification {
+    /// Turns the validated input into a stored notification with the id and time the store assigned.
+    pub fn into_notification(self, id: Uuid, created_at: Millis) -> Notification {
+        Notification {
+            id,
+            kind: self.kind,
+            title: self.title,
+            message: self.message,
+            user_id: self.user_id,
+            channels: self.channels,
+            broadcast: self.broadcast,
+            data: self.data,
+            created_at,
+            read_at: None,
+            delivered_at: None,
+            seen_at: None,
+            scheduled_at: self.scheduled_at,
+        }
+    }
+}
+
+/// A user id as producers send it: a string, or an integer (Laravel's user ids are integers).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UserIdInput {
+    /// `"user_id": "user123"`.
+    Text(String),
+    /// `"user_id": 42`, stored as `"42"`.
+    Integer(i64),
+}
+
+/// The JSON body of a send (and of each element of a batch), before validation.
+///
+/// Every field is optional here so that a missing `message` is reported as a field error by
+/// [`SendInput::validate`] rather than as an opaque deserialization failure.
+#[derive(Debug, Default, Deserialize)]
+pub struct SendInput {
+    /// `type`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// `title`.
+    pub title: Option<String>,
+    /// `message`, required.
+    pub message: Option<String>,
+    /// `user_id`, string or integer.
+    pub user_id: Option<UserIdInput>,
+    /// `channels`.
+    pub channels: Option<Vec<String>>,
+    /// `broadcast`.
+    pub broadcast: Option<bool>,
+    /// `data`, which must be a JSON object.
+    pub data: Option<serde_json::Value>,
+}
+
+/// A field that failed validation, named so the producer knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The JSON field at fault (`message`, `user_id`, `channels[2]`, ...), or `target` when no target
+    /// was named at all.
+    pub field: String,
+    /// A human sentence that names the field.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A field error whose message is `"<field> <problem>"`.
+    pub fn new(field: impl Into<String>, problem: &str) -> FieldError {
+        let field = field.into();
+        let message = format!("{field} {problem}");
+        FieldError { field, message }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl SendInput {
+    /// Checks the input against API.md's rules and fills in the defaults.
+    pub fn validate(self) -> Result<NewNotification, FieldError> {
+        let message = match self.message {
+            Some(m) if !m.is_empty() => m,
+            Some(_) => return Err(FieldError::new("message", "must not be empty")),
+            None => return Err(FieldError::new("message", "is required")),
+        };
+        let user_id = match self.user_id {
+            None => None,
+            Some(UserIdInput::Integer(n)) => Some(n.to_string()),
+            Some(UserIdInput::Text(s)) => {
+                validate_user_id(&s)?;
+                Some(s)
+            }
+        };
+        let channels = self.channels.unwrap_or_default();
+        validate_channel_list("channels", &channels)?;
+        let broadcast = self.broadcast.unwrap_or(false);
+        if user_id.is_none() && channels.is_empty() && !broadcast {
+            return Err(FieldError {
+                field: "target".into(),
+                message: "no target: set user_id, a non-empty channels list, or broadcast: true"
+                    .into(),
+            });
+        }
+        let data = match self.data {
+            None | Some(serde_json::Value::Null) => "{}".to_owned(),
+            Some(v @ serde_json::Value::Object(_)) => v.to_string(),
+            Some(_) => return Err(FieldError::new("data", "must be a JSON object")),
+        };
+        Ok(NewNotification {
+            kind: self
+                .kind
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| DEFAULT_TYPE.to_owned()),
+            title: self.title.unwrap_or_default(),
+            message,
+            user_id,
+            channels,
+            broadcast,
+            data,
+            scheduled_at: None,
+        })
+    }
+}
+
+/// Checks a user id: non-empty, at most [`MAX_USER_ID_BYTES`], no control characters.
+pub fn validate_user_id(user_id: &str) -> Result<(), FieldError> {
+    if user_id.is_empty() {
+        return Err(FieldError::new("user_id", "must not be empty"));
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(FieldError::new("user_id", "must be at most 128 bytes"));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            "user_id",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one channel name: 1 to [`MAX_CHANNEL_BYTES`] bytes of `[A-Za-z0-9_\-=@,.;:]`.
+pub fn is_valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;:".contains(&b))
+}
+
+/// Checks a list of channel names, naming the first bad element (`channels[2]`).
+pub fn validate_channel_list(field: &str, channels: &[String]) -> Result<(), FieldError> {
+    if channels.len() > MAX_CHANNELS_PER_NOTIFICATION {
+        return Err(FieldError::new(field, "must list at most 100 channels"));
+    }
+    for (i, c) in channels.iter().enumerate() {
+        if !is_valid_channel(c) {
+            return Err(FieldError::new(
+                format!("{field}[{i}]"),
+                "must be 1 to 128 bytes of A-Z a-z 0-9 _ - = @ , . ; :",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Formats milliseconds since the epoch as API.md's time: RFC 3339 UTC with milliseconds
+/// (`2024-01-29T10:30:00.000Z`).
+pub fn format_time(ms: Millis) -> String {
+    let mut s = String::with_capacity(24);
+    write_time(&mut s, ms);
+    s
+}
+
+fn write_time(out: &mut String, ms: Millis) {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => {
+            let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+        }
+        None => out.push_str("1970-01-01T00:00:00.000Z"),
+    }
+}
+
+/// Parses an RFC 3339 time with any offset (`Z`, `+00:00`, `-05:00`) into milliseconds since the epoch.
+pub fn parse_time(s: &str) -> Option<Millis> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// The current wall-clock time in milliseconds since the epoch.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Appends `s` as a JSON string literal (quoted and escaped).
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json's escaping is correct for every code point; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn write_opt_time(out: &mut Vec<u8>, key: &str, ms: Option<Millis>) {
+    out.extend_from_slice(key.as_bytes());
+    match ms {
+        Some(ms) => {
+            out.push(b'"');
+            out.extend_from_slice(format_time(ms).as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+impl Notification {
+    /// Appends the notification object of API.md to `out`. With `channel`, the object also carries the
+    /// `"channel"` it arrived through (WebSocket delivery through a channel subscription).
+    pub fn write_json(&self, out: &mut Vec<u8>, channel: Option<&str>) {
+        out.extend_from_slice(b"{\"id\":\"");
+        let mut id_buf = Uuid::encode_buffer();
+        out.extend_from_slice(self.id.hyphenated().encode_lower(&mut id_buf).as_bytes());
+        out.extend_from_slice(b"\",\"type\":");
+        write_json_str(out, &self.kind);
+        out.extend_from_slice(b",\"title\":");
+        write_json_str(out, &self.title);
+        out.extend_from_slice(b",\"message\":");
+        write_json_str(out, &self.message);
+        out.extend_from_slice(b",\"user_id\":");
+        match &self.user_id {
+            Some(u) => write_json_str(out, u),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"channels\":[");
+        for (i, c) in self.channels.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_str(out, c);
+        }
+        out.extend_from_slice(b"]");
+        if self.broadcast {
+            out.extend_from_slice(b",\"broadcast\":true");
+        }
+        if let Some(channel) = channel {
+            out.extend_from_slice(b",\"channel\":");
+            write_json_str(out, channel);
+        }
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(self.data.as_bytes());
+        out.extend_from_slice(b",\"timestamp\":\"");
+        out.extend_from_slice(format_time(self.created_at).as_bytes());
+        out.extend_from_slice(b"\",\"read\":");
+        out.extend_from_slice(if self.read_at.is_some() {
+            b"true"
+        } else {
+            b"false"
+        });
+        write_opt_time(out, ",\"read_at\":", self.read_at);
+        write_opt_time(out, ",\"delivered_at\":", self.delivered_at);
+        write_opt_time(out, ",\"seen_at\":", self.seen_at);
+        write_opt_time(out, ",\"scheduled_at\":", self.scheduled_at);
+        out.push(b'}');
+    }
+
+    /// The notification object as a standalone JSON document.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.message.len() + self.data.len());
+        self.write_json(&mut out, None);
+        out
+    }
+}
+
+/// Generates UUIDv7 ids that strictly increase, even within one millisecond.
+///
+/// The store thread owns one, so on one node id order is commit order: a client that resumes "after
+/// id X" has, by then, been sent every notification with a smaller id.
+#[derive(Debug, Default)]
+pub struct IdGenerator {
+    last_ms: u64,
+    counter: u64,
+}
+
+impl IdGenerator {
+    /// A generator whose first id is from the current millisecond.
+    pub fn new() -> IdGenerator {
+        IdGenerator::default()
+    }
+
+    /// The next id, and the millisecond timestamp embedded in it.
+    pub fn next_id(&mut self) -> (Uuid, Millis) {
+        let now = now_millis().max(0) as u64;
+        if now > self.last_ms {
+            self.last_ms = now;
+            self.counter = 0;
+        } else {
+            // Same millisecond (or the clock stepped back): keep the last timestamp and count up
+            // within its 74 random-or-counter bits, so ids still increase.
+            self.counter += 1;
+        }
+        let random: u64 = (Uuid::now_v7().as_u128() & 0xffff_ffff) as u64;
+        // Layout (RFC 9562 §5.7): 48 bits ms, 4 bits version, 12 bits rand_a, 2 bits variant,
+        // 62 bits rand_b. The counter takes rand_a and the top of rand_b; the rest stays random.
+        let counter_hi = (self.counter >> 30) & 0xfff;
+        let counter_lo = self.counter & 0x3fff_ffff;
+        let hi: u64 = (self.last_ms << 16) | 0x7000 | counter_hi;
+        let lo: u64 = (0b10 << 62) | (counter_lo << 32) | random;
+        let id = Uuid::from_u64_pair(hi, lo);
+        (id, self.last_ms as Millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(json: &str) -> SendInput {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn message_is_required_and_named() {
+        let err = input(r#"{"user_id":"u1"}"#).validate().unwrap_err();
+        assert_eq!(err.field, "message");
+        assert!(err.message.contains("message"));
+    }
+
+    #[test]
+    fn a_target_is_required() {
+        let err = input(r#"{"message":"hi"}"#).validate().unwrap_err();
+        assert_eq!(err.field, "target");
+        let ok = input(r#"{"message":"hi","broadcast":true}"#)
+            .validate()
+            .unwrap();
+        assert!(ok.broadcast);
+    }
+
+    #[test]
+    fn integer_user_ids_are_stored_as_decimal_strings() {
+        let n = input(r#"{"message":"hi","user_id":42}"#)
+            .validate()
+            .unwrap();
+        assert_eq!(n.user_id.as_deref(), Some("42"));
+        assert_eq!(n.kind, "info");
+        assert_eq!(n.data, "{}");
+    }
+
+    #[test]
+    fn bad_channel_names_are_reported_by_index() {
+        let err = input(r#"{"message":"hi","channels":["ok","bad name"]}"#)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "channels[1]");
+        let long = "x".repeat(129);
+        let err = input(&format!(r#"{{"message":"hi","user_id":"{long}"}}"#))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "user_id");
+    }
+
+    #[test]
+    fn data_must_be_an_object() {
+        let err = input(r#"{"message":"hi","user_id":"u","data":[1]}"#)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "data");
+    }
+
+    #[test]
+    fn encoding_is_valid_json_with_every_field() {
+        let n = input(r#"{"message":"a \"quoted\" line\n","user_id":"u1","channels":["c"],"data":{"k":[1,2]}}"#)
+            .validate()
+            .unwrap()
+            .into_notification(Uuid::now_v7(), 1_706_524_200_000);
+        let mut out = Vec::new();
+        n.write_json(&mut out, Some("c"));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["message"], "a \"quoted\" line\n");
+        assert_eq!(v["channel"], "c");
+        assert_eq!(v["data"]["k"][1], 2);
+        assert_eq!(v["timestamp"], "2024-01-29T10:30:00.000Z");
+        assert_eq!(v["read"], false);
+        assert!(v["read_at"].is_null());
+        assert_eq!(v["id"], n.id.to_string());
+    }
+
+    #[test]
+    fn times_parse_with_any_offset() {
+        assert_eq!(
+            parse_time("2024-01-29T10:30:00.000Z"),
+            Some(1_706_524_200_000)
+        );
+        assert_eq!(
+            parse_time("2024-01-29T10:30:00+00:00"),
+            Some(1_706_524_200_000)
+        );
+        assert_eq!(
+            parse_time("2024-01-29T05:30:00-05:00"),
+            Some(1_706_524_200_000)
+        );
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn ids_strictly_increase_within_a_millisecond() {
+        let mut ids = IdGenerator::new();
+        let mut last = ids.next_id().0;
+        for _ in 0..10_000 {
+            let (id, _) = ids.next_id();
+            assert!(id > last, "{id} <= {last}");
+            assert_eq!(id.get_version_num(), 7);
+            last = id;
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Start-up and shutdown: binds the listeners, opens the store, starts the shards, waits for a signal,
+//! and tears everything down in the order that loses nothing.
+//!
+//! Order matters on the way down: shards stop first (no new requests, WebSockets closed with 1001,
+//! in-flight requests answered); then the last `Store` handle is dropped, which lets the store thread
+//! commit whatever is still queued before it exits. Only then does the process exit 0.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::bus::Fanout;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::shard::inbox::inbox;
+use crate::shard::{spawn_shard, ShardSetup};
+use crate::store::{Store, StoreConfig, StoreUrl};
+
+/// Accept backlog per listener (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
+/// Reader threads of the store (history, replay, health).
+const STORE_READER_THREADS: usize = 2;
+/// Most write operations the store thread commits in one transaction.
+const STORE_MAX_BATCH: usize = 4096;
+
+/// A start-up failure, with what was being done.
+#[derive(Debug)]
+pub struct StartupError(pub String);
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// Binds one `SO_REUSEPORT` listener per shard on the same address. With port 0 the first bind picks the
+/// port and the others join it.
+fn bind_listeners(
+    config: &Config,
+    count: usize,
+) -> Result<(Vec<OwnedFd>, SocketAddr), StartupError> {
+    let mut addr = SocketAddr::new(config.host, config.port);
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .and_then(|s| {
+                s.set_reuse_address(true)?;
+                s.set_reuse_port(true)?;
+                s.bind(&addr.into())?;
+                s.listen(LISTEN_BACKLOG)?;
+                Ok(s)
+            })
+            .map_err(|e| StartupError(format!("cannot listen on {addr}: {e}")))?;
+        if let Some(bound) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+            addr = bound;
+        }
+        fds.push(OwnedFd::from(socket));
+    }
+    Ok((fds, addr))
+}
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
+pub fn run(config: Config) -> Result<(), StartupError> {
+    let config = Arc::new(config);
+    let shards = config.shard_count();
+    let (listeners, addr) = bind_listeners(&config, shards)?;
+
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox()).unzip();
+    let fanout = Fanout::new(senders);
+    let metrics = Arc::new(Metrics::new(shards));
+
+    let url = StoreUrl::parse(&config.database_url).map_err(StartupError)?;
+    let store_config = StoreConfig {
+        url,
+        reader_threads: STORE_READER_THREADS,
+        max_batch: STORE_MAX_BATCH,
+    };
+    let (store, store_threads) =
+        Store::open(&store_config, Box::new(fanout.clone())).map_err(|e| {
+            StartupError(format!(
+                "cannot open the store {}: {e}",
+                config.database_url
+            ))
+        })?;
+
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut threads = Vec::with_capacity(shards);
+    for (index, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
+        threads.push(
+            spawn_shard(ShardSetup {
+                index,
+                listener,
+                inbox,
+                config: config.clone(),
+                store: store.clone(),
+                fanout: fanout.clone(),
+                metrics: metrics.clone(),
+                cpu: (shards <= cpus).then_some(index),
+            })
+            .map_err(StartupError)?,
+        );
+    }
+    drop(store);
+
+    if config.api_key.is_none() && config.jwt_secret.is_none() {
+        warn!("running open: neither API_KEY nor JWT_SECRET is set, so anyone can send and connect (fine for development only)");
+    }
+    if config.redis_url.is_some() {
+        warn!(
+            "REDIS_URL is set, but multi-node fan-out is not built yet: running as a single node"
+        );
+    }
+    info!(%addr, shards, store = %config.database_url, "notification-service listening");
+
+    let signal_fanout = fanout.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| StartupError(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut count = 0;
+            for signal in signals.forever() {
+                count += 1;
+                if count == 1 {
+                    info!(signal, "shutting down gracefully");
+                    signal_fanout.shutdown_all_shards();
+                } else {
+                    warn!(signal, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+            }
+        })
+        .map_err(|e| StartupError(format!("cannot start the signal thread: {e}")))?;
+
+    for thread in threads {
+        if let Err(e) = thread.join() {
+            warn!(error = %e, "a shard ended abnormally");
+        }
+    }
+    drop(fanout);
+    // Every Store clone is gone with the shards: the store thread commits what is queued and exits.
+    store_threads.join();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,555 @@
+//! The hub: one shard's connections and its indexes user → connections and channel → connections.
+//!
+//! Everything here belongs to one shard and is touched by one thread, so there are no locks: the shard
+//! holds the hub in a `RefCell` and never keeps a borrow across an `.await`.
+//!
+//! Memory is the design constraint (DESIGN.md, "about 1 KiB per idle connection"). So:
+//! - connections live in a slab and are named by their slot ([`ConnId`], a `u32`), not by pointers;
+//! - user ids and channel names are interned once per shard; a connection holds small integer ids and
+//!   shares the name with every other connection of the same user or channel;
+//! - a channel's member list is a plain `Vec`, and each subscription remembers its position in it, so
+//!   unsubscribing (or disconnecting) costs O(1) even for a channel with 100k members;
+//! - nothing per connection is allocated until it is needed (the outbound queue, the resume buffer).
+//!
+//! Targeting ([`Hub::for_each_target`]) walks the user's connections, then each target channel's members,
+//! then (for a broadcast) every WebSocket connection, and stamps each connection it visits with a
+//! per-delivery mark, so a connection reached by several targets gets the notification once, with no
+//! allocation per delivery.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+
+use smallvec::SmallVec;
+
+use crate::bus::Delivery;
+use crate::shard::outbound::Outbox;
+
+/// A connection's slot in its shard's slab. Valid only on that shard, and only until it disconnects.
+pub type ConnId = u32;
+
+/// An interned user or channel on one shard.
+type NameId = u32;
+
+/// What a connection is doing now; only WebSocket connections receive deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// Speaking HTTP/1.1 (requests and responses).
+    Http,
+    /// Upgraded to WebSocket and registered for deliveries.
+    WebSocket,
+}
+
+/// One channel subscription of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Subscription {
+    /// The interned channel.
+    channel: NameId,
+    /// This connection's index in the channel's member list, kept current by swap-removes.
+    position: u32,
+}
+
+/// The state one shard keeps for one connection.
+#[derive(Debug)]
+pub struct ConnState {
+    /// The socket, for direct non-blocking writes from the delivery path.
+    pub fd: RawFd,
+    /// HTTP or WebSocket.
+    pub kind: ConnKind,
+    /// The interned user (WebSocket connections only).
+    user: Option<NameId>,
+    /// Channel subscriptions; inline for the common case of a few channels.
+    subscriptions: SmallVec<[Subscription; 2]>,
+    /// The delivery stamp of the last delivery that reached this connection (dedup across targets).
+    mark: u32,
+    /// Frames waiting for the socket to accept them, and the resume buffer; `None` when idle.
+    pub outbox: Option<Box<Outbox>>,
+    /// The connection task's waker: woken when frames are queued, on close requests and at shutdown.
+    pub waker: Option<Waker>,
+    /// Server pings sent since the last pong; two unanswered close the connection.
+    pub missed_pongs: u8,
+    /// Set when the connection must close: the close code to send (0 = close without a frame).
+    pub close_code: Option<u16>,
+}
+
+impl ConnState {
+    fn new(fd: RawFd) -> ConnState {
+        ConnState {
+            fd,
+            kind: ConnKind::Http,
+            user: None,
+            subscriptions: SmallVec::new(),
+            mark: 0,
+            outbox: None,
+            waker: None,
+            missed_pongs: 0,
+            close_code: None,
+        }
+    }
+
+    /// Asks the connection's task to close it with `code` (the first request wins) and wakes it.
+    pub fn request_close(&mut self, code: u16) {
+        if self.close_code.is_none() {
+            self.close_code = Some(code);
+        }
+        self.wake();
+    }
+
+    /// Wakes the connection's task, if it is waiting.
+    pub fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// How many channels this connection is subscribed to.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+}
+
+/// An interned name and the connections that share it.
+#[derive(Debug)]
+struct NameEntry {
+    name: Rc<str>,
+    members: Vec<ConnId>,
+}
+
+/// A table of interned names (users or channels) with their member connections.
+#[derive(Debug, Default)]
+struct NameTable {
+    by_name: HashMap<Rc<str>, NameId>,
+    entries: slab::Slab<NameEntry>,
+}
+
+impl NameTable {
+    fn lookup(&self, name: &str) -> Option<NameId> {
+        self.by_name.get(name).copied()
+    }
+
+    fn intern(&mut self, name: &str) -> NameId {
+        if let Some(id) = self.lookup(name) {
+            return id;
+        }
+        let name: Rc<str> = Rc::from(name);
+        let id = self.entries.insert(NameEntry {
+            name: name.clone(),
+            members: Vec::new(),
+        }) as NameId;
+        self.by_name.insert(name, id);
+        id
+    }
+
+    /// Adds a member and returns its position.
+    fn add(&mut self, id: NameId, conn: ConnId) -> u32 {
+        let members = &mut self.entries[id as usize].members;
+        members.push(conn);
+        (members.len() - 1) as u32
+    }
+
+    /// Swap-removes position `pos`; returns the connection that moved into it, if any. Frees the name
+    /// when its last member leaves.
+    fn remove_at(&mut self, id: NameId, pos: u32) -> Option<ConnId> {
+        let entry = &mut self.entries[id as usize];
+        entry.members.swap_remove(pos as usize);
+        let moved = entry.members.get(pos as usize).copied();
+        if entry.members.is_empty() {
+            let entry = self.entries.remove(id as usize);
+            self.by_name.remove(&entry.name);
+        }
+        moved
+    }
+
+    fn members(&self, id: NameId) -> &[ConnId] {
+        &self.entries[id as usize].members
+    }
+
+    fn name(&self, id: NameId) -> &Rc<str> {
+        &self.entries[id as usize].name
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// The connection already has the configured maximum of channels.
+    TooManyChannels,
+}
+
+/// One shard's connections and indexes. See the module docs.
+#[derive(Debug, Default)]
+pub struct Hub {
+    conns: slab::Slab<ConnState>,
+    users: NameTable,
+    channels: NameTable,
+    /// How many connections are WebSockets (the slab also holds HTTP connections).
+    websockets: usize,
+    /// The stamp of the current delivery; see the module docs.
+    delivery_mark: u32,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    /// Registers a new (HTTP) connection.
+    pub fn add(&mut self, fd: RawFd) -> ConnId {
+        self.conns.insert(ConnState::new(fd)) as ConnId
+    }
+
+    /// All connections, HTTP and WebSocket.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when the shard holds no connection.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// WebSocket connections only.
+    pub fn websocket_count(&self) -> usize {
+        self.websockets
+    }
+
+    /// Distinct users with a WebSocket connection on this shard.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Distinct channels with a subscriber on this shard.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// The connection in slot `id`. Panics if `id` is not registered: ids are only held by their own
+    /// connection task, which removes its slot last.
+    pub fn conn(&self, id: ConnId) -> &ConnState {
+        &self.conns[id as usize]
+    }
+
+    /// Mutable access to the connection in slot `id` (see [`Hub::conn`]).
+    pub fn conn_mut(&mut self, id: ConnId) -> &mut ConnState {
+        &mut self.conns[id as usize]
+    }
+
+    /// Every connection, for sweeps (heartbeat, shutdown).
+    pub fn conns_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut ConnState)> {
+        self.conns.iter_mut().map(|(id, c)| (id as ConnId, c))
+    }
+
+    /// Turns an HTTP connection into a WebSocket connection of `user`, indexed for deliveries.
+    pub fn upgrade(&mut self, id: ConnId, user: &str) {
+        let user_id = self.users.intern(user);
+        self.users.add(user_id, id);
+        let conn = &mut self.conns[id as usize];
+        conn.kind = ConnKind::WebSocket;
+        conn.user = Some(user_id);
+        self.websockets += 1;
+    }
+
+    /// The user of a WebSocket connection.
+    pub fn user_of(&self, id: ConnId) -> Option<&Rc<str>> {
+        self.conns[id as usize].user.map(|u| self.users.name(u))
+    }
+
+    /// Whether the connection is subscribed to `channel`.
+    pub fn is_subscribed(&self, id: ConnId, channel: &str) -> bool {
+        match self.channels.lookup(channel) {
+            Some(ch) => self.conns[id as usize]
+                .subscriptions
+                .iter()
+                .any(|s| s.channel == ch),
+            None => false,
+        }
+    }
+
+    /// The channels a connection is subscribed to, in subscription order.
+    pub fn channels_of(&self, id: ConnId) -> Vec<Rc<str>> {
+        self.conns[id as usize]
+            .subscriptions
+            .iter()
+            .map(|s| self.channels.name(s.channel).clone())
+            .collect()
+    }
+
+    /// Subscribes a connection to `channel`. Subscribing twice is harmless. Returns whether it is new.
+    pub fn subscribe(
+        &mut self,
+        id: ConnId,
+        channel: &str,
+        max_channels: usize,
+    ) -> Result<bool, SubscribeError> {
+        if self.is_subscribed(id, channel) {
+            return Ok(false);
+        }
+        if self.conns[id as usize].subscriptions.len() >= max_channels {
+            return Err(SubscribeError::TooManyChannels);
+        }
+        let ch = self.channels.intern(channel);
+        let position = self.channels.add(ch, id);
+        self.conns[id as usize].subscriptions.push(Subscription {
+            channel: ch,
+            position,
+        });
+        Ok(true)
+    }
+
+    /// Unsubscribes a connection from `channel`. Returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, id: ConnId, channel: &str) -> bool {
+        let Some(ch) = self.channels.lookup(channel) else {
+            return false;
+        };
+        let subs = &mut self.conns[id as usize].subscriptions;
+        let Some(index) = subs.iter().position(|s| s.channel == ch) else {
+            return false;
+        };
+        let sub = subs.swap_remove(index);
+        self.remove_member(ch, sub.position);
+        true
+    }
+
+    /// Removes a channel membership by position and fixes the position of the member that moved in.
+    fn remove_member(&mut self, ch: NameId, position: u32) {
+        if let Some(moved) = self.channels.remove_at(ch, position) {
+            if let Some(s) = self.conns[moved as usize]
+                .subscriptions
+                .iter_mut()
+                .find(|s| s.channel == ch)
+            {
+                s.position = position;
+            }
+        }
+    }
+
+    /// Unregisters a connection and drops all its index entries. Returns its final state.
+    pub fn remove(&mut self, id: ConnId) -> ConnState {
+        let conn = self.conns.remove(id as usize);
+        for sub in &conn.subscriptions {
+            self.remove_member(sub.channel, sub.position);
+        }
+        if let Some(user) = conn.user {
+            let members = self.users.members(user);
+            if let Some(pos) = members.iter().position(|&c| c == id) {
+                self.users.remove_at(user, pos as u32);
+            }
+        }
+        if conn.kind == ConnKind::WebSocket {
+            self.websockets -= 1;
+        }
+        conn
+    }
+
+    /// Calls `deliver` once for every WebSocket connection that `delivery` targets (union of its user,
+    /// its channels and broadcast), with the frame that connection should get: a connection reached
+    /// through its user or a broadcast gets the plain frame; one reached only through a channel gets that
+    /// channel's frame (with the `"channel"` field). `skip` is a connection not to deliver to (the sender
+    /// of a client publish).
+    pub fn for_each_target(
+        &mut self,
+        delivery: &Delivery,
+        skip: Option<ConnId>,
+        mut deliver: impl FnMut(ConnId, &mut ConnState, &bytes::Bytes),
+    ) {
+        self.delivery_mark = self.delivery_mark.wrapping_add(1);
+        if self.delivery_mark == 0 {
+            // The mark wrapped: clear stale stamps so no connection looks already visited.
+            for (_, c) in self.conns.iter_mut() {
+                c.mark = 0;
+            }
+            self.delivery_mark = 1;
+        }
+        let mark = self.delivery_mark;
+        if let Some(skip) = skip {
+            if let Some(c) = self.conns.get_mut(skip as usize) {
+                c.mark = mark;
+            }
+        }
+        // A broadcast reaches every WebSocket; collect them before the visitor borrows the slab.
+        let broadcast_to: Vec<ConnId> = if delivery.broadcast {
+            self.conns
+                .iter()
+                .filter(|(_, c)| c.kind == ConnKind::WebSocket)
+                .map(|(id, _)| id as ConnId)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let conns = &mut self.conns;
+        let mut visit = |id: ConnId, frame: &bytes::Bytes| {
+            let c = &mut conns[id as usize];
+            if c.mark != mark {
+                c.mark = mark;
+                deliver(id, c, frame);
+            }
+        };
+        if let Some(user) = delivery.user.as_deref().and_then(|u| self.users.lookup(u)) {
+            for &id in self.users.members(user) {
+                visit(id, &delivery.frame);
+            }
+        }
+        for (i, channel) in delivery.channels.iter().enumerate() {
+            if let Some(ch) = self.channels.lookup(channel) {
+                let frame = delivery.channel_frames.get(i).unwrap_or(&delivery.frame);
+                for &id in self.channels.members(ch) {
+                    visit(id, frame);
+                }
+            }
+        }
+        for id in broadcast_to {
+            visit(id, &delivery.frame);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn delivery(user: Option<&str>, channels: &[&str], broadcast: bool) -> Delivery {
+        Delivery {
+            id: None,
+            user: user.map(str::to_owned),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            broadcast,
+            frame: Bytes::from_static(b"plain"),
+            channel_frames: channels
+                .iter()
+                .map(|c| Bytes::from(format!("via {c}")))
+                .collect(),
+        }
+    }
+
+    fn targets(hub: &mut Hub, d: &Delivery, skip: Option<ConnId>) -> Vec<(ConnId, String)> {
+        let mut out = Vec::new();
+        hub.for_each_target(d, skip, |id, _, frame| {
+            out.push((id, String::from_utf8(frame.to_vec()).unwrap()))
+        });
+        out.sort();
+        out
+    }
+
+    fn ws(hub: &mut Hub, user: &str) -> ConnId {
+        let id = hub.add(-1);
+        hub.upgrade(id, user);
+        id
+    }
+
+    #[test]
+    fn a_user_with_two_connections_gets_it_on_both() {
+        let mut hub = Hub::new();
+        let a = ws(&mut hub, "alice");
+        let a2 = ws(&mut hub, "alice");
+        let _b = ws(&mut hub, "bob");
+        let got = targets(&mut hub, &delivery(Some("alice"), &[], false), None);
+        assert_eq!(got, vec![(a, "plain".into()), (a2, "plain".into())]);
+    }
+
+    #[test]
+    fn union_of_targets_reaches_each_connection_once() {
+        let mut hub = Hub::new();
+        let a = ws(&mut hub, "alice");
+        let b = ws(&mut hub, "bob");
+        let c = ws(&mut hub, "carol");
+        hub.subscribe(a, "news", 10).unwrap();
+        hub.subscribe(a, "sport", 10).unwrap();
+        hub.subscribe(b, "sport", 10).unwrap();
+        let got = targets(
+            &mut hub,
+            &delivery(Some("alice"), &["news", "sport"], false),
+            None,
+        );
+        // alice through her user id (plain), bob through "sport"; carol not at all.
+        assert_eq!(got, vec![(a, "plain".into()), (b, "via sport".into())]);
+        let all = targets(&mut hub, &delivery(None, &["sport"], true), None);
+        assert_eq!(all.len(), 3, "broadcast reaches everyone once: {all:?}");
+        assert!(all.contains(&(c, "plain".into())));
+        assert!(all.contains(&(b, "via sport".into())));
+    }
+
+    #[test]
+    fn http_connections_get_nothing_and_skip_is_honoured() {
+        let mut hub = Hub::new();
+        let _http = hub.add(-1);
+        let a = ws(&mut hub, "alice");
+        let b = ws(&mut hub, "bob");
+        hub.subscribe(a, "room", 10).unwrap();
+        hub.subscribe(b, "room", 10).unwrap();
+        assert_eq!(
+            targets(&mut hub, &delivery(None, &["room"], false), Some(a)),
+            vec![(b, "via room".into())]
+        );
+        assert_eq!(targets(&mut hub, &delivery(None, &[], true), None).len(), 2);
+    }
+
+    #[test]
+    fn unsubscribe_and_disconnect_leave_no_trace() {
+        let mut hub = Hub::new();
+        let ids: Vec<ConnId> = (0..50).map(|i| ws(&mut hub, &format!("u{i}"))).collect();
+        for &id in &ids {
+            hub.subscribe(id, "big", 10).unwrap();
+        }
+        // Remove from the middle, the start and the end; positions must stay consistent.
+        for &id in ids.iter().step_by(3) {
+            assert!(hub.unsubscribe(id, "big"));
+        }
+        assert!(
+            !hub.unsubscribe(ids[0], "big"),
+            "second unsubscribe is a no-op"
+        );
+        let expected: Vec<ConnId> = ids
+            .iter()
+            .copied()
+            .filter(|id| (ids.iter().position(|x| x == id).unwrap()) % 3 != 0)
+            .collect();
+        let got: Vec<ConnId> = targets(&mut hub, &delivery(None, &["big"], false), None)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(got, expected);
+        for &id in &ids {
+            hub.remove(id);
+        }
+        assert_eq!(hub.len(), 0);
+        assert_eq!(hub.channel_count(), 0, "channel freed with its last member");
+        assert_eq!(
+            hub.user_count(),
+            0,
+            "users freed with their last connection"
+        );
+        assert_eq!(hub.websocket_count(), 0);
+        assert!(targets(&mut hub, &delivery(Some("u1"), &["big"], true), None).is_empty());
+    }
+
+    #[test]
+    fn channel_limit_is_enforced_and_double_subscribe_is_harmless() {
+        let mut hub = Hub::new();
+        let a = ws(&mut hub, "alice");
+        assert_eq!(hub.subscribe(a, "one", 2), Ok(true));
+        assert_eq!(hub.subscribe(a, "one", 2), Ok(false));
+        assert_eq!(hub.subscribe(a, "two", 2), Ok(true));
+        assert_eq!(
+            hub.subscribe(a, "three", 2),
+            Err(SubscribeError::TooManyChannels)
+        );
+        assert_eq!(hub.channels_of(a).len(), 2);
+    }
+
+    #[test]
+    fn connection_state_stays_small() {
+        // The per-connection budget (DESIGN.md) leaves ~150 bytes beside the socket and the task.
+        assert!(
+            std::mem::size_of::<ConnState>() <= 96,
+            "{}",
+            std::mem::size_of::<ConnState>()
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! A shard's inbox: how other threads (the store thread, other shards, the signal thread) hand work to a
+//! shard without locks on the delivery path.
+//!
+//! A lock-free MPSC queue (crossbeam) carries the messages; an [`AtomicWaker`] wakes the shard's pump
+//! task. `AtomicWaker::wake` takes the registered waker, so a burst of a thousand pushes costs one
+//! cross-thread wakeup (glommio turns a foreign wake into an eventfd write), and the pump drains the
+//! whole burst in one go. An idle shard sleeps in the kernel: nothing spins.
+
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
+
+use crate::bus::Delivery;
+
+/// Work sent to a shard from another thread.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Deliveries to route to this shard's interested connections, in order.
+    Deliver(Arc<[Arc<Delivery>]>),
+    /// Begin a graceful shutdown: stop accepting, close WebSockets with 1001, finish requests.
+    Shutdown,
+}
+
+/// The sending side of a shard's inbox; cheap to clone and usable from any thread.
+#[derive(Debug, Clone)]
+pub struct ShardInbox {
+    queue: crossbeam_channel::Sender<ShardMsg>,
+    waker: Arc<AtomicWaker>,
+}
+
+/// The receiving side, owned by the shard's pump task.
+#[derive(Debug)]
+pub struct InboxReceiver {
+    queue: crossbeam_channel::Receiver<ShardMsg>,
+    waker: Arc<AtomicWaker>,
+}
+
+/// Creates a connected inbox pair.
+pub fn inbox() -> (ShardInbox, InboxReceiver) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let waker = Arc::new(AtomicWaker::new());
+    (
+        ShardInbox {
+            queue: tx,
+            waker: waker.clone(),
+        },
+        InboxReceiver { queue: rx, waker },
+    )
+}
+
+impl ShardInbox {
+    /// Queues a message for the shard and wakes it. A shard that has already exited drops the message.
+    pub fn send_to_shard(&self, msg: ShardMsg) {
+        if self.queue.send(msg).is_ok() {
+            self.waker.wake();
+        }
+    }
+}
+
+impl InboxReceiver {
+    /// Waits until at least one message is queued.
+    pub async fn ready(&self) {
+        std::future::poll_fn(|cx| {
+            // Register before checking, so a push between the check and the return is not missed.
+            self.waker.register(cx.waker());
+            if self.queue.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    /// Takes one queued message, if any.
+    pub fn try_next(&self) -> Option<ShardMsg> {
+        self.queue.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_from_another_thread_wakes_the_receiver() {
+        let (tx, rx) = inbox();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            tx.send_to_shard(ShardMsg::Shutdown);
+        });
+        futures_executor::block_on(rx.ready());
+        assert!(matches!(rx.try_next(), Some(ShardMsg::Shutdown)));
+        assert!(rx.try_next().is_none());
+        sender.join().unwrap();
+    }
+}

@@ -1,0 +1,303 @@
+//! Shards: one glommio `LocalExecutor` per core, each with its own `SO_REUSEPORT` listener, its own
+//! connections and its own hub. Shared-nothing (Seastar's model): a shard never touches another shard's
+//! memory; everything that crosses shards is a message in a [`inbox::ShardInbox`], and the functions that
+//! send one say so in their name (`send_to_shard`, `send_to_other_shards`).
+//!
+//! Each shard runs four kinds of task:
+//! - the accept loop, which spawns one task per connection (`connection::serve`);
+//! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
+//! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
+//!   `HEARTBEAT_S` and closes those that missed two pongs;
+//! - the connection tasks.
+//!
+//! Shutdown is a message like any other: the pump sets the shard's flag, asks every WebSocket to close
+//! with 1001, wakes idle HTTP connections (which then close), and the accept loop stops; the shard exits
+//! once its connections are gone or `SHUTDOWN_TIMEOUT_S` has passed.
+
+pub(crate) mod connection;
+pub mod hub;
+pub mod inbox;
+pub mod outbound;
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use tracing::{debug, info, warn};
+
+use crate::bus::{Delivery, Fanout};
+use crate::config::Config;
+use crate::metrics::{Metrics, ShardCounters};
+use crate::shard::hub::{ConnId, ConnKind, Hub};
+use crate::shard::inbox::{InboxReceiver, ShardMsg};
+use crate::shard::outbound::{deliver_live, send_frame, Sent};
+use crate::store::Store;
+use crate::ws::codec::{close_code, encode_ping};
+
+/// Bytes of the per-shard read buffer every connection reads into (see `connection`).
+const READ_SCRATCH_BYTES: usize = 64 * 1024;
+/// glommio reserves this much registered memory for file I/O per executor; we do no file I/O through
+/// glommio, so the minimum it accepts.
+const EXECUTOR_IO_MEMORY: usize = 64 * 1024;
+/// Inbox messages handled before the pump yields to connection tasks.
+const PUMP_BATCH: usize = 256;
+/// Unanswered pings after which a WebSocket is considered dead.
+const MAX_MISSED_PONGS: u8 = 2;
+/// How often a shutting-down shard checks whether its connections are gone.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Pause after an accept error (EMFILE and the like) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Everything a shard needs to start, moved into its thread.
+pub struct ShardSetup {
+    /// The shard's number, 0-based.
+    pub index: usize,
+    /// Its `SO_REUSEPORT` listening socket, bound and listening.
+    pub listener: OwnedFd,
+    /// Its inbox's receiving side.
+    pub inbox: InboxReceiver,
+    /// Server settings.
+    pub config: Arc<Config>,
+    /// The store handle.
+    pub store: Store,
+    /// Fan-out to the other shards (client publishes).
+    pub fanout: Fanout,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The CPU to pin to, if any.
+    pub cpu: Option<usize>,
+}
+
+/// A running shard's thread.
+pub struct ShardThread {
+    handle: glommio::ExecutorJoinHandle<()>,
+}
+
+impl ShardThread {
+    /// Waits for the shard to finish its shutdown.
+    pub fn join(self) -> Result<(), String> {
+        self.handle.join().map_err(|e| e.to_string())
+    }
+}
+
+/// Starts a shard on its own pinned executor thread.
+pub fn spawn_shard(setup: ShardSetup) -> Result<ShardThread, String> {
+    let placement = match setup.cpu {
+        Some(cpu) => Placement::Fixed(cpu),
+        None => Placement::Unbound,
+    };
+    let index = setup.index;
+    let handle = LocalExecutorBuilder::new(placement)
+        .name(&format!("shard-{index}"))
+        .io_memory(EXECUTOR_IO_MEMORY)
+        .spawn(move || run_shard(setup))
+        .map_err(|e| format!("cannot start shard {index}: {e}"))?;
+    Ok(ShardThread { handle })
+}
+
+/// One shard's state, shared by its tasks through an `Rc` (single thread).
+pub struct Shard {
+    /// The shard's number.
+    pub index: usize,
+    /// Server settings.
+    pub config: Arc<Config>,
+    /// Connections and their indexes.
+    pub hub: RefCell<Hub>,
+    /// The store handle.
+    pub store: Store,
+    /// Fan-out to other shards.
+    pub fanout: Fanout,
+    /// Counters of every shard (this one writes only its own).
+    pub metrics: Arc<Metrics>,
+    /// The read buffer every connection of this shard reads into, borrowed only inside `poll`.
+    pub(crate) scratch: RefCell<Box<[u8]>>,
+    /// Set once a shutdown began.
+    shutting_down: Cell<bool>,
+    /// The accept loop's waker, woken at shutdown.
+    accept_waker: RefCell<Option<Waker>>,
+    /// Numbers connection ids (`<shard>-<n>`).
+    connection_seq: Cell<u64>,
+    /// The server ping frame, shared by every connection.
+    ping_frame: Bytes,
+}
+
+impl Shard {
+    /// This shard's counters.
+    pub fn stats(&self) -> &ShardCounters {
+        self.metrics.shard(self.index)
+    }
+
+    /// Whether a graceful shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    /// The next connection number on this shard.
+    pub fn next_connection_seq(&self) -> u64 {
+        let n = self.connection_seq.get() + 1;
+        self.connection_seq.set(n);
+        n
+    }
+
+    /// Writes a delivery to every interested connection of this shard (`skip`: the sender of a client
+    /// message).
+    pub fn deliver_local(&self, delivery: &Delivery, skip: Option<ConnId>) {
+        let max_outbound = self.config.max_outbound_bytes;
+        let mut delivered = 0;
+        self.hub
+            .borrow_mut()
+            .for_each_target(delivery, skip, |_, conn, frame| {
+                if deliver_live(conn, delivery.id, frame, max_outbound) == Sent::Accepted {
+                    delivered += 1;
+                }
+            });
+        if delivered > 0 {
+            self.stats().deliveries(delivered);
+        }
+    }
+
+    /// Starts the graceful shutdown (see the module docs).
+    fn begin_shutdown(&self) {
+        if self.shutting_down.replace(true) {
+            return;
+        }
+        info!(shard = self.index, "shutting down");
+        for (_, conn) in self.hub.borrow_mut().conns_mut() {
+            match conn.kind {
+                ConnKind::WebSocket => conn.request_close(close_code::GOING_AWAY),
+                ConnKind::Http => conn.wake(),
+            }
+        }
+        if let Some(w) = self.accept_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once a shutdown began.
+    async fn shutdown_requested(&self) {
+        poll_fn(|cx| {
+            if self.is_shutting_down() {
+                Poll::Ready(())
+            } else {
+                *self.accept_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// The shard's main task.
+async fn run_shard(setup: ShardSetup) {
+    // SAFETY: the descriptor is a listening TCP socket whose ownership main handed to this shard.
+    let listener = unsafe { TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
+    let shard = Rc::new(Shard {
+        index: setup.index,
+        config: setup.config,
+        hub: RefCell::new(Hub::new()),
+        store: setup.store,
+        fanout: setup.fanout,
+        metrics: setup.metrics,
+        scratch: RefCell::new(vec![0u8; READ_SCRATCH_BYTES].into_boxed_slice()),
+        shutting_down: Cell::new(false),
+        accept_waker: RefCell::new(None),
+        connection_seq: Cell::new(0),
+        ping_frame: Bytes::from(encode_ping(b"")),
+    });
+    glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
+    glommio::spawn_local(heartbeat(shard.clone())).detach();
+    debug!(shard = shard.index, "accepting");
+    accept_loop(&shard, &listener).await;
+    drop(listener);
+    let deadline = Instant::now() + Duration::from_secs(shard.config.shutdown_timeout_s);
+    while !shard.hub.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(DRAIN_POLL).await;
+    }
+    let left = shard.hub.borrow().len();
+    if left > 0 {
+        warn!(
+            shard = shard.index,
+            connections = left,
+            "shutdown timeout: closing the rest"
+        );
+    }
+}
+
+/// Accepts connections until shutdown.
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+    loop {
+        let accept = std::pin::pin!(listener.accept());
+        let stop = std::pin::pin!(shard.shutdown_requested());
+        match futures_util::future::select(accept, stop).await {
+            futures_util::future::Either::Left((Ok(stream), _)) => {
+                glommio::spawn_local(connection::serve(shard.clone(), stream)).detach();
+            }
+            futures_util::future::Either::Left((Err(e), _)) => {
+                warn!(shard = shard.index, error = %e, "accept failed");
+                glommio::timer::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+            futures_util::future::Either::Right(_) => return,
+        }
+    }
+}
+
+/// Routes inbox messages: deliveries to local connections, shutdown to `begin_shutdown`.
+async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
+    loop {
+        inbox.ready().await;
+        let mut handled = 0;
+        while let Some(msg) = inbox.try_next() {
+            match msg {
+                ShardMsg::Deliver(deliveries) => {
+                    for d in deliveries.iter() {
+                        shard.deliver_local(d, None);
+                    }
+                }
+                ShardMsg::Shutdown => shard.begin_shutdown(),
+            }
+            handled += 1;
+            if handled % PUMP_BATCH == 0 {
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+}
+
+/// Pings every WebSocket each heartbeat and closes the ones that missed two pongs.
+async fn heartbeat(shard: Rc<Shard>) {
+    let period = shard.config.heartbeat();
+    loop {
+        glommio::timer::sleep(period).await;
+        if shard.is_shutting_down() {
+            return;
+        }
+        let max_outbound = shard.config.max_outbound_bytes;
+        let mut dead = 0;
+        for (_, conn) in shard.hub.borrow_mut().conns_mut() {
+            if conn.kind != ConnKind::WebSocket {
+                continue;
+            }
+            if conn.missed_pongs >= MAX_MISSED_PONGS {
+                dead += 1;
+                conn.request_close(0);
+                continue;
+            }
+            conn.missed_pongs += 1;
+            send_frame(conn, &shard.ping_frame, max_outbound);
+        }
+        if dead > 0 {
+            info!(
+                shard = shard.index,
+                connections = dead,
+                "closed connections that missed two pongs"
+            );
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The store: every notification, its read state, and the reads behind history and resume.
+//!
+//! Shards are single-threaded async executors and must never block, while a database is blocking I/O. So
+//! the database lives on plain OS threads behind queues, and a shard talks to it through [`Store`], a
+//! cheap handle whose every method enqueues a request and returns a future of the one-shot reply.
+//!
+//! **Writes go to one store thread, with group commit.** The thread blocks until a write arrives, then
+//! drains everything else already queued (up to [`StoreConfig::max_batch`]) and applies all of it in ONE
+//! transaction, then replies to every request. The cost of a commit (the WAL append, the lock, and with
+//! `synchronous=FULL` or PostgreSQL the fsync or network round trip) is paid once per batch instead of
+//! once per notification: when producers are fast, batches grow on their own and throughput follows,
+//! when they are slow, a lone write commits at once and latency stays low. That is how an answer of 2xx
+//! can mean "committed" (API.md, Durability) at 100k+ writes/s. The price: one failing write fails its
+//! whole batch (every request in it gets [`StoreError::Unavailable`]), which on this path only happens
+//! when the database itself is failing. One thread also gives one id generator, so id order is commit
+//! order, and the [`CommitListener`] sees commits in that order before any caller hears back, which is
+//! what makes delivery order equal commit order and resume gap-free.
+//!
+//! **Reads go to a small pool of reader threads**, each with its own read-only connection. In WAL mode
+//! readers see the last committed snapshot without waiting for the writer, so a history page never
+//! waits behind a 4096-op write batch, and a slow read never delays a commit. Reads are independent, so
+//! they are simply spread over the pool through one shared queue.
+//!
+//! The thread loops ([`writer`], [`reader`]) only know the backend traits of [`backend`]; SQLite
+//! ([`sqlite`]) is today's only implementation, and PostgreSQL plugs into the same seam later.
+//!
+//! Both queues are bounded and sending never blocks: a full queue answers
+//! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
+
+mod backend;
+mod reader;
+mod sqlite;
+mod writer;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, TrySendError};
+use futures_channel::oneshot;
+use uuid::Uuid;
+
+use crate::model::{NewNotification, Notification};
+
+use reader::ReadOp;
+use writer::WriteOp;
+
+/// Reader threads when the configuration names no number.
+pub const DEFAULT_READER_THREADS: usize = 2;
+/// Most write operations in one transaction when the configuration names no number (an insert counts
+/// one per notification, see [`StoreConfig::max_batch`]).
+pub const DEFAULT_MAX_BATCH: usize = 4096;
+/// Write requests that may wait for the store thread before new ones are refused with
+/// [`StoreError::Unavailable`]. Deep enough to absorb a burst of several full batches, shallow enough
+/// that a stuck database turns into 503s within a second or two rather than unbounded memory.
+pub const WRITE_QUEUE_CAPACITY: usize = 65_536;
+/// Read requests that may wait for a reader thread; same reasoning as [`WRITE_QUEUE_CAPACITY`].
+pub const READ_QUEUE_CAPACITY: usize = 16_384;
+
+/// Where the data lives, parsed from `DATABASE_URL`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `sqlite://path` or `sqlite:path`: an embedded database file, relative to the working directory
+    /// or absolute (`sqlite:///var/lib/ns/notifications.db`).
+    Sqlite(PathBuf),
+    /// `postgres://...` or `postgresql://...`: the shared database of a multi-node deployment. Parsed
+    /// now so configuration errors show early; [`Store::open`] refuses it until the backend exists.
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// Parses a `DATABASE_URL`. A `?query` after an SQLite path (as sqlx-style URLs carry, e.g.
+    /// `?mode=rwc`) is ignored: the file is always opened read-write and created if missing.
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(url.to_owned()));
+        }
+        let Some(rest) = url.strip_prefix("sqlite:") else {
+            return Err("DATABASE_URL must start with sqlite:// or postgres://".to_owned());
+        };
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let path = rest.split('?').next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(
+                "DATABASE_URL sqlite:// names no file (e.g. sqlite://data/notifications.db)"
+                    .to_owned(),
+            );
+        }
+        if path == ":memory:" {
+            // Reader threads need their own connections to the same data, which a private in-memory
+            // database cannot give.
+            return Err("DATABASE_URL sqlite://:memory: is not supported; name a file".to_owned());
+        }
+        Ok(StoreUrl::Sqlite(PathBuf::from(path)))
+    }
+}
+
+/// Never prints a PostgreSQL password: the URL may end up in logs.
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            StoreUrl::Postgres(url) => match (url.find("://"), url.rfind('@')) {
+                (Some(scheme_end), Some(at)) if at > scheme_end => {
+                    write!(f, "{}://***{}", &url[..scheme_end], &url[at..])
+                }
+                _ => f.write_str(url),
+            },
+        }
+    }
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The database.
+    pub url: StoreUrl,
+    /// Reader threads, each with its own connection (at least one is started even if this is 0).
+    pub reader_threads: usize,
+    /// Most write operations in one transaction. An insert counts one per notification, so one
+    /// transaction stays bounded however the notifications are grouped into requests; a single request
+    /// larger than this still commits, alone, as one transaction (it must be all-or-nothing).
+    pub max_batch: usize,
+}
+
+impl StoreConfig {
+    /// The configuration for `url` with the default thread count and batch size.
+    pub fn new(url: StoreUrl) -> StoreConfig {
+        StoreConfig {
+            url,
+            reader_threads: DEFAULT_READER_THREADS,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+}
+
+/// Told about every successful commit that inserted notifications.
+pub trait CommitListener: Send + 'static {
+    /// Called on the store thread after each successful commit with the notifications that commit
+    /// inserted, in id order, BEFORE any reply of that batch is sent. The server fans out deliveries
+    /// here, so delivery order is commit order. Not called for a commit that inserted nothing, nor for
+    /// a failed batch. It runs on the store thread: it must hand work off (push to queues), not do it.
+    fn committed(&self, inserted: &[Arc<Notification>]);
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database could not commit or read, or the store is overloaded (queue full). The API answers
+    /// 503; the message says what failed, for logs.
+    Unavailable(String),
+    /// The store has shut down.
+    Closed,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Closed => f.write_str("store closed"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A page of a user's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Whose inbox.
+    pub user_id: String,
+    /// Most notifications in the page (the API caps it; the store does not).
+    pub limit: usize,
+    /// Only notifications older than this id (exclusive): the previous page's `next_before`.
+    pub before: Option<Uuid>,
+    /// Only unread notifications (`read_at` unset).
+    pub unread_only: bool,
+}
+
+/// One page of history, newest first, with the inbox's counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// The page, newest first.
+    pub notifications: Vec<Notification>,
+    /// Notifications in the user's whole inbox (not just this page, and regardless of `unread_only`).
+    pub total: u64,
+    /// Unread notifications in the user's whole inbox.
+    pub unread: u64,
+    /// The id of the page's last notification when older ones exist: pass it as `before` for the next
+    /// page. `None` on the last page.
+    pub next_before: Option<Uuid>,
+}
+
+/// What a resuming connection missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayQuery {
+    /// The connection's user, whose inbox is replayed; `None` for an anonymous connection.
+    pub user_id: Option<String>,
+    /// The channels the connection subscribes to.
+    pub channels: Vec<String>,
+    /// The last id the client saw (exclusive); `Uuid::nil()` replays from the start.
+    pub since: Uuid,
+    /// Most notifications returned; the client resumes again from the last one for more.
+    pub limit: usize,
+}
+
+/// Counters of the store thread, for `/metrics` and for tests that check grouping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Transactions committed (one per group-committed batch).
+    pub commits: u64,
+    /// Batches whose transaction failed and was rolled back.
+    pub failed_batches: u64,
+    /// Write requests received and committed (an insert of 1,000 notifications is one request).
+    pub write_ops: u64,
+    /// Notifications inserted by committed transactions.
+    pub inserted: u64,
+    /// Read requests answered (history, replay, ping), successfully or not.
+    pub reads: u64,
+}
+
+/// The live counters behind [`StoreStats`], shared by the store threads and every [`Store`] clone.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    commits: AtomicU64,
+    failed_batches: AtomicU64,
+    write_ops: AtomicU64,
+    inserted: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        // Relaxed: these are statistics; nothing is ordered by them.
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> StoreStats {
+        StoreStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            write_ops: self.write_ops.load(Ordering::Relaxed),
+            inserted: self.inserted.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The reply of one store request: a future that resolves when the store thread (or a reader thread)
+/// has answered.
+///
+/// The request is queued when the [`Store`] method is called, not when this future is first polled, and
+/// the future borrows nothing: it can be kept in a `'static` task. Dropping it does not cancel a write
+/// (the write still commits; only the answer is lost); a read whose future was dropped before a reader
+/// took it is skipped.
+#[must_use = "the request is already queued; await the future for its outcome"]
+pub struct StoreFuture<T> {
+    state: FutureState<T>,
+}
+
+enum FutureState<T> {
+    /// Waiting for the thread's answer.
+    Waiting(oneshot::Receiver<Result<T, StoreError>>),
+    /// Answered without a trip to a thread (queue full or closed, or nothing to do); `None` once taken.
+    Ready(Option<Result<T, StoreError>>),
+}
+
+impl<T> StoreFuture<T> {
+    /// A future already answered, with no trip to a thread.
+    fn ready(result: Result<T, StoreError>) -> StoreFuture<T> {
+        StoreFuture {
+            state: FutureState::Ready(Some(result)),
+        }
+    }
+
+    /// A future answered by whoever holds the sender of `rx`.
+    pub(crate) fn waiting(rx: oneshot::Receiver<Result<T, StoreError>>) -> StoreFuture<T> {
+        StoreFuture {
+            state: FutureState::Waiting(rx),
+        }
+    }
+}
+
+// Nothing in a StoreFuture is ever pinned in place (the receiver is a pointer to shared state), so it
+// is Unpin whatever T is.
+impl<T> Unpin for StoreFuture<T> {}
+
+impl<T> Future for StoreFuture<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            FutureState::Waiting(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(result)) => Poll::Ready(result),
+                // The thread dropped the reply without answering: it has exited.
+                Poll::Ready(Err(oneshot::Canceled)) => Poll::Ready(Err(StoreError::Closed)),
+            },
+            FutureState::Ready(result) => {
+                Poll::Ready(result.take().unwrap_or(Err(StoreError::Closed)))
+            }
+        }
+    }
+}
+
+/// The handle shards use. Cheap to clone (two queue senders and a counter pointer); one per shard.
+/// Every method queues a request without blocking and returns a [`StoreFuture`] of the reply.
+///
+/// The store threads run until every clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    writes: Sender<WriteOp>,
+    reads: Sender<ReadOp>,
+    counters: Arc<Counters>,
+}
+
+/// The store's threads. [`StoreThreads::join`] waits for them to finish.
+pub struct StoreThreads {
+    writer: JoinHandle<()>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl StoreThreads {
+    /// Waits for the store thread and the reader threads to exit, which they do once every [`Store`]
+    /// clone is dropped. The store thread first commits everything still queued ("flush on
+    /// shutdown"), so a request queued before the last clone was dropped is durable when this returns.
+    /// Blocks forever if a clone is still alive.
+    pub fn join(self) {
+        if self.writer.join().is_err() {
+            tracing::error!("store thread panicked");
+        }
+        for reader in self.readers {
+            if reader.join().is_err() {
+                tracing::error!("store reader thread panicked");
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens the store: for SQLite, creates the file's folder if missing, opens the file in WAL mode,
+    /// applies the migrations, then starts the store thread and the reader threads.
+    pub fn open(
+        config: &StoreConfig,
+        listener: Box<dyn CommitListener>,
+    ) -> Result<(Store, StoreThreads), String> {
+        let readers = config.reader_threads.max(1);
+        match &config.url {
+            StoreUrl::Sqlite(path) => {
+                let write_backend = sqlite::SqliteWriter::open(path)?;
+                let read_backends = (0..readers)
+                    .map(|_| sqlite::SqliteReader::open(path))
+                    .collect::<Result<Vec<_>, String>>()?;
+                tracing::info!(path = %path.display(), readers, "store opened (sqlite)");
+                Store::start(write_backend, read_backends, config.max_batch, listener)
+            }
+            StoreUrl::Postgres(_) => Err(
+                "the PostgreSQL store is not implemented yet; use DATABASE_URL=sqlite://path"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// Starts the threads around already-open backends: the part every backend shares.
+    fn start<W: backend::WriteBackend, R: backend::ReadBackend>(
+        write_backend: W,
+        read_backends: Vec<R>,
+        max_batch: usize,
+        listener: Box<dyn CommitListener>,
+    ) -> Result<(Store, StoreThreads), String> {
+        let counters = Arc::new(Counters::default());
+        let (write_tx, write_rx) = crossbeam_channel::bounded(WRITE_QUEUE_CAPACITY);
+        let (read_tx, read_rx) = crossbeam_channel::bounded(READ_QUEUE_CAPACITY);
+        let spawn_err = |e: std::io::Error| format!("cannot start a store thread: {e}");
+        // Readers first: if spawning one fails, dropping the senders (on return) ends the ones started.
+        let readers = read_backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| reader::spawn(i, b, read_rx.clone(), counters.clone()).map_err(spawn_err))
+            .collect::<Result<Vec<_>, String>>()?;
+        let writer = writer::spawn(
+            write_backend,
+            write_rx,
+            listener,
+            max_batch.max(1),
+            counters.clone(),
+        )
+        .map_err(spawn_err)?;
+        let store = Store {
+            writes: write_tx,
+            reads: read_tx,
+            counters,
+        };
+        Ok((store, StoreThreads { writer, readers }))
+    }
+
+    /// Assigns ids and timestamps (on the store thread, so id order is commit order) and commits all
+    /// of `batch` in the current group-commit transaction, all-or-nothing. Resolves to the stored
+    /// notifications, in `batch` order (which is id order), only after COMMIT returned and the
+    /// [`CommitListener`] was called. An empty batch resolves at once to an empty list.
+    pub fn insert(&self, batch: Vec<NewNotification>) -> StoreFuture<Vec<Arc<Notification>>> {
+        if batch.is_empty() {
+            return StoreFuture::ready(Ok(Vec::new()));
+        }
+        self.write(|reply| WriteOp::Insert { batch, reply })
+    }
+
+    /// Sets `read_at` to now if the notification is unread (a second call keeps the first `read_at`).
+    /// Resolves to the notification as stored, or `None` if that id is not in that user's inbox.
+    pub fn mark_read(&self, user_id: String, id: Uuid) -> StoreFuture<Option<Notification>> {
+        self.write(|reply| WriteOp::MarkRead { user_id, id, reply })
+    }
+
+    /// Marks every unread notification of the user read; resolves to how many were unread.
+    pub fn mark_all_read(&self, user_id: String) -> StoreFuture<u64> {
+        self.write(|reply| WriteOp::MarkAllRead { user_id, reply })
+    }
+
+    /// Deletes the notification from the user's inbox; resolves to `false` if it was not there.
+    pub fn delete(&self, user_id: String, id: Uuid) -> StoreFuture<bool> {
+        self.write(|reply| WriteOp::Delete { user_id, id, reply })
+    }
+
+    /// A page of the user's history, newest first, with the inbox's total and unread counts, all read
+    /// from one snapshot.
+    pub fn history(&self, query: HistoryQuery) -> StoreFuture<HistoryPage> {
+        self.read(|reply| ReadOp::History { query, reply })
+    }
+
+    /// For resume: notifications with an id above `since` that belong to the user, OR were sent to any
+    /// of the channels, OR were broadcast; ascending id order, each once, at most `limit`.
+    pub fn replay(&self, query: ReplayQuery) -> StoreFuture<Vec<Arc<Notification>>> {
+        self.read(|reply| ReadOp::Replay { query, reply })
+    }
+
+    /// Liveness: a trivial query on a reader connection.
+    pub fn ping(&self) -> StoreFuture<()> {
+        self.read(|reply| ReadOp::Ping { reply })
+    }
+
+    /// A snapshot of the store's counters. Public for `/metrics`; tests use `commits` to check that
+    /// concurrent writes share transactions.
+    pub fn stats(&self) -> StoreStats {
+        self.counters.snapshot()
+    }
+
+    fn write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> StoreFuture<T> {
+        let (tx, rx) = oneshot::channel();
+        match self.writes.try_send(op(tx)) {
+            Ok(()) => StoreFuture::waiting(rx),
+            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Unavailable(
+                "write queue full: the store cannot keep up".to_owned(),
+            ))),
+            Err(TrySendError::Disconnected(_)) => StoreFuture::ready(Err(StoreError::Closed)),
+        }
+    }
+
+    fn read<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> ReadOp,
+    ) -> StoreFuture<T> {
+        let (tx, rx) = oneshot::channel();
+        match self.reads.try_send(op(tx)) {
+            Ok(()) => StoreFuture::waiting(rx),
+            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Unavailable(
+                "read queue full: the store cannot keep up".to_owned(),
+            ))),
+            Err(TrySendError::Disconnected(_)) => StoreFuture::ready(Err(StoreError::Closed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

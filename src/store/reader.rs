@@ -1,0 +1,100 @@
+//! The reader threads: history, replay and liveness, off the write path.
+//!
+//! Each reader thread owns one read-only connection and takes requests from one queue shared by the
+//! pool, so whichever reader is free answers next and one slow query (a deep history page, a long
+//! replay) delays only the reader running it. With WAL, a reader sees the last committed snapshot and
+//! never waits for the store thread's transaction, so reads stay fast during a large write batch; and
+//! the store thread never waits for them. A small pool (two by default) is enough: reads are short
+//! indexed range scans, and each connection costs its own page cache.
+//!
+//! A read whose caller stopped waiting (the future was dropped, e.g. its connection closed) before a
+//! reader took it is skipped rather than run for nobody.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Receiver;
+use futures_channel::oneshot;
+
+use super::backend::ReadBackend;
+use super::{Counters, HistoryPage, HistoryQuery, ReplayQuery, StoreError};
+use crate::model::Notification;
+
+/// Reader threads are named this, then their index.
+const THREAD_NAME_PREFIX: &str = "store-reader-";
+
+/// Where a request's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A read request as shards queue it.
+pub(crate) enum ReadOp {
+    /// See [`super::Store::history`].
+    History {
+        /// Which page.
+        query: HistoryQuery,
+        /// The page.
+        reply: Reply<HistoryPage>,
+    },
+    /// See [`super::Store::replay`].
+    Replay {
+        /// What was missed.
+        query: ReplayQuery,
+        /// The notifications, ascending.
+        reply: Reply<Vec<Arc<Notification>>>,
+    },
+    /// See [`super::Store::ping`].
+    Ping {
+        /// Whether the query worked.
+        reply: Reply<()>,
+    },
+}
+
+/// Starts reader thread number `index` over `backend`, taking requests from the shared `queue`.
+pub(crate) fn spawn<R: ReadBackend>(
+    index: usize,
+    mut backend: R,
+    queue: Receiver<ReadOp>,
+    counters: Arc<Counters>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("{THREAD_NAME_PREFIX}{index}"))
+        .spawn(move || {
+            // Ends once every Store clone is gone and the queue is empty.
+            while let Ok(op) = queue.recv() {
+                serve(&mut backend, op, &counters);
+            }
+        })
+}
+
+/// Answers one read request.
+fn serve<R: ReadBackend>(backend: &mut R, op: ReadOp, counters: &Counters) {
+    match op {
+        ReadOp::History { query, reply } => {
+            if !reply.is_canceled() {
+                Counters::add(&counters.reads, 1);
+                let _ = reply.send(backend.history(&query).map_err(unavailable));
+            }
+        }
+        ReadOp::Replay { query, reply } => {
+            if !reply.is_canceled() {
+                Counters::add(&counters.reads, 1);
+                let result = backend
+                    .replay(&query)
+                    .map(|found| found.into_iter().map(Arc::new).collect())
+                    .map_err(unavailable);
+                let _ = reply.send(result);
+            }
+        }
+        ReadOp::Ping { reply } => {
+            if !reply.is_canceled() {
+                Counters::add(&counters.reads, 1);
+                let _ = reply.send(backend.ping().map_err(unavailable));
+            }
+        }
+    }
+}
+
+fn unavailable(e: super::backend::BackendError) -> StoreError {
+    tracing::warn!(error = %e, "store read failed");
+    StoreError::Unavailable(e.0)
+}

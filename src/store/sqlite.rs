@@ -1,0 +1,661 @@
+//! The SQLite backend: the embedded default (`DATABASE_URL=sqlite://path`).
+//!
+//! One file, WAL mode, one write connection (the store thread's) and one read-only connection per
+//! reader thread. WAL is what makes that split work: the writer appends to the log while readers keep
+//! reading the last committed snapshot, so neither waits for the other, and a commit is a sequential
+//! append rather than a rewrite of pages in place.
+//!
+//! Writes are a drained batch in one `BEGIN IMMEDIATE` transaction, one cached prepared statement per
+//! kind of row, executed row by row. SQLite has no network round trip, so a per-row `execute` of a
+//! prepared statement costs a few microseconds and the commit is the only expensive step: batching rows
+//! into multi-row `INSERT`s would save little and complicate error handling. `IMMEDIATE` takes the write
+//! lock up front, so a batch never fails half-way on a lock upgrade; a second process holding the lock
+//! (an admin's `sqlite3` shell) is waited for up to [`BUSY_TIMEOUT`], then the batch fails as a whole.
+//!
+//! Durability: `synchronous=NORMAL` in WAL mode means a commit appends to the WAL without an fsync; the
+//! WAL is synced at each checkpoint. A committed transaction survives a crash or kill of the process
+//! (the OS still has the write), which is the failure a 2xx must survive in practice. After a power loss
+//! or kernel crash, transactions committed since the last checkpoint may be rolled back (the database
+//! itself stays consistent, never corrupt). `FULL` would fsync the WAL at every commit (once per batch,
+//! thanks to group commit), closing that window at the price of one fsync of latency per batch.
+//!
+//! Data read back is never trusted to be well-formed: a malformed row (a wrong-sized id, a `channels`
+//! that is not a JSON array of strings) is an error for that read, never a panic.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::Type;
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+};
+use uuid::Uuid;
+
+use super::backend::{BackendError, ReadBackend, WriteBackend, WriteOutcome, WriteRequest};
+use super::{HistoryPage, HistoryQuery, ReplayQuery};
+use crate::model::{now_millis, Millis, Notification};
+
+/// How long a statement waits for a lock held by another connection (another process, or the
+/// writer's checkpoint for a reader) before failing with "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Page cache per connection, in KiB (SQLite's default is 2 MiB). A user's recent history and the
+/// right edge of the indexes stay hot.
+const CACHE_KIB: i64 = 16 * 1024;
+/// Prepared statements kept per connection; the backend uses about ten.
+const STATEMENT_CACHE_CAPACITY: usize = 32;
+/// After a checkpoint, truncate the WAL file to at most this many bytes, so one burst does not leave a
+/// huge log file behind forever.
+const JOURNAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+/// An id above every stored id (memcmp order): the `before` of a first history page, so the page query
+/// is one statement with a plain range condition the index can use.
+const ID_ABOVE_ALL: [u8; 16] = [0xff; 16];
+
+/// One numbered schema change, applied once.
+pub(crate) struct Migration {
+    /// Recorded in `schema_migrations.version`; applied in ascending order.
+    pub version: i64,
+    /// The SQL, possibly several statements.
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. Embedded in the binary so a deployment is one file.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../../migrations/sqlite/0001_init.sql"),
+}];
+
+/// The bookkeeping table of the migration runner.
+const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER NOT NULL PRIMARY KEY,
+    applied_at INTEGER NOT NULL
+)";
+
+/// The columns of a notification row, in the order [`notification_from_row`] reads them.
+macro_rules! columns {
+    () => {
+        "id, user_id, type, title, message, channels, broadcast, data, created_at, read_at, \
+         delivered_at, seen_at, scheduled_at"
+    };
+}
+
+const INSERT_NOTIFICATION: &str = concat!(
+    "INSERT INTO notifications (",
+    columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+);
+/// `OR IGNORE`: a producer may list the same channel twice; it is one channel.
+const INSERT_CHANNEL: &str =
+    "INSERT OR IGNORE INTO notification_channels (channel, id) VALUES (?1, ?2)";
+/// `COALESCE` keeps the first `read_at`; `RETURNING` gives the row back without a second lookup.
+const MARK_READ: &str = concat!(
+    "UPDATE notifications SET read_at = COALESCE(read_at, ?3) WHERE id = ?1 AND user_id = ?2 RETURNING ",
+    columns!()
+);
+const MARK_ALL_READ: &str =
+    "UPDATE notifications SET read_at = ?2 WHERE user_id = ?1 AND read_at IS NULL";
+/// The trigger of migration 1 removes the notification's channel rows.
+const DELETE: &str = "DELETE FROM notifications WHERE id = ?1 AND user_id = ?2";
+
+const HISTORY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM notifications WHERE user_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+);
+/// `read_at IS NULL` spelled out so the partial index `notifications_unread` applies.
+const HISTORY_UNREAD: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM notifications WHERE user_id = ?1 AND id < ?2 AND read_at IS NULL ORDER BY id DESC LIMIT ?3"
+);
+const COUNT_TOTAL: &str = "SELECT COUNT(*) FROM notifications WHERE user_id = ?1";
+const COUNT_UNREAD: &str =
+    "SELECT COUNT(*) FROM notifications WHERE user_id = ?1 AND read_at IS NULL";
+/// Three indexed range scans (the user's inbox, broadcasts, each channel), each cut to the limit before
+/// they are combined, so a replay costs O(limit) rows whatever the history's size; `id IN (...)`
+/// removes the duplicates of a notification that matches several ways. Channels come as one JSON array
+/// parameter so one cached statement serves any number of channels.
+const REPLAY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM notifications WHERE id IN (
+        SELECT id FROM (SELECT id FROM notifications
+                        WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3)
+        UNION ALL
+        SELECT id FROM (SELECT id FROM notifications
+                        WHERE broadcast = 1 AND id > ?2 ORDER BY id LIMIT ?3)
+        UNION ALL
+        SELECT id FROM (SELECT id FROM notification_channels
+                        WHERE channel IN (SELECT value FROM json_each(?4)) AND id > ?2
+                        ORDER BY id LIMIT ?3)
+    ) ORDER BY id LIMIT ?3"
+);
+/// Touches the database file (not just the connection), so a vanished or unreadable file shows.
+const PING: &str = "SELECT COUNT(*) FROM schema_migrations";
+
+fn sqlite_error(e: rusqlite::Error) -> BackendError {
+    BackendError(format!("sqlite: {e}"))
+}
+
+/// A row count or limit as SQLite's integer; a `usize` beyond `i64` means "no limit" anyway.
+fn sql_int(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Decodes one row selected with [`columns!`].
+fn notification_from_row(row: &Row<'_>) -> rusqlite::Result<Notification> {
+    let id: [u8; 16] = row.get(0)?;
+    let channels: String = row.get(5)?;
+    let channels = serde_json::from_str::<Vec<String>>(&channels)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(5, Type::Text, Box::new(e)))?;
+    Ok(Notification {
+        id: Uuid::from_bytes(id),
+        user_id: row.get(1)?,
+        kind: row.get(2)?,
+        title: row.get(3)?,
+        message: row.get(4)?,
+        channels,
+        broadcast: row.get(6)?,
+        data: row.get(7)?,
+        created_at: row.get(8)?,
+        read_at: row.get(9)?,
+        delivered_at: row.get(10)?,
+        seen_at: row.get(11)?,
+        scheduled_at: row.get(12)?,
+    })
+}
+
+/// Settings every connection gets.
+fn configure_common(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    // Replay's combining and sorting use small temporary b-trees; keep them off the disk.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    Ok(())
+}
+
+/// Applies the migrations not yet recorded in `schema_migrations`, each in its own `IMMEDIATE`
+/// transaction together with its record: a crash leaves it applied and recorded, or neither, and two
+/// processes starting at once apply it once. Returns how many were applied (0 on every later start).
+pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
+    conn.execute_batch(CREATE_MIGRATIONS_TABLE)?;
+    let mut applied = 0;
+    for migration in MIGRATIONS {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let done: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
+            [migration.version],
+            |row| row.get(0),
+        )?;
+        if done {
+            continue; // dropping `tx` ends it; it changed nothing
+        }
+        tx.execute_batch(migration.sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![migration.version, now_millis()],
+        )?;
+        tx.commit()?;
+        applied += 1;
+        tracing::info!(version = migration.version, "applied sqlite migration");
+    }
+    let newest: Option<i64> =
+        conn.query_row("SELECT MAX(version) FROM schema_migrations", [], |row| {
+            row.get(0)
+        })?;
+    let known = MIGRATIONS.last().map_or(0, |m| m.version);
+    if newest.is_some_and(|v| v > known) {
+        // A newer binary ran here before (a rollback). Its changes are additive by convention, so
+        // carry on, but say so: it explains any surprise.
+        tracing::warn!(newest, known, "database schema is newer than this binary");
+    }
+    Ok(applied)
+}
+
+/// The store thread's connection.
+pub(crate) struct SqliteWriter {
+    conn: Connection,
+}
+
+impl SqliteWriter {
+    /// Creates the file's folder if missing, opens (or creates) the file, switches it to WAL and
+    /// applies the migrations.
+    pub(crate) fn open(path: &Path) -> Result<SqliteWriter, String> {
+        let context =
+            |e: rusqlite::Error| format!("cannot open sqlite database {}: {e}", path.display());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!(
+                    "cannot create the folder {} of the database: {e}",
+                    dir.display()
+                )
+            })?;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(context)?;
+        configure_common(&conn).map_err(context)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(context)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(format!(
+                "cannot open sqlite database {}: WAL mode refused (journal_mode is {mode})",
+                path.display()
+            ));
+        }
+        // See the module doc for what NORMAL means on power loss.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(context)?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
+            .map_err(context)?;
+        migrate(&mut conn)
+            .map_err(|e| format!("cannot migrate sqlite database {}: {e}", path.display()))?;
+        Ok(SqliteWriter { conn })
+    }
+}
+
+/// Applies one request inside the batch's transaction.
+fn apply_one(
+    tx: &Transaction<'_>,
+    request: &WriteRequest,
+    now: Millis,
+) -> rusqlite::Result<WriteOutcome> {
+    match request {
+        WriteRequest::Insert(stored) => {
+            let mut insert = tx.prepare_cached(INSERT_NOTIFICATION)?;
+            let mut insert_channel = tx.prepare_cached(INSERT_CHANNEL)?;
+            for n in stored {
+                let channels = serde_json::to_string(&n.channels)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                insert.execute(params![
+                    n.id.as_bytes(),
+                    n.user_id,
+                    n.kind,
+                    n.title,
+                    n.message,
+                    channels,
+                    n.broadcast,
+                    n.data,
+                    n.created_at,
+                    n.read_at,
+                    n.delivered_at,
+                    n.seen_at,
+                    n.scheduled_at,
+                ])?;
+                for channel in &n.channels {
+                    insert_channel.execute(params![channel, n.id.as_bytes()])?;
+                }
+            }
+            Ok(WriteOutcome::Inserted)
+        }
+        WriteRequest::MarkRead { user_id, id } => {
+            let mut stmt = tx.prepare_cached(MARK_READ)?;
+            let found = stmt
+                .query_row(params![id.as_bytes(), user_id, now], notification_from_row)
+                .optional()?;
+            Ok(WriteOutcome::MarkedRead(found))
+        }
+        WriteRequest::MarkAllRead { user_id } => {
+            let changed = tx
+                .prepare_cached(MARK_ALL_READ)?
+                .execute(params![user_id, now])?;
+            Ok(WriteOutcome::MarkedAllRead(changed as u64))
+        }
+        WriteRequest::Delete { user_id, id } => {
+            let changed = tx
+                .prepare_cached(DELETE)?
+                .execute(params![id.as_bytes(), user_id])?;
+            Ok(WriteOutcome::Deleted(changed > 0))
+        }
+    }
+}
+
+impl WriteBackend for SqliteWriter {
+    fn apply_batch(
+        &mut self,
+        requests: &[WriteRequest],
+        now: Millis,
+    ) -> Result<Vec<WriteOutcome>, BackendError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sqlite_error)?;
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for request in requests {
+            // On error, dropping `tx` rolls the whole batch back (rusqlite's default drop behaviour).
+            outcomes.push(apply_one(&tx, request, now).map_err(sqlite_error)?);
+        }
+        // A failed COMMIT (e.g. disk full) also rolls back: the Transaction is dropped unfinished.
+        tx.commit().map_err(sqlite_error)?;
+        Ok(outcomes)
+    }
+}
+
+/// A reader thread's connection.
+pub(crate) struct SqliteReader {
+    conn: Connection,
+}
+
+impl SqliteReader {
+    /// Opens the file read-only. The writer must have opened it first (it creates the file, sets WAL
+    /// and migrates).
+    pub(crate) fn open(path: &Path) -> Result<SqliteReader, String> {
+        let context = |e: rusqlite::Error| {
+            format!(
+                "cannot open sqlite database {} for reading: {e}",
+                path.display()
+            )
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(context)?;
+        configure_common(&conn).map_err(context)?;
+        Ok(SqliteReader { conn })
+    }
+}
+
+impl ReadBackend for SqliteReader {
+    fn history(&mut self, query: &HistoryQuery) -> Result<HistoryPage, BackendError> {
+        // One read transaction: the page and both counts come from the same snapshot, so they agree.
+        let tx = self.conn.transaction().map_err(sqlite_error)?;
+        let before = query.before.map_or(ID_ABOVE_ALL, |id| *id.as_bytes());
+        // One more than asked: whether it exists says whether there is a next page.
+        let fetch = sql_int(query.limit).saturating_add(1);
+        let sql = if query.unread_only {
+            HISTORY_UNREAD
+        } else {
+            HISTORY
+        };
+        let mut notifications = tx
+            .prepare_cached(sql)
+            .and_then(|mut stmt| {
+                stmt.query_map(params![query.user_id, before, fetch], notification_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sqlite_error)?;
+        let more = notifications.len() > query.limit;
+        notifications.truncate(query.limit);
+        let next_before = if more {
+            notifications.last().map(|n| n.id)
+        } else {
+            None
+        };
+        let count = |sql: &str| -> Result<u64, BackendError> {
+            let n: i64 = tx
+                .prepare_cached(sql)
+                .and_then(|mut stmt| stmt.query_row([&query.user_id], |row| row.get(0)))
+                .map_err(sqlite_error)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let total = count(COUNT_TOTAL)?;
+        let unread = count(COUNT_UNREAD)?;
+        tx.commit().map_err(sqlite_error)?;
+        Ok(HistoryPage {
+            notifications,
+            total,
+            unread,
+            next_before,
+        })
+    }
+
+    fn replay(&mut self, query: &ReplayQuery) -> Result<Vec<Notification>, BackendError> {
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let channels = serde_json::to_string(&query.channels)
+            .map_err(|e| BackendError(format!("cannot encode channels: {e}")))?;
+        let mut stmt = self.conn.prepare_cached(REPLAY).map_err(sqlite_error)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    query.user_id,
+                    query.since.as_bytes(),
+                    sql_int(query.limit),
+                    channels
+                ],
+                notification_from_row,
+            )
+            .map_err(sqlite_error)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sqlite_error)
+    }
+
+    fn ping(&mut self) -> Result<(), BackendError> {
+        self.conn
+            .prepare_cached(PING)
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)))
+            .map(|_| ())
+            .map_err(sqlite_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::NewNotification;
+
+    fn stored(id_seed: u128, user: Option<&str>, channels: &[&str]) -> Arc<Notification> {
+        let n = NewNotification {
+            kind: "info".into(),
+            title: "t".into(),
+            message: format!("m{id_seed}"),
+            user_id: user.map(str::to_owned),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            broadcast: false,
+            data: r#"{"k":1}"#.into(),
+            scheduled_at: None,
+        };
+        // Ids built by hand: these tests call the backend directly, without the store thread.
+        Arc::new(n.into_notification(Uuid::from_u128(id_seed), 1_000))
+    }
+
+    fn open(dir: &tempfile::TempDir) -> (SqliteWriter, SqliteReader) {
+        let path = dir.path().join("nested/folder/n.db");
+        let writer = SqliteWriter::open(&path).unwrap();
+        let reader = SqliteReader::open(&path).unwrap();
+        (writer, reader)
+    }
+
+    fn page(reader: &mut SqliteReader, user: &str) -> HistoryPage {
+        reader
+            .history(&HistoryQuery {
+                user_id: user.into(),
+                limit: 100,
+                before: None,
+                unread_only: false,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn migrations_are_recorded_and_running_them_again_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, _reader) = open(&dir);
+        // open() applied them; a second run (same connection) and a reopen apply nothing.
+        assert_eq!(migrate(&mut writer.conn).unwrap(), 0);
+        drop(writer);
+        let (mut writer, mut reader) = open(&dir);
+        assert_eq!(migrate(&mut writer.conn).unwrap(), 0);
+        let versions: Vec<i64> = writer
+            .conn
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            versions,
+            MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+        );
+        // And the schema works.
+        writer
+            .apply_batch(&[WriteRequest::Insert(vec![stored(1, Some("u"), &[])])], 5)
+            .unwrap();
+        assert_eq!(page(&mut reader, "u").total, 1);
+        reader.ping().unwrap();
+    }
+
+    #[test]
+    fn a_failing_request_rolls_back_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, mut reader) = open(&dir);
+        let first = stored(1, Some("u"), &["c"]);
+        writer
+            .apply_batch(&[WriteRequest::Insert(vec![first.clone()])], 5)
+            .unwrap();
+        // Batch: a fresh insert, a read-all, then a duplicate primary key, which fails.
+        let batch = [
+            WriteRequest::Insert(vec![stored(2, Some("u"), &["c"])]),
+            WriteRequest::MarkAllRead {
+                user_id: "u".into(),
+            },
+            WriteRequest::Insert(vec![stored(3, Some("u"), &[]), first.clone()]),
+        ];
+        let err = writer.apply_batch(&batch, 6).unwrap_err();
+        assert!(err.0.contains("UNIQUE"), "{err}");
+        let after = page(&mut reader, "u");
+        assert_eq!(
+            after.total, 1,
+            "neither insert of the failed batch is there"
+        );
+        assert_eq!(after.unread, 1, "the read-all was rolled back too");
+        let replay = reader
+            .replay(&ReplayQuery {
+                user_id: None,
+                channels: vec!["c".into()],
+                since: Uuid::nil(),
+                limit: 10,
+            })
+            .unwrap();
+        assert_eq!(replay.len(), 1, "no channel row of the failed batch");
+        // The connection is usable afterwards.
+        writer
+            .apply_batch(&[WriteRequest::Insert(vec![stored(4, Some("u"), &[])])], 7)
+            .unwrap();
+        assert_eq!(page(&mut reader, "u").total, 2);
+    }
+
+    #[test]
+    fn requests_later_in_a_batch_see_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, _reader) = open(&dir);
+        let n = stored(9, Some("u"), &["c", "c"]);
+        let batch = [
+            WriteRequest::Insert(vec![n.clone()]),
+            WriteRequest::MarkRead {
+                user_id: "u".into(),
+                id: n.id,
+            },
+            WriteRequest::MarkRead {
+                user_id: "other".into(),
+                id: n.id,
+            },
+            WriteRequest::Delete {
+                user_id: "u".into(),
+                id: n.id,
+            },
+            WriteRequest::Delete {
+                user_id: "u".into(),
+                id: n.id,
+            },
+        ];
+        let outcomes = writer.apply_batch(&batch, 42).unwrap();
+        let WriteOutcome::MarkedRead(Some(read)) = &outcomes[1] else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(read.read_at, Some(42));
+        assert_eq!(read.channels, vec!["c", "c"], "channels kept as sent");
+        assert_eq!(outcomes[2], WriteOutcome::MarkedRead(None));
+        assert_eq!(outcomes[3], WriteOutcome::Deleted(true));
+        assert_eq!(outcomes[4], WriteOutcome::Deleted(false));
+        let left: i64 = writer
+            .conn
+            .query_row("SELECT COUNT(*) FROM notification_channels", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(left, 0, "the delete trigger removed the channel rows");
+    }
+
+    #[test]
+    fn malformed_rows_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, mut reader) = open(&dir);
+        writer
+            .conn
+            .execute(
+                "INSERT INTO notifications (id, user_id, type, title, message, channels, created_at)
+                 VALUES (x'0102', 'u', 'info', '', 'short id', '[]', 1)",
+                [],
+            )
+            .unwrap();
+        let q = HistoryQuery {
+            user_id: "u".into(),
+            limit: 10,
+            before: None,
+            unread_only: false,
+        };
+        assert!(reader.history(&q).is_err());
+        writer
+            .conn
+            .execute("DELETE FROM notifications", [])
+            .unwrap();
+        writer
+            .conn
+            .execute(
+                "INSERT INTO notifications (id, user_id, type, title, message, channels, created_at)
+                 VALUES (zeroblob(16), 'u', 'info', '', 'bad channels', '{\"not\":\"a list\"}', 1)",
+                [],
+            )
+            .unwrap();
+        let err = reader.history(&q).unwrap_err();
+        assert!(err.0.starts_with("sqlite:"), "{err}");
+    }
+
+    /// Every hot query must be an index range scan, never a scan of the whole table: these are the
+    /// queries that must stay fast for a user with 100k notifications.
+    #[test]
+    fn hot_queries_use_the_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, _reader) = open(&dir);
+        let plan = |sql: &str| -> String {
+            let mut stmt = writer
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let n = stmt.parameter_count();
+            let nulls: Vec<rusqlite::types::Null> = vec![rusqlite::types::Null; n];
+            let rows: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            rows.join(" | ")
+        };
+        let cases = [
+            (HISTORY, "notifications_user"),
+            (HISTORY_UNREAD, "notifications_unread"),
+            (COUNT_TOTAL, "notifications_user"),
+            (COUNT_UNREAD, "notifications_unread"),
+            (MARK_ALL_READ, "notifications_unread"),
+            (REPLAY, "notifications_broadcast"),
+            (REPLAY, "notifications_user"),
+            (REPLAY, "PRIMARY KEY"),
+        ];
+        for (sql, index) in cases {
+            let plan = plan(sql);
+            assert!(
+                plan.contains(index),
+                "{sql}\n  plan: {plan}\n  expected {index}"
+            );
+            assert!(
+                !plan.split(" | ").any(|step| step == "SCAN notifications"),
+                "full scan in {sql}\n  plan: {plan}"
+            );
+        }
+    }
+}

@@ -1,0 +1,659 @@
+//! Tests of the whole store (handle, threads, SQLite) through its public API, as a shard uses it.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_executor::block_on;
+use uuid::Uuid;
+
+use super::*;
+use crate::model::{NewNotification, Notification};
+
+/// Records what the store told it, and optionally stalls the first commit so that writes pile up.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<Uuid>>>,
+    stall_first: Option<Duration>,
+    calls: Arc<Mutex<usize>>,
+}
+
+impl CommitListener for Recorder {
+    fn committed(&self, inserted: &[Arc<Notification>]) {
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            *calls += 1;
+            *calls == 1
+        };
+        self.seen
+            .lock()
+            .unwrap()
+            .extend(inserted.iter().map(|n| n.id));
+        if let (true, Some(stall)) = (first, self.stall_first) {
+            std::thread::sleep(stall);
+        }
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Store,
+    threads: StoreThreads,
+    recorder: Recorder,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture::with(Recorder::default())
+    }
+
+    fn with(recorder: Recorder) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, threads) = Store::open(&config(&dir), Box::new(recorder.clone())).unwrap();
+        Fixture {
+            dir,
+            store,
+            threads,
+            recorder,
+        }
+    }
+
+    /// Drops the handle, waits for the threads, and opens the same file again.
+    fn reopen(self) -> Fixture {
+        let Fixture {
+            dir,
+            store,
+            threads,
+            recorder,
+        } = self;
+        drop(store);
+        threads.join();
+        let (store, threads) = Store::open(&config(&dir), Box::new(recorder.clone())).unwrap();
+        Fixture {
+            dir,
+            store,
+            threads,
+            recorder,
+        }
+    }
+
+    fn close(self) {
+        drop(self.store);
+        self.threads.join();
+    }
+
+    fn insert(&self, batch: Vec<NewNotification>) -> Vec<Arc<Notification>> {
+        block_on(self.store.insert(batch)).unwrap()
+    }
+
+    fn history(
+        &self,
+        user: &str,
+        limit: usize,
+        before: Option<Uuid>,
+        unread_only: bool,
+    ) -> HistoryPage {
+        let q = HistoryQuery {
+            user_id: user.into(),
+            limit,
+            before,
+            unread_only,
+        };
+        block_on(self.store.history(q)).unwrap()
+    }
+
+    fn replay(
+        &self,
+        user: Option<&str>,
+        channels: &[&str],
+        since: Uuid,
+        limit: usize,
+    ) -> Vec<Arc<Notification>> {
+        let q = ReplayQuery {
+            user_id: user.map(str::to_owned),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            since,
+            limit,
+        };
+        block_on(self.store.replay(q)).unwrap()
+    }
+}
+
+fn config(dir: &tempfile::TempDir) -> StoreConfig {
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("data/notifications.db").display()
+    );
+    StoreConfig::new(StoreUrl::parse(&url).unwrap())
+}
+
+fn to_user(user: &str, message: &str) -> NewNotification {
+    NewNotification {
+        kind: "info".into(),
+        title: "title".into(),
+        message: message.into(),
+        user_id: Some(user.into()),
+        channels: Vec::new(),
+        broadcast: false,
+        data: r#"{"k":"v"}"#.into(),
+        scheduled_at: None,
+    }
+}
+
+fn to_channels(channels: &[&str], message: &str) -> NewNotification {
+    NewNotification {
+        user_id: None,
+        channels: channels.iter().map(|c| c.to_string()).collect(),
+        ..to_user("", message)
+    }
+}
+
+fn broadcast(message: &str) -> NewNotification {
+    NewNotification {
+        user_id: None,
+        broadcast: true,
+        ..to_user("", message)
+    }
+}
+
+fn ids(ns: &[Arc<Notification>]) -> Vec<Uuid> {
+    ns.iter().map(|n| n.id).collect()
+}
+
+#[test]
+fn database_urls_parse() {
+    assert_eq!(
+        StoreUrl::parse("sqlite://data/notifications.db").unwrap(),
+        StoreUrl::Sqlite("data/notifications.db".into())
+    );
+    assert_eq!(
+        StoreUrl::parse("sqlite:///var/lib/n.db").unwrap(),
+        StoreUrl::Sqlite("/var/lib/n.db".into())
+    );
+    assert_eq!(
+        StoreUrl::parse("sqlite:n.db?mode=rwc").unwrap(),
+        StoreUrl::Sqlite("n.db".into())
+    );
+    assert!(matches!(
+        StoreUrl::parse("postgres://u:pw@db/n").unwrap(),
+        StoreUrl::Postgres(_)
+    ));
+    assert!(matches!(
+        StoreUrl::parse("postgresql://db/n").unwrap(),
+        StoreUrl::Postgres(_)
+    ));
+    assert!(StoreUrl::parse("sqlite://").is_err());
+    assert!(StoreUrl::parse("sqlite://:memory:").is_err());
+    assert!(StoreUrl::parse("mysql://db").is_err());
+    let shown = format!(
+        "{:?}",
+        StoreUrl::parse("postgres://user:secret@db:5432/n").unwrap()
+    );
+    assert_eq!(
+        shown, "postgres://***@db:5432/n",
+        "the password never reaches a log"
+    );
+}
+
+#[test]
+fn postgres_is_refused_with_a_clear_error() {
+    let config = StoreConfig::new(StoreUrl::parse("postgres://db/n").unwrap());
+    let err = Store::open(&config, Box::new(Recorder::default()))
+        .err()
+        .unwrap();
+    assert!(err.contains("not implemented"), "{err}");
+}
+
+#[test]
+fn inserts_get_increasing_ids_and_the_listener_sees_them_before_the_reply() {
+    let f = Fixture::new();
+    let mut all = Vec::new();
+    for round in 0..5 {
+        let batch = (0..3)
+            .map(|i| to_user("u1", &format!("{round}.{i}")))
+            .collect();
+        let stored = f.insert(batch);
+        assert_eq!(stored.len(), 3);
+        // The reply came after the listener: it has already seen this batch, in the same order.
+        let seen = f.recorder.seen.lock().unwrap().clone();
+        assert_eq!(seen[seen.len() - 3..], ids(&stored)[..]);
+        assert_eq!(
+            stored[0].message,
+            format!("{round}.0"),
+            "reply in batch order"
+        );
+        assert!(stored
+            .iter()
+            .all(|n| n.user_id.as_deref() == Some("u1") && n.read_at.is_none()));
+        all.extend(ids(&stored));
+    }
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "ids strictly increase across calls"
+    );
+    assert_eq!(*f.recorder.seen.lock().unwrap(), all);
+    assert!(block_on(f.store.insert(Vec::new())).unwrap().is_empty());
+    block_on(f.store.ping()).unwrap();
+    f.close();
+}
+
+#[test]
+fn a_failing_insert_stores_nothing_of_its_batch_and_answers_unavailable() {
+    let f = Fixture::new();
+    f.insert(vec![to_user("u1", "before")]);
+    // Make the database refuse one particular row, as a full disk or a constraint would.
+    let side = rusqlite::Connection::open(f.dir.path().join("data/notifications.db")).unwrap();
+    side.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON notifications WHEN NEW.message = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
+    )
+    .unwrap();
+    let calls_before = *f.recorder.calls.lock().unwrap();
+    let result = block_on(
+        f.store
+            .insert(vec![to_user("u1", "fine"), to_user("u1", "boom")]),
+    );
+    let Err(StoreError::Unavailable(why)) = result else {
+        panic!("{result:?}")
+    };
+    assert!(why.contains("refused by test"), "{why}");
+    assert_eq!(
+        *f.recorder.calls.lock().unwrap(),
+        calls_before,
+        "nothing delivered"
+    );
+    let page = f.history("u1", 10, None, false);
+    assert_eq!(
+        page.total, 1,
+        "the good row of the failed batch was rolled back too"
+    );
+    assert_eq!(page.notifications[0].message, "before");
+    // The store keeps working.
+    side.execute_batch("DROP TRIGGER refuse").unwrap();
+    f.insert(vec![to_user("u1", "after")]);
+    assert_eq!(f.history("u1", 10, None, false).total, 2);
+    assert_eq!(f.store.stats().failed_batches, 1);
+    f.close();
+}
+
+#[test]
+fn history_pages_newest_first_with_before() {
+    let f = Fixture::new();
+    let stored = f.insert((0..120).map(|i| to_user("u1", &format!("n{i}"))).collect());
+    f.insert(vec![to_user("someone-else", "not mine")]);
+    let mut newest_first = ids(&stored);
+    newest_first.reverse();
+
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let page = f.history("u1", 50, before, false);
+        assert_eq!(
+            (page.total, page.unread),
+            (120, 120),
+            "counts cover the whole inbox"
+        );
+        pages.push(page.notifications.len());
+        let got: Vec<Uuid> = page.notifications.iter().map(|n| n.id).collect();
+        let offset = pages.iter().sum::<usize>() - got.len();
+        assert_eq!(got, newest_first[offset..offset + got.len()]);
+        match page.next_before {
+            Some(id) => {
+                assert_eq!(Some(&id), got.last());
+                before = Some(id);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, vec![50, 50, 20]);
+    // Exactly one page's worth: no next page.
+    assert_eq!(f.history("u1", 120, None, false).next_before, None);
+    assert!(f
+        .history("nobody", 50, None, false)
+        .notifications
+        .is_empty());
+    f.close();
+}
+
+#[test]
+fn unread_filter_mark_read_and_counts() {
+    let f = Fixture::new();
+    let stored = f.insert((0..10).map(|i| to_user("u1", &format!("n{i}"))).collect());
+    let target = stored[3].id;
+
+    let first = block_on(f.store.mark_read("u1".into(), target))
+        .unwrap()
+        .unwrap();
+    let read_at = first.read_at.expect("read_at set");
+    assert_eq!(first.id, target);
+    std::thread::sleep(Duration::from_millis(5));
+    let again = block_on(f.store.mark_read("u1".into(), target))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        again.read_at,
+        Some(read_at),
+        "a second read keeps the first read_at"
+    );
+    assert_eq!(
+        block_on(f.store.mark_read("u2".into(), target)).unwrap(),
+        None,
+        "not u2's"
+    );
+    assert_eq!(
+        block_on(f.store.mark_read("u1".into(), Uuid::now_v7())).unwrap(),
+        None
+    );
+
+    let unread = f.history("u1", 50, None, true);
+    assert_eq!((unread.total, unread.unread), (10, 9));
+    assert_eq!(unread.notifications.len(), 9);
+    assert!(unread
+        .notifications
+        .iter()
+        .all(|n| n.read_at.is_none() && n.id != target));
+    let all = f.history("u1", 50, None, false);
+    assert_eq!(all.notifications.len(), 10);
+    assert_eq!(
+        all.notifications
+            .iter()
+            .find(|n| n.id == target)
+            .unwrap()
+            .read_at,
+        Some(read_at)
+    );
+    // Unread paging works like full paging.
+    let p1 = f.history("u1", 5, None, true);
+    assert_eq!(p1.notifications.len(), 5);
+    let p2 = f.history("u1", 5, p1.next_before, true);
+    assert_eq!((p2.notifications.len(), p2.next_before), (4, None));
+
+    assert_eq!(block_on(f.store.mark_all_read("u1".into())).unwrap(), 9);
+    assert_eq!(block_on(f.store.mark_all_read("u1".into())).unwrap(), 0);
+    let after = f.history("u1", 50, None, true);
+    assert_eq!(
+        (after.total, after.unread, after.notifications.len()),
+        (10, 0, 0)
+    );
+    let kept = f.history("u1", 50, None, false);
+    assert_eq!(
+        kept.notifications
+            .iter()
+            .find(|n| n.id == target)
+            .unwrap()
+            .read_at,
+        Some(read_at)
+    );
+    f.close();
+}
+
+#[test]
+fn delete_removes_from_the_inbox_only_for_its_user() {
+    let f = Fixture::new();
+    let stored = f.insert(vec![to_user("u1", "a"), to_user("u1", "b")]);
+    assert!(
+        !block_on(f.store.delete("u2".into(), stored[0].id)).unwrap(),
+        "not u2's"
+    );
+    assert!(block_on(f.store.delete("u1".into(), stored[0].id)).unwrap());
+    assert!(
+        !block_on(f.store.delete("u1".into(), stored[0].id)).unwrap(),
+        "already gone"
+    );
+    let page = f.history("u1", 50, None, false);
+    assert_eq!(page.total, 1);
+    assert_eq!(page.notifications[0].id, stored[1].id);
+    assert_eq!(
+        block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap(),
+        None
+    );
+    f.close();
+}
+
+#[test]
+fn replay_by_user_channel_and_broadcast_in_order_once_each() {
+    let f = Fixture::new();
+    let mine = f.insert(vec![to_user("u1", "mine")]);
+    let other = f.insert(vec![to_user("u2", "theirs")]);
+    let on_a = f.insert(vec![to_channels(&["a"], "on a")]);
+    let on_b = f.insert(vec![to_channels(&["b", "a"], "on b and a")]);
+    let everyone = f.insert(vec![broadcast("everyone")]);
+    // Matches the user AND a channel: must come once.
+    let both = f.insert(vec![NewNotification {
+        channels: vec!["a".into()],
+        ..to_user("u1", "both")
+    }]);
+    let on_c = f.insert(vec![to_channels(&["c"], "on c")]);
+
+    let got = f.replay(Some("u1"), &["a"], Uuid::nil(), 100);
+    assert_eq!(
+        ids(&got),
+        vec![
+            mine[0].id,
+            on_a[0].id,
+            on_b[0].id,
+            everyone[0].id,
+            both[0].id
+        ]
+    );
+    assert_eq!(got[4].channels, vec!["a"]);
+
+    // By user only; by channel only (anonymous); broadcast reaches everyone.
+    assert_eq!(
+        ids(&f.replay(Some("u2"), &[], Uuid::nil(), 100)),
+        vec![other[0].id, everyone[0].id]
+    );
+    assert_eq!(
+        ids(&f.replay(None, &["b", "c"], Uuid::nil(), 100)),
+        vec![on_b[0].id, everyone[0].id, on_c[0].id]
+    );
+    assert_eq!(
+        ids(&f.replay(None, &[], Uuid::nil(), 100)),
+        vec![everyone[0].id]
+    );
+
+    // Since is exclusive.
+    assert_eq!(
+        ids(&f.replay(Some("u1"), &["a"], on_b[0].id, 100)),
+        vec![everyone[0].id, both[0].id]
+    );
+    assert!(f
+        .replay(Some("u1"), &["a", "c"], on_c[0].id, 100)
+        .is_empty());
+
+    // Limit keeps the oldest, and resuming from the last one gets the rest.
+    let first = f.replay(Some("u1"), &["a"], Uuid::nil(), 2);
+    assert_eq!(ids(&first), vec![mine[0].id, on_a[0].id]);
+    let rest = f.replay(Some("u1"), &["a"], first[1].id, 100);
+    assert_eq!(ids(&rest), vec![on_b[0].id, everyone[0].id, both[0].id]);
+    assert!(f.replay(Some("u1"), &["a"], Uuid::nil(), 0).is_empty());
+
+    // A deleted notification is no longer replayed, through its channel either.
+    assert!(block_on(f.store.delete("u1".into(), both[0].id)).unwrap());
+    assert_eq!(
+        ids(&f.replay(None, &["a"], everyone[0].id, 100)),
+        Vec::<Uuid>::new()
+    );
+    f.close();
+}
+
+#[test]
+fn data_survives_close_and_reopen_including_writes_queued_at_shutdown() {
+    let f = Fixture::new();
+    let stored = f.insert(vec![to_user("u1", "committed")]);
+    block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
+
+    // Queue a write, then shut down without awaiting it: the store thread must still commit it.
+    let mut pending = f.store.insert(vec![to_user("u1", "queued at shutdown")]);
+    let f = f.reopen();
+    let mut cx = Context::from_waker(Waker::noop());
+    let Poll::Ready(Ok(queued)) = std::pin::Pin::new(&mut pending).poll(&mut cx) else {
+        panic!("the queued write was answered before join() returned");
+    };
+
+    let page = f.history("u1", 10, None, false);
+    assert_eq!(page.total, 2);
+    assert_eq!(page.unread, 1);
+    assert_eq!(page.notifications[0].id, queued[0].id);
+    let old = &page.notifications[1];
+    assert_eq!(
+        (old.id, old.message.as_str(), &old.data),
+        (stored[0].id, "committed", &stored[0].data)
+    );
+    assert!(old.read_at.is_some(), "read state survived");
+    // New ids keep increasing after a restart.
+    let later = f.insert(vec![to_user("u1", "later")]);
+    assert!(later[0].id > queued[0].id);
+    f.close();
+}
+
+#[test]
+fn concurrent_inserts_share_transactions() {
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 200;
+    // Stall the first commit's listener so the other threads' writes queue up behind it.
+    let f = Fixture::with(Recorder {
+        stall_first: Some(Duration::from_millis(100)),
+        ..Recorder::default()
+    });
+    let replies: Vec<Vec<Uuid>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = f.store.clone();
+                s.spawn(move || {
+                    (0..PER_THREAD)
+                        .map(|i| {
+                            let n = to_user(&format!("u{t}"), &format!("{i}"));
+                            block_on(store.insert(vec![n])).unwrap()[0].id
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let inserts = (THREADS * PER_THREAD) as u64;
+    let stats = f.store.stats();
+    println!(
+        "{inserts} concurrent single inserts took {} transactions",
+        stats.commits
+    );
+    assert_eq!((stats.inserted, stats.write_ops), (inserts, inserts));
+    assert!(
+        stats.commits < inserts,
+        "{} commits for {inserts} inserts",
+        stats.commits
+    );
+    // Each thread's own ids increase (it waited for each reply), and the listener saw every id once,
+    // in increasing (commit) order.
+    assert!(replies.iter().all(|r| r.windows(2).all(|w| w[0] < w[1])));
+    let seen = f.recorder.seen.lock().unwrap().clone();
+    assert_eq!(seen.len() as u64, inserts);
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "delivery order is id order"
+    );
+    assert_eq!(f.history("u3", 1, None, false).total, PER_THREAD as u64);
+    f.close();
+}
+
+#[test]
+fn reads_are_not_blocked_by_an_open_write_transaction() {
+    let f = Fixture::new();
+    f.insert(vec![to_user("u1", "a")]);
+    // Another connection holds the write lock (as a long batch would): reads still answer at once.
+    let side = rusqlite::Connection::open(f.dir.path().join("data/notifications.db")).unwrap();
+    side.execute_batch("BEGIN IMMEDIATE; DELETE FROM notifications;")
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        f.history("u1", 10, None, false).total,
+        1,
+        "the committed snapshot"
+    );
+    block_on(f.store.ping()).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    side.execute_batch("ROLLBACK").unwrap();
+    f.close();
+}
+
+/// Rough throughput, printed (not asserted): 100k notifications from 8 threads, in requests of 1,000
+/// and as single requests. Run it optimized to get meaningful numbers:
+/// `cargo test --release store::tests::insert_rates -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing printout; run explicitly, in release"]
+fn insert_rates() {
+    const TOTAL: usize = 100_000;
+    const THREADS: usize = 8;
+    for per_request in [1_000, 1] {
+        let f = Fixture::new();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let store = f.store.clone();
+                s.spawn(move || {
+                    for _ in 0..TOTAL / THREADS / per_request {
+                        let batch = (0..per_request)
+                            .map(|i| NewNotification {
+                                channels: if i % 10 == 0 {
+                                    vec!["news".into()]
+                                } else {
+                                    Vec::new()
+                                },
+                                ..to_user(
+                                    &format!("user{}", i % 1000),
+                                    "Se te ha asignado una tarea importante",
+                                )
+                            })
+                            .collect();
+                        block_on(store.insert(batch)).unwrap();
+                    }
+                    let _ = t;
+                });
+            }
+        });
+        let elapsed = started.elapsed();
+        let stats = f.store.stats();
+        println!(
+            "{TOTAL} inserts, {per_request} per request, {THREADS} threads: {:.0} ms, {:.0}/s, {} transactions",
+            elapsed.as_secs_f64() * 1e3,
+            TOTAL as f64 / elapsed.as_secs_f64(),
+            stats.commits
+        );
+        f.close();
+    }
+
+    // History and counts of one user with 100k notifications, half of them read.
+    let f = Fixture::new();
+    for _ in 0..100 {
+        let ids = ids(&f.insert(
+            (0..1_000)
+                .map(|i| to_user("big", &format!("{i}")))
+                .collect(),
+        ));
+        for id in ids.iter().step_by(2) {
+            drop(f.store.mark_read("big".into(), *id));
+        }
+    }
+    block_on(f.store.ping()).unwrap();
+    let started = Instant::now();
+    const PAGES: u32 = 100;
+    for _ in 0..PAGES {
+        let page = f.history("big", 50, None, false);
+        assert_eq!((page.total, page.notifications.len()), (100_000, 50));
+    }
+    println!(
+        "history page + counts, 100k-notification user: {:?} each",
+        started.elapsed() / PAGES
+    );
+    let started = Instant::now();
+    for _ in 0..PAGES {
+        let page = f.history("big", 50, None, true);
+        assert_eq!(page.unread, 50_000);
+    }
+    println!(
+        "unread page + counts, 100k-notification user: {:?} each",
+        started.elapsed() / PAGES
+    );
+    f.close();
+}

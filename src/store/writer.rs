@@ -1,0 +1,445 @@
+//! The store thread: group commit.
+//!
+//! One OS thread owns the only write connection. It blocks on the write queue, then drains whatever
+//! else is already queued (up to `max_batch` rows) and hands the whole batch to the backend as ONE
+//! transaction. A commit's fixed cost (lock, WAL frame headers, the sync when there is one) is paid per
+//! batch, so throughput grows with load instead of collapsing under it, while a lone request under light
+//! load is committed immediately with no timer or linger: batching is free in latency because it only
+//! ever groups what was already waiting.
+//!
+//! Order of events for a batch: assign ids (one generator, on this thread, so id order is commit order),
+//! apply and commit, call the [`CommitListener`] with everything the batch inserted, and only then reply.
+//! A caller that got `Ok` therefore knows its notification is durable AND already handed to delivery.
+//! If the transaction fails, every request of the batch gets [`StoreError::Unavailable`] and the
+//! listener is not called: nothing is delivered that was not stored.
+//!
+//! Shutdown: the queue reports "disconnected" only once it is empty and every sender is gone, so the
+//! loop commits everything queued before the last [`super::Store`] was dropped, then exits.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Receiver;
+use futures_channel::oneshot;
+use uuid::Uuid;
+
+use super::backend::{WriteBackend, WriteOutcome, WriteRequest};
+use super::{CommitListener, Counters, StoreError};
+use crate::model::{now_millis, IdGenerator, NewNotification, Notification};
+
+/// The name of the store thread, as shown by `top -H` and in panics.
+const THREAD_NAME: &str = "store-writer";
+
+/// Where a request's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A write request as shards queue it: the operation and where its answer goes.
+pub(crate) enum WriteOp {
+    /// See [`super::Store::insert`].
+    Insert {
+        /// The notifications, without ids yet.
+        batch: Vec<NewNotification>,
+        /// The stored notifications, in batch order.
+        reply: Reply<Vec<Arc<Notification>>>,
+    },
+    /// See [`super::Store::mark_read`].
+    MarkRead {
+        /// Whose inbox.
+        user_id: String,
+        /// Which notification.
+        id: Uuid,
+        /// The notification as stored, or `None`.
+        reply: Reply<Option<Notification>>,
+    },
+    /// See [`super::Store::mark_all_read`].
+    MarkAllRead {
+        /// Whose inbox.
+        user_id: String,
+        /// How many were unread.
+        reply: Reply<u64>,
+    },
+    /// See [`super::Store::delete`].
+    Delete {
+        /// Whose inbox.
+        user_id: String,
+        /// Which notification.
+        id: Uuid,
+        /// Whether it was there.
+        reply: Reply<bool>,
+    },
+}
+
+impl WriteOp {
+    /// How much of a batch's `max_batch` budget this request uses: one per row it writes, so a
+    /// transaction's size is bounded by rows, not by how producers grouped them.
+    fn weight(&self) -> usize {
+        match self {
+            WriteOp::Insert { batch, .. } => batch.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// The reply half of a [`WriteOp`], kept while its request is in the backend.
+enum Replier {
+    Insert(Reply<Vec<Arc<Notification>>>),
+    MarkRead(Reply<Option<Notification>>),
+    MarkAllRead(Reply<u64>),
+    Delete(Reply<bool>),
+}
+
+impl Replier {
+    /// Answers with the outcome of a committed request. A send error only means the caller stopped
+    /// waiting, which is not the store's concern.
+    fn complete(self, request: WriteRequest, outcome: Option<WriteOutcome>) {
+        match (self, request, outcome) {
+            (Replier::Insert(tx), WriteRequest::Insert(stored), Some(WriteOutcome::Inserted)) => {
+                let _ = tx.send(Ok(stored));
+            }
+            (Replier::MarkRead(tx), _, Some(WriteOutcome::MarkedRead(n))) => {
+                let _ = tx.send(Ok(n));
+            }
+            (Replier::MarkAllRead(tx), _, Some(WriteOutcome::MarkedAllRead(n))) => {
+                let _ = tx.send(Ok(n));
+            }
+            (Replier::Delete(tx), _, Some(WriteOutcome::Deleted(found))) => {
+                let _ = tx.send(Ok(found));
+            }
+            // A backend bug, never data: answer rather than panic the only write thread.
+            (replier, _, _) => replier.fail(StoreError::Unavailable(
+                "store backend answered a different request than it was given".to_owned(),
+            )),
+        }
+    }
+
+    fn fail(self, error: StoreError) {
+        match self {
+            Replier::Insert(tx) => drop(tx.send(Err(error))),
+            Replier::MarkRead(tx) => drop(tx.send(Err(error))),
+            Replier::MarkAllRead(tx) => drop(tx.send(Err(error))),
+            Replier::Delete(tx) => drop(tx.send(Err(error))),
+        }
+    }
+}
+
+/// Starts the store thread over `backend`.
+pub(crate) fn spawn<B: WriteBackend>(
+    backend: B,
+    queue: Receiver<WriteOp>,
+    listener: Box<dyn CommitListener>,
+    max_batch: usize,
+    counters: Arc<Counters>,
+) -> std::io::Result<JoinHandle<()>> {
+    let writer = Writer {
+        backend,
+        queue,
+        listener,
+        ids: IdGenerator::new(),
+        max_batch: max_batch.max(1),
+        counters,
+        carried: None,
+    };
+    std::thread::Builder::new()
+        .name(THREAD_NAME.to_owned())
+        .spawn(move || writer.run())
+}
+
+struct Writer<B> {
+    backend: B,
+    queue: Receiver<WriteOp>,
+    listener: Box<dyn CommitListener>,
+    /// The only id generator for stored notifications: ids are assigned here, in commit order.
+    ids: IdGenerator,
+    max_batch: usize,
+    counters: Arc<Counters>,
+    /// A request drained that did not fit the previous batch; it opens the next one.
+    carried: Option<WriteOp>,
+}
+
+impl<B: WriteBackend> Writer<B> {
+    fn run(mut self) {
+        let mut batch = Vec::new();
+        while self.next_batch(&mut batch) {
+            self.commit(std::mem::take(&mut batch));
+        }
+        tracing::debug!("store thread: queue closed and drained, exiting");
+    }
+
+    /// Fills `batch` with the next group: blocks for the first request, then takes what is already
+    /// queued while it fits in `max_batch`. The first request is always taken, however large, since an
+    /// insert request must commit whole. Returns false once the queue is closed and empty.
+    fn next_batch(&mut self, batch: &mut Vec<WriteOp>) -> bool {
+        let first = match self.carried.take() {
+            Some(op) => op,
+            None => match self.queue.recv() {
+                Ok(op) => op,
+                Err(_) => return false,
+            },
+        };
+        let mut weight = first.weight();
+        batch.push(first);
+        while weight < self.max_batch {
+            let Ok(op) = self.queue.try_recv() else { break };
+            if weight + op.weight() > self.max_batch {
+                self.carried = Some(op);
+                break;
+            }
+            weight += op.weight();
+            batch.push(op);
+        }
+        true
+    }
+
+    /// Applies one batch in one transaction, tells the listener, then answers every request.
+    fn commit(&mut self, ops: Vec<WriteOp>) {
+        let now = now_millis();
+        let mut requests = Vec::with_capacity(ops.len());
+        let mut repliers = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (request, replier) = match op {
+                WriteOp::Insert { batch, reply } => {
+                    let stored = batch
+                        .into_iter()
+                        .map(|n| {
+                            let (id, created_at) = self.ids.next_id();
+                            Arc::new(n.into_notification(id, created_at))
+                        })
+                        .collect();
+                    (WriteRequest::Insert(stored), Replier::Insert(reply))
+                }
+                WriteOp::MarkRead { user_id, id, reply } => (
+                    WriteRequest::MarkRead { user_id, id },
+                    Replier::MarkRead(reply),
+                ),
+                WriteOp::MarkAllRead { user_id, reply } => (
+                    WriteRequest::MarkAllRead { user_id },
+                    Replier::MarkAllRead(reply),
+                ),
+                WriteOp::Delete { user_id, id, reply } => {
+                    (WriteRequest::Delete { user_id, id }, Replier::Delete(reply))
+                }
+            };
+            requests.push(request);
+            repliers.push(replier);
+        }
+
+        let outcomes = match self.backend.apply_batch(&requests, now) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                Counters::add(&self.counters.failed_batches, 1);
+                tracing::error!(error = %e, requests = repliers.len(), "store batch rolled back");
+                for replier in repliers {
+                    replier.fail(StoreError::Unavailable(e.0.clone()));
+                }
+                return;
+            }
+        };
+
+        let inserted: Vec<Arc<Notification>> = requests
+            .iter()
+            .flat_map(|r| match r {
+                WriteRequest::Insert(stored) => stored.as_slice(),
+                _ => &[],
+            })
+            .cloned()
+            .collect();
+        Counters::add(&self.counters.commits, 1);
+        Counters::add(&self.counters.write_ops, requests.len() as u64);
+        Counters::add(&self.counters.inserted, inserted.len() as u64);
+
+        if !inserted.is_empty() {
+            // The data is committed whatever the listener does. A panic in it is a bug elsewhere; it
+            // must not take down the only write thread (every later write would fail), nor keep this
+            // batch's callers from hearing that their writes are durable.
+            let listener = &self.listener;
+            if catch_unwind(AssertUnwindSafe(|| listener.committed(&inserted))).is_err() {
+                tracing::error!(count = inserted.len(), "commit listener panicked");
+            }
+        }
+
+        let mut outcomes = outcomes.into_iter();
+        for (request, replier) in requests.into_iter().zip(repliers) {
+            replier.complete(request, outcomes.next());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures_executor::block_on;
+
+    use super::*;
+    use crate::store::backend::BackendError;
+    use crate::store::StoreFuture;
+
+    /// A backend that records the size of each batch and fails the batches it is told to.
+    struct FakeBackend {
+        batches: Arc<Mutex<Vec<usize>>>,
+        fail_batches: Vec<usize>,
+    }
+
+    impl WriteBackend for FakeBackend {
+        fn apply_batch(
+            &mut self,
+            requests: &[WriteRequest],
+            _now: crate::model::Millis,
+        ) -> Result<Vec<WriteOutcome>, BackendError> {
+            let mut batches = self.batches.lock().unwrap();
+            let index = batches.len();
+            batches.push(requests.len());
+            if self.fail_batches.contains(&index) {
+                return Err(BackendError("disk on fire".to_owned()));
+            }
+            Ok(requests
+                .iter()
+                .map(|r| match r {
+                    WriteRequest::Insert(_) => WriteOutcome::Inserted,
+                    WriteRequest::MarkRead { .. } => WriteOutcome::MarkedRead(None),
+                    WriteRequest::MarkAllRead { .. } => WriteOutcome::MarkedAllRead(7),
+                    WriteRequest::Delete { .. } => WriteOutcome::Deleted(true),
+                })
+                .collect())
+        }
+    }
+
+    struct RecordingListener(Arc<Mutex<Vec<Uuid>>>);
+
+    impl CommitListener for RecordingListener {
+        fn committed(&self, inserted: &[Arc<Notification>]) {
+            self.0.lock().unwrap().extend(inserted.iter().map(|n| n.id));
+        }
+    }
+
+    fn new_notification(message: &str) -> NewNotification {
+        NewNotification {
+            kind: "info".into(),
+            title: String::new(),
+            message: message.into(),
+            user_id: Some("u1".into()),
+            channels: Vec::new(),
+            broadcast: false,
+            data: "{}".into(),
+            scheduled_at: None,
+        }
+    }
+
+    fn insert_op(n: usize) -> (WriteOp, StoreFuture<Vec<Arc<Notification>>>) {
+        let (reply, rx) = oneshot::channel();
+        let batch = (0..n).map(|i| new_notification(&format!("m{i}"))).collect();
+        (WriteOp::Insert { batch, reply }, StoreFuture::waiting(rx))
+    }
+
+    /// Queues `ops` BEFORE the thread starts and closes the queue, so batching is deterministic.
+    fn run_writer(
+        ops: Vec<WriteOp>,
+        max_batch: usize,
+        fail_batches: Vec<usize>,
+    ) -> (Vec<usize>, Vec<Uuid>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for op in ops {
+            tx.send(op).unwrap();
+        }
+        drop(tx);
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeBackend {
+            batches: batches.clone(),
+            fail_batches,
+        };
+        let listener = Box::new(RecordingListener(seen.clone()));
+        spawn(backend, rx, listener, max_batch, Arc::default())
+            .unwrap()
+            .join()
+            .unwrap();
+        let batches = batches.lock().unwrap().clone();
+        let seen = seen.lock().unwrap().clone();
+        (batches, seen)
+    }
+
+    #[test]
+    fn queued_requests_are_grouped_up_to_max_batch_and_flushed_on_shutdown() {
+        let (ops, futures): (Vec<_>, Vec<_>) = (0..7).map(|_| insert_op(1)).unzip();
+        let (batches, seen) = run_writer(ops, 3, Vec::new());
+        assert_eq!(batches, vec![3, 3, 1], "7 queued singles with max_batch 3");
+        let ids: Vec<Uuid> = futures
+            .into_iter()
+            .map(|f| block_on(f).unwrap()[0].id)
+            .collect();
+        assert_eq!(seen, ids, "listener saw every id, in reply order");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids increase in queue order"
+        );
+    }
+
+    #[test]
+    fn an_insert_larger_than_max_batch_commits_whole_and_alone() {
+        let (a, fa) = insert_op(1);
+        let (b, fb) = insert_op(5);
+        let (c, fc) = insert_op(1);
+        let (batches, _) = run_writer(vec![a, b, c], 3, Vec::new());
+        // a fits; b (weight 5) does not fit beside a, so it opens the next batch alone; c follows.
+        assert_eq!(batches, vec![1, 1, 1]);
+        assert_eq!(block_on(fb).unwrap().len(), 5);
+        assert!(block_on(fa).is_ok() && block_on(fc).is_ok());
+    }
+
+    #[test]
+    fn a_failed_batch_fails_every_request_in_it_and_is_not_delivered() {
+        let (i1, f1) = insert_op(2);
+        let (read_tx, read_rx) = oneshot::channel();
+        let mark = WriteOp::MarkRead {
+            user_id: "u1".into(),
+            id: Uuid::nil(),
+            reply: read_tx,
+        };
+        let (all_tx, all_rx) = oneshot::channel();
+        let all = WriteOp::MarkAllRead {
+            user_id: "u1".into(),
+            reply: all_tx,
+        };
+        let (i2, f2) = insert_op(1);
+        // max_batch 4: [i1 (2), mark, all] fails as one; [i2] commits.
+        let (batches, seen) = run_writer(vec![i1, mark, all, i2], 4, vec![0]);
+        assert_eq!(batches, vec![3, 1]);
+        assert!(matches!(block_on(f1), Err(StoreError::Unavailable(m)) if m == "disk on fire"));
+        assert!(matches!(
+            block_on(read_rx).unwrap(),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            block_on(all_rx).unwrap(),
+            Err(StoreError::Unavailable(_))
+        ));
+        let committed = block_on(f2).unwrap();
+        assert_eq!(
+            seen,
+            vec![committed[0].id],
+            "only the committed batch reached the listener"
+        );
+    }
+
+    #[test]
+    fn a_panicking_listener_does_not_lose_the_reply() {
+        struct Panics;
+        impl CommitListener for Panics {
+            fn committed(&self, _: &[Arc<Notification>]) {
+                panic!("listener bug");
+            }
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (op, fut) = insert_op(1);
+        tx.send(op).unwrap();
+        drop(tx);
+        let backend = FakeBackend {
+            batches: Arc::default(),
+            fail_batches: Vec::new(),
+        };
+        let handle = spawn(backend, rx, Box::new(Panics), 8, Arc::default()).unwrap();
+        assert_eq!(block_on(fut).unwrap().len(), 1);
+        assert!(handle.join().is_ok(), "the store thread survived");
+    }
+}

@@ -1,0 +1,252 @@
+//! The JSON protocol spoken over a WebSocket (API.md, "WebSocket API"): client actions in, control events
+//! out. This module knows nothing about sockets or shards: it turns text into [`Action`]s and events into
+//! frames, so it can be tested (and fuzzed) alone.
+//!
+//! Client text is parsed in place with simd-json (the decoder hands us the unmasked payload mutably).
+//! A malformed action is answered with an `error` event and the connection stays open: a client bug in
+//! one message should not cost the user their live stream.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::bus::text_frame;
+use crate::model::{validate_channel_list, write_json_str, FieldError};
+
+/// A client request, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// `{"action":"subscribe","channels":[...]}`.
+    Subscribe(Vec<String>),
+    /// `{"action":"unsubscribe","channels":[...]}`.
+    Unsubscribe(Vec<String>),
+    /// `{"action":"publish","channel":"...","data":{...}}`; `data` kept as JSON text.
+    Publish {
+        /// The channel to publish to (the sender must be subscribed).
+        channel: String,
+        /// The message's `data`, re-encoded as compact JSON.
+        data: String,
+    },
+    /// `{"action":"ping"}`.
+    Ping,
+    /// `{"action":"read","id":"..."}`.
+    Read(Uuid),
+    /// `{"action":"resume","since":"<id>"}`.
+    Resume(Uuid),
+}
+
+/// Why a client message was refused; sent back as an `error` event, the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    /// snake_case code for programs.
+    pub code: &'static str,
+    /// A sentence for people.
+    pub message: String,
+}
+
+impl ProtocolError {
+    fn new(code: &'static str, message: impl Into<String>) -> ProtocolError {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<FieldError> for ProtocolError {
+    fn from(e: FieldError) -> ProtocolError {
+        ProtocolError::new("invalid_field", e.message)
+    }
+}
+
+/// The union of every action's fields; which ones matter depends on `action`.
+#[derive(Debug, Deserialize)]
+struct RawAction {
+    action: Option<String>,
+    channels: Option<Vec<String>>,
+    channel: Option<String>,
+    data: Option<serde_json::Value>,
+    id: Option<String>,
+    since: Option<String>,
+}
+
+fn parse_id(field: &str, value: Option<String>) -> Result<Uuid, ProtocolError> {
+    let value = value.ok_or_else(|| FieldError::new(field, "is required"))?;
+    Uuid::parse_str(&value)
+        .map_err(|_| FieldError::new(field, "must be a notification id (UUID)").into())
+}
+
+fn channel_list(value: Option<Vec<String>>) -> Result<Vec<String>, ProtocolError> {
+    let channels = value.ok_or_else(|| FieldError::new("channels", "is required"))?;
+    if channels.is_empty() {
+        return Err(FieldError::new("channels", "must not be empty").into());
+    }
+    validate_channel_list("channels", &channels)?;
+    Ok(channels)
+}
+
+/// Parses one client text message. `text` is modified (simd-json parses in place).
+pub fn parse_action(text: &mut [u8]) -> Result<Action, ProtocolError> {
+    let raw: RawAction = simd_json::serde::from_slice(text).map_err(|e| {
+        ProtocolError::new(
+            "invalid_json",
+            format!("the message is not a JSON object: {e}"),
+        )
+    })?;
+    let action = raw
+        .action
+        .ok_or_else(|| ProtocolError::new("invalid_field", "action is required"))?;
+    match action.as_str() {
+        "subscribe" => Ok(Action::Subscribe(channel_list(raw.channels)?)),
+        "unsubscribe" => Ok(Action::Unsubscribe(channel_list(raw.channels)?)),
+        "publish" => {
+            let channel = raw
+                .channel
+                .ok_or_else(|| FieldError::new("channel", "is required"))?;
+            validate_channel_list("channel", std::slice::from_ref(&channel))
+                .map_err(|_| FieldError::new("channel", "is not a valid channel name"))?;
+            let data = match raw.data {
+                None | Some(serde_json::Value::Null) => "{}".to_owned(),
+                Some(v) => v.to_string(),
+            };
+            Ok(Action::Publish { channel, data })
+        }
+        "ping" => Ok(Action::Ping),
+        "read" => Ok(Action::Read(parse_id("id", raw.id)?)),
+        "resume" => Ok(Action::Resume(parse_id("since", raw.since)?)),
+        other => Err(ProtocolError::new(
+            "unknown_action",
+            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read or resume"),
+        )),
+    }
+}
+
+/// `{"event":"connected","connection_id","user_id","heartbeat_s"}`, always the first frame.
+pub fn connected_event(connection_id: &str, user_id: &str, heartbeat_s: u64) -> Bytes {
+    text_frame(96 + user_id.len(), |out| {
+        out.extend_from_slice(b"{\"event\":\"connected\",\"connection_id\":");
+        write_json_str(out, connection_id);
+        out.extend_from_slice(b",\"user_id\":");
+        write_json_str(out, user_id);
+        out.extend_from_slice(format!(",\"heartbeat_s\":{heartbeat_s}}}").as_bytes());
+    })
+}
+
+/// `{"event":"subscribed"|"unsubscribed","channels":[...]}`.
+pub fn channels_event(event: &str, channels: &[String]) -> Bytes {
+    text_frame(
+        48 + channels.iter().map(|c| c.len() + 3).sum::<usize>(),
+        |out| {
+            out.extend_from_slice(b"{\"event\":");
+            write_json_str(out, event);
+            out.extend_from_slice(b",\"channels\":[");
+            for (i, c) in channels.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_str(out, c);
+            }
+            out.extend_from_slice(b"]}");
+        },
+    )
+}
+
+/// `{"event":"pong"}`.
+pub fn pong_event() -> Bytes {
+    text_frame(16, |out| out.extend_from_slice(b"{\"event\":\"pong\"}"))
+}
+
+/// `{"event":"resumed","count":N,"complete":bool}`.
+pub fn resumed_event(count: usize, complete: bool) -> Bytes {
+    text_frame(48, |out| {
+        out.extend_from_slice(
+            format!("{{\"event\":\"resumed\",\"count\":{count},\"complete\":{complete}}}")
+                .as_bytes(),
+        )
+    })
+}
+
+/// `{"event":"error","code","message"}`.
+pub fn error_event(code: &str, message: &str) -> Bytes {
+    text_frame(48 + message.len(), |out| {
+        out.extend_from_slice(b"{\"event\":\"error\",\"code\":");
+        write_json_str(out, code);
+        out.extend_from_slice(b",\"message\":");
+        write_json_str(out, message);
+        out.push(b'}');
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Action, ProtocolError> {
+        parse_action(&mut s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn every_action_parses() {
+        assert_eq!(
+            parse(r#"{"action":"subscribe","channels":["a","b"]}"#),
+            Ok(Action::Subscribe(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            parse(r#"{"action":"unsubscribe","channels":["a"]}"#),
+            Ok(Action::Unsubscribe(vec!["a".into()]))
+        );
+        assert_eq!(
+            parse(r#"{"action":"publish","channel":"sala1","data":{"x":1}}"#),
+            Ok(Action::Publish {
+                channel: "sala1".into(),
+                data: r#"{"x":1}"#.into()
+            })
+        );
+        assert_eq!(parse(r#"{"action":"ping"}"#), Ok(Action::Ping));
+        let id = Uuid::now_v7();
+        assert_eq!(
+            parse(&format!(r#"{{"action":"read","id":"{id}"}}"#)),
+            Ok(Action::Read(id))
+        );
+        assert_eq!(
+            parse(&format!(r#"{{"action":"resume","since":"{id}"}}"#)),
+            Ok(Action::Resume(id))
+        );
+    }
+
+    #[test]
+    fn bad_messages_get_named_errors() {
+        assert_eq!(parse("not json").unwrap_err().code, "invalid_json");
+        assert_eq!(parse("[1,2]").unwrap_err().code, "invalid_json");
+        assert_eq!(
+            parse(r#"{"action":"dance"}"#).unwrap_err().code,
+            "unknown_action"
+        );
+        assert_eq!(
+            parse(r#"{"channels":["a"]}"#).unwrap_err().code,
+            "invalid_field"
+        );
+        let e = parse(r#"{"action":"subscribe","channels":["ok","no spaces"]}"#).unwrap_err();
+        assert!(e.message.contains("channels[1]"), "{}", e.message);
+        let e = parse(r#"{"action":"read","id":"nope"}"#).unwrap_err();
+        assert!(e.message.contains("id"));
+        assert!(parse(r#"{"action":"subscribe","channels":[]}"#).is_err());
+    }
+
+    #[test]
+    fn events_are_json_text_frames() {
+        let f = error_event("unknown_action", "a \"quoted\" word");
+        let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+        assert_eq!(v["event"], "error");
+        assert_eq!(v["message"], "a \"quoted\" word");
+        let f = channels_event("subscribed", &["a".into(), "b".into()]);
+        let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+        assert_eq!(v["channels"][1], "b");
+        let f = resumed_event(3, true);
+        let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+        assert_eq!(
+            (v["count"].as_u64(), v["complete"].as_bool()),
+            (Some(3), Some(true))
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! A WebSocket session: the handshake, then the frame loop that turns client messages into actions on the
+//! shard's hub, the store and the fan-out, until the connection closes.
+//!
+//! The session is the only place that knows both the protocol ([`super::protocol`], [`super::codec`]) and
+//! the shard; the codec and protocol modules stay pure. Deliveries do not pass through here: the shard's
+//! delivery path writes shared frames straight to the socket (see `shard::outbound`), and the session only
+//! flushes what the socket could not take at once.
+//!
+//! Resume is exact on one node: live deliveries are held back while the store replays everything after
+//! `since`, then the held ones the replay already covered are dropped (ids are commit-ordered UUIDv7), so
+//! the client sees no gap and no duplicate.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::io::AsyncWriteExt;
+use tracing::{debug, info};
+use uuid::Uuid;
+
+use crate::bus::Delivery;
+use crate::http::query::query_param;
+use crate::http::request::RequestHead;
+use crate::http::response::Response;
+use crate::model::{validate_channel_list, validate_user_id, Notification};
+use crate::shard::connection::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
+use crate::shard::hub::SubscribeError;
+use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
+use crate::store::ReplayQuery;
+use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
+use crate::ws::handshake;
+use crate::ws::protocol::{self, parse_action, Action, ProtocolError};
+
+/// What a client asked for in the upgrade request's query string.
+struct ConnectParams {
+    user_id: String,
+    channels: Vec<String>,
+    since: Option<Uuid>,
+}
+
+fn bad_request(code: &str, message: &str) -> Response {
+    Response::error(400, code, message)
+}
+
+/// Reads `user_id`, `channels` and `since` from the upgrade request.
+fn connect_params(head: &RequestHead) -> Result<ConnectParams, Response> {
+    let query = head.query();
+    let user_id = match query_param(query, "user_id") {
+        Some(u) => u.into_owned(),
+        None => return Err(bad_request("invalid_field", "user_id is required")),
+    };
+    validate_user_id(&user_id).map_err(|e| bad_request("invalid_field", &e.message))?;
+    let channels: Vec<String> = query_param(query, "channels")
+        .map(|c| {
+            c.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    validate_channel_list("channels", &channels)
+        .map_err(|e| bad_request("invalid_field", &e.message))?;
+    let since =
+        match query_param(query, "since") {
+            Some(s) => Some(Uuid::parse_str(&s).map_err(|_| {
+                bad_request("invalid_field", "since must be a notification id (UUID)")
+            })?),
+            None => None,
+        };
+    Ok(ConnectParams {
+        user_id,
+        channels,
+        since,
+    })
+}
+
+/// How a session ended.
+enum Ending {
+    /// The peer vanished (EOF, reset): nothing to send.
+    Gone,
+    /// We close with this code (0: without a close frame).
+    Server(u16),
+    /// The client sent a close frame (with this code); we answer it.
+    Client(Option<u16>),
+}
+
+/// One client message, decoded, waiting to be handled after the decode pass.
+enum Event {
+    Action(Result<Action, ProtocolError>),
+    Ping(Vec<u8>),
+    Pong,
+    Close(Option<u16>),
+}
+
+/// Runs the handshake and the session on an upgraded connection.
+pub(crate) async fn run(mut conn: Connection, head: RequestHead) {
+    let accept = match handshake::validate(
+        true,
+        head.websocket_upgrade,
+        head.header("sec-websocket-key"),
+        head.header("sec-websocket-version"),
+    ) {
+        Ok(accept) => accept,
+        Err(e) => {
+            let mut response = bad_request("bad_handshake", e.message());
+            if e == handshake::HandshakeError::BadVersion {
+                response = response.with_header("Sec-WebSocket-Version", "13");
+            }
+            conn.respond_and_close(response).await;
+            return;
+        }
+    };
+    let params = match connect_params(&head) {
+        Ok(p) => p,
+        Err(response) => {
+            conn.respond_and_close(response).await;
+            return;
+        }
+    };
+    drop(head);
+    let shard = conn.shard.clone();
+    let connection_id = format!("{}-{}", shard.index, shard.next_connection_seq());
+    let mut out = handshake::switching_protocols(&accept, None);
+    out.extend_from_slice(&protocol::connected_event(
+        &connection_id,
+        &params.user_id,
+        shard.config.heartbeat_s,
+    ));
+    if conn.write_all(&out).await.is_err() {
+        return;
+    }
+    drop(out);
+    {
+        let mut hub = shard.hub.borrow_mut();
+        hub.upgrade(conn.id, &params.user_id);
+        if params.since.is_some() {
+            // Hold live deliveries from this instant on, so none slips between the replay and live.
+            begin_resume(hub.conn_mut(conn.id));
+        }
+    }
+    shard.stats().websocket_opened();
+    let started = Instant::now();
+    info!(user = %params.user_id, shard = shard.index, connection = %connection_id, "connected");
+    let mut session = Session {
+        conn,
+        user: Rc::from(params.user_id.as_str()),
+    };
+    if !params.channels.is_empty() {
+        session.subscribe(params.channels);
+    }
+    if let Some(since) = params.since {
+        session.resume(since).await;
+    }
+    let ending = session.frame_loop().await;
+    let code = session.close(ending).await;
+    info!(
+        user = %session.user,
+        shard = shard.index,
+        connection = %connection_id,
+        duration_ms = started.elapsed().as_millis() as u64,
+        close_code = code,
+        "disconnected"
+    );
+}
+
+/// A live WebSocket session.
+struct Session {
+    conn: Connection,
+    /// The connection's user (shared with the hub's interned name).
+    user: Rc<str>,
+}
+
+impl Session {
+    /// Sends a control frame (or replayed notification) through the normal outbound path.
+    fn send(&self, frame: &Bytes) {
+        let shard = &self.conn.shard;
+        let mut hub = shard.hub.borrow_mut();
+        send_frame(
+            hub.conn_mut(self.conn.id),
+            frame,
+            shard.config.max_outbound_bytes,
+        );
+    }
+
+    fn send_error(&self, code: &str, message: &str) {
+        self.send(&protocol::error_event(code, message));
+    }
+
+    /// Reads and handles client messages until the connection must close.
+    async fn frame_loop(&mut self) -> Ending {
+        let mut decoder = Decoder::new();
+        let max_frame = self.conn.shard.config.max_frame;
+        let signals = Signals {
+            outbox: true,
+            shutdown: false,
+        };
+        loop {
+            match self.conn.read_or_signal(signals).await {
+                Err(_) | Ok(Wake::Eof) => return Ending::Gone,
+                Ok(Wake::Signal) => {
+                    if let Some(code) = self.close_requested() {
+                        return Ending::Server(code);
+                    }
+                    match self.conn.flush_outbox(false).await {
+                        Ok(Flushed::Drained) => {}
+                        Ok(Flushed::Interrupted) => {}
+                        Err(_) => return Ending::Gone,
+                    }
+                }
+                Ok(Wake::Data) => {
+                    let mut events = Vec::new();
+                    let decoded = decoder.decode(&mut self.conn.inbuf, max_frame, |msg| {
+                        events.push(match msg {
+                            Incoming::Text(text) => Event::Action(parse_action(text)),
+                            Incoming::Ping(payload) => Event::Ping(payload.to_vec()),
+                            Incoming::Pong(_) => Event::Pong,
+                            Incoming::Close(code) => Event::Close(code),
+                        })
+                    });
+                    let consumed = match decoded {
+                        Ok(consumed) => consumed,
+                        Err(violation) => {
+                            debug!(user = %self.user, reason = violation.reason(), "protocol violation");
+                            return Ending::Server(violation.close_code());
+                        }
+                    };
+                    self.conn.inbuf.drain(..consumed);
+                    if self.conn.inbuf.is_empty() {
+                        // Free the buffer: an idle connection owns no read memory.
+                        self.conn.inbuf = Vec::new();
+                    }
+                    self.conn.shard.stats().websocket_messages(events.len());
+                    for event in events {
+                        match event {
+                            Event::Action(Ok(action)) => self.handle(action).await,
+                            Event::Action(Err(e)) => self.send_error(e.code, &e.message),
+                            Event::Ping(payload) => self.send(&Bytes::from(encode_pong(&payload))),
+                            Event::Pong => {
+                                self.conn
+                                    .shard
+                                    .hub
+                                    .borrow_mut()
+                                    .conn_mut(self.conn.id)
+                                    .missed_pongs = 0
+                            }
+                            Event::Close(code) => return Ending::Client(code),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn close_requested(&self) -> Option<u16> {
+        self.conn.shard.hub.borrow().conn(self.conn.id).close_code
+    }
+
+    /// Handles one client action.
+    async fn handle(&mut self, action: Action) {
+        match action {
+            Action::Subscribe(channels) => self.subscribe(channels),
+            Action::Unsubscribe(channels) => {
+                let mut hub = self.conn.shard.hub.borrow_mut();
+                for c in &channels {
+                    hub.unsubscribe(self.conn.id, c);
+                }
+                drop(hub);
+                debug!(user = %self.user, ?channels, "unsubscribed");
+                self.send(&protocol::channels_event("unsubscribed", &channels));
+            }
+            Action::Publish { channel, data } => self.publish(&channel, &data),
+            Action::Ping => self.send(&protocol::pong_event()),
+            Action::Read(id) => {
+                let store = self.conn.shard.store.clone();
+                match store.mark_read(self.user.to_string(), id).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => self.send_error("not_found", "no such notification for this user"),
+                    Err(e) => self.send_error("store_unavailable", &e.to_string()),
+                }
+            }
+            Action::Resume(since) => {
+                begin_resume(self.conn.shard.hub.borrow_mut().conn_mut(self.conn.id));
+                self.resume(since).await;
+            }
+        }
+    }
+
+    fn subscribe(&mut self, channels: Vec<String>) {
+        let shard = &self.conn.shard;
+        let mut hub = shard.hub.borrow_mut();
+        let mut subscribed = Vec::with_capacity(channels.len());
+        let mut refused = false;
+        for c in channels {
+            match hub.subscribe(self.conn.id, &c, shard.config.max_channels_per_connection) {
+                Ok(_) => subscribed.push(c),
+                Err(SubscribeError::TooManyChannels) => refused = true,
+            }
+        }
+        drop(hub);
+        debug!(user = %self.user, channels = ?subscribed, "subscribed");
+        if !subscribed.is_empty() {
+            self.send(&protocol::channels_event("subscribed", &subscribed));
+        }
+        if refused {
+            let limit = shard.config.max_channels_per_connection;
+            self.send_error(
+                "too_many_channels",
+                &format!("a connection may subscribe to at most {limit} channels"),
+            );
+        }
+    }
+
+    /// A client publish: to the channel's other subscribers on every shard, not stored.
+    fn publish(&self, channel: &str, data: &str) {
+        let shard = &self.conn.shard;
+        if !shard.hub.borrow().is_subscribed(self.conn.id, channel) {
+            self.send_error(
+                "not_subscribed",
+                "subscribe to the channel before publishing to it",
+            );
+            return;
+        }
+        let delivery = Arc::new(Delivery::of_client_message(channel, &self.user, data));
+        shard.deliver_local(&delivery, Some(self.conn.id));
+        shard
+            .fanout
+            .send_to_other_shards(Some(shard.index), Arc::from([delivery]));
+    }
+
+    /// Replays stored notifications after `since`, then releases the live ones held back meanwhile.
+    /// The caller has already called `begin_resume`.
+    async fn resume(&mut self, since: Uuid) {
+        let shard = self.conn.shard.clone();
+        let limit = shard.config.max_replay;
+        let channels: Vec<String> = shard
+            .hub
+            .borrow()
+            .channels_of(self.conn.id)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let query = ReplayQuery {
+            user_id: Some(self.user.to_string()),
+            channels: channels.clone(),
+            since,
+            limit: limit + 1,
+        };
+        let replayed = shard.store.replay(query).await;
+        let mut hub = shard.hub.borrow_mut();
+        let conn = hub.conn_mut(self.conn.id);
+        let max_outbound = shard.config.max_outbound_bytes;
+        match replayed {
+            Ok(mut list) => {
+                let complete = list.len() <= limit;
+                list.truncate(limit);
+                let last = list.last().map(|n| n.id).unwrap_or(since);
+                for n in &list {
+                    send_frame(conn, &replay_frame(n, &self.user, &channels), max_outbound);
+                }
+                for (id, frame) in end_resume(conn) {
+                    // Held deliveries at or before the last replayed id were in the replay already.
+                    if id.is_none_or(|id| id > last) {
+                        send_frame(conn, &frame, max_outbound);
+                    }
+                }
+                send_frame(
+                    conn,
+                    &protocol::resumed_event(list.len(), complete),
+                    max_outbound,
+                );
+            }
+            Err(e) => {
+                for (_, frame) in end_resume(conn) {
+                    send_frame(conn, &frame, max_outbound);
+                }
+                send_frame(
+                    conn,
+                    &protocol::error_event("store_unavailable", &e.to_string()),
+                    max_outbound,
+                );
+            }
+        }
+    }
+
+    /// Sends the close frame the ending calls for, flushes, and closes. Returns the close code used.
+    async fn close(&mut self, ending: Ending) -> u16 {
+        let code = match ending {
+            Ending::Gone => 0,
+            Ending::Server(code) => code,
+            Ending::Client(code) => code.unwrap_or(close_code::NORMAL),
+        };
+        if code != 0 {
+            let reason = match code {
+                close_code::GOING_AWAY => "server shutting down",
+                close_code::TRY_AGAIN_LATER => "slow consumer: reconnect and resume",
+                _ => "",
+            };
+            {
+                let mut hub = self.conn.shard.hub.borrow_mut();
+                queue_final_frame(
+                    hub.conn_mut(self.conn.id),
+                    Bytes::from(encode_close(code, reason)),
+                );
+            }
+            let _ = self
+                .conn
+                .stream
+                .set_write_timeout(Some(CLOSE_FLUSH_TIMEOUT));
+            let _ = self.conn.flush_outbox(true).await;
+        }
+        let _ = self.conn.stream.close().await;
+        code
+    }
+}
+
+/// The frame a replayed notification gets on this connection, chosen as live delivery chooses it
+/// (`Hub::for_each_target`): plain when it targets the user, else with `"channel"` when it reached the
+/// connection through a subscribed channel, else plain (a broadcast).
+fn replay_frame(n: &Notification, user: &str, subscribed: &[String]) -> Bytes {
+    let via_channel = if n.user_id.as_deref() == Some(user) {
+        None
+    } else {
+        n.channels.iter().find(|c| subscribed.contains(c))
+    };
+    crate::bus::text_frame(320 + n.message.len() + n.data.len(), |out| {
+        n.write_json(out, via_channel.map(String::as_str))
+    })
+}
