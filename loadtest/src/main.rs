@@ -1,1 +1,89 @@
-fn main() {}
+//! `loadtest`: the load generator for notification-service.
+//!
+//! # What it measures
+//!
+//! The server's headline claim is about 1 KiB of server memory per idle WebSocket connection (see
+//! DESIGN.md, "Memory per connection"). `loadtest idle` checks it from outside: it reads the server's
+//! `VmRSS` from `/proc/<pid>/status`, opens N WebSocket connections, each as a distinct user
+//! (`GET /ws?user_id=u0`, `u1`, ...), lets the server settle, reads `VmRSS` again and divides the
+//! growth by the connections held. While the connections sit idle it also samples the server's CPU
+//! time (`utime + stime` in `/proc/<pid>/stat`), which should be near zero. It ends with a human summary
+//! and one JSON line for scripts and benchmark records. Later scenarios (fanout, targeted, ingest,
+//! chat) will be further subcommands, one module each under `scenario/`.
+//!
+//! # Why several processes and source addresses
+//!
+//! This machine caps every process at 20,000 open files, a hard limit that cannot be raised, so one
+//! process holds about 19,000 sockets at most. The parent therefore re-executes its own binary as
+//! hidden `worker` processes, each holding a share (`--per-process`), and talks to them over pipes.
+//! Separately, the kernel tells connections to one server address apart by source port, and the
+//! ephemeral range has about 28,000 ports per source address; loopback is all of `127.0.0.0/8`, so
+//! client sockets are bound to `127.0.0.2`, `127.0.0.3`, ... to go past one range.
+//!
+//! Every run is bounded in connections and in time, and targets loopback only.
+//!
+//! # Layout
+//!
+//! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above.
+//! - [`plan`]: which worker and which source address each connection index gets.
+//! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
+//! - [`worker`]: the worker process: connect at a paced rate, hold and answer pings, report.
+//! - [`ws`]: the hand-written WebSocket bits: upgrade request, frame parsing, pong.
+//! - [`target`]: the `ws://` URL and the loopback-only check.
+//! - [`server_probe`]: finding the server's pid by port, reading its RSS and CPU time.
+//! - [`limits`]: open-files limit and ephemeral port range.
+//! - [`progress`]: the progress line on stderr.
+
+pub mod fleet;
+pub mod limits;
+pub mod plan;
+pub mod progress;
+pub mod scenario;
+pub mod server_probe;
+pub mod target;
+pub mod worker;
+pub mod ws;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when a run could not start (bad options, no workers); 1 means too many failures.
+const EXIT_SETUP_ERROR: u8 = 2;
+
+/// Load generator for notification-service (loopback only).
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version)]
+pub struct Cli {
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The scenarios, plus the hidden worker the parent runs itself as.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Open many idle WebSocket connections (one user each) and measure the server's RSS per
+    /// connection and its CPU use while they sit idle.
+    Idle(scenario::idle::IdleArgs),
+    /// Internal: one worker process of a run, started by the parent. Not for direct use.
+    #[command(hide = true)]
+    Worker(worker::WorkerArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Idle(args) => scenario::idle::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest idle: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Worker(args) => match worker::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("loadtest worker: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -108,7 +108,10 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         id,
         inbuf: Vec::new(),
     };
-    match conn.http_loop().await {
+    // Boxed: the HTTP loop's state (parser, response buffers) is freed before a WebSocket settles in
+    // for hours, instead of reserving room in every connection's future (see `ws::session`).
+    let outcome = Box::pin(conn.http_loop()).await;
+    match outcome {
         HttpOutcome::Close => {}
         HttpOutcome::Upgrade(head) => crate::ws::session::run(conn, head).await,
     }

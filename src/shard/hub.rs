@@ -71,6 +71,28 @@ pub struct ConnState {
     pub missed_pongs: u8,
     /// Set when the connection must close: the close code to send (0 = close without a frame).
     pub close_code: Option<u16>,
+    /// Where live delivery stands against replay, so a `resume` sends nothing twice (see [`LiveMark`]).
+    pub live_mark: LiveMark,
+}
+
+/// Where a connection's live delivery stands against replay from the store.
+///
+/// Stored notifications reach a shard in commit (id) order, through the shard's inbox. A replay reaches
+/// it through another way (a reader thread's reply), which can overtake the inbox. So:
+/// - once a live notification was sent, everything newer was or will be sent live too: a `resume`
+///   replays only what is older than the first one ([`LiveMark::FirstLive`]);
+/// - right after a replay, a live delivery of something the replay already sent may still be in the
+///   inbox: it is dropped ([`LiveMark::ReplayedThrough`]) until a newer one passes, after which, by
+///   commit order, no older one can follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LiveMark {
+    /// Nothing stored was delivered yet.
+    #[default]
+    Nothing,
+    /// A replay sent everything up to this id, and no newer live delivery has passed since.
+    ReplayedThrough(uuid::Uuid),
+    /// The first stored notification delivered live (since the last replay).
+    FirstLive(uuid::Uuid),
 }
 
 impl ConnState {
@@ -85,6 +107,7 @@ impl ConnState {
             waker: None,
             missed_pongs: 0,
             close_code: None,
+            live_mark: LiveMark::Nothing,
         }
     }
 
@@ -109,11 +132,12 @@ impl ConnState {
     }
 }
 
-/// An interned name and the connections that share it.
+/// An interned name and the connections that share it. Inline room for two members: most users have
+/// one or two connections on a shard, and a heap allocation per user would cost more than the entry.
 #[derive(Debug)]
 struct NameEntry {
     name: Rc<str>,
-    members: Vec<ConnId>,
+    members: SmallVec<[ConnId; 2]>,
 }
 
 /// A table of interned names (users or channels) with their member connections.
@@ -135,7 +159,7 @@ impl NameTable {
         let name: Rc<str> = Rc::from(name);
         let id = self.entries.insert(NameEntry {
             name: name.clone(),
-            members: Vec::new(),
+            members: SmallVec::new(),
         }) as NameId;
         self.by_name.insert(name, id);
         id

@@ -211,8 +211,8 @@ async fn run_shard(setup: ShardSetup) {
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
     });
-    glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
-    glommio::spawn_local(heartbeat(shard.clone())).detach();
+    let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
+    let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
     debug!(shard = shard.index, "accepting");
     accept_loop(&shard, &listener).await;
     drop(listener);
@@ -228,6 +228,10 @@ async fn run_shard(setup: ShardSetup) {
             "shutdown timeout: closing the rest"
         );
     }
+    // glommio does not drop detached tasks when the executor's main future returns: cancel the
+    // shard's own tasks so nothing of the shard outlives it.
+    pump.cancel();
+    heartbeat.cancel();
 }
 
 /// Accepts connections until shutdown.

@@ -20,7 +20,7 @@ use std::os::fd::RawFd;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::shard::hub::ConnState;
+use crate::shard::hub::{ConnState, LiveMark};
 use crate::ws::codec::close_code;
 
 /// Frames waiting for one connection's socket, and its resume buffer.
@@ -183,7 +183,19 @@ pub fn deliver_live(
             return Sent::Accepted;
         }
     }
-    send_frame(conn, frame, max_outbound_bytes)
+    if let (Some(id), LiveMark::ReplayedThrough(through)) = (id, conn.live_mark) {
+        if id <= through {
+            // A late live copy of something the replay already sent (see `LiveMark`).
+            return Sent::Dropped;
+        }
+    }
+    let sent = send_frame(conn, frame, max_outbound_bytes);
+    if let (Sent::Accepted, Some(id)) = (sent, id) {
+        if !matches!(conn.live_mark, LiveMark::FirstLive(_)) {
+            conn.live_mark = LiveMark::FirstLive(id);
+        }
+    }
+    sent
 }
 
 /// Starts holding back live deliveries for a resume.
@@ -274,6 +286,44 @@ mod tests {
         o.advance(2);
         assert!(o.front().is_none());
         assert!(o.is_idle());
+    }
+
+    #[test]
+    fn a_late_live_copy_of_a_replayed_notification_is_dropped() {
+        let (mut conn, _ours, mut theirs) = conn_over_socketpair();
+        let frame = Bytes::from_static(b"n");
+        let (older, replayed, newer) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        conn.live_mark = LiveMark::ReplayedThrough(replayed);
+        assert_eq!(
+            deliver_live(&mut conn, Some(older), &frame, 1024),
+            Sent::Dropped
+        );
+        assert_eq!(
+            deliver_live(&mut conn, Some(replayed), &frame, 1024),
+            Sent::Dropped
+        );
+        assert_eq!(
+            deliver_live(&mut conn, None, &frame, 1024),
+            Sent::Accepted,
+            "ephemeral messages pass"
+        );
+        assert_eq!(
+            deliver_live(&mut conn, Some(newer), &frame, 1024),
+            Sent::Accepted
+        );
+        assert_eq!(conn.live_mark, LiveMark::FirstLive(newer));
+        let mut got = [0u8; 2];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"nn");
+    }
+
+    #[test]
+    fn the_first_live_notification_is_remembered_for_a_later_resume() {
+        let (mut conn, _ours, _theirs) = conn_over_socketpair();
+        let frame = Bytes::from_static(b"n");
+        deliver_live(&mut conn, Some(Uuid::from_u128(5)), &frame, 1024);
+        deliver_live(&mut conn, Some(Uuid::from_u128(6)), &frame, 1024);
+        assert_eq!(conn.live_mark, LiveMark::FirstLive(Uuid::from_u128(5)));
     }
 
     #[test]

@@ -59,8 +59,9 @@ pub(crate) enum WriteRequest {
 pub(crate) enum WriteOutcome {
     /// The notifications of an [`WriteRequest::Insert`] were stored.
     Inserted,
-    /// The notification after [`WriteRequest::MarkRead`], or `None` if not in that inbox.
-    MarkedRead(Option<Notification>),
+    /// The notification after [`WriteRequest::MarkRead`], or `None` if not in that inbox. Boxed: a
+    /// batch holds one outcome per request, most of them small.
+    MarkedRead(Option<Box<Notification>>),
     /// How many were unread before [`WriteRequest::MarkAllRead`].
     MarkedAllRead(u64),
     /// Whether [`WriteRequest::Delete`] found the notification.

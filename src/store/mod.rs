@@ -21,8 +21,8 @@
 //! waits behind a 4096-op write batch, and a slow read never delays a commit. Reads are independent, so
 //! they are simply spread over the pool through one shared queue.
 //!
-//! The thread loops ([`writer`], [`reader`]) only know the backend traits of [`backend`]; SQLite
-//! ([`sqlite`]) is today's only implementation, and PostgreSQL plugs into the same seam later.
+//! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`; SQLite
+//! (`sqlite.rs`) is today's only implementation, and PostgreSQL plugs into the same seam later.
 //!
 //! Both queues are bounded and sending never blocks: a full queue answers
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
@@ -228,19 +228,26 @@ pub struct StoreStats {
 /// The live counters behind [`StoreStats`], shared by the store threads and every [`Store`] clone.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// See [`StoreStats::commits`].
     commits: AtomicU64,
+    /// See [`StoreStats::failed_batches`].
     failed_batches: AtomicU64,
+    /// See [`StoreStats::write_ops`].
     write_ops: AtomicU64,
+    /// See [`StoreStats::inserted`].
     inserted: AtomicU64,
+    /// See [`StoreStats::reads`].
     reads: AtomicU64,
 }
 
 impl Counters {
+    /// Adds `n` to one of the counters.
     fn add(counter: &AtomicU64, n: u64) {
         // Relaxed: these are statistics; nothing is ordered by them.
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The current values.
     fn snapshot(&self) -> StoreStats {
         StoreStats {
             commits: self.commits.load(Ordering::Relaxed),
@@ -261,9 +268,11 @@ impl Counters {
 /// took it is skipped.
 #[must_use = "the request is already queued; await the future for its outcome"]
 pub struct StoreFuture<T> {
+    /// Whether the answer is still to come.
     state: FutureState<T>,
 }
 
+/// Where a [`StoreFuture`]'s answer comes from.
 enum FutureState<T> {
     /// Waiting for the thread's answer.
     Waiting(oneshot::Receiver<Result<T, StoreError>>),
@@ -315,15 +324,22 @@ impl<T> Future for StoreFuture<T> {
 /// The store threads run until every clone is dropped.
 #[derive(Clone)]
 pub struct Store {
+    /// To the store thread.
     writes: Sender<WriteOp>,
+    /// To the reader pool (one queue; whichever reader is free takes the next request).
     reads: Sender<ReadOp>,
+    /// The counters the threads update.
     counters: Arc<Counters>,
 }
 
 /// The store's threads. [`StoreThreads::join`] waits for them to finish.
 pub struct StoreThreads {
+    /// The store thread.
     writer: JoinHandle<()>,
+    /// The reader threads.
     readers: Vec<JoinHandle<()>>,
+    /// Backend-specific threads (SQLite's checkpointer), stopped by the store thread's exit.
+    helpers: Vec<JoinHandle<()>>,
 }
 
 impl StoreThreads {
@@ -340,6 +356,11 @@ impl StoreThreads {
                 tracing::error!("store reader thread panicked");
             }
         }
+        for helper in self.helpers {
+            if helper.join().is_err() {
+                tracing::error!("store helper thread panicked");
+            }
+        }
     }
 }
 
@@ -353,12 +374,19 @@ impl Store {
         let readers = config.reader_threads.max(1);
         match &config.url {
             StoreUrl::Sqlite(path) => {
-                let write_backend = sqlite::SqliteWriter::open(path)?;
+                let mut write_backend = sqlite::SqliteWriter::open(path)?;
                 let read_backends = (0..readers)
                     .map(|_| sqlite::SqliteReader::open(path))
                     .collect::<Result<Vec<_>, String>>()?;
+                let checkpointer = write_backend.spawn_checkpointer(path)?;
                 tracing::info!(path = %path.display(), readers, "store opened (sqlite)");
-                Store::start(write_backend, read_backends, config.max_batch, listener)
+                Store::start(
+                    write_backend,
+                    read_backends,
+                    vec![checkpointer],
+                    config.max_batch,
+                    listener,
+                )
             }
             StoreUrl::Postgres(_) => Err(
                 "the PostgreSQL store is not implemented yet; use DATABASE_URL=sqlite://path"
@@ -367,10 +395,13 @@ impl Store {
         }
     }
 
-    /// Starts the threads around already-open backends: the part every backend shares.
+    /// Starts the threads around already-open backends: the part every backend shares. `helpers` are
+    /// threads of the backend's own (SQLite's checkpointer) that end after the write backend is dropped;
+    /// [`StoreThreads::join`] waits for them too.
     fn start<W: backend::WriteBackend, R: backend::ReadBackend>(
         write_backend: W,
         read_backends: Vec<R>,
+        helpers: Vec<JoinHandle<()>>,
         max_batch: usize,
         listener: Box<dyn CommitListener>,
     ) -> Result<(Store, StoreThreads), String> {
@@ -397,7 +428,14 @@ impl Store {
             reads: read_tx,
             counters,
         };
-        Ok((store, StoreThreads { writer, readers }))
+        Ok((
+            store,
+            StoreThreads {
+                writer,
+                readers,
+                helpers,
+            },
+        ))
     }
 
     /// Assigns ids and timestamps (on the store thread, so id order is commit order) and commits all
@@ -450,6 +488,7 @@ impl Store {
         self.counters.snapshot()
     }
 
+    /// Queues a write request built around a fresh reply channel.
     fn write<T>(
         &self,
         op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
@@ -464,6 +503,7 @@ impl Store {
         }
     }
 
+    /// Queues a read request built around a fresh reply channel.
     fn read<T>(
         &self,
         op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> ReadOp,

@@ -83,9 +83,13 @@ impl WriteOp {
 
 /// The reply half of a [`WriteOp`], kept while its request is in the backend.
 enum Replier {
+    /// Of a [`WriteOp::Insert`].
     Insert(Reply<Vec<Arc<Notification>>>),
+    /// Of a [`WriteOp::MarkRead`].
     MarkRead(Reply<Option<Notification>>),
+    /// Of a [`WriteOp::MarkAllRead`].
     MarkAllRead(Reply<u64>),
+    /// Of a [`WriteOp::Delete`].
     Delete(Reply<bool>),
 }
 
@@ -98,7 +102,7 @@ impl Replier {
                 let _ = tx.send(Ok(stored));
             }
             (Replier::MarkRead(tx), _, Some(WriteOutcome::MarkedRead(n))) => {
-                let _ = tx.send(Ok(n));
+                let _ = tx.send(Ok(n.map(|n| *n)));
             }
             (Replier::MarkAllRead(tx), _, Some(WriteOutcome::MarkedAllRead(n))) => {
                 let _ = tx.send(Ok(n));
@@ -113,6 +117,7 @@ impl Replier {
         }
     }
 
+    /// Answers with an error (the batch failed).
     fn fail(self, error: StoreError) {
         match self {
             Replier::Insert(tx) => drop(tx.send(Err(error))),
@@ -145,19 +150,26 @@ pub(crate) fn spawn<B: WriteBackend>(
         .spawn(move || writer.run())
 }
 
+/// The store thread's state.
 struct Writer<B> {
+    /// The database.
     backend: B,
+    /// Requests from every shard.
     queue: Receiver<WriteOp>,
+    /// Told about every commit, before the replies.
     listener: Box<dyn CommitListener>,
     /// The only id generator for stored notifications: ids are assigned here, in commit order.
     ids: IdGenerator,
+    /// Most rows in one transaction (see [`WriteOp::weight`]).
     max_batch: usize,
+    /// Shared with every [`super::Store`] for [`super::Store::stats`].
     counters: Arc<Counters>,
     /// A request drained that did not fit the previous batch; it opens the next one.
     carried: Option<WriteOp>,
 }
 
 impl<B: WriteBackend> Writer<B> {
+    /// Batches and commits until every sender is gone and the queue is empty.
     fn run(mut self) {
         let mut batch = Vec::new();
         while self.next_batch(&mut batch) {

@@ -25,7 +25,7 @@ use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::model::{validate_channel_list, validate_user_id, Notification};
 use crate::shard::connection::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
-use crate::shard::hub::SubscribeError;
+use crate::shard::hub::{LiveMark, SubscribeError};
 use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
 use crate::store::ReplayQuery;
 use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
@@ -94,7 +94,22 @@ enum Event {
 }
 
 /// Runs the handshake and the session on an upgraded connection.
-pub(crate) async fn run(mut conn: Connection, head: RequestHead) {
+///
+/// Memory: a session spends almost all its life parked in `frame_loop`, waiting for the socket, and an
+/// async state machine reserves room for its largest state (and for every value moved through nested
+/// calls). So the live session runs in a task of its own, spawned fresh once the handshake is done, and
+/// everything big and rare (the handshake, each action, resume, close) runs as a boxed future allocated
+/// only while it runs. The parked state is the [`Session`] plus the loop's locals, a few hundred bytes
+/// (DESIGN.md, "the ~1 KiB budget").
+pub(crate) async fn run(conn: Connection, head: RequestHead) {
+    if let Some(session) = Box::pin(open(conn, head)).await {
+        glommio::spawn_local(session.live()).detach();
+    }
+}
+
+/// Validates the handshake, answers 101 with the `connected` event, registers the connection in the
+/// hub, applies `channels=` and replays `since=`. `None` when the handshake was refused.
+async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     let accept = match handshake::validate(
         true,
         head.websocket_upgrade,
@@ -108,70 +123,80 @@ pub(crate) async fn run(mut conn: Connection, head: RequestHead) {
                 response = response.with_header("Sec-WebSocket-Version", "13");
             }
             conn.respond_and_close(response).await;
-            return;
+            return None;
         }
     };
     let params = match connect_params(&head) {
         Ok(p) => p,
         Err(response) => {
             conn.respond_and_close(response).await;
-            return;
+            return None;
         }
     };
-    drop(head);
     let shard = conn.shard.clone();
-    let connection_id = format!("{}-{}", shard.index, shard.next_connection_seq());
+    let connection_seq = shard.next_connection_seq();
     let mut out = handshake::switching_protocols(&accept, None);
     out.extend_from_slice(&protocol::connected_event(
-        &connection_id,
+        &format!("{}-{connection_seq}", shard.index),
         &params.user_id,
         shard.config.heartbeat_s,
     ));
-    if conn.write_all(&out).await.is_err() {
-        return;
-    }
-    drop(out);
-    {
+    conn.write_all(&out).await.ok()?;
+    let user = {
         let mut hub = shard.hub.borrow_mut();
         hub.upgrade(conn.id, &params.user_id);
         if params.since.is_some() {
             // Hold live deliveries from this instant on, so none slips between the replay and live.
             begin_resume(hub.conn_mut(conn.id));
         }
-    }
+        // Share the hub's interned name rather than keeping a second copy per connection.
+        hub.user_of(conn.id).cloned()
+    }?;
     shard.stats().websocket_opened();
-    let started = Instant::now();
-    info!(user = %params.user_id, shard = shard.index, connection = %connection_id, "connected");
+    info!(user = %params.user_id, shard = shard.index, connection = connection_seq, "connected");
     let mut session = Session {
         conn,
-        user: Rc::from(params.user_id.as_str()),
+        user,
+        connection_seq,
+        started: Instant::now(),
     };
     if !params.channels.is_empty() {
         session.subscribe(params.channels);
     }
     if let Some(since) = params.since {
-        session.resume(since).await;
+        Box::pin(session.resume(since)).await;
     }
-    let ending = session.frame_loop().await;
-    let code = session.close(ending).await;
-    info!(
-        user = %session.user,
-        shard = shard.index,
-        connection = %connection_id,
-        duration_ms = started.elapsed().as_millis() as u64,
-        close_code = code,
-        "disconnected"
-    );
+    Some(session)
 }
 
 /// A live WebSocket session.
 struct Session {
     conn: Connection,
-    /// The connection's user (shared with the hub's interned name).
+    /// The connection's user.
     user: Rc<str>,
+    /// The connection's number on its shard (the id clients see is `<shard>-<seq>`).
+    connection_seq: u64,
+    /// When the session opened, for the disconnect log.
+    started: Instant,
 }
 
 impl Session {
+    /// The session's life: the frame loop, then the close.
+    ///
+    /// Not an `async fn`: rustc copies an async fn's by-value arguments into a second slot of the state
+    /// machine, which would hold the whole `Session` twice for the connection's lifetime. An `async move`
+    /// block that uses `self` in place keeps one copy.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the Session twice for the connection's whole life"
+    )]
+    fn live(mut self) -> impl std::future::Future<Output = ()> {
+        async move {
+            let ending = self.frame_loop().await;
+            Box::pin(self.close(ending)).await;
+        }
+    }
+
     /// Sends a control frame (or replayed notification) through the normal outbound path.
     fn send(&self, frame: &Bytes) {
         let shard = &self.conn.shard;
@@ -233,7 +258,7 @@ impl Session {
                     self.conn.shard.stats().websocket_messages(events.len());
                     for event in events {
                         match event {
-                            Event::Action(Ok(action)) => self.handle(action).await,
+                            Event::Action(Ok(action)) => Box::pin(self.handle(action)).await,
                             Event::Action(Err(e)) => self.send_error(e.code, &e.message),
                             Event::Ping(payload) => self.send(&Bytes::from(encode_pong(&payload))),
                             Event::Pong => {
@@ -281,7 +306,7 @@ impl Session {
             }
             Action::Resume(since) => {
                 begin_resume(self.conn.shard.hub.borrow_mut().conn_mut(self.conn.id));
-                self.resume(since).await;
+                Box::pin(self.resume(since)).await;
             }
         }
     }
@@ -352,18 +377,32 @@ impl Session {
         let max_outbound = shard.config.max_outbound_bytes;
         match replayed {
             Ok(mut list) => {
-                let complete = list.len() <= limit;
+                // What this connection already got live is not replayed (see `LiveMark`).
+                let mut reached_live = false;
+                if let LiveMark::FirstLive(first_live) = conn.live_mark {
+                    reached_live = list.iter().any(|n| n.id >= first_live);
+                    list.retain(|n| n.id < first_live);
+                }
+                let complete = reached_live || list.len() <= limit;
                 list.truncate(limit);
                 let last = list.last().map(|n| n.id).unwrap_or(since);
                 for n in &list {
                     send_frame(conn, &replay_frame(n, &self.user, &channels), max_outbound);
                 }
+                let mut newer_live = None;
                 for (id, frame) in end_resume(conn) {
                     // Held deliveries at or before the last replayed id were in the replay already.
                     if id.is_none_or(|id| id > last) {
                         send_frame(conn, &frame, max_outbound);
+                        newer_live = newer_live.or(id);
                     }
                 }
+                conn.live_mark = match (conn.live_mark, newer_live) {
+                    (LiveMark::FirstLive(first), _) => LiveMark::FirstLive(first),
+                    (_, Some(id)) => LiveMark::FirstLive(id),
+                    (_, None) if !list.is_empty() => LiveMark::ReplayedThrough(last),
+                    (mark, None) => mark,
+                };
                 send_frame(
                     conn,
                     &protocol::resumed_event(list.len(), complete),
@@ -383,8 +422,8 @@ impl Session {
         }
     }
 
-    /// Sends the close frame the ending calls for, flushes, and closes. Returns the close code used.
-    async fn close(&mut self, ending: Ending) -> u16 {
+    /// Sends the close frame the ending calls for, flushes, closes, and logs the disconnect.
+    async fn close(mut self, ending: Ending) {
         let code = match ending {
             Ending::Gone => 0,
             Ending::Server(code) => code,
@@ -410,7 +449,14 @@ impl Session {
             let _ = self.conn.flush_outbox(true).await;
         }
         let _ = self.conn.stream.close().await;
-        code
+        info!(
+            user = %self.user,
+            shard = self.conn.shard.index,
+            connection = self.connection_seq,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            close_code = code,
+            "disconnected"
+        );
     }
 }
 

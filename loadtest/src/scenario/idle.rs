@@ -1,0 +1,516 @@
+//! `loadtest idle`: many connected, silent users, and what they cost the server.
+//!
+//! The run, in order:
+//! 1. find the server's process(es) and read their `VmRSS` (the baseline);
+//! 2. start the workers, which open every connection as a distinct user, at no more than
+//!    `--connect-rate` per second in total, showing progress on stderr;
+//! 3. wait [`SETTLE`] for the server to finish whatever connecting triggered, read `VmRSS` again;
+//! 4. hold for `--hold-s` seconds, measuring the server's CPU time over that period: the cost of idle
+//!    connections (heartbeats, timers) that should be near zero;
+//! 5. tell the workers to quit, then print a summary and one JSON line.
+//!
+//! Bytes per connection is `(rss_after - rss_before) / connections held`, the figure the ~1 KiB budget
+//! of DESIGN.md is stated in.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+
+use crate::fleet::{Fleet, FleetTotals};
+use crate::limits::{self, FD_RESERVE};
+use crate::plan::{self, SourceSpread, WorkerShare};
+use crate::progress::ProgressLine;
+use crate::server_probe::{self, ServerProcesses};
+use crate::target::{self, WsTarget};
+use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
+
+/// Most connections one run may open: a bound so a typo cannot ask for millions.
+pub const MAX_CONNECTIONS: u64 = 250_000;
+
+/// Longest `--hold-s` and `--timeout-s`, so every run ends within hours at worst.
+pub const MAX_PHASE_S: u64 = 3_600;
+
+/// Pause between the last connection and the "after" RSS reading, for the server to finish the work
+/// connecting caused (first frames, allocator settling).
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// Share of connections that may fail (or be dropped) before the run exits non-zero.
+pub const MAX_FAILED_FRACTION: f64 = 0.01;
+
+/// How often the progress line is redrawn.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long workers get to exit after `quit` before they are killed. Closing 20,000 sockets takes a
+/// moment, but not this long.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Characters allowed in `--user-prefix`, which goes into the URL unescaped.
+fn is_url_safe(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')
+}
+
+/// Options of `loadtest idle`.
+#[derive(Debug, Args)]
+pub struct IdleArgs {
+    /// WebSocket endpoint of the server. Only loopback hosts (127.0.0.0/8, localhost) are accepted.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+
+    /// Total connections to open, each as its own user.
+    #[arg(long)]
+    pub connections: u64,
+
+    /// Most connections one worker process holds. A process may open at most 20,000 files here, so
+    /// keep this below that; the run uses ceil(connections / per-process) workers.
+    #[arg(long, default_value_t = 9_000)]
+    pub per_process: u64,
+
+    /// Loopback source addresses for client sockets, comma-separated; connections are spread evenly
+    /// over them. Each address gives one ephemeral port range (~28,000 ports) towards the server.
+    /// Default: 127.0.0.2, 127.0.0.3, ... one address per 20,000 connections.
+    #[arg(long, value_delimiter = ',', value_name = "IPS")]
+    pub source_ips: Option<Vec<String>>,
+
+    /// Server process(es) to measure, comma-separated. Default: whoever listens on the URL's port.
+    #[arg(long, value_delimiter = ',', value_name = "PID")]
+    pub server_pid: Vec<u32>,
+
+    /// Seconds to hold the connections open after they are all up (and settled), measuring the
+    /// server's CPU use while idle.
+    #[arg(long, default_value_t = 10)]
+    pub hold_s: u64,
+
+    /// Cap on new connections per second, over all workers together.
+    #[arg(long, default_value_t = 5_000)]
+    pub connect_rate: u64,
+
+    /// Prefix of user ids: connection i connects as user {prefix}{i}.
+    #[arg(long, default_value = "u")]
+    pub user_prefix: String,
+
+    /// Seconds allowed for opening all connections; those not attempted by then count as failed.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+}
+
+/// Why an idle run could not start.
+#[derive(Debug)]
+pub enum IdleError {
+    /// An option is out of range or malformed.
+    Invalid(String),
+    /// The workers could not be started.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for IdleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdleError::Invalid(msg) => write!(f, "{msg}"),
+            IdleError::Spawn(e) => write!(f, "cannot start workers: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for IdleError {}
+
+/// A validated run: what to open, where, and how.
+struct IdlePlan {
+    target: WsTarget,
+    sources: SourceSpread,
+    shares: Vec<WorkerShare>,
+}
+
+/// Checks every option against the machine's limits before anything is opened.
+fn plan(args: &IdleArgs) -> Result<IdlePlan, IdleError> {
+    let invalid = |msg: String| IdleError::Invalid(msg);
+    let target = WsTarget::parse(&args.url).map_err(|e| invalid(e.to_string()))?;
+    if args.connections == 0 || args.connections > MAX_CONNECTIONS {
+        return Err(invalid(format!(
+            "--connections must be between 1 and {MAX_CONNECTIONS}"
+        )));
+    }
+    if args.hold_s > MAX_PHASE_S || args.timeout_s == 0 || args.timeout_s > MAX_PHASE_S {
+        return Err(invalid(format!(
+            "--hold-s must be at most {MAX_PHASE_S} and --timeout-s between 1 and {MAX_PHASE_S}"
+        )));
+    }
+    if args.connect_rate == 0 {
+        return Err(invalid("--connect-rate must be at least 1".into()));
+    }
+    if args.user_prefix.is_empty() || !args.user_prefix.chars().all(is_url_safe) {
+        return Err(invalid(
+            "--user-prefix must be non-empty and use only A-Z a-z 0-9 - _ . ~".into(),
+        ));
+    }
+    let files = limits::nofile_hard_limit()
+        .map_err(|e| invalid(format!("cannot read RLIMIT_NOFILE: {e}")))?;
+    let most_per_process = files.saturating_sub(FD_RESERVE);
+    if args.per_process == 0 || args.per_process > most_per_process {
+        return Err(invalid(format!(
+            "--per-process must be between 1 and {most_per_process} (open-files hard limit {files} less {FD_RESERVE} spare)"
+        )));
+    }
+    let sources = match &args.source_ips {
+        Some(ips) => {
+            let addrs = ips
+                .iter()
+                .map(|ip| target::parse_source_ip(ip))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(e.to_string()))?;
+            SourceSpread::even(args.connections, addrs)
+        }
+        None => SourceSpread::default_for(args.connections),
+    };
+    plan::check_spread(&sources, args.connections, limits::ephemeral_port_count())
+        .map_err(|e| invalid(e.to_string()))?;
+    let shares = plan::split_over_workers(args.connections, args.per_process);
+    Ok(IdlePlan {
+        target,
+        sources,
+        shares,
+    })
+}
+
+/// The command line of each worker: its share, the shared settings, and its part of the rate.
+fn worker_command_lines(args: &IdleArgs, plan: &IdlePlan) -> Vec<(u64, Vec<OsString>)> {
+    plan.shares
+        .iter()
+        .map(|share| {
+            let rate = plan::worker_rate(args.connect_rate as f64, share.count, args.connections);
+            let argv = [
+                ("--url", args.url.clone()),
+                ("--first", share.first.to_string()),
+                ("--count", share.count.to_string()),
+                ("--source-ips", plan.sources.addrs_arg()),
+                ("--per-source", plan.sources.per_addr.to_string()),
+                ("--connect-rate", rate.to_string()),
+                ("--user-prefix", args.user_prefix.clone()),
+                ("--deadline-s", args.timeout_s.to_string()),
+            ]
+            .into_iter()
+            .flat_map(|(flag, value)| [OsString::from(flag), OsString::from(value)])
+            .collect();
+            (share.count, argv)
+        })
+        .collect()
+}
+
+/// The figures one run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdleReport {
+    /// Connections asked for.
+    pub target: u64,
+    /// Final worker totals.
+    pub totals: FleetTotals,
+    /// Connections open when the "after" RSS was read: the divisor of bytes per connection.
+    pub held_at_measure: u64,
+    /// Server RSS before connecting, KiB.
+    pub rss_before_kb: Option<u64>,
+    /// Server RSS after connecting and settling, KiB.
+    pub rss_after_kb: Option<u64>,
+    /// Server CPU over the hold, as a percentage of one core.
+    pub cpu_pct_idle: Option<f64>,
+    /// Seconds held.
+    pub hold_s: u64,
+    /// Seconds from starting the workers to every connection attempted.
+    pub connect_s: f64,
+}
+
+impl IdleReport {
+    /// RSS growth per held connection, in bytes; `None` without both readings or connections.
+    pub fn bytes_per_connection(&self) -> Option<i64> {
+        let (before, after) = (self.rss_before_kb?, self.rss_after_kb?);
+        if self.held_at_measure == 0 {
+            return None;
+        }
+        let growth_bytes = (after as i64 - before as i64) * 1024;
+        Some(growth_bytes / self.held_at_measure as i64)
+    }
+
+    /// Whether more connections failed or were dropped than [`MAX_FAILED_FRACTION`] allows.
+    pub fn too_many_failures(&self) -> bool {
+        let lost = self.totals.failed + self.totals.dropped;
+        lost as f64 > self.target as f64 * MAX_FAILED_FRACTION
+    }
+
+    /// The single machine-readable line printed last, fields in the documented order.
+    pub fn json_line(&self) -> String {
+        let fields = [
+            ("scenario", json!("idle")),
+            ("connections", json!(self.totals.ok)),
+            ("failed", json!(self.totals.failed)),
+            ("rss_before_kb", json!(self.rss_before_kb)),
+            ("rss_after_kb", json!(self.rss_after_kb)),
+            ("bytes_per_connection", json!(self.bytes_per_connection())),
+            (
+                "server_cpu_pct_idle",
+                json!(self.cpu_pct_idle.map(|p| round_to(p, 2))),
+            ),
+            ("hold_s", json!(self.hold_s)),
+            ("connect_s", json!(round_to(self.connect_s, 3))),
+            ("dropped", json!(self.totals.dropped)),
+        ];
+        // Written by hand because serde_json's map sorts keys unless another feature is pulled in.
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(key, value)| format!("{}:{value}", json!(key)))
+            .collect();
+        format!("{{{}}}", body.join(","))
+    }
+
+    /// The human summary, several lines.
+    pub fn summary(&self) -> String {
+        let kib = |v: Option<u64>| v.map_or("unknown".to_string(), |kb| format!("{kb} KiB"));
+        let mut lines = vec![
+            "idle summary".to_string(),
+            format!(
+                "  connections     {} ok, {} failed (of {}), {} dropped by the server while held",
+                self.totals.ok, self.totals.failed, self.target, self.totals.dropped
+            ),
+            format!("  connect time    {:.2} s", self.connect_s),
+            format!(
+                "  server RSS      {} before, {} after",
+                kib(self.rss_before_kb),
+                kib(self.rss_after_kb)
+            ),
+        ];
+        lines.push(match self.bytes_per_connection() {
+            Some(bytes) => format!(
+                "  per connection  {bytes} bytes (RSS growth / {} held connections)",
+                self.held_at_measure
+            ),
+            None => "  per connection  unknown".to_string(),
+        });
+        lines.push(match self.cpu_pct_idle {
+            Some(pct) => format!(
+                "  server CPU idle {pct:.2} % of one core over {} s",
+                self.hold_s
+            ),
+            None => "  server CPU idle unknown".to_string(),
+        });
+        lines.join("\n")
+    }
+}
+
+fn round_to(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// Runs the idle scenario; the exit code says whether too many connections failed.
+pub fn run(args: IdleArgs) -> Result<ExitCode, IdleError> {
+    let plan = plan(&args)?;
+    let server = find_server(&args, plan.target.addr.port());
+    eprintln!(
+        "idle: {} connections to {} as {}0..{}{}, {} worker(s) of at most {}, source address(es) {}, at most {}/s",
+        args.connections,
+        args.url,
+        args.user_prefix,
+        args.user_prefix,
+        args.connections - 1,
+        plan.shares.len(),
+        args.per_process,
+        plan.sources.addrs_arg(),
+        args.connect_rate
+    );
+    let rss_before_kb = server
+        .as_ref()
+        .and_then(|s| read_rss(s, "before connecting"));
+
+    let started = Instant::now();
+    let mut fleet =
+        Fleet::spawn("worker", worker_command_lines(&args, &plan)).map_err(IdleError::Spawn)?;
+    let connect_s = connect_all(&mut fleet, &args, started);
+
+    // Settle, still following worker reports so drops are seen.
+    fleet.poll(SETTLE);
+    let rss_after_kb = server
+        .as_ref()
+        .and_then(|s| read_rss(s, "after connecting"));
+    let at_measure = fleet.totals();
+    let held_at_measure = at_measure.ok.saturating_sub(at_measure.dropped);
+
+    eprintln!(
+        "holding {held_at_measure} connections for {} s",
+        args.hold_s
+    );
+    let cpu_start = server.as_ref().and_then(|s| s.cpu_ticks().ok());
+    let hold_started = Instant::now();
+    let hold_until = hold_started + Duration::from_secs(args.hold_s);
+    while Instant::now() < hold_until {
+        fleet.poll(hold_until.saturating_duration_since(Instant::now()));
+    }
+    let held_for = hold_started.elapsed().as_secs_f64();
+    let cpu_end = server.as_ref().and_then(|s| s.cpu_ticks().ok());
+    let cpu_pct_idle = match (cpu_start, cpu_end) {
+        (Some(start), Some(end)) if held_for > 0.0 && args.hold_s > 0 => {
+            let cpu_s =
+                end.saturating_sub(start) as f64 / server_probe::clock_ticks_per_second() as f64;
+            Some(100.0 * cpu_s / held_for)
+        }
+        _ => None,
+    };
+
+    fleet.stop(STOP_GRACE);
+    for msg in fleet.fatal_messages() {
+        eprintln!("worker failed: {msg}");
+    }
+    for msg in fleet.error_samples() {
+        eprintln!("sample error: {msg}");
+    }
+    let report = IdleReport {
+        target: args.connections,
+        totals: fleet.totals(),
+        held_at_measure,
+        rss_before_kb,
+        rss_after_kb,
+        cpu_pct_idle,
+        hold_s: args.hold_s,
+        connect_s,
+    };
+    println!("{}", report.summary());
+    println!("{}", report.json_line());
+    Ok(if report.too_many_failures() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The processes to measure: the given pids, or the port's listeners; `None` (with a note) if neither
+/// works, in which case the run goes on without memory and CPU figures.
+fn find_server(args: &IdleArgs, port: u16) -> Option<ServerProcesses> {
+    if !args.server_pid.is_empty() {
+        return Some(ServerProcesses {
+            pids: args.server_pid.clone(),
+        });
+    }
+    match server_probe::find_listener_pids(port) {
+        Ok(pids) => {
+            let shown: Vec<String> = pids.iter().map(u32::to_string).collect();
+            if pids.len() > 1 {
+                eprintln!(
+                    "server: pids {} listen on port {port} (figures summed)",
+                    shown.join(", ")
+                );
+            } else {
+                eprintln!("server: pid {} listens on port {port}", shown.join(", "));
+            }
+            Some(ServerProcesses { pids })
+        }
+        Err(e) => {
+            eprintln!("server: not found ({e}); RSS and CPU figures will be skipped");
+            None
+        }
+    }
+}
+
+fn read_rss(server: &ServerProcesses, when: &str) -> Option<u64> {
+    match server.rss_kb() {
+        Ok(kb) => Some(kb),
+        Err(e) => {
+            eprintln!("server RSS {when}: {e}");
+            None
+        }
+    }
+}
+
+/// Follows the workers until every connection was attempted (or the time is up), drawing progress.
+/// Returns the seconds it took.
+fn connect_all(fleet: &mut Fleet, args: &IdleArgs, started: Instant) -> f64 {
+    // Workers stop starting connects at --timeout-s; one in flight may still take its full timeouts.
+    let give_up = started
+        + Duration::from_secs(args.timeout_s)
+        + CONNECT_TIMEOUT
+        + HANDSHAKE_TIMEOUT
+        + Duration::from_secs(2);
+    let mut progress = ProgressLine::new();
+    let line = |totals: FleetTotals, started: Instant| {
+        format!(
+            "connecting: {}/{} open, {} errors, {:.1} s",
+            totals.ok,
+            args.connections,
+            totals.failed,
+            started.elapsed().as_secs_f64()
+        )
+    };
+    while !fleet.all_settled() && Instant::now() < give_up {
+        fleet.poll(PROGRESS_INTERVAL);
+        progress.update(&line(fleet.totals(), started));
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+    progress.finish(&line(fleet.totals(), started));
+    if !fleet.all_settled() {
+        eprintln!(
+            "warning: workers still connecting after {connect_s:.0} s; measuring what is open, \
+             and connections never reported count as failed"
+        );
+    }
+    connect_s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(ok: u64, failed: u64, dropped: u64) -> IdleReport {
+        IdleReport {
+            target: 20_000,
+            totals: FleetTotals {
+                ok,
+                failed,
+                dropped,
+            },
+            held_at_measure: ok - dropped,
+            rss_before_kb: Some(2_000),
+            rss_after_kb: Some(22_000),
+            cpu_pct_idle: Some(0.4567),
+            hold_s: 10,
+            connect_s: 4.01234,
+        }
+    }
+
+    #[test]
+    fn bytes_per_connection_is_rss_growth_over_held_connections() {
+        assert_eq!(report(20_000, 0, 0).bytes_per_connection(), Some(1_024));
+        let mut unknown = report(20_000, 0, 0);
+        unknown.rss_before_kb = None;
+        assert_eq!(unknown.bytes_per_connection(), None);
+    }
+
+    #[test]
+    fn more_than_one_percent_lost_fails_the_run() {
+        assert!(!report(20_000, 0, 0).too_many_failures());
+        assert!(!report(19_800, 200, 0).too_many_failures());
+        assert!(report(19_799, 201, 0).too_many_failures());
+        assert!(report(20_000, 100, 101).too_many_failures());
+    }
+
+    #[test]
+    fn the_json_line_has_the_documented_fields() {
+        let line = report(20_000, 0, 0).json_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["scenario"], "idle");
+        assert_eq!(v["connections"], 20_000);
+        assert_eq!(v["failed"], 0);
+        assert_eq!(v["rss_before_kb"], 2_000);
+        assert_eq!(v["rss_after_kb"], 22_000);
+        assert_eq!(v["bytes_per_connection"], 1_024);
+        assert_eq!(v["server_cpu_pct_idle"], 0.46);
+        assert_eq!(v["hold_s"], 10);
+        assert_eq!(v["connect_s"], 4.012);
+        assert!(!line.contains('\n'));
+        assert!(line.starts_with(r#"{"scenario":"idle","connections":20000,"failed":0,"#));
+    }
+
+    #[test]
+    fn user_prefixes_must_be_url_safe() {
+        assert!("user-1_a.b~".chars().all(is_url_safe));
+        assert!(!"a b".chars().all(is_url_safe));
+        assert!(!"a&b".chars().all(is_url_safe));
+    }
+}
