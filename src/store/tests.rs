@@ -484,10 +484,10 @@ fn data_survives_close_and_reopen_including_writes_queued_at_shutdown() {
     block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
 
     // Queue a write, then shut down without awaiting it: the store thread must still commit it.
-    let mut pending = f.store.insert(vec![to_user("u1", "queued at shutdown")]);
+    let mut pending = std::pin::pin!(f.store.insert(vec![to_user("u1", "queued at shutdown")]));
     let f = f.reopen();
     let mut cx = Context::from_waker(Waker::noop());
-    let Poll::Ready(Ok(queued)) = std::pin::Pin::new(&mut pending).poll(&mut cx) else {
+    let Poll::Ready(Ok(queued)) = pending.as_mut().poll(&mut cx) else {
         panic!("the queued write was answered before join() returned");
     };
 
