@@ -733,6 +733,157 @@ mod tests {
         (writer, reader)
     }
 
+    /// A notification created at `ms` (its UUIDv7 carries that time, as the store thread's would).
+    fn created_at(ms: Millis, seq: u16, user: &str) -> Arc<Notification> {
+        let id =
+            Uuid::from_u128(u128::from_be_bytes(first_id_of(ms)) | (0x7 << 76) | u128::from(seq));
+        let n = stored(0, Some(user), &["c"]);
+        Arc::new(Notification {
+            id,
+            created_at: ms,
+            ..(*n).clone()
+        })
+    }
+
+    #[test]
+    fn retention_deletes_only_older_notifications_in_bounded_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(&dir);
+        let now = now_millis();
+        let day = 24 * 60 * 60 * 1000;
+        let old: Vec<_> = (0..5).map(|i| created_at(now - 3 * day, i, "u")).collect();
+        let new: Vec<_> = (0..2).map(|i| created_at(now - day / 2, i, "u")).collect();
+        let mut ids = IdGenerator::new();
+        w.apply_batch(
+            &[WriteRequest::plain_insert([old, new].concat())],
+            now,
+            &mut ids,
+        )
+        .unwrap();
+        let purge = |w: &mut SqliteWriter, ids: &mut IdGenerator| {
+            let out = w
+                .apply_batch(
+                    &[WriteRequest::Purge {
+                        created_before: Some(now - 2 * day),
+                        limit: 3,
+                    }],
+                    now,
+                    ids,
+                )
+                .unwrap();
+            match out.as_slice() {
+                [WriteOutcome::Purged(n)] => *n,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(purge(&mut w, &mut ids), 3, "bounded by the limit");
+        assert_eq!(purge(&mut w, &mut ids), 2);
+        assert_eq!(purge(&mut w, &mut ids), 0);
+        assert_eq!(page(&mut r, "u").total, 2, "the recent ones stay");
+        let channel_rows: i64 = w
+            .conn
+            .query_row("SELECT COUNT(*) FROM notification_channels", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            channel_rows, 2,
+            "channel rows of deleted notifications went with them"
+        );
+    }
+
+    #[test]
+    fn idempotency_records_replay_refuse_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(&dir);
+        let mut ids = IdGenerator::new();
+        let record = |fingerprint: u8| IdempotencyRecord {
+            key: "k".into(),
+            fingerprint: [fingerprint; 32],
+            status: 201,
+            body: b"first".to_vec(),
+        };
+        let insert = |seed: u128, fingerprint: u8| WriteRequest::Insert {
+            notifications: vec![stored(seed, Some("u"), &[])],
+            idempotency: Some(record(fingerprint)),
+        };
+        let now = 10 * IDEMPOTENCY_TTL_MS;
+        // Two requests with one key in one batch: the second is a retry of the first.
+        let out = w
+            .apply_batch(&[insert(1, 1), insert(2, 1), insert(3, 9)], now, &mut ids)
+            .unwrap();
+        assert_eq!(out[0], WriteOutcome::Inserted);
+        assert_eq!(
+            out[1],
+            WriteOutcome::Replayed {
+                status: 201,
+                body: b"first".to_vec()
+            }
+        );
+        assert_eq!(out[2], WriteOutcome::KeyReused);
+        assert_eq!(page(&mut r, "u").total, 1);
+        // After 24 h the key is free again, and the purge removes the old record.
+        let later = now + IDEMPOTENCY_TTL_MS + 1;
+        let out = w.apply_batch(&[insert(4, 9)], later, &mut ids).unwrap();
+        assert_eq!(out[0], WriteOutcome::Inserted);
+        assert_eq!(page(&mut r, "u").total, 2);
+    }
+
+    #[test]
+    fn due_scheduled_notifications_fire_with_new_ids_in_due_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(&dir);
+        let mut ids = IdGenerator::new();
+        let pending = |seed: u128, due: Millis| {
+            let mut n = (*stored(seed, Some("u"), &["ch"])).clone();
+            n.scheduled_at = Some(due);
+            WriteRequest::Schedule {
+                notification: Arc::new(n),
+                idempotency: None,
+            }
+        };
+        w.apply_batch(
+            &[pending(1, 300), pending(2, 100), pending(3, 9_000)],
+            50,
+            &mut ids,
+        )
+        .unwrap();
+        assert!(r.scheduled(Uuid::from_u128(2)).unwrap().is_some());
+        let out = w
+            .apply_batch(&[WriteRequest::FireDue { limit: 10 }], 500, &mut ids)
+            .unwrap();
+        let [WriteOutcome::Fired(fired)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        let messages: Vec<&str> = fired.iter().map(|n| n.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            vec!["m2", "m1"],
+            "oldest due first; the future one waits"
+        );
+        assert!(
+            fired[0].id < fired[1].id && fired[0].id > Uuid::from_u128(3),
+            "fresh, ordered ids"
+        );
+        assert_eq!(fired[0].scheduled_at, Some(100));
+        assert!(
+            r.scheduled(Uuid::from_u128(2)).unwrap().is_none(),
+            "no longer pending"
+        );
+        assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
+        assert_eq!(page(&mut r, "u").total, 2);
+        let cancelled = w
+            .apply_batch(
+                &[WriteRequest::CancelScheduled {
+                    id: Uuid::from_u128(3),
+                }],
+                600,
+                &mut ids,
+            )
+            .unwrap();
+        assert_eq!(cancelled, vec![WriteOutcome::Cancelled(true)]);
+    }
+
     fn page(reader: &mut SqliteReader, user: &str) -> HistoryPage {
         reader
             .history(&HistoryQuery {
