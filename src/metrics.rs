@@ -96,8 +96,8 @@ impl Metrics {
         self.started.elapsed().as_secs()
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every counter, with the store's.
+    pub fn render(&self, store: &crate::store::StoreStats) -> String {
         let mut out = String::with_capacity(1024);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -147,6 +147,36 @@ impl Metrics {
             "Seconds since start.",
             self.uptime_s(),
         );
+        let store_counters: [(&str, &str, u64); 5] = [
+            (
+                "notif_store_commits_total",
+                "Store transactions committed (group commits).",
+                store.commits,
+            ),
+            (
+                "notif_store_failed_batches_total",
+                "Store batches rolled back.",
+                store.failed_batches,
+            ),
+            (
+                "notif_store_write_requests_total",
+                "Write requests committed.",
+                store.write_ops,
+            ),
+            (
+                "notif_store_inserted_total",
+                "Notifications inserted, fired schedules included.",
+                store.inserted,
+            ),
+            (
+                "notif_store_reads_total",
+                "Read requests answered.",
+                store.reads,
+            ),
+        ];
+        for (name, help, value) in store_counters {
+            metric(name, "counter", help, value);
+        }
         out
     }
 }
@@ -164,8 +194,13 @@ mod tests {
         m.shard(0).deliveries(5);
         m.shard(1).deliveries(7);
         assert_eq!(m.websockets_open(), 1);
-        let text = m.render();
+        let store = crate::store::StoreStats {
+            commits: 3,
+            ..Default::default()
+        };
+        let text = m.render(&store);
         assert!(text.contains("notif_deliveries_total 12"), "{text}");
+        assert!(text.contains("notif_store_commits_total 3"), "{text}");
         assert!(text.contains("notif_websocket_connections_total 2"));
     }
 }

@@ -3,7 +3,9 @@
 //! One shape serves REST responses, history and WebSocket delivery (API.md, "Notification object"), so
 //! it is encoded by one hand-written writer, [`Notification::write_json`]. The writer is on the hot path
 //! (every committed notification is encoded once, then shared by every connection that receives it), and
-//! `data` is kept as the raw JSON text the producer sent, spliced in as is instead of being re-parsed.
+//! `data` is kept as compact JSON text, made once at validation and spliced in as is afterwards. That
+//! text is re-encoded from the parsed value, not copied: keys keep the producer's order, whitespace is
+//! dropped, and numbers are normalized to 64-bit integers or doubles (`1.10` becomes `1.1`).
 //!
 //! Validation happens once, at the edge ([`SendInput::validate`]), and reports the offending field by name
 //! so a producer can fix its request from the error message alone.
@@ -44,7 +46,8 @@ pub struct Notification {
     pub channels: Vec<String>,
     /// Sent to every connection of the node (and of every node, with a bus).
     pub broadcast: bool,
-    /// The producer's `data` object as raw JSON text, spliced into the encoding unchanged.
+    /// The producer's `data` object as compact JSON text (see the module docs), spliced into the
+    /// encoding unchanged.
     pub data: String,
     /// Creation (commit) time; `timestamp` in JSON.
     pub created_at: Millis,
@@ -161,8 +164,21 @@ impl std::fmt::Display for FieldError {
 }
 
 impl SendInput {
-    /// Checks the input against API.md's rules and fills in the defaults.
+    /// Checks a send (not a schedule) against API.md's rules and fills in the defaults. A
+    /// `scheduled_at` is refused here rather than ignored: delivering at once what the producer meant
+    /// for later would be the worse surprise.
     pub fn validate(self) -> Result<NewNotification, FieldError> {
+        if self.scheduled_at.is_some() {
+            return Err(FieldError::new(
+                "scheduled_at",
+                "is only accepted by POST /api/v1/notifications/schedule",
+            ));
+        }
+        self.validate_content()
+    }
+
+    /// The checks shared by sends and schedules.
+    fn validate_content(self) -> Result<NewNotification, FieldError> {
         let message = match self.message {
             Some(m) if !m.is_empty() => m,
             Some(_) => return Err(FieldError::new("message", "must not be empty")),
@@ -189,6 +205,8 @@ impl SendInput {
         let data = match self.data {
             None | Some(serde_json::Value::Null) => "{}".to_owned(),
             Some(v @ serde_json::Value::Object(_)) => v.to_string(),
+            // PHP encodes an empty array (`'data' => []`, as the seeds' Laravel code sends) as `[]`.
+            Some(serde_json::Value::Array(a)) if a.is_empty() => "{}".to_owned(),
             Some(_) => return Err(FieldError::new("data", "must be a JSON object")),
         };
         Ok(NewNotification {
@@ -229,7 +247,7 @@ impl SendInput {
                 "must be at most a year ahead",
             ));
         }
-        let mut n = self.validate()?;
+        let mut n = self.validate_content()?;
         n.scheduled_at = Some(scheduled_at);
         Ok(n)
     }
@@ -389,11 +407,21 @@ impl Notification {
 ///
 /// The store thread owns one, so on one node id order is commit order: a client that resumes "after
 /// id X" has, by then, been sent every notification with a smaller id.
+///
+/// Layout (RFC 9562 §5.7, "method 1" with a 26-bit counter): 48 bits of milliseconds, version, then a
+/// counter that restarts every millisecond (67 million ids per millisecond before it would carry), then
+/// 48 random bits per id. Several nodes writing to one PostgreSQL create ids independently; with 48
+/// random bits, two ids of the same millisecond and counter collide with probability 2^-48.
 #[derive(Debug, Default)]
 pub struct IdGenerator {
     last_ms: u64,
     counter: u64,
 }
+
+/// Bits of the per-millisecond counter.
+const ID_COUNTER_BITS: u32 = 26;
+/// Random bits at the end of every id.
+const ID_RANDOM_BITS: u32 = 48;
 
 impl IdGenerator {
     /// A generator whose first id is from the current millisecond.
@@ -408,19 +436,22 @@ impl IdGenerator {
             self.last_ms = now;
             self.counter = 0;
         } else {
-            // Same millisecond (or the clock stepped back): keep the last timestamp and count up
-            // within its 74 random-or-counter bits, so ids still increase.
+            // Same millisecond (or the clock stepped back): keep the last timestamp and count up.
             self.counter += 1;
+            if self.counter >> ID_COUNTER_BITS != 0 {
+                // The counter would carry: borrow the next millisecond, as RFC 9562 allows.
+                self.last_ms += 1;
+                self.counter = 0;
+            }
         }
-        let random: u64 = (Uuid::now_v7().as_u128() & 0xffff_ffff) as u64;
-        // Layout (RFC 9562 §5.7): 48 bits ms, 4 bits version, 12 bits rand_a, 2 bits variant,
-        // 62 bits rand_b. The counter takes rand_a and the top of rand_b; the rest stays random.
-        let counter_hi = (self.counter >> 30) & 0xfff;
-        let counter_lo = self.counter & 0x3fff_ffff;
+        // The random part comes from uuid's own v7 generator (a CSPRNG-seeded source).
+        let random = Uuid::now_v7().as_u128() as u64 & ((1 << ID_RANDOM_BITS) - 1);
+        // 12 bits of the counter in rand_a; 14 bits + 48 random bits in rand_b.
+        let counter_hi = self.counter >> 14;
+        let counter_lo = self.counter & 0x3fff;
         let hi: u64 = (self.last_ms << 16) | 0x7000 | counter_hi;
-        let lo: u64 = (0b10 << 62) | (counter_lo << 32) | random;
-        let id = Uuid::from_u64_pair(hi, lo);
-        (id, self.last_ms as Millis)
+        let lo: u64 = (0b10 << 62) | (counter_lo << ID_RANDOM_BITS) | random;
+        (Uuid::from_u64_pair(hi, lo), self.last_ms as Millis)
     }
 }
 
@@ -547,7 +578,23 @@ mod tests {
             let (id, _) = ids.next_id();
             assert!(id > last, "{id} <= {last}");
             assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
             last = id;
         }
+    }
+
+    #[test]
+    fn ids_carry_48_random_bits_and_their_millisecond() {
+        let mut a = IdGenerator::new();
+        let mut b = IdGenerator::new();
+        let (x, ms) = a.next_id();
+        let (y, _) = b.next_id();
+        let random = |id: Uuid| id.as_u128() & ((1 << 48) - 1);
+        assert_ne!(
+            random(x),
+            random(y),
+            "two generators (nodes) differ in the random part"
+        );
+        assert_eq!((x.as_u128() >> 80) as i64, ms);
     }
 }

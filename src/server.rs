@@ -8,9 +8,10 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::bus::Fanout;
 use crate::config::Config;
@@ -21,6 +22,8 @@ use crate::store::{Store, StoreConfig, StoreUrl};
 
 /// Accept backlog per listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
+/// How long start-up waits for every shard's executor to run.
+const SHARD_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reader threads of the store (history, replay, health).
 const STORE_READER_THREADS: usize = 2;
 /// Most write operations the store thread commits in one transaction.
@@ -64,6 +67,23 @@ fn bind_listeners(
     Ok((fds, addr))
 }
 
+/// The CPUs this process may run on (its affinity mask, which `taskset`, cgroups' cpusets and
+/// container runtimes set), in order. Shards are pinned to these, not to 0..n.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it for this process.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
+    if !ok {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the size of the set.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
 pub fn run(config: Config) -> Result<(), StartupError> {
     let config = Arc::new(config);
@@ -81,17 +101,13 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         max_batch: STORE_MAX_BATCH,
         retention: config.retention(),
     };
-    let (store, store_threads) =
-        Store::open(&store_config, Box::new(fanout.clone())).map_err(|e| {
-            StartupError(format!(
-                "cannot open the store {}: {e}",
-                config.database_url
-            ))
-        })?;
+    // The URL's Debug form hides a PostgreSQL password: it is what logs and errors show.
+    let store_name = format!("{:?}", store_config.url);
+    let (store, store_threads) = Store::open(&store_config, Box::new(fanout.clone()))
+        .map_err(|e| StartupError(format!("cannot open the store {store_name}: {e}")))?;
 
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = allowed_cpus();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     for (index, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
         threads.push(
@@ -103,10 +119,26 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 store: store.clone(),
                 fanout: fanout.clone(),
                 metrics: metrics.clone(),
-                cpu: (shards <= cpus).then_some(index),
+                cpu: if shards <= cpus.len() {
+                    cpus.get(index).copied()
+                } else {
+                    None
+                },
+                ready: ready_tx.clone(),
             })
             .map_err(StartupError)?,
         );
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        if ready_rx.recv_timeout(SHARD_START_TIMEOUT).is_err() {
+            store.close();
+            return Err(StartupError(
+                "a shard failed to start (is io_uring available? Docker's default seccomp profile \
+                 blocks it: see tuning.md)"
+                    .to_owned(),
+            ));
+        }
     }
 
     if config.api_key.is_none() && config.jwt_secret.is_none() {
@@ -117,7 +149,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             "REDIS_URL is set, but multi-node fan-out is not built yet: running as a single node"
         );
     }
-    info!(%addr, shards, store = %config.database_url, "notification-service listening");
+    info!(%addr, shards, store = %store_name, "notification-service listening");
 
     let signal_fanout = fanout.clone();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -142,15 +174,20 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         })
         .map_err(|e| StartupError(format!("cannot start the signal thread: {e}")))?;
 
+    let mut failed = false;
     for thread in threads {
         if let Err(e) = thread.join() {
-            warn!(error = %e, "a shard ended abnormally");
+            error!(error = %e, "a shard ended abnormally");
+            failed = true;
         }
     }
     drop(fanout);
     // The store thread commits everything queued, then exits, whether or not every handle is gone.
     store.close();
     store_threads.join();
+    if failed {
+        return Err(StartupError("stopped after a shard failed".to_owned()));
+    }
     info!("stopped");
     Ok(())
 }

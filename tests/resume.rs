@@ -110,7 +110,7 @@ fn resume_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
 }
 
 #[test]
-fn a_replay_longer_than_the_limit_says_it_is_incomplete() {
+fn a_replay_cut_at_the_limit_continues_exactly_from_last_id() {
     let server = TestServer::start_with(&[("MAX_REPLAY", "5")]);
     let first = server.send(json!({"user_id": "kim", "message": "seen"}));
     for i in 0..8 {
@@ -125,4 +125,20 @@ fn a_replay_longer_than_the_limit_says_it_is_incomplete() {
         (resumed["count"].as_u64(), resumed["complete"].as_bool()),
         (Some(5), Some(false))
     );
+    let last_id = resumed["last_id"].as_str().unwrap().to_owned();
+
+    // Live delivery goes on meanwhile...
+    server.send(json!({"user_id": "kim", "message": "live"}));
+    assert_eq!(client.expect_notification()["message"], "live");
+    // ...and resuming from last_id fills exactly the gap, with nothing twice.
+    client.send_json(json!({"action": "resume", "since": last_id}));
+    for i in 5..8 {
+        assert_eq!(client.expect_notification()["message"], i.to_string());
+    }
+    let resumed = client.expect_event("resumed");
+    assert_eq!(
+        (resumed["count"].as_u64(), resumed["complete"].as_bool()),
+        (Some(3), Some(true))
+    );
+    client.expect_silence(Duration::from_millis(200));
 }

@@ -39,6 +39,6 @@ pub fn metrics(shard: &Shard) -> Response {
     Response::text(
         200,
         "text/plain; version=0.0.4",
-        shard.metrics.render().into_bytes(),
+        shard.metrics.render(&shard.store.stats()).into_bytes(),
     )
 }

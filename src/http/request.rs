@@ -251,7 +251,7 @@ pub enum ParseError {
     /// Malformed syntax; the string is a short reason such as "invalid header name" (400).
     BadRequest(&'static str),
     /// A body without a usable length: any `Transfer-Encoding`, or a
-    /// POST/PUT/PATCH without `Content-Length` (411).
+    /// POST without `Content-Length` (411).
     LengthRequired,
     /// `Content-Length` over `max_body_bytes` (413).
     BodyTooLarge,

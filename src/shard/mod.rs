@@ -73,6 +73,9 @@ pub struct ShardSetup {
     pub metrics: Arc<Metrics>,
     /// The CPU to pin to, if any.
     pub cpu: Option<usize>,
+    /// Told the shard's index once its executor runs: start-up waits for every shard before it says
+    /// "listening" (an executor can fail to start, e.g. when seccomp blocks io_uring).
+    pub ready: std::sync::mpsc::Sender<usize>,
 }
 
 /// A running shard's thread.
@@ -196,6 +199,7 @@ impl Shard {
 
 /// The shard's main task.
 async fn run_shard(setup: ShardSetup) {
+    let _ = setup.ready.send(setup.index);
     // SAFETY: the descriptor is a listening TCP socket whose ownership main handed to this shard.
     let listener = unsafe { TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
     let shard = Rc::new(Shard {

@@ -156,13 +156,20 @@ pub fn pong_event() -> Bytes {
     text_frame(16, |out| out.extend_from_slice(b"{\"event\":\"pong\"}"))
 }
 
-/// `{"event":"resumed","count":N,"complete":bool}`.
-pub fn resumed_event(count: usize, complete: bool) -> Bytes {
-    text_frame(48, |out| {
+/// `{"event":"resumed","count":N,"complete":bool,"last_id":"…"|null}`: `last_id` is the last replayed
+/// notification, where a client continues with another `resume` when `complete` is false.
+pub fn resumed_event(count: usize, complete: bool, last_id: Option<Uuid>) -> Bytes {
+    text_frame(96, |out| {
         out.extend_from_slice(
-            format!("{{\"event\":\"resumed\",\"count\":{count},\"complete\":{complete}}}")
-                .as_bytes(),
-        )
+            format!(
+                "{{\"event\":\"resumed\",\"count\":{count},\"complete\":{complete},\"last_id\":"
+            )
+            .as_bytes(),
+        );
+        match last_id {
+            Some(id) => out.extend_from_slice(format!("\"{id}\"}}").as_bytes()),
+            None => out.extend_from_slice(b"null}"),
+        }
     })
 }
 
@@ -242,11 +249,16 @@ mod tests {
         let f = channels_event("subscribed", &["a".into(), "b".into()]);
         let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
         assert_eq!(v["channels"][1], "b");
-        let f = resumed_event(3, true);
+        let id = Uuid::now_v7();
+        let f = resumed_event(3, false, Some(id));
         let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
         assert_eq!(
             (v["count"].as_u64(), v["complete"].as_bool()),
-            (Some(3), Some(true))
+            (Some(3), Some(false))
         );
+        assert_eq!(v["last_id"], id.to_string());
+        let f = resumed_event(0, true, None);
+        let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+        assert!(v["last_id"].is_null());
     }
 }

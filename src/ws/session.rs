@@ -389,12 +389,24 @@ impl Session {
                 for n in &list {
                     send_frame(conn, &replay_frame(n, &self.user, &channels), max_outbound);
                 }
+                let held = end_resume(conn);
                 let mut newer_live = None;
-                for (id, frame) in end_resume(conn) {
-                    // Held deliveries at or before the last replayed id were in the replay already.
-                    if id.is_none_or(|id| id > last) {
-                        send_frame(conn, &frame, max_outbound);
-                        newer_live = newer_live.or(id);
+                if complete || matches!(conn.live_mark, LiveMark::FirstLive(_)) {
+                    for (id, frame) in held {
+                        // Held deliveries at or before the last replayed id were in the replay already.
+                        if id.is_none_or(|id| id > last) {
+                            send_frame(conn, &frame, max_outbound);
+                            newer_live = newer_live.or(id);
+                        }
+                    }
+                } else {
+                    // Cut short, with nothing sent live before: the held stored deliveries (newer than
+                    // the cut) stay in the store for the client's next `resume` from `last_id`, so it
+                    // gets them in order after the part it is still missing. Ephemeral ones go now.
+                    for (id, frame) in held {
+                        if id.is_none() {
+                            send_frame(conn, &frame, max_outbound);
+                        }
                     }
                 }
                 conn.live_mark = match (conn.live_mark, newer_live) {
@@ -403,9 +415,10 @@ impl Session {
                     (_, None) if !list.is_empty() => LiveMark::ReplayedThrough(last),
                     (mark, None) => mark,
                 };
+                let last_id = list.last().map(|n| n.id);
                 send_frame(
                     conn,
-                    &protocol::resumed_event(list.len(), complete),
+                    &protocol::resumed_event(list.len(), complete, last_id),
                     max_outbound,
                 );
             }
