@@ -28,6 +28,7 @@
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
 
 mod backend;
+mod postgres;
 mod reader;
 mod sqlite;
 mod writer;
@@ -388,10 +389,22 @@ impl Store {
                     listener,
                 )
             }
-            StoreUrl::Postgres(_) => Err(
-                "the PostgreSQL store is not implemented yet; use DATABASE_URL=sqlite://path"
-                    .to_owned(),
-            ),
+            StoreUrl::Postgres(url) => {
+                let target = postgres::PostgresTarget::parse(url)?;
+                let applied = postgres::migrate(&target)?;
+                let write_backend = postgres::PostgresWriter::open(&target)?;
+                let read_backends = (0..readers)
+                    .map(|i| postgres::PostgresReader::open(&target, i))
+                    .collect::<Result<Vec<_>, String>>()?;
+                tracing::info!(%target, readers, migrations_applied = applied, "store opened (postgres)");
+                Store::start(
+                    write_backend,
+                    read_backends,
+                    Vec::new(),
+                    config.max_batch,
+                    listener,
+                )
+            }
         }
     }
 
