@@ -106,6 +106,9 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Most wait between connection attempts while the database stays down: also the longest a recovered
 /// database waits to be noticed.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Yields to the runtime before using an idle session, so its connection task reads a close that
+/// arrived meanwhile (see [`Link::ensure_session`]).
+const IDLE_CHECK_YIELDS: usize = 2;
 /// Shown as `application_name` in `pg_stat_activity`, unless the URL names one.
 const APPLICATION_NAME: &str = "notification-service";
 /// The key of the session advisory lock held while migrating, so several nodes starting at once
@@ -587,8 +590,14 @@ impl<S: Statements> Link<S> {
         if let Some(session) = &self.session {
             // Let the connection task read what arrived while the thread was idle: a server that
             // restarted has said goodbye on this socket, and noticing it now means reconnecting
-            // instead of failing this request.
-            self.runtime.block_on(tokio::task::yield_now());
+            // instead of failing this request. One yield lets the runtime poll the socket and wake
+            // the connection task; the next lets that task run. Should it not (a different runtime
+            // version), the request fails on the closed connection as it would without this check.
+            self.runtime.block_on(async {
+                for _ in 0..IDLE_CHECK_YIELDS {
+                    tokio::task::yield_now().await;
+                }
+            });
             if !session.client.is_closed() {
                 return Ok(());
             }

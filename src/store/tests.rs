@@ -64,8 +64,8 @@ on_both_stores!(
 enum Database {
     /// A file in a temporary folder.
     Sqlite(tempfile::TempDir),
-    /// A schema of its own on the test server.
-    Postgres(TestSchema),
+    /// A schema of its own on the test server (boxed: it holds a runtime and a connection).
+    Postgres(Box<TestSchema>),
 }
 
 impl Database {
@@ -74,7 +74,7 @@ impl Database {
     }
 
     fn postgres() -> Option<Database> {
-        TestSchema::create().map(Database::Postgres)
+        TestSchema::create().map(|schema| Database::Postgres(Box::new(schema)))
     }
 
     /// "sqlite" or "postgres", for printouts.
