@@ -93,6 +93,10 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
 
+    /// Days to keep notifications; older ones are deleted in small batches. Unset: keep forever.
+    #[arg(long, env = "RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+
     /// Log format: `text` or `json`. The level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -120,6 +124,11 @@ impl Config {
         if self.max_frame < 128 {
             return Err("MAX_FRAME must be at least 128".into());
         }
+        if self.retention_days == Some(0) {
+            return Err(
+                "RETENTION_DAYS must be at least 1 (unset keeps notifications forever)".into(),
+            );
+        }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
             return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());
         }
@@ -133,6 +142,12 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(1)
         })
+    }
+
+    /// [`Config::retention_days`] as a duration.
+    pub fn retention(&self) -> Option<Duration> {
+        self.retention_days
+            .map(|days| Duration::from_secs(u64::from(days) * 24 * 60 * 60))
     }
 
     /// [`Config::heartbeat_s`] as a duration.

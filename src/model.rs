@@ -131,6 +131,8 @@ pub struct SendInput {
     pub broadcast: Option<bool>,
     /// `data`, which must be a JSON object.
     pub data: Option<serde_json::Value>,
+    /// `scheduled_at`, read by the schedule route only (RFC 3339, any offset).
+    pub scheduled_at: Option<String>,
 }
 
 /// A field that failed validation, named so the producer knows what to fix.
@@ -202,6 +204,34 @@ impl SendInput {
             data,
             scheduled_at: None,
         })
+    }
+}
+
+/// How far ahead a notification may be scheduled (API: more than a year ahead is refused).
+pub const MAX_SCHEDULE_AHEAD_MS: Millis = 366 * 24 * 60 * 60 * 1000;
+
+impl SendInput {
+    /// Validates a schedule request: everything [`SendInput::validate`] checks, plus a required
+    /// `scheduled_at` no more than a year ahead. A time in the past is accepted (it fires at once).
+    pub fn validate_scheduled(mut self, now: Millis) -> Result<NewNotification, FieldError> {
+        let scheduled_at = match self.scheduled_at.take() {
+            None => return Err(FieldError::new("scheduled_at", "is required")),
+            Some(s) => parse_time(&s).ok_or_else(|| {
+                FieldError::new(
+                    "scheduled_at",
+                    "must be an RFC 3339 time such as 2024-01-29T17:00:00Z or 2024-01-29T17:00:00+00:00",
+                )
+            })?,
+        };
+        if scheduled_at > now + MAX_SCHEDULE_AHEAD_MS {
+            return Err(FieldError::new(
+                "scheduled_at",
+                "must be at most a year ahead",
+            ));
+        }
+        let mut n = self.validate()?;
+        n.scheduled_at = Some(scheduled_at);
+        Ok(n)
     }
 }
 
@@ -466,6 +496,30 @@ mod tests {
         assert_eq!(v["read"], false);
         assert!(v["read_at"].is_null());
         assert_eq!(v["id"], n.id.to_string());
+    }
+
+    #[test]
+    fn schedules_need_a_parseable_time_at_most_a_year_ahead() {
+        let now = 1_706_524_200_000;
+        let ok =
+            input(r#"{"message":"m","user_id":"u","scheduled_at":"2024-01-29T17:00:00+00:00"}"#)
+                .validate_scheduled(now)
+                .unwrap();
+        assert_eq!(ok.scheduled_at, Some(1_706_547_600_000));
+        let past = input(r#"{"message":"m","user_id":"u","scheduled_at":"2001-01-01T00:00:00Z"}"#)
+            .validate_scheduled(now);
+        assert!(past.is_ok(), "a time in the past fires at once");
+        for bad in [
+            r#"{"message":"m","user_id":"u"}"#,
+            r#"{"message":"m","user_id":"u","scheduled_at":"tomorrow"}"#,
+            r#"{"message":"m","user_id":"u","scheduled_at":"2030-01-01T00:00:00Z"}"#,
+        ] {
+            assert_eq!(
+                input(bad).validate_scheduled(now).unwrap_err().field,
+                "scheduled_at",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

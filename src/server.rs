@@ -79,6 +79,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         url,
         reader_threads: STORE_READER_THREADS,
         max_batch: STORE_MAX_BATCH,
+        retention: config.retention(),
     };
     let (store, store_threads) =
         Store::open(&store_config, Box::new(fanout.clone())).map_err(|e| {
@@ -107,7 +108,6 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             .map_err(StartupError)?,
         );
     }
-    drop(store);
 
     if config.api_key.is_none() && config.jwt_secret.is_none() {
         warn!("running open: neither API_KEY nor JWT_SECRET is set, so anyone can send and connect (fine for development only)");
@@ -148,7 +148,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         }
     }
     drop(fanout);
-    // Every Store clone is gone with the shards: the store thread commits what is queued and exits.
+    // The store thread commits everything queued, then exits, whether or not every handle is gone.
+    store.close();
     store_threads.join();
     info!("stopped");
     Ok(())

@@ -22,6 +22,9 @@ use crate::store::StoreError;
 enum Endpoint {
     Send,
     Batch,
+    Schedule,
+    GetScheduled(String),
+    CancelScheduled(String),
     History(String),
     HistoryByQuery,
     Read(String, String),
@@ -42,6 +45,15 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
     let endpoint = match (method, s.as_slice()) {
         (Post, ["api", "v1", "notifications", "send"]) => Endpoint::Send,
         (Post, ["api", "v1", "notifications", "batch"]) => Endpoint::Batch,
+        (Post, ["api", "v1", "notifications", "schedule"]) => Endpoint::Schedule,
+        // Before the inbox's `DELETE …/:user_id/:notification_id`, which has the same shape: a user
+        // named "scheduled" cannot delete through that route (documented in docs/API.md).
+        (Get, ["api", "v1", "notifications", "scheduled", id]) => {
+            Endpoint::GetScheduled(id.to_string())
+        }
+        (Delete, ["api", "v1", "notifications", "scheduled", id]) => {
+            Endpoint::CancelScheduled(id.to_string())
+        }
         (Get, ["api", "v1", "notifications", "user", user]) => Endpoint::History(user.to_string()),
         (Put, ["api", "v1", "notifications", user, "read-all"]) => {
             Endpoint::ReadAll(user.to_string())
@@ -82,7 +94,10 @@ pub async fn handle(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respo
     let Some(endpoint) = resolve(head.method, &segments) else {
         return not_routed(head.method, &segments);
     };
-    let json_body = matches!(endpoint, Endpoint::Send | Endpoint::Batch);
+    let json_body = matches!(
+        endpoint,
+        Endpoint::Send | Endpoint::Batch | Endpoint::Schedule
+    );
     if json_body {
         if head.header("content-type").is_some() && !head.content_type_is_json() {
             return Response::error(
@@ -105,8 +120,11 @@ pub async fn handle(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respo
         }
     }
     match endpoint {
-        Endpoint::Send => notifications::send(shard, body).await,
-        Endpoint::Batch => notifications::batch(shard, body).await,
+        Endpoint::Send => notifications::send(shard, head, body).await,
+        Endpoint::Batch => notifications::batch(shard, head, body).await,
+        Endpoint::Schedule => notifications::schedule(shard, head, body).await,
+        Endpoint::GetScheduled(id) => notifications::get_scheduled(shard, &id).await,
+        Endpoint::CancelScheduled(id) => notifications::cancel_scheduled(shard, &id).await,
         Endpoint::History(user) => notifications::history(shard, user, head.query()).await,
         Endpoint::HistoryByQuery => notifications::history_by_query(shard, head.query()).await,
         Endpoint::Read(user, id) => notifications::read(shard, user, &id).await,

@@ -3,19 +3,33 @@
 //! A send is answered only after the store thread committed it (API.md, "Durability"); live delivery
 //! happens from the store thread right after the commit, so a 201 never reports something that could
 //! still be lost, and a client never sees a notification the store does not have.
+//!
+//! Idempotency: a send, batch or schedule with an `Idempotency-Key` hands the store the key, a SHA-256
+//! fingerprint of route and body, and the function that builds its answer. The store thread records
+//! the answer in the same transaction as the write, so a retry (even one racing the first request on
+//! another shard) gets the first answer byte for byte and stores nothing.
+
+use std::sync::Arc;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::store_unavailable;
 use crate::http::query::query_param;
+use crate::http::request::RequestHead;
 use crate::http::response::Response;
-use crate::model::{format_time, validate_user_id, FieldError, NewNotification, SendInput};
+use crate::model::{
+    format_time, now_millis, validate_user_id, write_json_str, FieldError, NewNotification,
+    Notification, SendInput,
+};
 use crate::shard::Shard;
-use crate::store::HistoryQuery;
+use crate::store::{Committed, HistoryQuery, IdempotencyKey, StoreError};
 
 /// Most notifications in one batch (API.md).
 pub const MAX_BATCH: usize = 1000;
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 /// History page size when the client names none.
 pub const DEFAULT_PAGE: usize = 50;
 /// Largest history page.
@@ -38,8 +52,132 @@ fn invalid_field(e: &FieldError) -> Response {
     Response::error(400, code, &e.message)
 }
 
+/// The `Idempotency-Key` of a request, with the fingerprint of its route and body. `Ok(None)` when
+/// the request has no key; an error response when the key is unusable.
+fn idempotency_key(head: &RequestHead, body: &[u8]) -> Result<Option<IdempotencyKey>, Response> {
+    let Some(raw) = head.header("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = std::str::from_utf8(raw).map(str::trim).unwrap_or("");
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_BYTES
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Response::error(
+            400,
+            "invalid_field",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    // The route is part of the fingerprint: the same key and body sent to /send and to /schedule are
+    // different requests.
+    let mut hasher = Sha256::new();
+    hasher.update(head.path().as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    Ok(Some(IdempotencyKey {
+        key: key.to_owned(),
+        fingerprint: hasher.finalize().into(),
+    }))
+}
+
+/// The answer to a write that may have carried an `Idempotency-Key`.
+fn committed_answer<T>(
+    result: Result<Committed<T>, StoreError>,
+    answer: impl FnOnce(&T) -> (u16, Vec<u8>),
+) -> Response {
+    match result {
+        Ok(Committed::Done(written)) => {
+            let (status, body) = answer(&written);
+            Response::json(status, body)
+        }
+        Ok(Committed::Replayed { status, body }) => Response::json(status, body),
+        Ok(Committed::KeyReused) => Response::error(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request in the last 24 hours",
+        ),
+        Err(e) => store_unavailable(e),
+    }
+}
+
+/// The answer to a committed send: `201 {"id","timestamp"}`.
+fn send_answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
+    match stored.first() {
+        Some(n) => (
+            201,
+            format!(
+                "{{\"id\":\"{}\",\"timestamp\":\"{}\"}}",
+                n.id,
+                format_time(n.created_at)
+            )
+            .into_bytes(),
+        ),
+        None => (
+            500,
+            br#"{"error":{"code":"internal","message":"nothing was stored"}}"#.to_vec(),
+        ),
+    }
+}
+
+/// The answer to a committed batch: `201 {"ids":[...]}`.
+fn batch_answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
+    let mut body = String::with_capacity(16 + stored.len() * 39);
+    body.push_str("{\"ids\":[");
+    for (i, n) in stored.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push('"');
+        body.push_str(&n.id.to_string());
+        body.push('"');
+    }
+    body.push_str("]}");
+    (201, body.into_bytes())
+}
+
+/// The answer to a committed schedule: `201 {"id","user_id","scheduled_at","created_at"}`.
+fn schedule_answer(n: &Notification) -> (u16, Vec<u8>) {
+    let mut body = Vec::with_capacity(160);
+    body.extend_from_slice(format!("{{\"id\":\"{}\",\"user_id\":", n.id).as_bytes());
+    match &n.user_id {
+        Some(user) => write_json_str(&mut body, user),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.extend_from_slice(
+        format!(
+            ",\"scheduled_at\":\"{}\",\"created_at\":\"{}\"}}",
+            format_time(n.scheduled_at.unwrap_or(n.created_at)),
+            format_time(n.created_at)
+        )
+        .as_bytes(),
+    );
+    (201, body)
+}
+
+/// Stores `list` (with its key, if any) and answers with `answer`.
+async fn store_and_answer(
+    shard: &Shard,
+    list: Vec<NewNotification>,
+    key: Option<IdempotencyKey>,
+    answer: crate::store::InsertAnswer,
+) -> Response {
+    let result = match key {
+        Some(key) => shard.store.insert_idempotent(list, key, answer).await,
+        None => shard.store.insert(list).await.map(Committed::Done),
+    };
+    if let Ok(Committed::Done(stored)) = &result {
+        shard.stats().notifications_stored(stored.len());
+    }
+    committed_answer(result, |stored| answer(stored))
+}
+
 /// `POST /api/v1/notifications/send` (and `POST /notifications`).
-pub async fn send(shard: &Shard, body: &mut [u8]) -> Response {
+pub async fn send(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+    let key = match idempotency_key(head, body) {
+        Ok(key) => key,
+        Err(r) => return r,
+    };
     let input: SendInput = match simd_json::serde::from_slice(body) {
         Ok(input) => input,
         Err(e) => return invalid_json(e),
@@ -48,21 +186,7 @@ pub async fn send(shard: &Shard, body: &mut [u8]) -> Response {
         Ok(n) => n,
         Err(e) => return invalid_field(&e),
     };
-    match shard.store.insert(vec![notification]).await {
-        Ok(stored) => {
-            shard.stats().notifications_stored(stored.len());
-            let Some(n) = stored.first() else {
-                return Response::error(500, "internal", "the store returned no notification");
-            };
-            let body = format!(
-                "{{\"id\":\"{}\",\"timestamp\":\"{}\"}}",
-                n.id,
-                format_time(n.created_at)
-            );
-            Response::json(201, body.into_bytes())
-        }
-        Err(e) => store_unavailable(e),
-    }
+    store_and_answer(shard, vec![notification], key, send_answer).await
 }
 
 /// The body of a batch.
@@ -100,7 +224,11 @@ fn validate_batch(input: BatchInput) -> Result<Vec<NewNotification>, FieldError>
 }
 
 /// `POST /api/v1/notifications/batch`: all or nothing.
-pub async fn batch(shard: &Shard, body: &mut [u8]) -> Response {
+pub async fn batch(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+    let key = match idempotency_key(head, body) {
+        Ok(key) => key,
+        Err(r) => return r,
+    };
     let input: BatchInput = match simd_json::serde::from_slice(body) {
         Ok(input) => input,
         Err(e) => return invalid_json(e),
@@ -109,22 +237,69 @@ pub async fn batch(shard: &Shard, body: &mut [u8]) -> Response {
         Ok(list) => list,
         Err(e) => return Response::error(400, "invalid_field", &e.message),
     };
-    match shard.store.insert(list).await {
-        Ok(stored) => {
-            shard.stats().notifications_stored(stored.len());
-            let mut body = String::with_capacity(16 + stored.len() * 39);
-            body.push_str("{\"ids\":[");
-            for (i, n) in stored.iter().enumerate() {
-                if i > 0 {
-                    body.push(',');
-                }
-                body.push('"');
-                body.push_str(&n.id.to_string());
-                body.push('"');
-            }
-            body.push_str("]}");
-            Response::json(201, body.into_bytes())
-        }
+    store_and_answer(shard, list, key, batch_answer).await
+}
+
+/// `POST /api/v1/notifications/schedule`.
+pub async fn schedule(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+    let key = match idempotency_key(head, body) {
+        Ok(key) => key,
+        Err(r) => return r,
+    };
+    let input: SendInput = match simd_json::serde::from_slice(body) {
+        Ok(input) => input,
+        Err(e) => return invalid_json(e),
+    };
+    let notification = match input.validate_scheduled(now_millis()) {
+        Ok(n) => n,
+        Err(e) => return invalid_field(&e),
+    };
+    let key = key.map(|k| (k, schedule_answer as crate::store::ScheduleAnswer));
+    let result = shard.store.schedule(notification, key).await;
+    committed_answer(result, |n| schedule_answer(n))
+}
+
+/// Parses the `:id` of a scheduled notification.
+fn schedule_id(raw: &str) -> Result<Uuid, Response> {
+    Uuid::parse_str(raw).map_err(|_| {
+        Response::error(
+            400,
+            "invalid_field",
+            "id must be a scheduled notification id (UUID)",
+        )
+    })
+}
+
+fn scheduled_not_found() -> Response {
+    Response::error(
+        404,
+        "not_found",
+        "no pending scheduled notification with this id (unknown, or already fired)",
+    )
+}
+
+/// `GET /api/v1/notifications/scheduled/:id`.
+pub async fn get_scheduled(shard: &Shard, id: &str) -> Response {
+    let id = match schedule_id(id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match shard.store.scheduled(id).await {
+        Ok(Some(n)) => Response::json(200, n.to_json()),
+        Ok(None) => scheduled_not_found(),
+        Err(e) => store_unavailable(e),
+    }
+}
+
+/// `DELETE /api/v1/notifications/scheduled/:id`.
+pub async fn cancel_scheduled(shard: &Shard, id: &str) -> Response {
+    let id = match schedule_id(id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match shard.store.cancel_scheduled(id).await {
+        Ok(true) => Response::empty(204),
+        Ok(false) => scheduled_not_found(),
         Err(e) => store_unavailable(e),
     }
 }

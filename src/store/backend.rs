@@ -16,7 +16,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
-use crate::model::{Millis, Notification};
+use crate::model::{IdGenerator, Millis, Notification};
 
 /// A failure of the database, as a message for the logs and the 503 answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +32,50 @@ impl fmt::Display for BackendError {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum WriteRequest {
     /// Store these notifications (ids fresh from the store thread's generator, ascending).
-    Insert(Vec<Arc<Notification>>),
+    ///
+    /// With an idempotency record: first look the key up (unexpired: created after
+    /// `now - IDEMPOTENCY_TTL_MS`). Same fingerprint: store nothing, answer
+    /// [`WriteOutcome::Replayed`] with the recorded answer. Other fingerprint: store nothing, answer
+    /// [`WriteOutcome::KeyReused`]. Unknown (or expired) key: store the notifications AND the record
+    /// (replacing an expired one), answer [`WriteOutcome::Inserted`].
+    Insert {
+        /// The notifications.
+        notifications: Vec<Arc<Notification>>,
+        /// The `Idempotency-Key` claim, if the producer sent one.
+        idempotency: Option<IdempotencyRecord>,
+    },
+    /// Store a pending scheduled notification (its id is the schedule's id; `scheduled_at` is set).
+    /// Idempotency as for [`WriteRequest::Insert`], answering [`WriteOutcome::Scheduled`] when stored.
+    Schedule {
+        /// The pending notification.
+        notification: Arc<Notification>,
+        /// The `Idempotency-Key` claim, if the producer sent one.
+        idempotency: Option<IdempotencyRecord>,
+    },
+    /// Remove a pending scheduled notification: [`WriteOutcome::Cancelled`] says whether it was pending.
+    CancelScheduled {
+        /// The schedule's id.
+        id: Uuid,
+    },
+    /// Claim up to `limit` pending scheduled notifications due at `now` (oldest `scheduled_at` first;
+    /// on PostgreSQL with `FOR UPDATE SKIP LOCKED`, so concurrent nodes never claim the same one),
+    /// remove them from the pending table and store each as a notification with a NEW id from `ids`
+    /// (so id order stays commit order) and `created_at` = now, keeping its `scheduled_at`. Answers
+    /// [`WriteOutcome::Fired`] with the stored notifications in id order. Always the last request of
+    /// its batch, so its ids are above every other id of the batch.
+    FireDue {
+        /// Most to fire in this batch.
+        limit: usize,
+    },
+    /// Retention: delete up to `limit` notifications created before `created_before`, and every
+    /// idempotency record older than `now - IDEMPOTENCY_TTL_MS`. Answers [`WriteOutcome::Purged`] with
+    /// the number of notifications deleted.
+    Purge {
+        /// The cut-off; `None` keeps notifications forever (only idempotency records are purged).
+        created_before: Option<Millis>,
+        /// Most notifications to delete in this batch, so a purge never holds the write lock long.
+        limit: usize,
+    },
     /// Set `read_at` if unset, on that notification of that user's inbox.
     MarkRead {
         /// Whose inbox.
@@ -66,6 +109,52 @@ pub(crate) enum WriteOutcome {
     MarkedAllRead(u64),
     /// Whether [`WriteRequest::Delete`] found the notification.
     Deleted(bool),
+    /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for the same
+    /// request: nothing was written; this is the first answer.
+    Replayed {
+        /// The first answer's HTTP status.
+        status: u16,
+        /// The first answer's body, byte for byte.
+        body: Vec<u8>,
+    },
+    /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for a different
+    /// request: nothing was written.
+    KeyReused,
+    /// The notification of a [`WriteRequest::Schedule`] is pending.
+    Scheduled,
+    /// Whether [`WriteRequest::CancelScheduled`] found it pending.
+    Cancelled(bool),
+    /// What [`WriteRequest::FireDue`] stored, in id order.
+    Fired(Vec<Arc<Notification>>),
+    /// How many notifications [`WriteRequest::Purge`] deleted.
+    Purged(u64),
+}
+
+#[cfg(test)]
+impl WriteRequest {
+    /// An insert without an idempotency key (tests).
+    pub(crate) fn plain_insert(notifications: Vec<Arc<Notification>>) -> WriteRequest {
+        WriteRequest::Insert {
+            notifications,
+            idempotency: None,
+        }
+    }
+}
+
+/// How long an `Idempotency-Key` is remembered (API.md: 24 hours).
+pub(crate) const IDEMPOTENCY_TTL_MS: Millis = 24 * 60 * 60 * 1000;
+
+/// An `Idempotency-Key` with the request it was used for and the answer that request got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IdempotencyRecord {
+    /// The producer's key.
+    pub key: String,
+    /// SHA-256 of the route and the body: tells a retry from a different request with the same key.
+    pub fingerprint: [u8; 32],
+    /// The answer's HTTP status.
+    pub status: u16,
+    /// The answer's body, returned byte for byte to a retry.
+    pub body: Vec<u8>,
 }
 
 /// The store thread's connection to a database.
@@ -73,11 +162,13 @@ pub(crate) trait WriteBackend: Send + 'static {
     /// Applies every request in ONE transaction, in order (a later request sees an earlier one's
     /// effect), and commits. On success returns one outcome per request, in order; on any failure rolls
     /// everything back and returns the error: all-or-nothing for the whole batch. `now` is the time
-    /// written as `read_at`.
+    /// written as `read_at` and the clock of scheduling, retention and idempotency; `ids` numbers the
+    /// notifications [`WriteRequest::FireDue`] stores.
     fn apply_batch(
         &mut self,
         requests: &[WriteRequest],
         now: Millis,
+        ids: &mut IdGenerator,
     ) -> Result<Vec<WriteOutcome>, BackendError>;
 }
 
@@ -87,6 +178,8 @@ pub(crate) trait ReadBackend: Send + 'static {
     fn history(&mut self, query: &HistoryQuery) -> Result<HistoryPage, BackendError>;
     /// What a resuming connection missed (see [`super::Store::replay`]).
     fn replay(&mut self, query: &ReplayQuery) -> Result<Vec<Notification>, BackendError>;
+    /// A pending scheduled notification by its schedule id (see [`super::Store::scheduled`]).
+    fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError>;
     /// A trivial query, to prove the connection works.
     fn ping(&mut self) -> Result<(), BackendError>;
 }

@@ -21,8 +21,9 @@
 //! waits behind a 4096-op write batch, and a slow read never delays a commit. Reads are independent, so
 //! they are simply spread over the pool through one shared queue.
 //!
-//! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`; SQLite
-//! (`sqlite.rs`) is today's only implementation, and PostgreSQL plugs into the same seam later.
+//! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`, which two
+//! databases implement: SQLite (`sqlite.rs`, embedded, the default) and PostgreSQL (`postgres.rs`, the
+//! shared database of several nodes). One test suite (`tests.rs`) runs against both.
 //!
 //! Both queues are bounded and sending never blocks: a full queue answers
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
@@ -69,8 +70,9 @@ pub enum StoreUrl {
     /// `sqlite://path` or `sqlite:path`: an embedded database file, relative to the working directory
     /// or absolute (`sqlite:///var/lib/ns/notifications.db`).
     Sqlite(PathBuf),
-    /// `postgres://...` or `postgresql://...`: the shared database of a multi-node deployment. Parsed
-    /// now so configuration errors show early; [`Store::open`] refuses it until the backend exists.
+    /// `postgres://...` or `postgresql://...`: the shared database of a multi-node deployment, as a
+    /// libpq-style URL. The tables live in the first schema of the session's `search_path`; choose one
+    /// with `?options=-csearch_path%3D<schema>` (percent-encoded `-c search_path=<schema>`).
     Postgres(String),
 }
 
@@ -128,6 +130,9 @@ pub struct StoreConfig {
     /// transaction stays bounded however the notifications are grouped into requests; a single request
     /// larger than this still commits, alone, as one transaction (it must be all-or-nothing).
     pub max_batch: usize,
+    /// `RETENTION_DAYS`: notifications older than this are deleted in small batches; `None` keeps
+    /// them forever.
+    pub retention: Option<std::time::Duration>,
 }
 
 impl StoreConfig {
@@ -137,6 +142,7 @@ impl StoreConfig {
             url,
             reader_threads: DEFAULT_READER_THREADS,
             max_batch: DEFAULT_MAX_BATCH,
+            retention: None,
         }
     }
 }
@@ -170,6 +176,38 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+/// An `Idempotency-Key` and the request it came with (API.md, "Idempotency").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The producer's key.
+    pub key: String,
+    /// SHA-256 of the route and the body, so the same key with another body is told apart.
+    pub fingerprint: [u8; 32],
+}
+
+/// Builds the HTTP answer (status, body) of a committed insert; recorded with its `Idempotency-Key`
+/// and returned byte for byte to a retry.
+pub type InsertAnswer = fn(&[Arc<Notification>]) -> (u16, Vec<u8>);
+/// Builds the HTTP answer of a committed schedule (see [`InsertAnswer`]).
+pub type ScheduleAnswer = fn(&Notification) -> (u16, Vec<u8>);
+
+/// The outcome of a write that may carry an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Committed<T> {
+    /// Written now.
+    Done(T),
+    /// A retry: the key was used for the same request within 24 h. Nothing was written; this is the
+    /// first answer, to return byte for byte.
+    Replayed {
+        /// The first answer's HTTP status.
+        status: u16,
+        /// The first answer's body.
+        body: Vec<u8>,
+    },
+    /// The key was used for a different request within 24 h; nothing was written (API: 422).
+    KeyReused,
+}
 
 /// A page of a user's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,7 +360,7 @@ impl<T> Future for StoreFuture<T> {
 /// The handle shards use. Cheap to clone (two queue senders and a counter pointer); one per shard.
 /// Every method queues a request without blocking and returns a [`StoreFuture`] of the reply.
 ///
-/// The store threads run until every clone is dropped.
+/// The store threads run until [`Store::close`], or until every clone is dropped.
 #[derive(Clone)]
 pub struct Store {
     /// To the store thread.
@@ -331,6 +369,8 @@ pub struct Store {
     reads: Sender<ReadOp>,
     /// The counters the threads update.
     counters: Arc<Counters>,
+    /// How many reader threads [`Store::close`] must stop.
+    reader_count: usize,
 }
 
 /// The store's threads. [`StoreThreads::join`] waits for them to finish.
@@ -367,7 +407,10 @@ impl StoreThreads {
 
 impl Store {
     /// Opens the store: for SQLite, creates the file's folder if missing, opens the file in WAL mode,
-    /// applies the migrations, then starts the store thread and the reader threads.
+    /// applies the migrations; for PostgreSQL, applies the migrations (under an advisory lock, so
+    /// several nodes may start at once) and connects the writer and every reader, so an unreachable
+    /// server or a wrong URL fails here, with the URL shown without its password. Then starts the store
+    /// thread and the reader threads.
     pub fn open(
         config: &StoreConfig,
         listener: Box<dyn CommitListener>,
@@ -385,7 +428,7 @@ impl Store {
                     write_backend,
                     read_backends,
                     vec![checkpointer],
-                    config.max_batch,
+                    config,
                     listener,
                 )
             }
@@ -397,13 +440,7 @@ impl Store {
                     .map(|i| postgres::PostgresReader::open(&target, i))
                     .collect::<Result<Vec<_>, String>>()?;
                 tracing::info!(%target, readers, migrations_applied = applied, "store opened (postgres)");
-                Store::start(
-                    write_backend,
-                    read_backends,
-                    Vec::new(),
-                    config.max_batch,
-                    listener,
-                )
+                Store::start(write_backend, read_backends, Vec::new(), config, listener)
             }
         }
     }
@@ -415,7 +452,7 @@ impl Store {
         write_backend: W,
         read_backends: Vec<R>,
         helpers: Vec<JoinHandle<()>>,
-        max_batch: usize,
+        config: &StoreConfig,
         listener: Box<dyn CommitListener>,
     ) -> Result<(Store, StoreThreads), String> {
         let counters = Arc::new(Counters::default());
@@ -428,11 +465,13 @@ impl Store {
             .enumerate()
             .map(|(i, b)| reader::spawn(i, b, read_rx.clone(), counters.clone()).map_err(spawn_err))
             .collect::<Result<Vec<_>, String>>()?;
+        let reader_count = readers.len();
         let writer = writer::spawn(
             write_backend,
             write_rx,
             listener,
-            max_batch.max(1),
+            config.max_batch.max(1),
+            config.retention,
             counters.clone(),
         )
         .map_err(spawn_err)?;
@@ -440,6 +479,7 @@ impl Store {
             writes: write_tx,
             reads: read_tx,
             counters,
+            reader_count,
         };
         Ok((
             store,
@@ -455,11 +495,86 @@ impl Store {
     /// of `batch` in the current group-commit transaction, all-or-nothing. Resolves to the stored
     /// notifications, in `batch` order (which is id order), only after COMMIT returned and the
     /// [`CommitListener`] was called. An empty batch resolves at once to an empty list.
-    pub fn insert(&self, batch: Vec<NewNotification>) -> StoreFuture<Vec<Arc<Notification>>> {
-        if batch.is_empty() {
-            return StoreFuture::ready(Ok(Vec::new()));
+    pub fn insert(
+        &self,
+        batch: Vec<NewNotification>,
+    ) -> impl Future<Output = Result<Vec<Arc<Notification>>, StoreError>> + 'static {
+        // Queued now, not at the first poll (see StoreFuture).
+        let committed = if batch.is_empty() {
+            StoreFuture::ready(Ok(Committed::Done(Vec::new())))
+        } else {
+            self.write(|reply| WriteOp::Insert {
+                batch,
+                idempotency: None,
+                reply,
+            })
+        };
+        async move {
+            match committed.await? {
+                Committed::Done(stored) => Ok(stored),
+                // Only a keyed insert can be replayed or refused.
+                Committed::Replayed { .. } | Committed::KeyReused => Err(StoreError::Unavailable(
+                    "store answered a keyed outcome to an insert without a key".to_owned(),
+                )),
+            }
         }
-        self.write(|reply| WriteOp::Insert { batch, reply })
+    }
+
+    /// Like [`Store::insert`], with an `Idempotency-Key`: in the same transaction the key is looked up
+    /// and, if new, recorded with the answer `answer` builds from the stored notifications. A retry
+    /// within 24 h resolves to [`Committed::Replayed`] with that answer and stores nothing; the same
+    /// key with another fingerprint resolves to [`Committed::KeyReused`]. Retries racing each other on
+    /// different shards are serialized by the store thread, so exactly one stores.
+    pub fn insert_idempotent(
+        &self,
+        batch: Vec<NewNotification>,
+        key: IdempotencyKey,
+        answer: InsertAnswer,
+    ) -> StoreFuture<Committed<Vec<Arc<Notification>>>> {
+        self.write(|reply| WriteOp::Insert {
+            batch,
+            idempotency: Some((key, answer)),
+            reply,
+        })
+    }
+
+    /// Stores a pending scheduled notification (`scheduled_at` set), optionally under an
+    /// `Idempotency-Key` as for [`Store::insert_idempotent`]. Resolves to the pending notification: its
+    /// id is the schedule's id (for [`Store::scheduled`] and [`Store::cancel_scheduled`]) and its
+    /// `created_at` the time it was scheduled. When due, the store thread stores it as a notification
+    /// with a new id (commit order) and delivers it like a send.
+    pub fn schedule(
+        &self,
+        notification: NewNotification,
+        key: Option<(IdempotencyKey, ScheduleAnswer)>,
+    ) -> StoreFuture<Committed<Arc<Notification>>> {
+        self.write(|reply| WriteOp::Schedule {
+            notification,
+            idempotency: key,
+            reply,
+        })
+    }
+
+    /// Cancels a pending scheduled notification; resolves to `false` if unknown or already fired.
+    pub fn cancel_scheduled(&self, id: Uuid) -> StoreFuture<bool> {
+        self.write(|reply| WriteOp::CancelScheduled { id, reply })
+    }
+
+    /// A pending scheduled notification by its schedule id; `None` if unknown or already fired.
+    pub fn scheduled(&self, id: Uuid) -> StoreFuture<Option<Notification>> {
+        self.read(|reply| ReadOp::Scheduled { id, reply })
+    }
+
+    /// Stops the store explicitly: the store thread commits everything queued before this call, then
+    /// exits, and the reader threads exit. Later requests (from handles still alive) answer
+    /// [`StoreError::Closed`]. Shutdown uses this rather than waiting for every handle to be dropped,
+    /// so a task that outlived its shard cannot keep the process from exiting.
+    pub fn close(&self) {
+        // Blocking sends: this runs on the main thread at shutdown, behind whatever is queued.
+        let _ = self.writes.send(WriteOp::Close);
+        for _ in 0..self.reader_count {
+            let _ = self.reads.send(ReadOp::Close);
+        }
     }
 
     /// Sets `read_at` to now if the notification is unread (a second call keeps the first `read_at`).

@@ -23,6 +23,16 @@
 //! as on SQLite. If any statement fails, the rest of the transaction is refused by the server and the
 //! whole batch is rolled back: all-or-nothing, as the seam requires.
 //!
+//! **Idempotency keys, scheduling and retention** follow `sqlite.rs` request for request, each in ONE
+//! statement so it pipelines like the rest: a keyed insert or schedule looks its key up, records it and
+//! writes (or not) through data-modifying CTEs guarded by whether the record was stored, which also
+//! settles two nodes racing with one key (the loser waits for the winner's commit on the key's unique
+//! index, writes nothing, and answers the winner's first answer). The claim of due scheduled
+//! notifications is `FOR UPDATE SKIP LOCKED`, so nodes sharing the database fire each one exactly once
+//! and never wait for each other; it needs the claimed rows back before it can insert them with new
+//! ids, so it is the one request that ends the pipeline before it and starts a new one after it.
+//! Retention deletes with `SKIP LOCKED` too, so a purge never waits on a row another node is using.
+//!
 //! **Reads** are each ONE statement: a history page and both counts come from one query, so they share
 //! one snapshot (what SQLite's read transaction gives) in one round trip. Reader sessions are
 //! `default_transaction_read_only`, so a bug here cannot write.
@@ -62,6 +72,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -72,9 +83,13 @@ use tokio_postgres::types::{accepts, to_sql_checked, FromSql, IsNull, ToSql, Typ
 use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
-use super::backend::{BackendError, ReadBackend, WriteBackend, WriteOutcome, WriteRequest};
+use super::backend::{
+    BackendError, IdempotencyRecord, ReadBackend, WriteBackend, WriteOutcome, WriteRequest,
+    IDEMPOTENCY_TTL_MS,
+};
+use super::sqlite::{fired_notification, first_id_of};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
-use crate::model::{Millis, Notification};
+use crate::model::{IdGenerator, Millis, Notification};
 
 /// Longest wait for a TCP connection to the server, unless the URL's `connect_timeout` says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,10 +147,16 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in order. Embedded in the binary so a deployment is one file.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../../migrations/postgres/0001_init.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../migrations/postgres/0002_scheduling_idempotency.sql"),
+    },
+];
 
 /// The bookkeeping table of the migration runner.
 const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -152,29 +173,133 @@ macro_rules! columns {
     };
 }
 
-/// A run of inserted notifications and their channel-index rows, in one statement. Every column is an
-/// array with one element per notification (`channels` as a JSON array text per notification, since
-/// PostgreSQL arrays cannot be ragged), turned back into rows by UNNEST; the channel rows come as two
-/// parallel arrays of (channel, id). The CTE's insert runs even though nothing reads from it.
-/// `ON CONFLICT DO NOTHING`: a producer may list the same channel twice; it is one channel.
-const INSERT_NOTIFICATIONS: &str = "WITH inserted AS (
-    INSERT INTO notifications (id, user_id, type, title, message, channels, broadcast, data,
-                               created_at, read_at, delivered_at, seen_at, scheduled_at)
-    SELECT n.id, n.user_id, n.type, n.title, n.message,
-           ARRAY(SELECT c.name FROM jsonb_array_elements_text(n.channels::jsonb)
-                                    WITH ORDINALITY AS c(name, position)
-                 ORDER BY c.position),
-           n.broadcast, n.data::jsonb, n.created_at, n.read_at, n.delivered_at, n.seen_at,
-           n.scheduled_at
-    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::boolean[], $8::text[], $9::timestamptz[], $10::timestamptz[],
-                $11::timestamptz[], $12::timestamptz[], $13::timestamptz[])
-         AS n(id, user_id, type, title, message, channels, broadcast, data, created_at, read_at,
-              delivered_at, seen_at, scheduled_at)
-)
-INSERT INTO notification_channels (channel, id)
-SELECT * FROM UNNEST($14::text[], $15::uuid[])
-ON CONFLICT DO NOTHING";
+/// The columns of a pending scheduled row, in the order of [`columns!`] (the fields a pending
+/// notification cannot have yet are NULL), so [`notification_from_row`] decodes both tables.
+macro_rules! scheduled_columns {
+    () => {
+        "id, user_id, type, title, message, channels, broadcast, data::text AS data, created_at, \
+         NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, scheduled_at"
+    };
+}
+
+/// The `Idempotency-Key` part of a write, as CTEs that open the statement: `found` is the unexpired
+/// record of the key, `recorded` stores the new record when there is none (replacing an expired one),
+/// and `proceed` says whether the write itself goes ahead (no key, or the record was stored). The
+/// write's own CTEs follow, each guarded by `proceed`, and [`claim_verdict!`] ends the statement.
+/// Parameters: `$1` key (NULL: no key), `$2` fingerprint, `$3` status, `$4` body, `$5` the expiry
+/// cut-off (a record created at or before it is expired), `$6` now.
+///
+/// Nodes sharing the database may race with the same key: both miss it in `found` (neither sees the
+/// other's uncommitted row); the second one's insert then waits for the first to commit, meets the
+/// conflict, and its `DO UPDATE` is skipped because the winner's record is not expired, so `recorded`
+/// is empty and the second writes nothing. [`keyed_verdict`] then reads the winner's record.
+macro_rules! claim_key {
+    () => {
+        "WITH found AS (
+            SELECT fingerprint, status, body FROM idempotency_keys WHERE key = $1 AND created_at > $5
+        ),
+        recorded AS (
+            INSERT INTO idempotency_keys (key, fingerprint, status, body, created_at)
+            SELECT $1, $2::bytea, $3::integer, $4::bytea, $6::timestamptz
+            WHERE $1 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM found)
+            ON CONFLICT (key) DO UPDATE
+                SET fingerprint = excluded.fingerprint, status = excluded.status,
+                    body = excluded.body, created_at = excluded.created_at
+                WHERE idempotency_keys.created_at <= $5
+            RETURNING 1
+        ),
+        proceed AS (
+            SELECT $1::text IS NULL OR EXISTS (SELECT 1 FROM recorded) AS yes
+        ),"
+    };
+}
+
+/// Ends a statement that opened with [`claim_key!`]: one row with whether a record was stored and the
+/// unexpired record found, if any.
+macro_rules! claim_verdict {
+    () => {
+        " SELECT (SELECT count(*) FROM recorded), found.fingerprint, found.status, found.body
+          FROM (SELECT 1) AS one LEFT JOIN found ON true"
+    };
+}
+
+/// Inserts notifications and their channel-index rows in ONE statement, whatever their number, under
+/// an optional `Idempotency-Key` (see [`claim_key!`], `$1`–`$6`). Every notification column is an
+/// array with one element per notification (`$7`–`$19`; `channels` as a JSON array text per
+/// notification, since PostgreSQL arrays cannot be ragged), turned back into rows by UNNEST; the
+/// channel rows come as two parallel arrays of (channel, id) (`$20`, `$21`). The CTEs' inserts run
+/// even though nothing reads from them. `ON CONFLICT DO NOTHING`: a producer may list the same channel
+/// twice; it is one channel.
+const INSERT_NOTIFICATIONS: &str = concat!(
+    claim_key!(),
+    "
+    inserted AS (
+        INSERT INTO notifications (id, user_id, type, title, message, channels, broadcast, data,
+                                   created_at, read_at, delivered_at, seen_at, scheduled_at)
+        SELECT n.id, n.user_id, n.type, n.title, n.message,
+               ARRAY(SELECT c.name FROM jsonb_array_elements_text(n.channels::jsonb)
+                                        WITH ORDINALITY AS c(name, position)
+                     ORDER BY c.position),
+               n.broadcast, n.data::jsonb, n.created_at, n.read_at, n.delivered_at, n.seen_at,
+               n.scheduled_at
+        FROM UNNEST($7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                    $13::boolean[], $14::text[], $15::timestamptz[], $16::timestamptz[],
+                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[])
+             AS n(id, user_id, type, title, message, channels, broadcast, data, created_at,
+                  read_at, delivered_at, seen_at, scheduled_at)
+        WHERE (SELECT yes FROM proceed)
+    ),
+    indexed AS (
+        INSERT INTO notification_channels (channel, id)
+        SELECT * FROM UNNEST($20::text[], $21::uuid[]) WHERE (SELECT yes FROM proceed)
+        ON CONFLICT DO NOTHING
+    )",
+    claim_verdict!()
+);
+/// Stores a pending scheduled notification (`$7`–`$16`) under an optional `Idempotency-Key` (see
+/// [`claim_key!`]).
+const SCHEDULE: &str = concat!(
+    claim_key!(),
+    "
+    scheduled AS (
+        INSERT INTO scheduled_notifications (id, user_id, type, title, message, channels,
+                                             broadcast, data, created_at, scheduled_at)
+        SELECT $7::uuid, $8::text, $9::text, $10::text, $11::text, $12::text[], $13::boolean,
+               $14::text::jsonb, $15::timestamptz, $16::timestamptz
+        WHERE (SELECT yes FROM proceed)
+    )",
+    claim_verdict!()
+);
+/// The unexpired record of a key, read after losing a race for it (see [`claim_key!`]).
+const IDEMPOTENCY_LOOKUP: &str =
+    "SELECT fingerprint, status, body FROM idempotency_keys WHERE key = $1 AND created_at > $2";
+/// Cancels a pending scheduled notification.
+const CANCEL_SCHEDULED: &str = "DELETE FROM scheduled_notifications WHERE id = $1";
+/// Claims the due ones, oldest due first. `SKIP LOCKED`: rows another node is claiming right now are
+/// left to it, so with several nodes on one database each notification fires exactly once and no
+/// node waits for another.
+const CLAIM_DUE: &str = concat!(
+    "DELETE FROM scheduled_notifications WHERE id IN (
+        SELECT id FROM scheduled_notifications WHERE scheduled_at <= $1
+        ORDER BY scheduled_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
+    ) RETURNING ",
+    scheduled_columns!()
+);
+/// One pending scheduled notification.
+const SCHEDULED: &str = concat!(
+    "SELECT ",
+    scheduled_columns!(),
+    " FROM scheduled_notifications WHERE id = $1"
+);
+/// Retention and expiry in one statement: every idempotency record created at or before `$1`, and up
+/// to `$3` notifications with an id below `$2`. Ids are UUIDv7, so "created before t" is "id below the
+/// smallest id of t", a range scan of the primary key from its old end. `SKIP LOCKED`: rows another
+/// node is purging (or a user is marking read) are left for a later run instead of waited for. The
+/// trigger of migration 1 removes the channel rows.
+const PURGE: &str = "WITH expired AS (DELETE FROM idempotency_keys WHERE created_at <= $1)
+    DELETE FROM notifications WHERE id IN (
+        SELECT id FROM notifications WHERE id < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED
+    )";
 /// `COALESCE` keeps the first `read_at`; `RETURNING` gives the row back without a second lookup.
 const MARK_READ: &str = concat!(
     "UPDATE notifications SET read_at = COALESCE(read_at, $3) WHERE id = $1 AND user_id = $2 \
@@ -791,6 +916,16 @@ fn sql_int(n: usize) -> i64 {
 struct WriterStatements {
     /// [`INSERT_NOTIFICATIONS`].
     insert: Statement,
+    /// [`SCHEDULE`].
+    schedule: Statement,
+    /// [`IDEMPOTENCY_LOOKUP`].
+    idempotency_lookup: Statement,
+    /// [`CANCEL_SCHEDULED`].
+    cancel_scheduled: Statement,
+    /// [`CLAIM_DUE`].
+    claim_due: Statement,
+    /// [`PURGE`].
+    purge: Statement,
     /// [`MARK_READ`].
     mark_read: Statement,
     /// [`MARK_ALL_READ`].
@@ -805,6 +940,11 @@ impl Statements for WriterStatements {
     async fn prepare(client: &Client) -> Result<WriterStatements, tokio_postgres::Error> {
         Ok(WriterStatements {
             insert: client.prepare(INSERT_NOTIFICATIONS).await?,
+            schedule: client.prepare(SCHEDULE).await?,
+            idempotency_lookup: client.prepare(IDEMPOTENCY_LOOKUP).await?,
+            cancel_scheduled: client.prepare(CANCEL_SCHEDULED).await?,
+            claim_due: client.prepare(CLAIM_DUE).await?,
+            purge: client.prepare(PURGE).await?,
             mark_read: client.prepare(MARK_READ).await?,
             mark_all_read: client.prepare(MARK_ALL_READ).await?,
             delete: client.prepare(DELETE).await?,
@@ -812,166 +952,492 @@ impl Statements for WriterStatements {
     }
 }
 
-/// One statement of a batch's pipeline.
+/// One statement of a batch's pipeline (two for [`Step::FireDue`], which is why it runs alone).
 enum Step<'a> {
-    /// Consecutive [`WriteRequest::Insert`]s (`requests` of them), as one multi-row insert.
+    /// Consecutive [`WriteRequest::Insert`]s without a key (`requests` of them), as one insert.
     Insert {
         /// Every notification of the run, in order.
         rows: Vec<&'a Notification>,
         /// How many requests the run merges: each gets an [`WriteOutcome::Inserted`].
         requests: usize,
     },
+    /// A [`WriteRequest::Insert`] with an `Idempotency-Key`: alone, since its key decides whether
+    /// it writes.
+    KeyedInsert {
+        /// The notifications.
+        rows: Vec<&'a Notification>,
+        /// The key's record.
+        record: &'a IdempotencyRecord,
+    },
+    /// A [`WriteRequest::FireDue`]: claims, then inserts what it claimed, so it waits for the
+    /// statements before it and the ones after it wait for it.
+    FireDue {
+        /// Most to fire.
+        limit: usize,
+    },
     /// Any other request, one statement.
     Single(&'a WriteRequest),
 }
 
-/// Groups a batch into the statements that apply it: each run of consecutive inserts merges into one.
-/// Order is kept, so each statement still sees the effect of the requests before it.
+/// Groups a batch into the statements that apply it: each run of consecutive inserts without a key
+/// merges into one. Order is kept, so each statement still sees the effect of the requests before it.
 fn plan(requests: &[WriteRequest]) -> Vec<Step<'_>> {
     let mut steps: Vec<Step<'_>> = Vec::new();
     for request in requests {
         match (request, steps.last_mut()) {
-            (WriteRequest::Insert(stored), Some(Step::Insert { rows, requests })) => {
-                rows.extend(stored.iter().map(|n| &**n));
+            (
+                WriteRequest::Insert {
+                    notifications,
+                    idempotency: None,
+                },
+                Some(Step::Insert { rows, requests }),
+            ) => {
+                rows.extend(notifications.iter().map(|n| &**n));
                 *requests += 1;
             }
-            (WriteRequest::Insert(stored), _) => steps.push(Step::Insert {
-                rows: stored.iter().map(|n| &**n).collect(),
+            (
+                WriteRequest::Insert {
+                    notifications,
+                    idempotency: None,
+                },
+                _,
+            ) => steps.push(Step::Insert {
+                rows: notifications.iter().map(|n| &**n).collect(),
                 requests: 1,
             }),
+            (
+                WriteRequest::Insert {
+                    notifications,
+                    idempotency: Some(record),
+                },
+                _,
+            ) => steps.push(Step::KeyedInsert {
+                rows: notifications.iter().map(|n| &**n).collect(),
+                record,
+            }),
+            (WriteRequest::FireDue { limit }, _) => steps.push(Step::FireDue { limit: *limit }),
             (other, _) => steps.push(Step::Single(other)),
         }
     }
     steps
 }
 
-/// Runs one step and returns the outcomes of the requests it covers. The statement is sent on the
-/// first poll (before the first await), which is what lets [`apply_batch_on`] pipeline the steps.
+/// The clock of one batch: `now`, and the idempotency expiry cut-off derived from it.
+#[derive(Debug, Clone, Copy)]
+struct BatchClock {
+    /// The batch's time (`read_at`, due times, records' creation).
+    now: Timestamp,
+    /// Idempotency records created at or before this are expired.
+    expired_before: Timestamp,
+}
+
+/// A key's record as the parameters `$1`–`$6` of a statement opening with [`claim_key!`].
+struct KeyParams<'a> {
+    /// `$1`; `None` for a write without a key.
+    key: Option<&'a str>,
+    /// `$2`.
+    fingerprint: Option<&'a [u8]>,
+    /// `$3`.
+    status: Option<i32>,
+    /// `$4`.
+    body: Option<&'a [u8]>,
+    /// `$5` and `$6`.
+    clock: BatchClock,
+}
+
+impl<'a> KeyParams<'a> {
+    /// The parameters of `record`, or the NULLs of "no key".
+    fn new(record: Option<&'a IdempotencyRecord>, clock: BatchClock) -> KeyParams<'a> {
+        KeyParams {
+            key: record.map(|r| r.key.as_str()),
+            fingerprint: record.map(|r| r.fingerprint.as_slice()),
+            status: record.map(|r| i32::from(r.status)),
+            body: record.map(|r| r.body.as_slice()),
+            clock,
+        }
+    }
+
+    /// `$1`–`$6`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.key,
+            &self.fingerprint,
+            &self.status,
+            &self.body,
+            &self.clock.expired_before,
+            &self.clock.now,
+        ]
+    }
+}
+
+/// The notifications of an insert as the columns-as-arrays `$7`–`$21` of [`INSERT_NOTIFICATIONS`].
+struct InsertArrays<'a> {
+    /// `$7`.
+    ids: Vec<Uuid>,
+    /// `$8`.
+    user_ids: Vec<Option<&'a str>>,
+    /// `$9`.
+    kinds: Vec<&'a str>,
+    /// `$10`.
+    titles: Vec<&'a str>,
+    /// `$11`.
+    messages: Vec<&'a str>,
+    /// `$12`: each a JSON array of channel names.
+    channels: Vec<String>,
+    /// `$13`.
+    broadcasts: Vec<bool>,
+    /// `$14`.
+    data: Vec<&'a str>,
+    /// `$15`.
+    created: Vec<Timestamp>,
+    /// `$16`.
+    read: Vec<Option<Timestamp>>,
+    /// `$17`.
+    delivered: Vec<Option<Timestamp>>,
+    /// `$18`.
+    seen: Vec<Option<Timestamp>>,
+    /// `$19`.
+    scheduled: Vec<Option<Timestamp>>,
+    /// `$20`: the channel of each channel-index row.
+    channel_names: Vec<&'a str>,
+    /// `$21`: the notification of each channel-index row.
+    channel_ids: Vec<Uuid>,
+}
+
+impl<'a> InsertArrays<'a> {
+    /// Transposes the rows into columns.
+    fn new(rows: &[&'a Notification]) -> Result<InsertArrays<'a>, Failure> {
+        let count = rows.len();
+        let mut arrays = InsertArrays {
+            ids: Vec::with_capacity(count),
+            user_ids: Vec::with_capacity(count),
+            kinds: Vec::with_capacity(count),
+            titles: Vec::with_capacity(count),
+            messages: Vec::with_capacity(count),
+            channels: Vec::with_capacity(count),
+            broadcasts: Vec::with_capacity(count),
+            data: Vec::with_capacity(count),
+            created: Vec::with_capacity(count),
+            read: Vec::with_capacity(count),
+            delivered: Vec::with_capacity(count),
+            seen: Vec::with_capacity(count),
+            scheduled: Vec::with_capacity(count),
+            channel_names: Vec::new(),
+            channel_ids: Vec::new(),
+        };
+        for &n in rows {
+            arrays.ids.push(n.id);
+            arrays.user_ids.push(n.user_id.as_deref());
+            arrays.kinds.push(&n.kind);
+            arrays.titles.push(&n.title);
+            arrays.messages.push(&n.message);
+            arrays.channels.push(
+                serde_json::to_string(&n.channels)
+                    .map_err(|e| Failure::Data(format!("cannot encode channels: {e}")))?,
+            );
+            arrays.broadcasts.push(n.broadcast);
+            arrays.data.push(&n.data);
+            arrays.created.push(Timestamp(n.created_at));
+            arrays.read.push(n.read_at.map(Timestamp));
+            arrays.delivered.push(n.delivered_at.map(Timestamp));
+            arrays.seen.push(n.seen_at.map(Timestamp));
+            arrays.scheduled.push(n.scheduled_at.map(Timestamp));
+            for channel in &n.channels {
+                arrays.channel_names.push(channel);
+                arrays.channel_ids.push(n.id);
+            }
+        }
+        Ok(arrays)
+    }
+
+    /// `$7`–`$21`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+        [
+            &self.ids,
+            &self.user_ids,
+            &self.kinds,
+            &self.titles,
+            &self.messages,
+            &self.channels,
+            &self.broadcasts,
+            &self.data,
+            &self.created,
+            &self.read,
+            &self.delivered,
+            &self.seen,
+            &self.scheduled,
+            &self.channel_names,
+            &self.channel_ids,
+        ]
+    }
+}
+
+/// Runs [`INSERT_NOTIFICATIONS`] for `rows`; returns the key's verdict when `record` is given and the
+/// key was already used (nothing written), `None` when the rows were written.
+async fn insert_rows(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+    rows: &[&Notification],
+    record: Option<&IdempotencyRecord>,
+    clock: BatchClock,
+) -> Result<Option<WriteOutcome>, Failure> {
+    let key = KeyParams::new(record, clock);
+    let arrays = InsertArrays::new(rows)?;
+    let params: Vec<&(dyn ToSql + Sync)> =
+        key.params().into_iter().chain(arrays.params()).collect();
+    let row = tx.query_one(&statements.insert, &params).await?;
+    keyed_verdict(tx, statements, &row, record, clock).await
+}
+
+/// Reads the end of a statement that opened with [`claim_key!`]: `None` when the write went ahead,
+/// else the verdict on the key ([`WriteOutcome::Replayed`] or [`WriteOutcome::KeyReused`]).
+async fn keyed_verdict(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+    row: &Row,
+    record: Option<&IdempotencyRecord>,
+    clock: BatchClock,
+) -> Result<Option<WriteOutcome>, Failure> {
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let recorded: i64 = row.try_get(0).map_err(|e| column_error(0, e))?;
+    let found = match decode_record(row)? {
+        Some(found) => found,
+        None if recorded > 0 => return Ok(None),
+        None => {
+            // Lost a race for the key to another node, which has committed its record by now (our
+            // insert waited for it): read it. This statement is sent after the rest of the pipeline,
+            // which is harmless: nothing else in a batch reads or writes that fresh record.
+            let winner = tx
+                .query_opt(
+                    &statements.idempotency_lookup,
+                    &[&record.key, &clock.expired_before],
+                )
+                .await?;
+            match winner.as_ref().map(decode_record).transpose()?.flatten() {
+                Some(found) => found,
+                None => {
+                    return Err(Failure::Data(format!(
+                        "idempotency key {:?} was neither recorded nor found",
+                        record.key
+                    )))
+                }
+            }
+        }
+    };
+    Ok(Some(if found.fingerprint == record.fingerprint {
+        WriteOutcome::Replayed {
+            status: found.status,
+            body: found.body,
+        }
+    } else {
+        WriteOutcome::KeyReused
+    }))
+}
+
+/// An idempotency record as stored: what a later use of its key is compared with and answered.
+struct StoredRecord {
+    /// SHA-256 of the first request's route and body.
+    fingerprint: Vec<u8>,
+    /// The first answer's HTTP status.
+    status: u16,
+    /// The first answer's body.
+    body: Vec<u8>,
+}
+
+/// Decodes an idempotency record (fingerprint, status, body) from the last three columns of `row`, or
+/// `None` when they are NULL (no record).
+fn decode_record(row: &Row) -> Result<Option<StoredRecord>, Failure> {
+    let first = row.len().saturating_sub(3);
+    let fingerprint: Option<Vec<u8>> = row.try_get(first).map_err(|e| column_error(first, e))?;
+    let Some(fingerprint) = fingerprint else {
+        return Ok(None);
+    };
+    let status: i32 = row
+        .try_get(first + 1)
+        .map_err(|e| column_error(first + 1, e))?;
+    let status = u16::try_from(status)
+        .map_err(|_| Failure::Data(format!("stored HTTP status {status} is out of range")))?;
+    let body: Vec<u8> = row
+        .try_get(first + 2)
+        .map_err(|e| column_error(first + 2, e))?;
+    Ok(Some(StoredRecord {
+        fingerprint,
+        status,
+        body,
+    }))
+}
+
+/// Runs one single-statement step and returns the outcomes of the requests it covers. The statement
+/// is sent on the first poll (before the first await), which is what lets [`apply_batch_on`] pipeline
+/// the steps.
 async fn run_step(
     tx: &Transaction<'_>,
     statements: &WriterStatements,
     step: Step<'_>,
-    now: Timestamp,
+    clock: BatchClock,
 ) -> Result<Vec<WriteOutcome>, Failure> {
-    match step {
+    let now = clock.now;
+    let outcome = match step {
         Step::Insert { rows, requests } => {
-            insert_rows(tx, &statements.insert, &rows).await?;
-            Ok(vec![WriteOutcome::Inserted; requests])
+            insert_rows(tx, statements, &rows, None, clock).await?;
+            return Ok(vec![WriteOutcome::Inserted; requests]);
         }
-        Step::Single(WriteRequest::Insert(_)) => Err(Failure::Data(
-            "an insert outside an insert step (a planning bug)".to_owned(),
-        )),
-        Step::Single(WriteRequest::MarkRead { user_id, id }) => {
-            let row = tx
-                .query_opt(&statements.mark_read, &[id, user_id, &now])
-                .await?;
-            let found = row.map(|row| notification_from_row(&row, 0)).transpose()?;
-            Ok(vec![WriteOutcome::MarkedRead(found.map(Box::new))])
+        Step::KeyedInsert { rows, record } => {
+            insert_rows(tx, statements, &rows, Some(record), clock)
+                .await?
+                .unwrap_or(WriteOutcome::Inserted)
         }
-        Step::Single(WriteRequest::MarkAllRead { user_id }) => {
-            let changed = tx
-                .execute(&statements.mark_all_read, &[user_id, &now])
-                .await?;
-            Ok(vec![WriteOutcome::MarkedAllRead(changed)])
+        Step::FireDue { .. } => {
+            return Err(Failure::Data(
+                "a claim of due notifications inside a pipeline (a planning bug)".to_owned(),
+            ))
         }
-        Step::Single(WriteRequest::Delete { user_id, id }) => {
-            let changed = tx.execute(&statements.delete, &[id, user_id]).await?;
-            Ok(vec![WriteOutcome::Deleted(changed > 0)])
-        }
-    }
+        Step::Single(request) => match request {
+            WriteRequest::Schedule {
+                notification: n,
+                idempotency,
+            } => {
+                let key = KeyParams::new(idempotency.as_ref(), clock);
+                let scheduled_at = Timestamp(n.scheduled_at.unwrap_or(now.0));
+                let created_at = Timestamp(n.created_at);
+                let row: [&(dyn ToSql + Sync); 10] = [
+                    &n.id,
+                    &n.user_id,
+                    &n.kind,
+                    &n.title,
+                    &n.message,
+                    &n.channels,
+                    &n.broadcast,
+                    &n.data,
+                    &created_at,
+                    &scheduled_at,
+                ];
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    key.params().into_iter().chain(row).collect();
+                let found = tx.query_one(&statements.schedule, &params).await?;
+                keyed_verdict(tx, statements, &found, idempotency.as_ref(), clock)
+                    .await?
+                    .unwrap_or(WriteOutcome::Scheduled)
+            }
+            WriteRequest::CancelScheduled { id } => {
+                let changed = tx.execute(&statements.cancel_scheduled, &[id]).await?;
+                WriteOutcome::Cancelled(changed > 0)
+            }
+            WriteRequest::Purge {
+                created_before,
+                limit,
+            } => {
+                // No cut-off: the nil id, below which nothing is.
+                let below =
+                    created_before.map_or(Uuid::nil(), |ms| Uuid::from_bytes(first_id_of(ms)));
+                let deleted = tx
+                    .execute(
+                        &statements.purge,
+                        &[&clock.expired_before, &below, &sql_int(*limit)],
+                    )
+                    .await?;
+                WriteOutcome::Purged(deleted)
+            }
+            WriteRequest::MarkRead { user_id, id } => {
+                let row = tx
+                    .query_opt(&statements.mark_read, &[id, user_id, &now])
+                    .await?;
+                let found = row.map(|row| notification_from_row(&row, 0)).transpose()?;
+                WriteOutcome::MarkedRead(found.map(Box::new))
+            }
+            WriteRequest::MarkAllRead { user_id } => {
+                let changed = tx
+                    .execute(&statements.mark_all_read, &[user_id, &now])
+                    .await?;
+                WriteOutcome::MarkedAllRead(changed)
+            }
+            WriteRequest::Delete { user_id, id } => {
+                let changed = tx.execute(&statements.delete, &[id, user_id]).await?;
+                WriteOutcome::Deleted(changed > 0)
+            }
+            WriteRequest::Insert { .. } | WriteRequest::FireDue { .. } => {
+                return Err(Failure::Data(
+                    "an insert or claim planned as a single statement (a planning bug)".to_owned(),
+                ))
+            }
+        },
+    };
+    Ok(vec![outcome])
 }
 
-/// Writes `rows` and their channel-index rows with one [`INSERT_NOTIFICATIONS`].
-async fn insert_rows(
+/// Claims the due scheduled notifications and stores them with new ids (see
+/// [`WriteRequest::FireDue`]).
+async fn fire_due(
     tx: &Transaction<'_>,
-    insert: &Statement,
-    rows: &[&Notification],
-) -> Result<(), Failure> {
-    let count = rows.len();
-    let mut ids = Vec::with_capacity(count);
-    let mut user_ids = Vec::with_capacity(count);
-    let mut kinds = Vec::with_capacity(count);
-    let mut titles = Vec::with_capacity(count);
-    let mut messages = Vec::with_capacity(count);
-    let mut channels = Vec::with_capacity(count);
-    let mut broadcasts = Vec::with_capacity(count);
-    let mut data = Vec::with_capacity(count);
-    let mut created = Vec::with_capacity(count);
-    let mut read = Vec::with_capacity(count);
-    let mut delivered = Vec::with_capacity(count);
-    let mut seen = Vec::with_capacity(count);
-    let mut scheduled = Vec::with_capacity(count);
-    let mut channel_names: Vec<&str> = Vec::new();
-    let mut channel_ids: Vec<Uuid> = Vec::new();
-    for n in rows {
-        ids.push(n.id);
-        user_ids.push(n.user_id.as_deref());
-        kinds.push(n.kind.as_str());
-        titles.push(n.title.as_str());
-        messages.push(n.message.as_str());
-        channels.push(
-            serde_json::to_string(&n.channels)
-                .map_err(|e| Failure::Data(format!("cannot encode channels: {e}")))?,
-        );
-        broadcasts.push(n.broadcast);
-        data.push(n.data.as_str());
-        created.push(Timestamp(n.created_at));
-        read.push(n.read_at.map(Timestamp));
-        delivered.push(n.delivered_at.map(Timestamp));
-        seen.push(n.seen_at.map(Timestamp));
-        scheduled.push(n.scheduled_at.map(Timestamp));
-        for channel in &n.channels {
-            channel_names.push(channel);
-            channel_ids.push(n.id);
-        }
+    statements: &WriterStatements,
+    limit: usize,
+    clock: BatchClock,
+    ids: &mut IdGenerator,
+) -> Result<WriteOutcome, Failure> {
+    let rows = tx
+        .query(&statements.claim_due, &[&clock.now, &sql_int(limit)])
+        .await?;
+    let mut due = rows
+        .iter()
+        .map(|row| notification_from_row(row, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING gives no order: fire in due order.
+    due.sort_by_key(|n| (n.scheduled_at, n.id));
+    let fired: Vec<Arc<Notification>> = due
+        .into_iter()
+        .map(|n| Arc::new(fired_notification(n, ids)))
+        .collect();
+    if !fired.is_empty() {
+        let rows: Vec<&Notification> = fired.iter().map(|n| &**n).collect();
+        insert_rows(tx, statements, &rows, None, clock).await?;
     }
-    tx.execute(
-        insert,
-        &[
-            &ids,
-            &user_ids,
-            &kinds,
-            &titles,
-            &messages,
-            &channels,
-            &broadcasts,
-            &data,
-            &created,
-            &read,
-            &delivered,
-            &seen,
-            &scheduled,
-            &channel_names,
-            &channel_ids,
-        ],
-    )
-    .await?;
+    Ok(WriteOutcome::Fired(fired))
+}
+
+/// Awaits the pipelined steps of one segment and appends their outcomes, in order; the first error
+/// (the cause; the statements after it only say "transaction aborted") ends the batch.
+async fn finish_segment(
+    segment: &mut Vec<impl Future<Output = Result<Vec<WriteOutcome>, Failure>>>,
+    outcomes: &mut Vec<WriteOutcome>,
+) -> Result<(), Failure> {
+    // join_all polls the steps for the first time in order, and each sends its statement on that
+    // first poll, so the statements go out in batch order and the server runs them in that order.
+    for result in join_all(segment.drain(..)).await {
+        outcomes.extend(result?);
+    }
     Ok(())
 }
 
-/// Applies a batch in one transaction: BEGIN, every step pipelined, COMMIT.
+/// Applies a batch in one transaction: BEGIN, the steps pipelined (a claim of due notifications
+/// waits for the steps before it), COMMIT. Any error returns early, and dropping the transaction
+/// rolls it back.
 async fn apply_batch_on(
     client: &mut Client,
     statements: &WriterStatements,
     requests: &[WriteRequest],
     now: Millis,
+    ids: &mut IdGenerator,
 ) -> Result<Vec<WriteOutcome>, Failure> {
     let tx = client.transaction().await?;
-    let now = Timestamp(now);
-    // join_all polls the steps for the first time in order, and each sends its statement on that first
-    // poll, so the statements go out in batch order and the server runs them in that order.
-    let results = join_all(
-        plan(requests)
-            .into_iter()
-            .map(|step| run_step(&tx, statements, step, now)),
-    )
-    .await;
+    let clock = BatchClock {
+        now: Timestamp(now),
+        expired_before: Timestamp(now.saturating_sub(IDEMPOTENCY_TTL_MS)),
+    };
     let mut outcomes = Vec::with_capacity(requests.len());
-    for result in results {
-        // The first error is the cause; the statements after it only say "transaction aborted".
-        // Returning drops `tx`, which rolls back.
-        outcomes.extend(result?);
+    // Built but not polled: nothing is sent until the segment is finished.
+    let mut segment = Vec::new();
+    for step in plan(requests) {
+        if let Step::FireDue { limit } = step {
+            finish_segment(&mut segment, &mut outcomes).await?;
+            outcomes.push(fire_due(&tx, statements, limit, clock, ids).await?);
+        } else {
+            segment.push(run_step(&tx, statements, step, clock));
+        }
     }
+    finish_segment(&mut segment, &mut outcomes).await?;
+    drop(segment); // empty now; it borrowed `tx`
     tx.commit().await?;
     Ok(outcomes)
 }
@@ -996,9 +1462,11 @@ impl WriteBackend for PostgresWriter {
         &mut self,
         requests: &[WriteRequest],
         now: Millis,
+        ids: &mut IdGenerator,
     ) -> Result<Vec<WriteOutcome>, BackendError> {
-        self.link
-            .run(async |client, statements| apply_batch_on(client, statements, requests, now).await)
+        self.link.run(async |client, statements| {
+            apply_batch_on(client, statements, requests, now, ids).await
+        })
     }
 }
 
@@ -1010,6 +1478,8 @@ struct ReaderStatements {
     history_unread: Statement,
     /// [`REPLAY`].
     replay: Statement,
+    /// [`SCHEDULED`].
+    scheduled: Statement,
     /// [`PING`].
     ping: Statement,
 }
@@ -1022,6 +1492,7 @@ impl Statements for ReaderStatements {
             history: client.prepare(HISTORY).await?,
             history_unread: client.prepare(HISTORY_UNREAD).await?,
             replay: client.prepare(REPLAY).await?,
+            scheduled: client.prepare(SCHEDULED).await?,
             ping: client.prepare(PING).await?,
         })
     }
@@ -1108,6 +1579,13 @@ impl ReadBackend for PostgresReader {
             rows.iter()
                 .map(|row| notification_from_row(row, 0))
                 .collect()
+        })
+    }
+
+    fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError> {
+        self.link.run(async |client, statements| {
+            let row = client.query_opt(&statements.scheduled, &[&id]).await?;
+            row.map(|row| notification_from_row(&row, 0)).transpose()
         })
     }
 

@@ -42,11 +42,20 @@ pub(crate) enum ReadOp {
         /// The notifications, ascending.
         reply: Reply<Vec<Arc<Notification>>>,
     },
+    /// See [`super::Store::scheduled`].
+    Scheduled {
+        /// The schedule's id.
+        id: uuid::Uuid,
+        /// The pending notification, if any.
+        reply: Reply<Option<Notification>>,
+    },
     /// See [`super::Store::ping`].
     Ping {
         /// Whether the query worked.
         reply: Reply<()>,
     },
+    /// See [`super::Store::close`]: this reader stops.
+    Close,
 }
 
 /// Starts reader thread number `index` over `backend`, taking requests from the shared `queue`.
@@ -61,6 +70,9 @@ pub(crate) fn spawn<R: ReadBackend>(
         .spawn(move || {
             // Ends once every Store clone is gone and the queue is empty.
             while let Ok(op) = queue.recv() {
+                if matches!(op, ReadOp::Close) {
+                    break;
+                }
                 serve(&mut backend, op, &counters);
             }
         })
@@ -85,12 +97,20 @@ fn serve<R: ReadBackend>(backend: &mut R, op: ReadOp, counters: &Counters) {
                 let _ = reply.send(result);
             }
         }
+        ReadOp::Scheduled { id, reply } => {
+            if !reply.is_canceled() {
+                Counters::add(&counters.reads, 1);
+                let _ = reply.send(backend.scheduled(id).map_err(unavailable));
+            }
+        }
         ReadOp::Ping { reply } => {
             if !reply.is_canceled() {
                 Counters::add(&counters.reads, 1);
                 let _ = reply.send(backend.ping().map_err(unavailable));
             }
         }
+        // Handled by the loop, which stops.
+        ReadOp::Close => {}
     }
 }
 

@@ -43,9 +43,14 @@ use rusqlite::{
 };
 use uuid::Uuid;
 
-use super::backend::{BackendError, ReadBackend, WriteBackend, WriteOutcome, WriteRequest};
+use std::sync::Arc;
+
+use super::backend::{
+    BackendError, IdempotencyRecord, ReadBackend, WriteBackend, WriteOutcome, WriteRequest,
+    IDEMPOTENCY_TTL_MS,
+};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
-use crate::model::{now_millis, Millis, Notification};
+use crate::model::{now_millis, IdGenerator, Millis, Notification};
 
 /// How long a statement waits for a lock held by another connection (another process, or briefly a
 /// checkpoint) before failing with "database is locked".
@@ -79,10 +84,16 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in order. Embedded in the binary so a deployment is one file.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../../migrations/sqlite/0001_init.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../migrations/sqlite/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../migrations/sqlite/0002_scheduling_idempotency.sql"),
+    },
+];
 
 /// The bookkeeping table of the migration runner.
 const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -118,6 +129,46 @@ const MARK_ALL_READ: &str =
      WHERE user_id = ?1 AND read_at IS NULL";
 /// The trigger of migration 1 removes the notification's channel rows.
 const DELETE: &str = "DELETE FROM notifications WHERE id = ?1 AND user_id = ?2";
+
+/// An unexpired idempotency record.
+const IDEMPOTENCY_LOOKUP: &str =
+    "SELECT fingerprint, status, body FROM idempotency_keys WHERE key = ?1 AND created_at > ?2";
+/// `OR REPLACE`: an expired record with the same key is superseded.
+const IDEMPOTENCY_RECORD: &str = "INSERT OR REPLACE INTO idempotency_keys \
+     (key, fingerprint, status, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)";
+/// Expiry of idempotency records.
+const IDEMPOTENCY_EXPIRE: &str = "DELETE FROM idempotency_keys WHERE created_at <= ?1";
+
+/// The columns of a scheduled row, in the order of [`columns!`] (the fields a pending notification
+/// cannot have yet are NULL), so [`notification_from_row`] decodes both tables.
+macro_rules! scheduled_columns {
+    () => {
+        "id, user_id, type, title, message, channels, broadcast, data, created_at, NULL, NULL, NULL, \
+         scheduled_at"
+    };
+}
+/// A pending scheduled notification.
+const SCHEDULE: &str = "INSERT INTO scheduled_notifications \
+     (id, user_id, type, title, message, channels, broadcast, data, created_at, scheduled_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+/// Cancels one.
+const CANCEL_SCHEDULED: &str = "DELETE FROM scheduled_notifications WHERE id = ?1";
+/// Claims the due ones (the store thread is the only writer, so no other claim can race this one).
+const CLAIM_DUE: &str = concat!(
+    "DELETE FROM scheduled_notifications WHERE id IN (SELECT id FROM scheduled_notifications ",
+    "WHERE scheduled_at <= ?1 ORDER BY scheduled_at, id LIMIT ?2) RETURNING ",
+    scheduled_columns!()
+);
+/// One pending scheduled notification.
+const SCHEDULED: &str = concat!(
+    "SELECT ",
+    scheduled_columns!(),
+    " FROM scheduled_notifications WHERE id = ?1"
+);
+/// Retention: ids are UUIDv7, so "created before t" is "id below the smallest id of t", a range scan
+/// of the primary key from its old end. The trigger of migration 1 removes the channel rows.
+const PURGE: &str = "DELETE FROM notifications WHERE id IN \
+     (SELECT id FROM notifications WHERE id < ?1 ORDER BY id LIMIT ?2)";
 
 /// A history page: a backwards range scan of `notifications_user` from `before`.
 const HISTORY: &str = concat!(
@@ -333,39 +384,173 @@ fn run_checkpointer(conn: &Connection, stopped: &Receiver<()>) {
     }
 }
 
+/// The channel list as stored (a JSON array).
+fn channels_json(channels: &[String]) -> rusqlite::Result<String> {
+    serde_json::to_string(channels)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// Inserts notifications and their channel index rows.
+fn insert_notifications(
+    tx: &Transaction<'_>,
+    stored: &[Arc<Notification>],
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(INSERT_NOTIFICATION)?;
+    let mut insert_channel = tx.prepare_cached(INSERT_CHANNEL)?;
+    for n in stored {
+        insert.execute(params![
+            n.id.as_bytes(),
+            n.user_id,
+            n.kind,
+            n.title,
+            n.message,
+            channels_json(&n.channels)?,
+            n.broadcast,
+            n.data,
+            n.created_at,
+            n.read_at,
+            n.delivered_at,
+            n.seen_at,
+            n.scheduled_at,
+        ])?;
+        for channel in &n.channels {
+            insert_channel.execute(params![channel, n.id.as_bytes()])?;
+        }
+    }
+    Ok(())
+}
+
+/// Looks up an idempotency key in this transaction: `Some(verdict)` when the key was already used
+/// (replay the first answer, or refuse a different request); `None` when the write goes ahead, in which
+/// case the record is stored with it.
+fn claim_key(
+    tx: &Transaction<'_>,
+    record: Option<&IdempotencyRecord>,
+    now: Millis,
+) -> rusqlite::Result<Option<WriteOutcome>> {
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let found = tx
+        .prepare_cached(IDEMPOTENCY_LOOKUP)?
+        .query_row(
+            params![record.key, now.saturating_sub(IDEMPOTENCY_TTL_MS)],
+            |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    row.get::<_, u16>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    match found {
+        Some((fingerprint, status, body)) if fingerprint == record.fingerprint => {
+            Ok(Some(WriteOutcome::Replayed { status, body }))
+        }
+        Some(_) => Ok(Some(WriteOutcome::KeyReused)),
+        None => {
+            tx.prepare_cached(IDEMPOTENCY_RECORD)?.execute(params![
+                record.key,
+                record.fingerprint.as_slice(),
+                record.status,
+                record.body,
+                now,
+            ])?;
+            Ok(None)
+        }
+    }
+}
+
+/// A due scheduled notification as it is stored when it fires: a new id (commit order) and creation
+/// time, the same content and `scheduled_at`.
+pub(crate) fn fired_notification(pending: Notification, ids: &mut IdGenerator) -> Notification {
+    let (id, created_at) = ids.next_id();
+    Notification {
+        id,
+        created_at,
+        ..pending
+    }
+}
+
+/// The smallest UUIDv7 of millisecond `ms`: every id created before `ms` sorts below it.
+pub(crate) fn first_id_of(ms: Millis) -> [u8; 16] {
+    let ms = u128::from(ms.max(0) as u64) & ((1 << 48) - 1);
+    (ms << 80).to_be_bytes()
+}
+
 /// Applies one request inside the batch's transaction.
 fn apply_one(
     tx: &Transaction<'_>,
     request: &WriteRequest,
     now: Millis,
+    ids: &mut IdGenerator,
 ) -> rusqlite::Result<WriteOutcome> {
     match request {
-        WriteRequest::Insert(stored) => {
-            let mut insert = tx.prepare_cached(INSERT_NOTIFICATION)?;
-            let mut insert_channel = tx.prepare_cached(INSERT_CHANNEL)?;
-            for n in stored {
-                let channels = serde_json::to_string(&n.channels)
-                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                insert.execute(params![
-                    n.id.as_bytes(),
-                    n.user_id,
-                    n.kind,
-                    n.title,
-                    n.message,
-                    channels,
-                    n.broadcast,
-                    n.data,
-                    n.created_at,
-                    n.read_at,
-                    n.delivered_at,
-                    n.seen_at,
-                    n.scheduled_at,
-                ])?;
-                for channel in &n.channels {
-                    insert_channel.execute(params![channel, n.id.as_bytes()])?;
-                }
+        WriteRequest::Insert {
+            notifications,
+            idempotency,
+        } => {
+            if let Some(verdict) = claim_key(tx, idempotency.as_ref(), now)? {
+                return Ok(verdict);
             }
+            insert_notifications(tx, notifications)?;
             Ok(WriteOutcome::Inserted)
+        }
+        WriteRequest::Schedule {
+            notification: n,
+            idempotency,
+        } => {
+            if let Some(verdict) = claim_key(tx, idempotency.as_ref(), now)? {
+                return Ok(verdict);
+            }
+            tx.prepare_cached(SCHEDULE)?.execute(params![
+                n.id.as_bytes(),
+                n.user_id,
+                n.kind,
+                n.title,
+                n.message,
+                channels_json(&n.channels)?,
+                n.broadcast,
+                n.data,
+                n.created_at,
+                n.scheduled_at.unwrap_or(now),
+            ])?;
+            Ok(WriteOutcome::Scheduled)
+        }
+        WriteRequest::CancelScheduled { id } => {
+            let changed = tx
+                .prepare_cached(CANCEL_SCHEDULED)?
+                .execute(params![id.as_bytes()])?;
+            Ok(WriteOutcome::Cancelled(changed > 0))
+        }
+        WriteRequest::FireDue { limit } => {
+            let mut due = tx
+                .prepare_cached(CLAIM_DUE)?
+                .query_map(params![now, sql_int(*limit)], notification_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            // RETURNING gives no order: fire in due order.
+            due.sort_by_key(|n| (n.scheduled_at, n.id));
+            let fired: Vec<Arc<Notification>> = due
+                .into_iter()
+                .map(|n| Arc::new(fired_notification(n, ids)))
+                .collect();
+            insert_notifications(tx, &fired)?;
+            Ok(WriteOutcome::Fired(fired))
+        }
+        WriteRequest::Purge {
+            created_before,
+            limit,
+        } => {
+            tx.prepare_cached(IDEMPOTENCY_EXPIRE)?
+                .execute(params![now.saturating_sub(IDEMPOTENCY_TTL_MS)])?;
+            let deleted = match created_before {
+                Some(before) => tx
+                    .prepare_cached(PURGE)?
+                    .execute(params![first_id_of(*before), sql_int(*limit)])?,
+                None => 0,
+            };
+            Ok(WriteOutcome::Purged(deleted as u64))
         }
         WriteRequest::MarkRead { user_id, id } => {
             let mut stmt = tx.prepare_cached(MARK_READ)?;
@@ -394,6 +579,7 @@ impl WriteBackend for SqliteWriter {
         &mut self,
         requests: &[WriteRequest],
         now: Millis,
+        ids: &mut IdGenerator,
     ) -> Result<Vec<WriteOutcome>, BackendError> {
         let tx = self
             .conn
@@ -402,7 +588,7 @@ impl WriteBackend for SqliteWriter {
         let mut outcomes = Vec::with_capacity(requests.len());
         for request in requests {
             // On error, dropping `tx` rolls the whole batch back (rusqlite's default drop behaviour).
-            outcomes.push(apply_one(&tx, request, now).map_err(sqlite_error)?);
+            outcomes.push(apply_one(&tx, request, now, ids).map_err(sqlite_error)?);
         }
         // A failed COMMIT (e.g. disk full) also rolls back: the Transaction is dropped unfinished.
         tx.commit().map_err(sqlite_error)?;
@@ -499,6 +685,16 @@ impl ReadBackend for SqliteReader {
             .map_err(sqlite_error)
     }
 
+    fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError> {
+        self.conn
+            .prepare_cached(SCHEDULED)
+            .and_then(|mut stmt| {
+                stmt.query_row(params![id.as_bytes()], notification_from_row)
+                    .optional()
+            })
+            .map_err(sqlite_error)
+    }
+
     fn ping(&mut self) -> Result<(), BackendError> {
         self.conn
             .prepare_cached(PING)
@@ -537,6 +733,157 @@ mod tests {
         (writer, reader)
     }
 
+    /// A notification created at `ms` (its UUIDv7 carries that time, as the store thread's would).
+    fn created_at(ms: Millis, seq: u16, user: &str) -> Arc<Notification> {
+        let id =
+            Uuid::from_u128(u128::from_be_bytes(first_id_of(ms)) | (0x7 << 76) | u128::from(seq));
+        let n = stored(0, Some(user), &["c"]);
+        Arc::new(Notification {
+            id,
+            created_at: ms,
+            ..(*n).clone()
+        })
+    }
+
+    #[test]
+    fn retention_deletes_only_older_notifications_in_bounded_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(&dir);
+        let now = now_millis();
+        let day = 24 * 60 * 60 * 1000;
+        let old: Vec<_> = (0..5).map(|i| created_at(now - 3 * day, i, "u")).collect();
+        let new: Vec<_> = (0..2).map(|i| created_at(now - day / 2, i, "u")).collect();
+        let mut ids = IdGenerator::new();
+        w.apply_batch(
+            &[WriteRequest::plain_insert([old, new].concat())],
+            now,
+            &mut ids,
+        )
+        .unwrap();
+        let purge = |w: &mut SqliteWriter, ids: &mut IdGenerator| {
+            let out = w
+                .apply_batch(
+                    &[WriteRequest::Purge {
+                        created_before: Some(now - 2 * day),
+                        limit: 3,
+                    }],
+                    now,
+                    ids,
+                )
+                .unwrap();
+            match out.as_slice() {
+                [WriteOutcome::Purged(n)] => *n,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(purge(&mut w, &mut ids), 3, "bounded by the limit");
+        assert_eq!(purge(&mut w, &mut ids), 2);
+        assert_eq!(purge(&mut w, &mut ids), 0);
+        assert_eq!(page(&mut r, "u").total, 2, "the recent ones stay");
+        let channel_rows: i64 = w
+            .conn
+            .query_row("SELECT COUNT(*) FROM notification_channels", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            channel_rows, 2,
+            "channel rows of deleted notifications went with them"
+        );
+    }
+
+    #[test]
+    fn idempotency_records_replay_refuse_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(&dir);
+        let mut ids = IdGenerator::new();
+        let record = |fingerprint: u8| IdempotencyRecord {
+            key: "k".into(),
+            fingerprint: [fingerprint; 32],
+            status: 201,
+            body: b"first".to_vec(),
+        };
+        let insert = |seed: u128, fingerprint: u8| WriteRequest::Insert {
+            notifications: vec![stored(seed, Some("u"), &[])],
+            idempotency: Some(record(fingerprint)),
+        };
+        let now = 10 * IDEMPOTENCY_TTL_MS;
+        // Two requests with one key in one batch: the second is a retry of the first.
+        let out = w
+            .apply_batch(&[insert(1, 1), insert(2, 1), insert(3, 9)], now, &mut ids)
+            .unwrap();
+        assert_eq!(out[0], WriteOutcome::Inserted);
+        assert_eq!(
+            out[1],
+            WriteOutcome::Replayed {
+                status: 201,
+                body: b"first".to_vec()
+            }
+        );
+        assert_eq!(out[2], WriteOutcome::KeyReused);
+        assert_eq!(page(&mut r, "u").total, 1);
+        // After 24 h the key is free again, and the purge removes the old record.
+        let later = now + IDEMPOTENCY_TTL_MS + 1;
+        let out = w.apply_batch(&[insert(4, 9)], later, &mut ids).unwrap();
+        assert_eq!(out[0], WriteOutcome::Inserted);
+        assert_eq!(page(&mut r, "u").total, 2);
+    }
+
+    #[test]
+    fn due_scheduled_notifications_fire_with_new_ids_in_due_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(&dir);
+        let mut ids = IdGenerator::new();
+        let pending = |seed: u128, due: Millis| {
+            let mut n = (*stored(seed, Some("u"), &["ch"])).clone();
+            n.scheduled_at = Some(due);
+            WriteRequest::Schedule {
+                notification: Arc::new(n),
+                idempotency: None,
+            }
+        };
+        w.apply_batch(
+            &[pending(1, 300), pending(2, 100), pending(3, 9_000)],
+            50,
+            &mut ids,
+        )
+        .unwrap();
+        assert!(r.scheduled(Uuid::from_u128(2)).unwrap().is_some());
+        let out = w
+            .apply_batch(&[WriteRequest::FireDue { limit: 10 }], 500, &mut ids)
+            .unwrap();
+        let [WriteOutcome::Fired(fired)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        let messages: Vec<&str> = fired.iter().map(|n| n.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            vec!["m2", "m1"],
+            "oldest due first; the future one waits"
+        );
+        assert!(
+            fired[0].id < fired[1].id && fired[0].id > Uuid::from_u128(3),
+            "fresh, ordered ids"
+        );
+        assert_eq!(fired[0].scheduled_at, Some(100));
+        assert!(
+            r.scheduled(Uuid::from_u128(2)).unwrap().is_none(),
+            "no longer pending"
+        );
+        assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
+        assert_eq!(page(&mut r, "u").total, 2);
+        let cancelled = w
+            .apply_batch(
+                &[WriteRequest::CancelScheduled {
+                    id: Uuid::from_u128(3),
+                }],
+                600,
+                &mut ids,
+            )
+            .unwrap();
+        assert_eq!(cancelled, vec![WriteOutcome::Cancelled(true)]);
+    }
+
     fn page(reader: &mut SqliteReader, user: &str) -> HistoryPage {
         reader
             .history(&HistoryQuery {
@@ -571,7 +918,11 @@ mod tests {
         );
         // And the schema works.
         writer
-            .apply_batch(&[WriteRequest::Insert(vec![stored(1, Some("u"), &[])])], 5)
+            .apply_batch(
+                &[WriteRequest::plain_insert(vec![stored(1, Some("u"), &[])])],
+                5,
+                &mut IdGenerator::new(),
+            )
             .unwrap();
         assert_eq!(page(&mut reader, "u").total, 1);
         reader.ping().unwrap();
@@ -583,17 +934,23 @@ mod tests {
         let (mut writer, mut reader) = open(&dir);
         let first = stored(1, Some("u"), &["c"]);
         writer
-            .apply_batch(&[WriteRequest::Insert(vec![first.clone()])], 5)
+            .apply_batch(
+                &[WriteRequest::plain_insert(vec![first.clone()])],
+                5,
+                &mut IdGenerator::new(),
+            )
             .unwrap();
         // Batch: a fresh insert, a read-all, then a duplicate primary key, which fails.
         let batch = [
-            WriteRequest::Insert(vec![stored(2, Some("u"), &["c"])]),
+            WriteRequest::plain_insert(vec![stored(2, Some("u"), &["c"])]),
             WriteRequest::MarkAllRead {
                 user_id: "u".into(),
             },
-            WriteRequest::Insert(vec![stored(3, Some("u"), &[]), first.clone()]),
+            WriteRequest::plain_insert(vec![stored(3, Some("u"), &[]), first.clone()]),
         ];
-        let err = writer.apply_batch(&batch, 6).unwrap_err();
+        let err = writer
+            .apply_batch(&batch, 6, &mut IdGenerator::new())
+            .unwrap_err();
         assert!(err.0.contains("UNIQUE"), "{err}");
         let after = page(&mut reader, "u");
         assert_eq!(
@@ -612,7 +969,11 @@ mod tests {
         assert_eq!(replay.len(), 1, "no channel row of the failed batch");
         // The connection is usable afterwards.
         writer
-            .apply_batch(&[WriteRequest::Insert(vec![stored(4, Some("u"), &[])])], 7)
+            .apply_batch(
+                &[WriteRequest::plain_insert(vec![stored(4, Some("u"), &[])])],
+                7,
+                &mut IdGenerator::new(),
+            )
             .unwrap();
         assert_eq!(page(&mut reader, "u").total, 2);
     }
@@ -623,7 +984,7 @@ mod tests {
         let (mut writer, _reader) = open(&dir);
         let n = stored(9, Some("u"), &["c", "c"]);
         let batch = [
-            WriteRequest::Insert(vec![n.clone()]),
+            WriteRequest::plain_insert(vec![n.clone()]),
             WriteRequest::MarkRead {
                 user_id: "u".into(),
                 id: n.id,
@@ -641,7 +1002,9 @@ mod tests {
                 id: n.id,
             },
         ];
-        let outcomes = writer.apply_batch(&batch, 42).unwrap();
+        let outcomes = writer
+            .apply_batch(&batch, 42, &mut IdGenerator::new())
+            .unwrap();
         let WriteOutcome::MarkedRead(Some(read)) = &outcomes[1] else {
             panic!("{outcomes:?}")
         };
@@ -705,7 +1068,11 @@ mod tests {
             .map(|i| stored(i + 1, Some("u"), &["c"]))
             .collect();
         writer
-            .apply_batch(&[WriteRequest::Insert(rows)], 1)
+            .apply_batch(
+                &[WriteRequest::plain_insert(rows)],
+                1,
+                &mut IdGenerator::new(),
+            )
             .unwrap();
         // The writer itself would not checkpoint this little; only the checkpointer grows the file.
         let deadline = std::time::Instant::now() + CHECKPOINT_INTERVAL * 6;

@@ -56,6 +56,8 @@ on_both_stores!(
     data_survives_close_and_reopen_including_writes_queued_at_shutdown,
     concurrent_inserts_share_transactions,
     reads_are_not_blocked_by_an_open_write_transaction,
+    scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancelled,
+    an_idempotency_key_stores_once_and_replays_the_first_answer,
     #[ignore = "timing printout; run explicitly, in release"]
     insert_rates,
 );
@@ -635,10 +637,10 @@ fn data_survives_close_and_reopen_including_writes_queued_at_shutdown(database: 
     block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
 
     // Queue a write, then shut down without awaiting it: the store thread must still commit it.
-    let mut pending = f.store.insert(vec![to_user("u1", "queued at shutdown")]);
+    let mut pending = std::pin::pin!(f.store.insert(vec![to_user("u1", "queued at shutdown")]));
     let f = f.reopen();
     let mut cx = Context::from_waker(Waker::noop());
-    let Poll::Ready(Ok(queued)) = std::pin::Pin::new(&mut pending).poll(&mut cx) else {
+    let Poll::Ready(Ok(queued)) = pending.as_mut().poll(&mut cx) else {
         panic!("the queued write was answered before join() returned");
     };
 
@@ -727,6 +729,111 @@ fn reads_are_not_blocked_by_an_open_write_transaction(database: Database) {
     block_on(f.store.ping()).unwrap();
     assert!(started.elapsed() < Duration::from_secs(1));
     side.rollback();
+    f.close();
+}
+
+fn scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancelled(
+    database: Database,
+) {
+    let f = Fixture::new(database);
+    let now = crate::model::now_millis();
+    let schedule = |n: NewNotification| match block_on(f.store.schedule(n, None)).unwrap() {
+        Committed::Done(pending) => pending,
+        other => panic!("{other:?}"),
+    };
+    let soon = schedule(NewNotification {
+        scheduled_at: Some(now + 300),
+        ..to_user("u1", "soon")
+    });
+    let later = schedule(NewNotification {
+        scheduled_at: Some(now + 3_600_000),
+        ..to_user("u1", "later")
+    });
+    let shown = block_on(f.store.scheduled(soon.id)).unwrap().unwrap();
+    assert_eq!(
+        (shown.message.as_str(), shown.scheduled_at),
+        ("soon", Some(now + 300))
+    );
+    assert_eq!(
+        f.history("u1", 10, None, false).total,
+        0,
+        "pending, not in the inbox"
+    );
+
+    // Pending ones survive a restart, and fire after it.
+    let f = f.reopen();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let page = loop {
+        let page = f.history("u1", 10, None, false);
+        if page.total > 0 {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduled notification never fired"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let fired = &page.notifications[0];
+    assert_eq!(
+        (page.total, fired.message.as_str(), fired.scheduled_at),
+        (1, "soon", Some(now + 300))
+    );
+    assert!(fired.id > later.id, "a new id, taken when it fired");
+    assert!(fired.created_at >= now + 300, "fired when due, not before");
+    assert!(
+        f.recorder.seen.lock().unwrap().contains(&fired.id),
+        "handed to delivery"
+    );
+    assert_eq!(block_on(f.store.scheduled(soon.id)).unwrap(), None);
+
+    assert!(block_on(f.store.cancel_scheduled(later.id)).unwrap());
+    assert!(!block_on(f.store.cancel_scheduled(later.id)).unwrap());
+    assert_eq!(block_on(f.store.scheduled(later.id)).unwrap(), None);
+    assert!(
+        !block_on(f.store.cancel_scheduled(fired.id)).unwrap(),
+        "fired: not pending"
+    );
+    f.close();
+}
+
+fn an_idempotency_key_stores_once_and_replays_the_first_answer(database: Database) {
+    let f = Fixture::new(database);
+    let key = |name: &str, body: u8| IdempotencyKey {
+        key: name.into(),
+        fingerprint: [body; 32],
+    };
+    fn answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
+        (201, stored[0].id.to_string().into_bytes())
+    }
+    let send = |key: IdempotencyKey| {
+        block_on(
+            f.store
+                .insert_idempotent(vec![to_user("u1", "once")], key, answer),
+        )
+        .unwrap()
+    };
+    let Committed::Done(stored) = send(key("k1", 1)) else {
+        panic!("the first send stores")
+    };
+    let first = Committed::Replayed {
+        status: 201,
+        body: stored[0].id.to_string().into_bytes(),
+    };
+    assert_eq!(send(key("k1", 1)), first, "a retry gets the first answer");
+    assert_eq!(send(key("k1", 2)), Committed::KeyReused, "another body");
+
+    // Retries racing each other from several shards: exactly one stores.
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..8).map(|_| s.spawn(|| send(key("k2", 1)))).collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let stored: Vec<_> = outcomes
+        .iter()
+        .filter(|o| matches!(o, Committed::Done(_)))
+        .collect();
+    assert_eq!(stored.len(), 1, "{outcomes:?}");
+    assert_eq!(f.history("u1", 10, None, false).total, 2);
     f.close();
 }
 

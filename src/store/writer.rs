@@ -13,20 +13,40 @@
 //! If the transaction fails, every request of the batch gets [`StoreError::Unavailable`] and the
 //! listener is not called: nothing is delivered that was not stored.
 //!
-//! Shutdown: the queue reports "disconnected" only once it is empty and every sender is gone, so the
-//! loop commits everything queued before the last [`super::Store`] was dropped, then exits.
+//! Shutdown: [`super::Store::close`] queues a close request; the loop commits everything queued before
+//! it, then exits. (The queue also reports "disconnected" once every sender is gone, which ends the loop
+//! the same way.)
+//!
+//! The same thread is the scheduler and the retention job: every [`SCHEDULER_TICK`] (and at the end of
+//! any batch committed after the tick is due) it appends a [`WriteRequest::FireDue`] to the batch, so
+//! due scheduled notifications are stored with fresh ids in commit order and delivered like any send,
+//! and, when `RETENTION_DAYS` is set or idempotency records expire, a small [`WriteRequest::Purge`].
+//! Doing both here keeps one writer per database connection and needs no lock: they are just more
+//! requests in the group commit.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{WriteBackend, WriteOutcome, WriteRequest};
-use super::{CommitListener, Counters, StoreError};
-use crate::model::{now_millis, IdGenerator, NewNotification, Notification};
+use super::backend::{IdempotencyRecord, WriteBackend, WriteOutcome, WriteRequest};
+use super::{
+    CommitListener, Committed, Counters, IdempotencyKey, InsertAnswer, ScheduleAnswer, StoreError,
+};
+use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
+
+/// How often due scheduled notifications are claimed (API.md promises firing within 1 s).
+pub(crate) const SCHEDULER_TICK: Duration = Duration::from_millis(100);
+/// Most scheduled notifications fired in one batch.
+const FIRE_BATCH: usize = 1000;
+/// How often retention runs when the previous run found nothing more to delete.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// Most notifications one retention run deletes, so it never holds the write lock long.
+const RETENTION_BATCH: usize = 1000;
 
 /// The name of the store thread, as shown by `top -H` and in panics.
 const THREAD_NAME: &str = "store-writer";
@@ -36,13 +56,33 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A write request as shards queue it: the operation and where its answer goes.
 pub(crate) enum WriteOp {
-    /// See [`super::Store::insert`].
+    /// See [`super::Store::insert`] and [`super::Store::insert_idempotent`].
     Insert {
         /// The notifications, without ids yet.
         batch: Vec<NewNotification>,
-        /// The stored notifications, in batch order.
-        reply: Reply<Vec<Arc<Notification>>>,
+        /// The key, and how to build the answer remembered with it.
+        idempotency: Option<(IdempotencyKey, InsertAnswer)>,
+        /// The stored notifications, in batch order, or the verdict on the key.
+        reply: Reply<Committed<Vec<Arc<Notification>>>>,
     },
+    /// See [`super::Store::schedule`].
+    Schedule {
+        /// The notification, with `scheduled_at` set, without id yet.
+        notification: NewNotification,
+        /// The key, and how to build the answer remembered with it.
+        idempotency: Option<(IdempotencyKey, ScheduleAnswer)>,
+        /// The pending notification (id = the schedule's id), or the verdict on the key.
+        reply: Reply<Committed<Arc<Notification>>>,
+    },
+    /// See [`super::Store::cancel_scheduled`].
+    CancelScheduled {
+        /// The schedule's id.
+        id: Uuid,
+        /// Whether it was pending.
+        reply: Reply<bool>,
+    },
+    /// See [`super::Store::close`]: commit what is queued before this, then stop.
+    Close,
     /// See [`super::Store::mark_read`].
     MarkRead {
         /// Whose inbox.
@@ -81,10 +121,26 @@ impl WriteOp {
     }
 }
 
+/// Turns a claimed key into the record stored with the write.
+fn record(key: IdempotencyKey, (status, body): (u16, Vec<u8>)) -> IdempotencyRecord {
+    IdempotencyRecord {
+        key: key.key,
+        fingerprint: key.fingerprint,
+        status,
+        body,
+    }
+}
+
 /// The reply half of a [`WriteOp`], kept while its request is in the backend.
 enum Replier {
     /// Of a [`WriteOp::Insert`].
-    Insert(Reply<Vec<Arc<Notification>>>),
+    Insert(Reply<Committed<Vec<Arc<Notification>>>>),
+    /// Of a [`WriteOp::Schedule`].
+    Schedule(Reply<Committed<Arc<Notification>>>),
+    /// Of a [`WriteOp::CancelScheduled`].
+    Cancel(Reply<bool>),
+    /// Of a request the store thread added itself (scheduler, retention): nobody waits.
+    Internal,
     /// Of a [`WriteOp::MarkRead`].
     MarkRead(Reply<Option<Notification>>),
     /// Of a [`WriteOp::MarkAllRead`].
@@ -98,9 +154,36 @@ impl Replier {
     /// waiting, which is not the store's concern.
     fn complete(self, request: WriteRequest, outcome: Option<WriteOutcome>) {
         match (self, request, outcome) {
-            (Replier::Insert(tx), WriteRequest::Insert(stored), Some(WriteOutcome::Inserted)) => {
-                let _ = tx.send(Ok(stored));
+            (
+                Replier::Insert(tx),
+                WriteRequest::Insert { notifications, .. },
+                Some(WriteOutcome::Inserted),
+            ) => {
+                let _ = tx.send(Ok(Committed::Done(notifications)));
             }
+            (
+                Replier::Schedule(tx),
+                WriteRequest::Schedule { notification, .. },
+                Some(WriteOutcome::Scheduled),
+            ) => {
+                let _ = tx.send(Ok(Committed::Done(notification)));
+            }
+            (Replier::Insert(tx), _, Some(WriteOutcome::Replayed { status, body })) => {
+                let _ = tx.send(Ok(Committed::Replayed { status, body }));
+            }
+            (Replier::Schedule(tx), _, Some(WriteOutcome::Replayed { status, body })) => {
+                let _ = tx.send(Ok(Committed::Replayed { status, body }));
+            }
+            (Replier::Insert(tx), _, Some(WriteOutcome::KeyReused)) => {
+                let _ = tx.send(Ok(Committed::KeyReused));
+            }
+            (Replier::Schedule(tx), _, Some(WriteOutcome::KeyReused)) => {
+                let _ = tx.send(Ok(Committed::KeyReused));
+            }
+            (Replier::Cancel(tx), _, Some(WriteOutcome::Cancelled(found))) => {
+                let _ = tx.send(Ok(found));
+            }
+            (Replier::Internal, _, _) => {}
             (Replier::MarkRead(tx), _, Some(WriteOutcome::MarkedRead(n))) => {
                 let _ = tx.send(Ok(n.map(|n| *n)));
             }
@@ -121,6 +204,9 @@ impl Replier {
     fn fail(self, error: StoreError) {
         match self {
             Replier::Insert(tx) => drop(tx.send(Err(error))),
+            Replier::Schedule(tx) => drop(tx.send(Err(error))),
+            Replier::Cancel(tx) => drop(tx.send(Err(error))),
+            Replier::Internal => {}
             Replier::MarkRead(tx) => drop(tx.send(Err(error))),
             Replier::MarkAllRead(tx) => drop(tx.send(Err(error))),
             Replier::Delete(tx) => drop(tx.send(Err(error))),
@@ -134,8 +220,10 @@ pub(crate) fn spawn<B: WriteBackend>(
     queue: Receiver<WriteOp>,
     listener: Box<dyn CommitListener>,
     max_batch: usize,
+    retention: Option<Duration>,
     counters: Arc<Counters>,
 ) -> std::io::Result<JoinHandle<()>> {
+    let now = Instant::now();
     let writer = Writer {
         backend,
         queue,
@@ -144,6 +232,10 @@ pub(crate) fn spawn<B: WriteBackend>(
         max_batch: max_batch.max(1),
         counters,
         carried: None,
+        closing: false,
+        next_fire: now,
+        retention,
+        next_purge: now,
     };
     std::thread::Builder::new()
         .name(THREAD_NAME.to_owned())
@@ -166,6 +258,14 @@ struct Writer<B> {
     counters: Arc<Counters>,
     /// A request drained that did not fit the previous batch; it opens the next one.
     carried: Option<WriteOp>,
+    /// Set once a [`WriteOp::Close`] was drained: this batch is the last.
+    closing: bool,
+    /// When the scheduler next claims due notifications.
+    next_fire: Instant,
+    /// `RETENTION_DAYS`, if set.
+    retention: Option<Duration>,
+    /// When retention (and the expiry of idempotency keys) next runs.
+    next_purge: Instant,
 }
 
 impl<B: WriteBackend> Writer<B> {
@@ -174,6 +274,9 @@ impl<B: WriteBackend> Writer<B> {
         let mut batch = Vec::new();
         while self.next_batch(&mut batch) {
             self.commit(std::mem::take(&mut batch));
+            if self.closing {
+                break;
+            }
         }
         tracing::debug!("store thread: queue closed and drained, exiting");
     }
@@ -181,18 +284,33 @@ impl<B: WriteBackend> Writer<B> {
     /// Fills `batch` with the next group: blocks for the first request, then takes what is already
     /// queued while it fits in `max_batch`. The first request is always taken, however large, since an
     /// insert request must commit whole. Returns false once the queue is closed and empty.
+    ///
+    /// While idle it wakes at the next scheduler tick and returns an empty batch, which `commit` fills
+    /// with the scheduler's and retention's own requests.
     fn next_batch(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         let first = match self.carried.take() {
             Some(op) => op,
-            None => match self.queue.recv() {
-                Ok(op) => op,
-                Err(_) => return false,
-            },
+            None => {
+                let wait = self.next_fire.saturating_duration_since(Instant::now());
+                match self.queue.recv_timeout(wait) {
+                    Ok(op) => op,
+                    Err(RecvTimeoutError::Timeout) => return true,
+                    Err(RecvTimeoutError::Disconnected) => return false,
+                }
+            }
         };
+        if matches!(first, WriteOp::Close) {
+            self.closing = true;
+            return true;
+        }
         let mut weight = first.weight();
         batch.push(first);
         while weight < self.max_batch {
             let Ok(op) = self.queue.try_recv() else { break };
+            if matches!(op, WriteOp::Close) {
+                self.closing = true;
+                break;
+            }
             if weight + op.weight() > self.max_batch {
                 self.carried = Some(op);
                 break;
@@ -203,6 +321,28 @@ impl<B: WriteBackend> Writer<B> {
         true
     }
 
+    /// The scheduler's and retention's requests for this batch, if their time has come.
+    fn housekeeping(&mut self, now: Millis) -> Vec<WriteRequest> {
+        let mut requests = Vec::new();
+        let clock = Instant::now();
+        if clock >= self.next_purge && !self.closing {
+            let created_before = self
+                .retention
+                .map(|keep| now.saturating_sub(keep.as_millis() as Millis));
+            requests.push(WriteRequest::Purge {
+                created_before,
+                limit: RETENTION_BATCH,
+            });
+            self.next_purge = clock + RETENTION_INTERVAL;
+        }
+        if clock >= self.next_fire {
+            // Last in the batch: its ids must be above every other id the batch assigned.
+            requests.push(WriteRequest::FireDue { limit: FIRE_BATCH });
+            self.next_fire = clock + SCHEDULER_TICK;
+        }
+        requests
+    }
+
     /// Applies one batch in one transaction, tells the listener, then answers every request.
     fn commit(&mut self, ops: Vec<WriteOp>) {
         let now = now_millis();
@@ -210,16 +350,49 @@ impl<B: WriteBackend> Writer<B> {
         let mut repliers = Vec::with_capacity(ops.len());
         for op in ops {
             let (request, replier) = match op {
-                WriteOp::Insert { batch, reply } => {
-                    let stored = batch
+                WriteOp::Insert {
+                    batch,
+                    idempotency,
+                    reply,
+                } => {
+                    let notifications: Vec<Arc<Notification>> = batch
                         .into_iter()
                         .map(|n| {
                             let (id, created_at) = self.ids.next_id();
                             Arc::new(n.into_notification(id, created_at))
                         })
                         .collect();
-                    (WriteRequest::Insert(stored), Replier::Insert(reply))
+                    let idempotency =
+                        idempotency.map(|(key, answer)| record(key, answer(&notifications)));
+                    (
+                        WriteRequest::Insert {
+                            notifications,
+                            idempotency,
+                        },
+                        Replier::Insert(reply),
+                    )
                 }
+                WriteOp::Schedule {
+                    notification,
+                    idempotency,
+                    reply,
+                } => {
+                    let (id, created_at) = self.ids.next_id();
+                    let notification = Arc::new(notification.into_notification(id, created_at));
+                    let idempotency =
+                        idempotency.map(|(key, answer)| record(key, answer(&notification)));
+                    (
+                        WriteRequest::Schedule {
+                            notification,
+                            idempotency,
+                        },
+                        Replier::Schedule(reply),
+                    )
+                }
+                WriteOp::CancelScheduled { id, reply } => {
+                    (WriteRequest::CancelScheduled { id }, Replier::Cancel(reply))
+                }
+                WriteOp::Close => continue,
                 WriteOp::MarkRead { user_id, id, reply } => (
                     WriteRequest::MarkRead { user_id, id },
                     Replier::MarkRead(reply),
@@ -235,8 +408,15 @@ impl<B: WriteBackend> Writer<B> {
             requests.push(request);
             repliers.push(replier);
         }
+        for request in self.housekeeping(now) {
+            requests.push(request);
+            repliers.push(Replier::Internal);
+        }
+        if requests.is_empty() {
+            return;
+        }
 
-        let outcomes = match self.backend.apply_batch(&requests, now) {
+        let outcomes = match self.backend.apply_batch(&requests, now, &mut self.ids) {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 Counters::add(&self.counters.failed_batches, 1);
@@ -248,16 +428,41 @@ impl<B: WriteBackend> Writer<B> {
             }
         };
 
+        // What this commit stored, in id order: inserts in request order, then what the scheduler fired
+        // (always the last request). Inserts answered from an idempotency record stored nothing.
         let inserted: Vec<Arc<Notification>> = requests
             .iter()
-            .flat_map(|r| match r {
-                WriteRequest::Insert(stored) => stored.as_slice(),
+            .zip(&outcomes)
+            .flat_map(|(request, outcome)| match (request, outcome) {
+                (WriteRequest::Insert { notifications, .. }, WriteOutcome::Inserted) => {
+                    notifications.as_slice()
+                }
+                (_, WriteOutcome::Fired(fired)) => fired.as_slice(),
                 _ => &[],
             })
             .cloned()
             .collect();
+        for (request, outcome) in requests.iter().zip(&outcomes) {
+            match (request, outcome) {
+                (_, WriteOutcome::Fired(fired)) if !fired.is_empty() => {
+                    tracing::debug!(count = fired.len(), "scheduled notifications fired");
+                }
+                (WriteRequest::Purge { .. }, WriteOutcome::Purged(n)) if *n > 0 => {
+                    tracing::info!(deleted = n, "retention deleted old notifications");
+                    if *n as usize >= RETENTION_BATCH {
+                        // More to delete: come back at the next tick rather than in a minute.
+                        self.next_purge = Instant::now() + SCHEDULER_TICK;
+                    }
+                }
+                _ => {}
+            }
+        }
         Counters::add(&self.counters.commits, 1);
-        Counters::add(&self.counters.write_ops, requests.len() as u64);
+        let client_requests = requests
+            .iter()
+            .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
+            .count();
+        Counters::add(&self.counters.write_ops, client_requests as u64);
         Counters::add(&self.counters.inserted, inserted.len() as u64);
 
         if !inserted.is_empty() {
@@ -298,17 +503,30 @@ mod tests {
             &mut self,
             requests: &[WriteRequest],
             _now: crate::model::Millis,
+            _ids: &mut IdGenerator,
         ) -> Result<Vec<WriteOutcome>, BackendError> {
+            // Only the callers' requests count; the scheduler's and retention's ride along.
+            let client = requests
+                .iter()
+                .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
+                .count();
+            if client == 0 {
+                return Ok(requests.iter().map(|_| WriteOutcome::Purged(0)).collect());
+            }
             let mut batches = self.batches.lock().unwrap();
             let index = batches.len();
-            batches.push(requests.len());
+            batches.push(client);
             if self.fail_batches.contains(&index) {
                 return Err(BackendError("disk on fire".to_owned()));
             }
             Ok(requests
                 .iter()
                 .map(|r| match r {
-                    WriteRequest::Insert(_) => WriteOutcome::Inserted,
+                    WriteRequest::Insert { .. } => WriteOutcome::Inserted,
+                    WriteRequest::Schedule { .. } => WriteOutcome::Scheduled,
+                    WriteRequest::CancelScheduled { .. } => WriteOutcome::Cancelled(true),
+                    WriteRequest::FireDue { .. } => WriteOutcome::Fired(Vec::new()),
+                    WriteRequest::Purge { .. } => WriteOutcome::Purged(0),
                     WriteRequest::MarkRead { .. } => WriteOutcome::MarkedRead(None),
                     WriteRequest::MarkAllRead { .. } => WriteOutcome::MarkedAllRead(7),
                     WriteRequest::Delete { .. } => WriteOutcome::Deleted(true),
@@ -338,10 +556,25 @@ mod tests {
         }
     }
 
-    fn insert_op(n: usize) -> (WriteOp, StoreFuture<Vec<Arc<Notification>>>) {
+    fn insert_op(n: usize) -> (WriteOp, StoreFuture<Committed<Vec<Arc<Notification>>>>) {
         let (reply, rx) = oneshot::channel();
         let batch = (0..n).map(|i| new_notification(&format!("m{i}"))).collect();
-        (WriteOp::Insert { batch, reply }, StoreFuture::waiting(rx))
+        let op = WriteOp::Insert {
+            batch,
+            idempotency: None,
+            reply,
+        };
+        (op, StoreFuture::waiting(rx))
+    }
+
+    /// The stored notifications of a committed insert.
+    fn done(
+        committed: Result<Committed<Vec<Arc<Notification>>>, StoreError>,
+    ) -> Result<Vec<Arc<Notification>>, StoreError> {
+        match committed? {
+            Committed::Done(stored) => Ok(stored),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     /// Queues `ops` BEFORE the thread starts and closes the queue, so batching is deterministic.
@@ -362,7 +595,7 @@ mod tests {
             fail_batches,
         };
         let listener = Box::new(RecordingListener(seen.clone()));
-        spawn(backend, rx, listener, max_batch, Arc::default())
+        spawn(backend, rx, listener, max_batch, None, Arc::default())
             .unwrap()
             .join()
             .unwrap();
@@ -378,7 +611,7 @@ mod tests {
         assert_eq!(batches, vec![3, 3, 1], "7 queued singles with max_batch 3");
         let ids: Vec<Uuid> = futures
             .into_iter()
-            .map(|f| block_on(f).unwrap()[0].id)
+            .map(|f| done(block_on(f)).unwrap()[0].id)
             .collect();
         assert_eq!(seen, ids, "listener saw every id, in reply order");
         assert!(
@@ -395,8 +628,8 @@ mod tests {
         let (batches, _) = run_writer(vec![a, b, c], 3, Vec::new());
         // a fits; b (weight 5) does not fit beside a, so it opens the next batch alone; c follows.
         assert_eq!(batches, vec![1, 1, 1]);
-        assert_eq!(block_on(fb).unwrap().len(), 5);
-        assert!(block_on(fa).is_ok() && block_on(fc).is_ok());
+        assert_eq!(done(block_on(fb)).unwrap().len(), 5);
+        assert!(done(block_on(fa)).is_ok() && done(block_on(fc)).is_ok());
     }
 
     #[test]
@@ -426,7 +659,7 @@ mod tests {
             block_on(all_rx).unwrap(),
             Err(StoreError::Unavailable(_))
         ));
-        let committed = block_on(f2).unwrap();
+        let committed = done(block_on(f2)).unwrap();
         assert_eq!(
             seen,
             vec![committed[0].id],
@@ -450,8 +683,8 @@ mod tests {
             batches: Arc::default(),
             fail_batches: Vec::new(),
         };
-        let handle = spawn(backend, rx, Box::new(Panics), 8, Arc::default()).unwrap();
-        assert_eq!(block_on(fut).unwrap().len(), 1);
+        let handle = spawn(backend, rx, Box::new(Panics), 8, None, Arc::default()).unwrap();
+        assert_eq!(done(block_on(fut)).unwrap().len(), 1);
         assert!(handle.join().is_ok(), "the store thread survived");
     }
 }

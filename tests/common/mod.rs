@@ -268,22 +268,29 @@ pub struct TestServerRef(pub SocketAddr);
 impl TestServerRef {
     /// Sends a notification and returns its id, asserting 201.
     pub fn send(&self, body: Value) -> String {
-        let body = body.to_string();
-        let req = format!(
-            "POST /api/v1/notifications/send HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let r = self.post_raw("/api/v1/notifications/send", &body.to_string(), &[]);
+        assert_eq!(r.status, 201);
+        r.json()["id"].as_str().unwrap().to_owned()
+    }
+
+    /// POSTs a JSON body with extra headers on its own connection.
+    pub fn post_raw(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n"
         );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
         let mut s = TcpStream::connect(self.0).expect("connect");
         s.set_read_timeout(Some(WAIT)).unwrap();
         s.write_all(req.as_bytes()).unwrap();
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw);
-        let r = parse_responses(&raw)
+        parse_responses(&raw)
             .into_iter()
             .next()
-            .expect("a response");
-        assert_eq!(r.status, 201);
-        r.json()["id"].as_str().unwrap().to_owned()
+            .expect("a response")
     }
 }
 

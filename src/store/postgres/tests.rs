@@ -66,8 +66,10 @@ fn the_url_options_put_the_tables_in_the_schema_and_logs_never_show_the_password
     assert_eq!(
         tables,
         [
+            "idempotency_keys",
             "notification_channels",
             "notifications",
+            "scheduled_notifications",
             "schema_migrations"
         ]
     );
@@ -119,17 +121,23 @@ fn a_failing_request_rolls_back_the_whole_batch() {
     let (mut writer, mut reader) = open(&schema);
     let first = stored(1, Some("u"), &["c"]);
     writer
-        .apply_batch(&[WriteRequest::Insert(vec![first.clone()])], 5)
+        .apply_batch(
+            &[WriteRequest::plain_insert(vec![first.clone()])],
+            5,
+            &mut IdGenerator::new(),
+        )
         .unwrap();
     // Batch: a fresh insert, a read-all, then a duplicate primary key, which fails.
     let batch = [
-        WriteRequest::Insert(vec![stored(2, Some("u"), &["c"])]),
+        WriteRequest::plain_insert(vec![stored(2, Some("u"), &["c"])]),
         WriteRequest::MarkAllRead {
             user_id: "u".into(),
         },
-        WriteRequest::Insert(vec![stored(3, Some("u"), &[]), first.clone()]),
+        WriteRequest::plain_insert(vec![stored(3, Some("u"), &[]), first.clone()]),
     ];
-    let err = writer.apply_batch(&batch, 6).unwrap_err();
+    let err = writer
+        .apply_batch(&batch, 6, &mut IdGenerator::new())
+        .unwrap_err();
     assert!(err.0.contains("duplicate key"), "{err}");
     let after = page(&mut reader, "u");
     assert_eq!(
@@ -148,7 +156,11 @@ fn a_failing_request_rolls_back_the_whole_batch() {
     assert_eq!(replay.len(), 1, "no channel row of the failed batch");
     // The connection is usable afterwards: a refusal by the server keeps the session.
     writer
-        .apply_batch(&[WriteRequest::Insert(vec![stored(4, Some("u"), &[])])], 7)
+        .apply_batch(
+            &[WriteRequest::plain_insert(vec![stored(4, Some("u"), &[])])],
+            7,
+            &mut IdGenerator::new(),
+        )
         .unwrap();
     assert_eq!(page(&mut reader, "u").total, 2);
 }
@@ -163,7 +175,7 @@ fn requests_later_in_a_batch_see_earlier_ones() {
     n.data = r#"{"k":1,"b":[true]}"#.into();
     let n = Arc::new(n);
     let batch = [
-        WriteRequest::Insert(vec![n.clone()]),
+        WriteRequest::plain_insert(vec![n.clone()]),
         WriteRequest::MarkRead {
             user_id: "u".into(),
             id: n.id,
@@ -181,7 +193,9 @@ fn requests_later_in_a_batch_see_earlier_ones() {
             id: n.id,
         },
     ];
-    let outcomes = writer.apply_batch(&batch, 42).unwrap();
+    let outcomes = writer
+        .apply_batch(&batch, 42, &mut IdGenerator::new())
+        .unwrap();
     let WriteOutcome::MarkedRead(Some(read)) = &outcomes[1] else {
         panic!("{outcomes:?}")
     };
@@ -212,7 +226,7 @@ fn a_long_mixed_batch_is_applied_in_request_order() {
     let mut batch = Vec::new();
     for i in 1..=ROUNDS {
         let n = stored(i, Some("u"), &["c"]);
-        batch.push(WriteRequest::Insert(vec![n.clone()]));
+        batch.push(WriteRequest::plain_insert(vec![n.clone()]));
         batch.push(WriteRequest::MarkAllRead {
             user_id: "u".into(),
         });
@@ -223,16 +237,18 @@ fn a_long_mixed_batch_is_applied_in_request_order() {
             });
         }
     }
-    let outcomes = writer.apply_batch(&batch, 7).unwrap();
+    let outcomes = writer
+        .apply_batch(&batch, 7, &mut IdGenerator::new())
+        .unwrap();
     assert_eq!(outcomes.len(), batch.len());
     for (request, outcome) in batch.iter().zip(&outcomes) {
         let expected = match request {
-            WriteRequest::Insert(_) => WriteOutcome::Inserted,
+            WriteRequest::Insert { .. } => WriteOutcome::Inserted,
             // Exactly the one inserted just before is unread.
             WriteRequest::MarkAllRead { .. } => WriteOutcome::MarkedAllRead(1),
             // Deletes one inserted earlier in the same batch.
             WriteRequest::Delete { .. } => WriteOutcome::Deleted(true),
-            WriteRequest::MarkRead { .. } => unreachable!(),
+            other => panic!("not in this batch: {other:?}"),
         };
         assert_eq!(*outcome, expected);
     }
@@ -253,11 +269,12 @@ fn times_round_trip_exactly_and_odd_stored_times_decode() {
     before_2000.created_at = POSTGRES_EPOCH_MILLIS - 1;
     writer
         .apply_batch(
-            &[WriteRequest::Insert(vec![
+            &[WriteRequest::plain_insert(vec![
                 Arc::new(before_epoch.clone()),
                 Arc::new(before_2000.clone()),
             ])],
             0,
+            &mut IdGenerator::new(),
         )
         .unwrap();
     let got = page(&mut reader, "u").notifications;
@@ -278,11 +295,19 @@ fn times_round_trip_exactly_and_odd_stored_times_decode() {
     let mut absurd = (*stored(3, Some("u"), &[])).clone();
     absurd.scheduled_at = Some(Millis::MAX);
     let err = writer
-        .apply_batch(&[WriteRequest::Insert(vec![Arc::new(absurd)])], 0)
+        .apply_batch(
+            &[WriteRequest::plain_insert(vec![Arc::new(absurd)])],
+            0,
+            &mut IdGenerator::new(),
+        )
         .unwrap_err();
     assert!(err.0.contains("out of PostgreSQL's range"), "{err}");
     writer
-        .apply_batch(&[WriteRequest::Insert(vec![stored(4, Some("u"), &[])])], 0)
+        .apply_batch(
+            &[WriteRequest::plain_insert(vec![stored(4, Some("u"), &[])])],
+            0,
+            &mut IdGenerator::new(),
+        )
         .unwrap();
 }
 
@@ -343,6 +368,19 @@ fn hot_queries_use_the_indexes() {
                 "notifications_pkey",
             ][..],
         ),
+        (
+            plan("claim_due", "timestamptz, bigint", CLAIM_DUE, "now(), 1000"),
+            &["scheduled_due", "scheduled_notifications_pkey"][..],
+        ),
+        (
+            plan(
+                "purge",
+                "timestamptz, uuid, bigint",
+                PURGE,
+                "now(), '00000000-0000-0000-0000-000000000000', 1000",
+            ),
+            &["idempotency_keys_created", "notifications_pkey"][..],
+        ),
     ];
     for (plan, indexes) in cases {
         for index in indexes {
@@ -381,7 +419,11 @@ fn sessions_ended_by_the_server_reconnect_without_failing_a_request() {
     std::thread::sleep(Duration::from_millis(200));
     // The closed sessions are noticed before use: these succeed on fresh connections.
     writer
-        .apply_batch(&[WriteRequest::Insert(vec![stored(1, Some("u"), &[])])], 0)
+        .apply_batch(
+            &[WriteRequest::plain_insert(vec![stored(1, Some("u"), &[])])],
+            0,
+            &mut IdGenerator::new(),
+        )
         .unwrap();
     assert_eq!(page(&mut reader, "u").total, 1);
     reader.ping().unwrap();
@@ -413,13 +455,23 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
         .with_timeouts(TEST_OPERATION_TIMEOUT, TEST_SETUP_TIMEOUT);
     let mut writer = PostgresWriter::open(&target).unwrap();
     let mut reader = PostgresReader::open(&target, 0).unwrap();
-    let insert = |seed: u128| [WriteRequest::Insert(vec![stored(seed, Some("u"), &[])])];
-    writer.apply_batch(&insert(1), 0).unwrap();
+    let insert = |seed: u128| {
+        [WriteRequest::plain_insert(vec![stored(
+            seed,
+            Some("u"),
+            &[],
+        )])]
+    };
+    writer
+        .apply_batch(&insert(1), 0, &mut IdGenerator::new())
+        .unwrap();
 
     // The database goes away: the batch fails (a 503 upstream), quickly, and so does a read.
     proxy.set(ProxyMode::Down);
     let started = Instant::now();
-    assert!(writer.apply_batch(&insert(2), 0).is_err());
+    assert!(writer
+        .apply_batch(&insert(2), 0, &mut IdGenerator::new())
+        .is_err());
     assert!(reader.ping().is_err());
     assert!(
         started.elapsed() < TEST_OPERATION_TIMEOUT * 2,
@@ -430,12 +482,20 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     // one to find the old connection dead, then the next makes it)...
     let backing_off = |e: &BackendError| e.0.contains("next connection attempt in");
     let first_backoff = (3..6)
-        .find(|seed| backing_off(&writer.apply_batch(&insert(*seed), 0).unwrap_err()))
+        .find(|seed| {
+            backing_off(
+                &writer
+                    .apply_batch(&insert(*seed), 0, &mut IdGenerator::new())
+                    .unwrap_err(),
+            )
+        })
         .expect("the backoff was armed");
     // ...and until it runs out, requests fail at once, without another attempt.
     let started = Instant::now();
     for seed in first_backoff + 1..100 {
-        let err = writer.apply_batch(&insert(seed), 0).unwrap_err();
+        let err = writer
+            .apply_batch(&insert(seed), 0, &mut IdGenerator::new())
+            .unwrap_err();
         assert!(backing_off(&err), "{err}");
     }
     assert!(
@@ -448,7 +508,10 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     proxy.set(ProxyMode::Up);
     let deadline = Instant::now() + RECONNECT_BACKOFF_MAX * 2;
     let mut seed = 100;
-    while writer.apply_batch(&insert(seed), 0).is_err() {
+    while writer
+        .apply_batch(&insert(seed), 0, &mut IdGenerator::new())
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "the writer did not recover");
         std::thread::sleep(Duration::from_millis(20));
         seed += 1;
@@ -464,7 +527,9 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     // instead of hanging, and the link recovers once the network does.
     proxy.set(ProxyMode::Blackhole);
     let started = Instant::now();
-    let err = writer.apply_batch(&insert(1_000), 0).unwrap_err();
+    let err = writer
+        .apply_batch(&insert(1_000), 0, &mut IdGenerator::new())
+        .unwrap_err();
     assert!(err.0.contains("no answer within"), "{err}");
     assert!(
         started.elapsed() < TEST_OPERATION_TIMEOUT * 3,
@@ -474,10 +539,339 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     proxy.set(ProxyMode::Down);
     proxy.set(ProxyMode::Up);
     let deadline = Instant::now() + RECONNECT_BACKOFF_MAX * 2;
-    while writer.apply_batch(&insert(1_001), 0).is_err() {
+    while writer
+        .apply_batch(&insert(1_001), 0, &mut IdGenerator::new())
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "the writer did not recover");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A notification created at `ms` (its UUIDv7 carries that time, as the store thread's would).
+fn created_at(ms: Millis, seq: u16, user: &str) -> Arc<Notification> {
+    let id = Uuid::from_u128(u128::from_be_bytes(first_id_of(ms)) | (0x7 << 76) | u128::from(seq));
+    let n = stored(0, Some(user), &["c"]);
+    Arc::new(Notification {
+        id,
+        created_at: ms,
+        ..(*n).clone()
+    })
+}
+
+#[test]
+fn retention_deletes_only_older_notifications_in_bounded_batches() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut w, mut r) = open(&schema);
+    let now = crate::model::now_millis();
+    let day = 24 * 60 * 60 * 1000;
+    let old: Vec<_> = (0..5).map(|i| created_at(now - 3 * day, i, "u")).collect();
+    let new: Vec<_> = (0..2).map(|i| created_at(now - day / 2, i, "u")).collect();
+    let mut ids = IdGenerator::new();
+    w.apply_batch(
+        &[WriteRequest::plain_insert([old, new].concat())],
+        now,
+        &mut ids,
+    )
+    .unwrap();
+    let mut purge = |created_before: Option<Millis>| {
+        let out = w
+            .apply_batch(
+                &[WriteRequest::Purge {
+                    created_before,
+                    limit: 3,
+                }],
+                now,
+                &mut ids,
+            )
+            .unwrap();
+        match out.as_slice() {
+            [WriteOutcome::Purged(n)] => *n,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(purge(None), 0, "no retention: nothing deleted");
+    assert_eq!(purge(Some(now - 2 * day)), 3, "bounded by the limit");
+    assert_eq!(purge(Some(now - 2 * day)), 2);
+    assert_eq!(purge(Some(now - 2 * day)), 0);
+    assert_eq!(page(&mut r, "u").total, 2, "the recent ones stay");
+    let channel_rows = schema
+        .side()
+        .number("SELECT count(*) FROM notification_channels");
+    assert_eq!(
+        channel_rows, 2,
+        "channel rows of deleted notifications went with them"
+    );
+}
+
+fn record(fingerprint: u8) -> IdempotencyRecord {
+    IdempotencyRecord {
+        key: "k".into(),
+        fingerprint: [fingerprint; 32],
+        status: 201,
+        body: b"first".to_vec(),
+    }
+}
+
+fn keyed_insert(seed: u128, fingerprint: u8) -> WriteRequest {
+    WriteRequest::Insert {
+        notifications: vec![stored(seed, Some("u"), &[])],
+        idempotency: Some(record(fingerprint)),
+    }
+}
+
+/// What a retry under [`record`]'s key answers.
+fn first_answer() -> WriteOutcome {
+    WriteOutcome::Replayed {
+        status: 201,
+        body: b"first".to_vec(),
+    }
+}
+
+#[test]
+fn idempotency_records_replay_refuse_and_expire() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut w, mut r) = open(&schema);
+    let mut ids = IdGenerator::new();
+    let now = 10 * IDEMPOTENCY_TTL_MS;
+    // Two requests with one key in one batch: the second is a retry of the first.
+    let out = w
+        .apply_batch(
+            &[keyed_insert(1, 1), keyed_insert(2, 1), keyed_insert(3, 9)],
+            now,
+            &mut ids,
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            WriteOutcome::Inserted,
+            first_answer(),
+            WriteOutcome::KeyReused
+        ]
+    );
+    assert_eq!(page(&mut r, "u").total, 1);
+    // A schedule under a used key is refused the same way, and stores nothing.
+    let mut pending = (*stored(4, Some("u"), &[])).clone();
+    pending.scheduled_at = Some(now + 1_000);
+    let out = w
+        .apply_batch(
+            &[WriteRequest::Schedule {
+                notification: Arc::new(pending),
+                idempotency: Some(record(1)),
+            }],
+            now,
+            &mut ids,
+        )
+        .unwrap();
+    assert_eq!(out, [first_answer()]);
+    assert_eq!(r.scheduled(Uuid::from_u128(4)).unwrap(), None);
+    // After 24 h the key is free again: the write goes ahead and replaces the expired record.
+    let later = now + IDEMPOTENCY_TTL_MS + 1;
+    let out = w
+        .apply_batch(&[keyed_insert(5, 9)], later, &mut ids)
+        .unwrap();
+    assert_eq!(out, [WriteOutcome::Inserted]);
+    assert_eq!(page(&mut r, "u").total, 2);
+    // The purge removes expired records only.
+    let side = schema.side();
+    let purge = WriteRequest::Purge {
+        created_before: None,
+        limit: 1,
+    };
+    w.apply_batch(std::slice::from_ref(&purge), later, &mut ids)
+        .unwrap();
+    assert_eq!(side.number("SELECT count(*) FROM idempotency_keys"), 1);
+    let much_later = later + IDEMPOTENCY_TTL_MS;
+    w.apply_batch(&[purge], much_later, &mut ids).unwrap();
+    assert_eq!(side.number("SELECT count(*) FROM idempotency_keys"), 0);
+}
+
+/// Two nodes on one database, the same key at the same moment: neither sees the other's record when
+/// its statement starts; the loser waits for the winner's commit, stores nothing, and answers the
+/// winner's first answer.
+#[test]
+fn a_key_raced_by_another_node_stores_once_and_replays_the_winner() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut w, mut r) = open(&schema);
+    let now = 10 * IDEMPOTENCY_TTL_MS;
+    // The other node: its record of the key is written but not committed yet.
+    let other_node = schema.side();
+    other_node
+        .execute(&format!(
+            "BEGIN; INSERT INTO idempotency_keys (key, fingerprint, status, body, created_at)
+             VALUES ('k', '\\x{}', 201, 'first', to_timestamp({}))",
+            "01".repeat(32),
+            now / 1000
+        ))
+        .unwrap();
+    let (outcome, waited) = std::thread::scope(|s| {
+        let racing = s.spawn(|| {
+            let started = Instant::now();
+            let out = w.apply_batch(
+                &[keyed_insert(1, 1), keyed_insert(2, 9)],
+                now,
+                &mut IdGenerator::new(),
+            );
+            (out, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        other_node.execute("COMMIT").unwrap();
+        racing.join().unwrap()
+    });
+    assert!(
+        waited >= Duration::from_millis(250),
+        "it waited for the winner: {waited:?}"
+    );
+    assert_eq!(outcome.unwrap(), [first_answer(), WriteOutcome::KeyReused]);
+    assert_eq!(page(&mut r, "u").total, 0, "the loser stored nothing");
+}
+
+#[test]
+fn due_scheduled_notifications_fire_with_new_ids_in_due_order_once_across_nodes() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut w, mut r) = open(&schema);
+    let mut ids = IdGenerator::new();
+    let pending = |seed: u128, due: Millis| {
+        let mut n = (*stored(seed, Some("u"), &["ch"])).clone();
+        n.scheduled_at = Some(due);
+        WriteRequest::Schedule {
+            notification: Arc::new(n),
+            idempotency: None,
+        }
+    };
+    let out = w
+        .apply_batch(
+            &[
+                pending(1, 300),
+                pending(2, 100),
+                pending(3, 9_000),
+                pending(4, 200),
+            ],
+            50,
+            &mut ids,
+        )
+        .unwrap();
+    assert_eq!(out, vec![WriteOutcome::Scheduled; 4]);
+    let shown = r.scheduled(Uuid::from_u128(2)).unwrap().unwrap();
+    assert_eq!(
+        (shown.scheduled_at, shown.created_at, shown.read_at),
+        (Some(100), 1_000, None)
+    );
+    assert_eq!(shown.channels, ["ch"]);
+    // Another node is firing #4 right now: it holds the row lock.
+    let other_node = schema.side();
+    other_node
+        .execute(&format!(
+            "BEGIN; SELECT id FROM scheduled_notifications WHERE id = '{}' FOR UPDATE",
+            Uuid::from_u128(4)
+        ))
+        .unwrap();
+    let started = Instant::now();
+    let out = w
+        .apply_batch(&[WriteRequest::FireDue { limit: 10 }], 500, &mut ids)
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "skipped, not waited for"
+    );
+    let [WriteOutcome::Fired(fired)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let messages: Vec<&str> = fired.iter().map(|n| n.message.as_str()).collect();
+    assert_eq!(
+        messages,
+        vec!["m2", "m1"],
+        "oldest due first; the future one waits; the locked one is the other node's"
+    );
+    assert!(
+        fired[0].id < fired[1].id && fired[0].id > Uuid::from_u128(4),
+        "fresh, ordered ids"
+    );
+    assert_eq!(fired[0].scheduled_at, Some(100));
+    assert!(
+        r.scheduled(Uuid::from_u128(2)).unwrap().is_none(),
+        "no longer pending"
+    );
+    assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
+    let inbox = page(&mut r, "u");
+    assert_eq!(inbox.total, 2);
+    assert_eq!(inbox.notifications[1], *fired[0], "stored as fired");
+    // The other node gives up its claim (rolls back): the next tick fires #4 here.
+    other_node.execute("ROLLBACK").unwrap();
+    let out = w
+        .apply_batch(&[WriteRequest::FireDue { limit: 10 }], 500, &mut ids)
+        .unwrap();
+    assert!(
+        matches!(out.as_slice(), [WriteOutcome::Fired(f)] if f.len() == 1 && f[0].message == "m4")
+    );
+    let cancelled = w
+        .apply_batch(
+            &[
+                WriteRequest::CancelScheduled {
+                    id: Uuid::from_u128(3),
+                },
+                WriteRequest::CancelScheduled {
+                    id: Uuid::from_u128(3),
+                },
+            ],
+            600,
+            &mut ids,
+        )
+        .unwrap();
+    assert_eq!(
+        cancelled,
+        [
+            WriteOutcome::Cancelled(true),
+            WriteOutcome::Cancelled(false)
+        ]
+    );
+}
+
+/// A claim of due notifications inside a batch waits for the statements before it (its insert must
+/// come after them) and the ones after it wait for it.
+#[test]
+fn a_claim_in_the_middle_of_a_batch_keeps_request_order() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut w, mut r) = open(&schema);
+    let mut ids = IdGenerator::new();
+    let mut due = (*stored(1, Some("u"), &[])).clone();
+    due.scheduled_at = Some(10);
+    w.apply_batch(
+        &[WriteRequest::Schedule {
+            notification: Arc::new(due),
+            idempotency: None,
+        }],
+        5,
+        &mut ids,
+    )
+    .unwrap();
+    let out = w
+        .apply_batch(
+            &[
+                WriteRequest::plain_insert(vec![stored(2, Some("u"), &[])]),
+                WriteRequest::FireDue { limit: 10 },
+                WriteRequest::MarkAllRead {
+                    user_id: "u".into(),
+                },
+            ],
+            20,
+            &mut ids,
+        )
+        .unwrap();
+    assert!(matches!(&out[1], WriteOutcome::Fired(f) if f.len() == 1));
+    assert_eq!(out[2], WriteOutcome::MarkedAllRead(2), "saw the fired one");
+    assert_eq!(page(&mut r, "u").unread, 0);
 }
 
 #[test]

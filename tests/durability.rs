@@ -1,0 +1,103 @@
+//! "A 2xx means it is stored": kill -9 the server while 1,000 sends are in flight, restart it on the same
+//! data, and find every acknowledged notification in history.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{parse_responses, TestServer};
+
+const PRODUCERS: usize = 20;
+const SENDS_PER_PRODUCER: usize = 50;
+
+/// One producer: sends on a keep-alive connection until the server dies; returns the acknowledged ids.
+fn produce(addr: std::net::SocketAddr, producer: usize, acked: Arc<AtomicUsize>) -> Vec<String> {
+    let mut ids = Vec::new();
+    let Ok(mut conn) = TcpStream::connect(addr) else {
+        return ids;
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 0..SENDS_PER_PRODUCER {
+        let body = format!(r#"{{"user_id":"durable-{producer}","message":"{i}"}}"#);
+        let req = format!(
+            "POST /api/v1/notifications/send HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if conn.write_all(req.as_bytes()).is_err() {
+            break;
+        }
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 1024];
+        let response = loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+            if let Some(r) = parse_responses(&raw)
+                .into_iter()
+                .next()
+                .filter(|r| r.body.len() > 10)
+            {
+                break Some(r);
+            }
+        };
+        match response {
+            Some(r) if r.status == 201 => {
+                ids.push(r.json()["id"].as_str().unwrap().to_owned());
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => break,
+        }
+    }
+    ids
+}
+
+#[test]
+fn every_acknowledged_send_survives_kill_9() {
+    let server = TestServer::start();
+    let addr = server.addr;
+    let pid = server.pid();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let acked = acked.clone();
+            std::thread::spawn(move || produce(addr, p, acked))
+        })
+        .collect();
+    // Kill while sends are in flight: after some have been acknowledged, long before all of them.
+    while acked.load(Ordering::Relaxed) < 300 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let acked_ids: Vec<Vec<String>> = producers.into_iter().map(|p| p.join().unwrap()).collect();
+    let total: usize = acked_ids.iter().map(Vec::len).sum();
+    assert!(
+        (300..PRODUCERS * SENDS_PER_PRODUCER).contains(&total),
+        "killed mid-stream: {total} acknowledged"
+    );
+
+    let server = TestServer::start_in(server.dir.clone(), &[]);
+    for (producer, ids) in acked_ids.iter().enumerate() {
+        let page = server
+            .get(&format!(
+                "/api/v1/notifications/user/durable-{producer}?limit=500"
+            ))
+            .json();
+        let stored: std::collections::HashSet<&str> = page["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap())
+            .collect();
+        for id in ids {
+            assert!(
+                stored.contains(id.as_str()),
+                "acknowledged {id} of producer {producer} was lost"
+            );
+        }
+    }
+}
