@@ -61,8 +61,13 @@ CREATE TABLE notification_channels (
 -- whoever issues it. A row trigger with a primary-key lookup per channel: predictable for a single
 -- delete and for a retention batch alike (a statement trigger over a transition table has no
 -- statistics, and a bad plan there would scan the whole channel table).
+--
+-- `SET search_path FROM CURRENT` pins the function to this migration's schema, so a delete issued from a
+-- session with another search_path (an operator's psql) still finds this schema's channel table.
 CREATE FUNCTION notifications_delete_channels() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $$
 BEGIN
     DELETE FROM notification_channels WHERE channel = ANY (OLD.channels) AND id = OLD.id;
     RETURN NULL;

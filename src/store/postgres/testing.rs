@@ -57,7 +57,7 @@ impl SideConnection {
     pub(crate) fn connect(url: &str) -> Result<SideConnection, String> {
         let target = PostgresTarget::parse(url)?;
         let runtime = new_runtime()?;
-        let client = runtime
+        let (client, _connection) = runtime
             .block_on(connect_client(&target.config))
             .map_err(|e| e.to_string())?;
         Ok(SideConnection { runtime, client })

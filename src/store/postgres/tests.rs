@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::testing::{with_param, ProxyMode, TestProxy, TestSchema};
+use super::testing::{base_url, with_param, ProxyMode, SideConnection, TestProxy, TestSchema};
 use super::*;
 use crate::model::NewNotification;
 
@@ -212,6 +212,36 @@ fn requests_later_in_a_batch_see_earlier_ones() {
         .side()
         .number("SELECT count(*) FROM notification_channels");
     assert_eq!(left, 0, "the delete trigger removed the channel rows");
+}
+
+#[test]
+fn an_operators_delete_from_another_search_path_still_removes_channel_rows() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut writer, _reader) = open(&schema);
+    writer
+        .apply_batch(
+            &[WriteRequest::plain_insert(vec![stored(
+                1,
+                Some("u"),
+                &["c"],
+            )])],
+            0,
+            &mut IdGenerator::new(),
+        )
+        .unwrap();
+    let operator = SideConnection::connect(&base_url()).unwrap();
+    operator
+        .execute(&format!(
+            "SET search_path = public; DELETE FROM {}.notifications",
+            schema.name()
+        ))
+        .unwrap();
+    let left = schema
+        .side()
+        .number("SELECT count(*) FROM notification_channels");
+    assert_eq!(left, 0);
 }
 
 /// More statements than `join_all` polls in its simple mode (30): the pipeline must still reach the
