@@ -104,17 +104,29 @@ impl StoreUrl {
     }
 }
 
-/// Never prints a PostgreSQL password: the URL may end up in logs.
+/// Never prints a PostgreSQL password, neither the one of `user:password@` nor a `password=`
+/// parameter: the URL may end up in logs.
 impl fmt::Debug for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
-            StoreUrl::Postgres(url) => match (url.find("://"), url.rfind('@')) {
-                (Some(scheme_end), Some(at)) if at > scheme_end => {
-                    write!(f, "{}://***{}", &url[..scheme_end], &url[at..])
+            StoreUrl::Postgres(url) => {
+                let (base, query) = url.split_once('?').unwrap_or((url, ""));
+                match (base.find("://"), base.rfind('@')) {
+                    (Some(scheme_end), Some(at)) if at > scheme_end => {
+                        write!(f, "{}://***{}", &base[..scheme_end], &base[at..])?
+                    }
+                    _ => f.write_str(base)?,
                 }
-                _ => f.write_str(url),
-            },
+                for (i, param) in query.split('&').filter(|p| !p.is_empty()).enumerate() {
+                    f.write_str(if i == 0 { "?" } else { "&" })?;
+                    match param.split_once('=') {
+                        Some(("password", _)) => f.write_str("password=***")?,
+                        _ => f.write_str(param)?,
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }

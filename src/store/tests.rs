@@ -353,6 +353,14 @@ fn database_urls_parse() {
         shown, "postgres://***@db:5432/n",
         "the password never reaches a log"
     );
+    let shown = format!(
+        "{:?}",
+        StoreUrl::parse("postgres://u@db/n?password=secret&options=-csearch_path%3Dt").unwrap()
+    );
+    assert_eq!(
+        shown,
+        "postgres://***@db/n?password=***&options=-csearch_path%3Dt"
+    );
 }
 
 #[test]
