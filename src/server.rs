@@ -95,16 +95,16 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new(shards));
 
     let url = StoreUrl::parse(&config.database_url).map_err(StartupError)?;
+    // Its Debug form hides a PostgreSQL password; the raw DATABASE_URL must never reach a log.
+    let shown_url = format!("{url:?}");
     let store_config = StoreConfig {
         url,
         reader_threads: STORE_READER_THREADS,
         max_batch: STORE_MAX_BATCH,
         retention: config.retention(),
     };
-    // The URL's Debug form hides a PostgreSQL password: it is what logs and errors show.
-    let store_name = format!("{:?}", store_config.url);
     let (store, store_threads) = Store::open(&store_config, Box::new(fanout.clone()))
-        .map_err(|e| StartupError(format!("cannot open the store {store_name}: {e}")))?;
+        .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;
 
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -149,7 +149,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             "REDIS_URL is set, but multi-node fan-out is not built yet: running as a single node"
         );
     }
-    info!(%addr, shards, store = %store_name, "notification-service listening");
+    info!(%addr, shards, store = %shown_url, "notification-service listening");
 
     let signal_fanout = fanout.clone();
     let mut signals = signal_hook::iterator::Signals::new([

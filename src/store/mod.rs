@@ -21,13 +21,15 @@
 //! waits behind a 4096-op write batch, and a slow read never delays a commit. Reads are independent, so
 //! they are simply spread over the pool through one shared queue.
 //!
-//! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`; SQLite
-//! (`sqlite.rs`) is today's only implementation, and PostgreSQL plugs into the same seam later.
+//! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`, which two
+//! databases implement: SQLite (`sqlite.rs`, embedded, the default) and PostgreSQL (`postgres.rs`, the
+//! shared database of several nodes). One test suite (`tests.rs`) runs against both.
 //!
 //! Both queues are bounded and sending never blocks: a full queue answers
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
 
 mod backend;
+mod postgres;
 mod reader;
 mod sqlite;
 mod writer;
@@ -68,8 +70,9 @@ pub enum StoreUrl {
     /// `sqlite://path` or `sqlite:path`: an embedded database file, relative to the working directory
     /// or absolute (`sqlite:///var/lib/ns/notifications.db`).
     Sqlite(PathBuf),
-    /// `postgres://...` or `postgresql://...`: the shared database of a multi-node deployment. Parsed
-    /// now so configuration errors show early; [`Store::open`] refuses it until the backend exists.
+    /// `postgres://...` or `postgresql://...`: the shared database of a multi-node deployment, as a
+    /// libpq-style URL. The tables live in the first schema of the session's `search_path`; choose one
+    /// with `?options=-csearch_path%3D<schema>` (percent-encoded `-c search_path=<schema>`).
     Postgres(String),
 }
 
@@ -101,17 +104,29 @@ impl StoreUrl {
     }
 }
 
-/// Never prints a PostgreSQL password: the URL may end up in logs.
+/// Never prints a PostgreSQL password, neither the one of `user:password@` nor a `password=`
+/// parameter: the URL may end up in logs.
 impl fmt::Debug for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
-            StoreUrl::Postgres(url) => match (url.find("://"), url.rfind('@')) {
-                (Some(scheme_end), Some(at)) if at > scheme_end => {
-                    write!(f, "{}://***{}", &url[..scheme_end], &url[at..])
+            StoreUrl::Postgres(url) => {
+                let (base, query) = url.split_once('?').unwrap_or((url, ""));
+                match (base.find("://"), base.rfind('@')) {
+                    (Some(scheme_end), Some(at)) if at > scheme_end => {
+                        write!(f, "{}://***{}", &base[..scheme_end], &base[at..])?
+                    }
+                    _ => f.write_str(base)?,
                 }
-                _ => f.write_str(url),
-            },
+                for (i, param) in query.split('&').filter(|p| !p.is_empty()).enumerate() {
+                    f.write_str(if i == 0 { "?" } else { "&" })?;
+                    match param.split_once('=') {
+                        Some(("password", _)) => f.write_str("password=***")?,
+                        _ => f.write_str(param)?,
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -404,7 +419,10 @@ impl StoreThreads {
 
 impl Store {
     /// Opens the store: for SQLite, creates the file's folder if missing, opens the file in WAL mode,
-    /// applies the migrations, then starts the store thread and the reader threads.
+    /// applies the migrations; for PostgreSQL, applies the migrations (under an advisory lock, so
+    /// several nodes may start at once) and connects the writer and every reader, so an unreachable
+    /// server or a wrong URL fails here, with the URL shown without its password. Then starts the store
+    /// thread and the reader threads.
     pub fn open(
         config: &StoreConfig,
         listener: Box<dyn CommitListener>,
@@ -426,10 +444,16 @@ impl Store {
                     listener,
                 )
             }
-            StoreUrl::Postgres(_) => Err(
-                "the PostgreSQL store is not implemented yet; use DATABASE_URL=sqlite://path"
-                    .to_owned(),
-            ),
+            StoreUrl::Postgres(url) => {
+                let target = postgres::PostgresTarget::parse(url)?;
+                let applied = postgres::migrate(&target)?;
+                let write_backend = postgres::PostgresWriter::open(&target)?;
+                let read_backends = (0..readers)
+                    .map(|i| postgres::PostgresReader::open(&target, i))
+                    .collect::<Result<Vec<_>, String>>()?;
+                tracing::info!(%target, readers, migrations_applied = applied, "store opened (postgres)");
+                Store::start(write_backend, read_backends, Vec::new(), config, listener)
+            }
         }
     }
 

@@ -1,4 +1,11 @@
-//! Tests of the whole store (handle, threads, SQLite) through its public API, as a shard uses it.
+//! Tests of the whole store (handle, threads, database) through its public API, as a shard uses it.
+//!
+//! ONE suite, TWO stores: every test here is a plain function taking the [`Database`] it runs against,
+//! and [`on_both_stores!`] turns each into two `#[test]`s, `sqlite::<name>` and `postgres::<name>`
+//! (filter with `cargo test store::tests::postgres`). The PostgreSQL half runs in a schema of its own per
+//! test on the server named by `TEST_POSTGRES_URL` (default: the one on this machine); under `CI=true`
+//! an unreachable server fails the test, elsewhere it is skipped with a note (see
+//! `postgres/testing.rs`).
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -7,8 +14,166 @@ use std::time::{Duration, Instant};
 use futures_executor::block_on;
 use uuid::Uuid;
 
+use super::postgres::testing::{SideConnection, TestSchema};
 use super::*;
 use crate::model::{NewNotification, Notification};
+
+/// Declares each listed test function twice, as `sqlite::<name>` and `postgres::<name>`; attributes
+/// written before a name (`#[ignore = "..."]`) go on both.
+macro_rules! on_both_stores {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                $(#[$attr])*
+                #[test]
+                fn $name() {
+                    super::$name(super::Database::sqlite());
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                $(#[$attr])*
+                #[test]
+                fn $name() {
+                    // `None`: no server outside CI, the test is skipped with a note.
+                    if let Some(database) = super::Database::postgres() {
+                        super::$name(database);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    inserts_get_increasing_ids_and_the_listener_sees_them_before_the_reply,
+    a_failing_insert_stores_nothing_of_its_batch_and_answers_unavailable,
+    history_pages_newest_first_with_before,
+    unread_filter_mark_read_and_counts,
+    delete_removes_from_the_inbox_only_for_its_user,
+    replay_by_user_channel_and_broadcast_in_order_once_each,
+    data_survives_close_and_reopen_including_writes_queued_at_shutdown,
+    concurrent_inserts_share_transactions,
+    reads_are_not_blocked_by_an_open_write_transaction,
+    scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancelled,
+    an_idempotency_key_stores_once_and_replays_the_first_answer,
+    #[ignore = "timing printout; run explicitly, in release"]
+    insert_rates,
+);
+
+/// Where a test's store keeps its data; dropped after the store, it removes the data.
+enum Database {
+    /// A file in a temporary folder.
+    Sqlite(tempfile::TempDir),
+    /// A schema of its own on the test server (boxed: it holds a runtime and a connection).
+    Postgres(Box<TestSchema>),
+}
+
+impl Database {
+    fn sqlite() -> Database {
+        Database::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> Option<Database> {
+        TestSchema::create().map(|schema| Database::Postgres(Box::new(schema)))
+    }
+
+    /// "sqlite" or "postgres", for printouts.
+    fn kind(&self) -> &'static str {
+        match self {
+            Database::Sqlite(_) => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+
+    /// A new, empty database of the `kind` a test already got one of (so PostgreSQL is reachable).
+    fn another(kind: &str) -> Database {
+        match kind {
+            "sqlite" => Database::sqlite(),
+            _ => Database::postgres().expect("the test server went away"),
+        }
+    }
+
+    fn config(&self) -> StoreConfig {
+        let url = match self {
+            Database::Sqlite(dir) => format!(
+                "sqlite://{}",
+                dir.path().join("data/notifications.db").display()
+            ),
+            Database::Postgres(schema) => schema.url().to_owned(),
+        };
+        StoreConfig::new(StoreUrl::parse(&url).unwrap())
+    }
+
+    /// A second connection to the same data, for what a test does behind the store's back.
+    fn side(&self) -> Side {
+        match self {
+            Database::Sqlite(dir) => Side::Sqlite(
+                rusqlite::Connection::open(dir.path().join("data/notifications.db")).unwrap(),
+            ),
+            Database::Postgres(schema) => Side::Postgres(schema.side()),
+        }
+    }
+}
+
+/// A second connection to a test's database.
+enum Side {
+    Sqlite(rusqlite::Connection),
+    Postgres(SideConnection),
+}
+
+impl Side {
+    /// Runs the SQL of this side's dialect.
+    fn execute(&self, sqlite: &str, postgres: &str) {
+        match self {
+            Side::Sqlite(conn) => conn.execute_batch(sqlite).unwrap(),
+            Side::Postgres(conn) => conn.execute(postgres).unwrap(),
+        }
+    }
+
+    /// Makes the database refuse to insert a notification whose message is `message`, as a full disk
+    /// or a constraint would, with an error that says "refused by test".
+    fn refuse_inserts_of(&self, message: &str) {
+        self.execute(
+            &format!(
+                "CREATE TRIGGER refuse BEFORE INSERT ON notifications WHEN NEW.message = '{message}'
+                 BEGIN SELECT RAISE(ABORT, 'refused by test'); END;"
+            ),
+            &format!(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.message = '{message}' THEN RAISE EXCEPTION 'refused by test'; END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER refuse BEFORE INSERT ON notifications
+                 FOR EACH ROW EXECUTE FUNCTION refuse();"
+            ),
+        );
+    }
+
+    /// Undoes [`Side::refuse_inserts_of`].
+    fn allow_inserts(&self) {
+        self.execute(
+            "DROP TRIGGER refuse",
+            "DROP TRIGGER refuse ON notifications; DROP FUNCTION refuse()",
+        );
+    }
+
+    /// Opens a write transaction that deletes every notification and leaves it uncommitted, as a
+    /// long batch of another writer would.
+    fn hold_write_transaction(&self) {
+        self.execute(
+            "BEGIN IMMEDIATE; DELETE FROM notifications;",
+            "BEGIN; DELETE FROM notifications;",
+        );
+    }
+
+    /// Ends [`Side::hold_write_transaction`] without committing.
+    fn rollback(&self) {
+        self.execute("ROLLBACK", "ROLLBACK");
+    }
+}
 
 /// Records what the store told it, and optionally stalls the first commit so that writes pile up.
 #[derive(Clone, Default)]
@@ -36,50 +201,48 @@ impl CommitListener for Recorder {
 }
 
 struct Fixture {
-    dir: tempfile::TempDir,
     store: Store,
     threads: StoreThreads,
     recorder: Recorder,
+    /// Last, so it outlives the store threads' connections when dropped during a panic.
+    database: Database,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
-        Fixture::with(Recorder::default())
+    fn new(database: Database) -> Fixture {
+        Fixture::with(database, Recorder::default())
     }
 
-    fn with(recorder: Recorder) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, threads) = Store::open(&config(&dir), Box::new(recorder.clone())).unwrap();
+    fn with(database: Database, recorder: Recorder) -> Fixture {
+        let (store, threads) = Store::open(&database.config(), Box::new(recorder.clone())).unwrap();
         Fixture {
-            dir,
             store,
             threads,
             recorder,
+            database,
         }
     }
 
-    /// Drops the handle, waits for the threads, and opens the same file again.
+    /// Drops the handle, waits for the threads, and opens the same database again.
     fn reopen(self) -> Fixture {
         let Fixture {
-            dir,
             store,
             threads,
             recorder,
+            database,
         } = self;
         drop(store);
         threads.join();
-        let (store, threads) = Store::open(&config(&dir), Box::new(recorder.clone())).unwrap();
-        Fixture {
-            dir,
-            store,
-            threads,
-            recorder,
-        }
+        Fixture::with(database, recorder)
     }
 
     fn close(self) {
         drop(self.store);
         self.threads.join();
+    }
+
+    fn side(&self) -> Side {
+        self.database.side()
     }
 
     fn insert(&self, batch: Vec<NewNotification>) -> Vec<Arc<Notification>> {
@@ -119,14 +282,6 @@ impl Fixture {
     }
 }
 
-fn config(dir: &tempfile::TempDir) -> StoreConfig {
-    let url = format!(
-        "sqlite://{}",
-        dir.path().join("data/notifications.db").display()
-    );
-    StoreConfig::new(StoreUrl::parse(&url).unwrap())
-}
-
 fn to_user(user: &str, message: &str) -> NewNotification {
     NewNotification {
         kind: "info".into(),
@@ -154,6 +309,11 @@ fn broadcast(message: &str) -> NewNotification {
         broadcast: true,
         ..to_user("", message)
     }
+}
+
+/// A JSON text as a value, to compare what was stored with what was sent.
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap()
 }
 
 fn ids(ns: &[Arc<Notification>]) -> Vec<Uuid> {
@@ -193,20 +353,31 @@ fn database_urls_parse() {
         shown, "postgres://***@db:5432/n",
         "the password never reaches a log"
     );
+    let shown = format!(
+        "{:?}",
+        StoreUrl::parse("postgres://u@db/n?password=secret&options=-csearch_path%3Dt").unwrap()
+    );
+    assert_eq!(
+        shown,
+        "postgres://***@db/n?password=***&options=-csearch_path%3Dt"
+    );
 }
 
 #[test]
-fn postgres_is_refused_with_a_clear_error() {
-    let config = StoreConfig::new(StoreUrl::parse("postgres://db/n").unwrap());
+fn an_unreachable_postgres_fails_to_open_with_a_clear_error_and_no_password() {
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let config = StoreConfig::new(
+        StoreUrl::parse("postgres://ns:hunter2@127.0.0.1:1/n?connect_timeout=2").unwrap(),
+    );
     let err = Store::open(&config, Box::new(Recorder::default()))
         .err()
         .unwrap();
-    assert!(err.contains("not implemented"), "{err}");
+    assert!(err.contains("postgres://ns@127.0.0.1:1/n"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
 }
 
-#[test]
-fn inserts_get_increasing_ids_and_the_listener_sees_them_before_the_reply() {
-    let f = Fixture::new();
+fn inserts_get_increasing_ids_and_the_listener_sees_them_before_the_reply(database: Database) {
+    let f = Fixture::new(database);
     let mut all = Vec::new();
     for round in 0..5 {
         let batch = (0..3)
@@ -237,17 +408,12 @@ fn inserts_get_increasing_ids_and_the_listener_sees_them_before_the_reply() {
     f.close();
 }
 
-#[test]
-fn a_failing_insert_stores_nothing_of_its_batch_and_answers_unavailable() {
-    let f = Fixture::new();
+fn a_failing_insert_stores_nothing_of_its_batch_and_answers_unavailable(database: Database) {
+    let f = Fixture::new(database);
     f.insert(vec![to_user("u1", "before")]);
     // Make the database refuse one particular row, as a full disk or a constraint would.
-    let side = rusqlite::Connection::open(f.dir.path().join("data/notifications.db")).unwrap();
-    side.execute_batch(
-        "CREATE TRIGGER refuse BEFORE INSERT ON notifications WHEN NEW.message = 'boom'
-         BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
-    )
-    .unwrap();
+    let side = f.side();
+    side.refuse_inserts_of("boom");
     let calls_before = *f.recorder.calls.lock().unwrap();
     let result = block_on(
         f.store
@@ -269,16 +435,15 @@ fn a_failing_insert_stores_nothing_of_its_batch_and_answers_unavailable() {
     );
     assert_eq!(page.notifications[0].message, "before");
     // The store keeps working.
-    side.execute_batch("DROP TRIGGER refuse").unwrap();
+    side.allow_inserts();
     f.insert(vec![to_user("u1", "after")]);
     assert_eq!(f.history("u1", 10, None, false).total, 2);
     assert_eq!(f.store.stats().failed_batches, 1);
     f.close();
 }
 
-#[test]
-fn history_pages_newest_first_with_before() {
-    let f = Fixture::new();
+fn history_pages_newest_first_with_before(database: Database) {
+    let f = Fixture::new(database);
     let stored = f.insert((0..120).map(|i| to_user("u1", &format!("n{i}"))).collect());
     f.insert(vec![to_user("someone-else", "not mine")]);
     let mut newest_first = ids(&stored);
@@ -315,9 +480,8 @@ fn history_pages_newest_first_with_before() {
     f.close();
 }
 
-#[test]
-fn unread_filter_mark_read_and_counts() {
-    let f = Fixture::new();
+fn unread_filter_mark_read_and_counts(database: Database) {
+    let f = Fixture::new(database);
     let stored = f.insert((0..10).map(|i| to_user("u1", &format!("n{i}"))).collect());
     let target = stored[3].id;
 
@@ -387,9 +551,8 @@ fn unread_filter_mark_read_and_counts() {
     f.close();
 }
 
-#[test]
-fn delete_removes_from_the_inbox_only_for_its_user() {
-    let f = Fixture::new();
+fn delete_removes_from_the_inbox_only_for_its_user(database: Database) {
+    let f = Fixture::new(database);
     let stored = f.insert(vec![to_user("u1", "a"), to_user("u1", "b")]);
     assert!(
         !block_on(f.store.delete("u2".into(), stored[0].id)).unwrap(),
@@ -410,9 +573,8 @@ fn delete_removes_from_the_inbox_only_for_its_user() {
     f.close();
 }
 
-#[test]
-fn replay_by_user_channel_and_broadcast_in_order_once_each() {
-    let f = Fixture::new();
+fn replay_by_user_channel_and_broadcast_in_order_once_each(database: Database) {
+    let f = Fixture::new(database);
     let mine = f.insert(vec![to_user("u1", "mine")]);
     let other = f.insert(vec![to_user("u2", "theirs")]);
     let on_a = f.insert(vec![to_channels(&["a"], "on a")]);
@@ -477,9 +639,8 @@ fn replay_by_user_channel_and_broadcast_in_order_once_each() {
     f.close();
 }
 
-#[test]
-fn data_survives_close_and_reopen_including_writes_queued_at_shutdown() {
-    let f = Fixture::new();
+fn data_survives_close_and_reopen_including_writes_queued_at_shutdown(database: Database) {
+    let f = Fixture::new(database);
     let stored = f.insert(vec![to_user("u1", "committed")]);
     block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
 
@@ -497,9 +658,11 @@ fn data_survives_close_and_reopen_including_writes_queued_at_shutdown() {
     assert_eq!(page.notifications[0].id, queued[0].id);
     let old = &page.notifications[1];
     assert_eq!(
-        (old.id, old.message.as_str(), &old.data),
-        (stored[0].id, "committed", &stored[0].data)
+        (old.id, old.message.as_str(), old.created_at),
+        (stored[0].id, "committed", stored[0].created_at)
     );
+    // The same JSON value; PostgreSQL's jsonb gives it back normalized (spacing, key order).
+    assert_eq!(json(&old.data), json(&stored[0].data));
     assert!(old.read_at.is_some(), "read state survived");
     // New ids keep increasing after a restart.
     let later = f.insert(vec![to_user("u1", "later")]);
@@ -507,15 +670,17 @@ fn data_survives_close_and_reopen_including_writes_queued_at_shutdown() {
     f.close();
 }
 
-#[test]
-fn concurrent_inserts_share_transactions() {
+fn concurrent_inserts_share_transactions(database: Database) {
     const THREADS: usize = 8;
     const PER_THREAD: usize = 200;
     // Stall the first commit's listener so the other threads' writes queue up behind it.
-    let f = Fixture::with(Recorder {
-        stall_first: Some(Duration::from_millis(100)),
-        ..Recorder::default()
-    });
+    let f = Fixture::with(
+        database,
+        Recorder {
+            stall_first: Some(Duration::from_millis(100)),
+            ..Recorder::default()
+        },
+    );
     let replies: Vec<Vec<Uuid>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
@@ -557,14 +722,12 @@ fn concurrent_inserts_share_transactions() {
     f.close();
 }
 
-#[test]
-fn reads_are_not_blocked_by_an_open_write_transaction() {
-    let f = Fixture::new();
+fn reads_are_not_blocked_by_an_open_write_transaction(database: Database) {
+    let f = Fixture::new(database);
     f.insert(vec![to_user("u1", "a")]);
     // Another connection holds the write lock (as a long batch would): reads still answer at once.
-    let side = rusqlite::Connection::open(f.dir.path().join("data/notifications.db")).unwrap();
-    side.execute_batch("BEGIN IMMEDIATE; DELETE FROM notifications;")
-        .unwrap();
+    let side = f.side();
+    side.hold_write_transaction();
     let started = Instant::now();
     assert_eq!(
         f.history("u1", 10, None, false).total,
@@ -573,20 +736,128 @@ fn reads_are_not_blocked_by_an_open_write_transaction() {
     );
     block_on(f.store.ping()).unwrap();
     assert!(started.elapsed() < Duration::from_secs(1));
-    side.execute_batch("ROLLBACK").unwrap();
+    side.rollback();
+    f.close();
+}
+
+fn scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancelled(
+    database: Database,
+) {
+    let f = Fixture::new(database);
+    let now = crate::model::now_millis();
+    let schedule = |n: NewNotification| match block_on(f.store.schedule(n, None)).unwrap() {
+        Committed::Done(pending) => pending,
+        other => panic!("{other:?}"),
+    };
+    let soon = schedule(NewNotification {
+        scheduled_at: Some(now + 300),
+        ..to_user("u1", "soon")
+    });
+    let later = schedule(NewNotification {
+        scheduled_at: Some(now + 3_600_000),
+        ..to_user("u1", "later")
+    });
+    let shown = block_on(f.store.scheduled(soon.id)).unwrap().unwrap();
+    assert_eq!(
+        (shown.message.as_str(), shown.scheduled_at),
+        ("soon", Some(now + 300))
+    );
+    assert_eq!(
+        f.history("u1", 10, None, false).total,
+        0,
+        "pending, not in the inbox"
+    );
+
+    // Pending ones survive a restart, and fire after it.
+    let f = f.reopen();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let page = loop {
+        let page = f.history("u1", 10, None, false);
+        if page.total > 0 {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduled notification never fired"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let fired = &page.notifications[0];
+    assert_eq!(
+        (page.total, fired.message.as_str(), fired.scheduled_at),
+        (1, "soon", Some(now + 300))
+    );
+    assert!(fired.id > later.id, "a new id, taken when it fired");
+    assert!(fired.created_at >= now + 300, "fired when due, not before");
+    assert!(
+        f.recorder.seen.lock().unwrap().contains(&fired.id),
+        "handed to delivery"
+    );
+    assert_eq!(block_on(f.store.scheduled(soon.id)).unwrap(), None);
+
+    assert!(block_on(f.store.cancel_scheduled(later.id)).unwrap());
+    assert!(!block_on(f.store.cancel_scheduled(later.id)).unwrap());
+    assert_eq!(block_on(f.store.scheduled(later.id)).unwrap(), None);
+    assert!(
+        !block_on(f.store.cancel_scheduled(fired.id)).unwrap(),
+        "fired: not pending"
+    );
+    f.close();
+}
+
+fn an_idempotency_key_stores_once_and_replays_the_first_answer(database: Database) {
+    let f = Fixture::new(database);
+    let key = |name: &str, body: u8| IdempotencyKey {
+        key: name.into(),
+        fingerprint: [body; 32],
+    };
+    fn answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
+        (201, stored[0].id.to_string().into_bytes())
+    }
+    let send = |key: IdempotencyKey| {
+        block_on(
+            f.store
+                .insert_idempotent(vec![to_user("u1", "once")], key, answer),
+        )
+        .unwrap()
+    };
+    let Committed::Done(stored) = send(key("k1", 1)) else {
+        panic!("the first send stores")
+    };
+    let first = Committed::Replayed {
+        status: 201,
+        body: stored[0].id.to_string().into_bytes(),
+    };
+    assert_eq!(send(key("k1", 1)), first, "a retry gets the first answer");
+    assert_eq!(send(key("k1", 2)), Committed::KeyReused, "another body");
+
+    // Retries racing each other from several shards: exactly one stores.
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..8).map(|_| s.spawn(|| send(key("k2", 1)))).collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let stored: Vec<_> = outcomes
+        .iter()
+        .filter(|o| matches!(o, Committed::Done(_)))
+        .collect();
+    assert_eq!(stored.len(), 1, "{outcomes:?}");
+    assert_eq!(f.history("u1", 10, None, false).total, 2);
     f.close();
 }
 
 /// Rough throughput, printed (not asserted): 100k notifications from 8 threads, in requests of 1,000
-/// and as single requests. Run it optimized to get meaningful numbers:
-/// `cargo test --release store::tests::insert_rates -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing printout; run explicitly, in release"]
-fn insert_rates() {
+/// and as single requests, then history reads of a user with 100k notifications. Run it optimized, for
+/// both stores, to compare them:
+/// `cargo test --release --lib store::tests -- --ignored --nocapture insert_rates`.
+fn insert_rates(database: Database) {
     const TOTAL: usize = 100_000;
     const THREADS: usize = 8;
+    let kind = database.kind();
+    let mut database = Some(database);
     for per_request in [1_000, 1] {
-        let f = Fixture::new();
+        // Each phase on an empty database of the same kind, so the phases do not slow each other.
+        let fresh = database.take().unwrap_or_else(|| Database::another(kind));
+        let f = Fixture::new(fresh);
         let started = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..THREADS {
@@ -614,7 +885,7 @@ fn insert_rates() {
         let elapsed = started.elapsed();
         let stats = f.store.stats();
         println!(
-            "{TOTAL} inserts, {per_request} per request, {THREADS} threads: {:.0} ms, {:.0}/s, {} transactions",
+            "{kind}: {TOTAL} inserts, {per_request} per request, {THREADS} threads: {:.0} ms, {:.0}/s, {} transactions",
             elapsed.as_secs_f64() * 1e3,
             TOTAL as f64 / elapsed.as_secs_f64(),
             stats.commits
@@ -623,7 +894,7 @@ fn insert_rates() {
     }
 
     // History and counts of one user with 100k notifications, half of them read.
-    let f = Fixture::new();
+    let f = Fixture::new(Database::another(kind));
     for _ in 0..100 {
         let ids = ids(&f.insert(
             (0..1_000)
@@ -643,7 +914,7 @@ fn insert_rates() {
         assert_eq!((page.total, page.notifications.len()), (100_000, 50));
     }
     println!(
-        "history page + counts, 100k-notification user: {:?} each",
+        "{kind}: history page + counts, 100k-notification user: {:?} each",
         started.elapsed() / PAGES
     );
     let started = Instant::now();
@@ -652,7 +923,7 @@ fn insert_rates() {
         assert_eq!(page.unread, 50_000);
     }
     println!(
-        "unread page + counts, 100k-notification user: {:?} each",
+        "{kind}: unread page + counts, 100k-notification user: {:?} each",
         started.elapsed() / PAGES
     );
     f.close();
