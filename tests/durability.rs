@@ -57,8 +57,22 @@ fn produce(addr: std::net::SocketAddr, producer: usize, acked: Arc<AtomicUsize>)
 }
 
 #[test]
-fn every_acknowledged_send_survives_kill_9() {
-    let server = TestServer::start();
+fn every_acknowledged_send_survives_kill_9_on_sqlite() {
+    kill_9_mid_stream(&[]);
+}
+
+#[test]
+fn every_acknowledged_send_survives_kill_9_on_postgres() {
+    let Some(schema) = common::pg::PgSchema::create() else {
+        return;
+    };
+    kill_9_mid_stream(&[("DATABASE_URL", &schema.url)]);
+}
+
+/// Sends from 20 producers, kills the server with SIGKILL after 300 acknowledgements, restarts it on
+/// the same data and checks every acknowledged id.
+fn kill_9_mid_stream(env: &[(&str, &str)]) {
+    let server = TestServer::start_with(env);
     let addr = server.addr;
     let pid = server.pid();
     let acked = Arc::new(AtomicUsize::new(0));
@@ -80,7 +94,7 @@ fn every_acknowledged_send_survives_kill_9() {
         "killed mid-stream: {total} acknowledged"
     );
 
-    let server = TestServer::start_in(server.dir.clone(), &[]);
+    let server = TestServer::start_in(server.dir.clone(), env);
     for (producer, ids) in acked_ids.iter().enumerate() {
         let page = server
             .get(&format!(

@@ -2,6 +2,9 @@
 //! and talks to it over real sockets (plain HTTP/1.1 and tungstenite WebSocket clients).
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};

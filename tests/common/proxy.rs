@@ -37,7 +37,9 @@ impl CuttableProxy {
                             continue;
                         }
                         let _ = client.set_nonblocking(false);
-                        let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(2)) else {
+                        let Ok(server) =
+                            TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                        else {
                             continue;
                         };
                         let mut live = live2.lock().unwrap();
@@ -51,7 +53,12 @@ impl CuttableProxy {
                 }
             }
         });
-        CuttableProxy { addr, up, live, stop }
+        CuttableProxy {
+            addr,
+            up,
+            live,
+            stop,
+        }
     }
 
     /// Cuts every open connection and refuses new ones.
