@@ -10,8 +10,6 @@
 //! Validation happens once, at the edge ([`SendInput::validate`]), and reports the offending field by name
 //! so a producer can fix its request from the error message alone.
 
-use std::fmt::Write as _;
-
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -202,6 +200,12 @@ impl SendInput {
                     .into(),
             });
         }
+        if self.data.as_ref().is_some_and(json_holds_nul) {
+            return Err(FieldError::new(
+                "data",
+                "must not contain the character U+0000",
+            ));
+        }
         let data = match self.data {
             None | Some(serde_json::Value::Null) => "{}".to_owned(),
             Some(v @ serde_json::Value::Object(_)) => v.to_string(),
@@ -209,6 +213,11 @@ impl SendInput {
             Some(serde_json::Value::Array(a)) if a.is_empty() => "{}".to_owned(),
             Some(_) => return Err(FieldError::new("data", "must be a JSON object")),
         };
+        // PostgreSQL's text and jsonb cannot hold U+0000, and one such row would fail the whole
+        // group-commit batch it rides in; refuse it here, on both stores, so the contract is one.
+        reject_nul("message", &message)?;
+        reject_nul("title", self.title.as_deref().unwrap_or(""))?;
+        reject_nul("type", self.kind.as_deref().unwrap_or(""))?;
         Ok(NewNotification {
             kind: self
                 .kind
@@ -250,6 +259,29 @@ impl SendInput {
         let mut n = self.validate_content()?;
         n.scheduled_at = Some(scheduled_at);
         Ok(n)
+    }
+}
+
+/// Refuses a text field holding U+0000 (see [`SendInput::validate`]'s content checks).
+fn reject_nul(field: &str, text: &str) -> Result<(), FieldError> {
+    if text.contains('\0') {
+        return Err(FieldError::new(
+            field,
+            "must not contain the character U+0000",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether any string or key inside a JSON value holds U+0000.
+fn json_holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(json_holds_nul),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| k.contains('\0') || json_holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -298,18 +330,60 @@ pub fn validate_channel_list(field: &str, channels: &[String]) -> Result<(), Fie
 /// Formats milliseconds since the epoch as API.md's time: RFC 3339 UTC with milliseconds
 /// (`2024-01-29T10:30:00.000Z`).
 pub fn format_time(ms: Millis) -> String {
-    let mut s = String::with_capacity(24);
-    write_time(&mut s, ms);
-    s
+    let mut out = Vec::with_capacity(24);
+    write_time(&mut out, ms);
+    // Only ASCII digits and separators were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-fn write_time(out: &mut String, ms: Millis) {
-    match chrono::DateTime::from_timestamp_millis(ms) {
-        Some(t) => {
-            let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
-        }
-        None => out.push_str("1970-01-01T00:00:00.000Z"),
+/// The civil date (year, month, day) of a day count since 1970-01-01, in the proleptic Gregorian
+/// calendar (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Appends `ms` in API.md's time format. Hand-written: it runs for every notification encoded (once
+/// per frame and per history entry), and a general formatter re-reads its format string each time,
+/// which cost two thirds of a notification's encoding (bench/README.md).
+pub fn write_time(out: &mut Vec<u8>, ms: Millis) {
+    const MS_PER_DAY: i64 = 86_400_000;
+    let days = ms.div_euclid(MS_PER_DAY);
+    let in_day = ms.rem_euclid(MS_PER_DAY);
+    let (year, month, day) = civil_from_days(days);
+    if !(0..=9999).contains(&year) {
+        // Outside what four digits can say (never a real notification time): the epoch, as before.
+        out.extend_from_slice(b"1970-01-01T00:00:00.000Z");
+        return;
     }
+    let (hour, minute) = (in_day / 3_600_000, in_day / 60_000 % 60);
+    let (second, milli) = (in_day / 1000 % 60, in_day % 1000);
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    // (value, position of its last digit, width)
+    let fields = [
+        (year, 3, 4),
+        (i64::from(month), 6, 2),
+        (i64::from(day), 9, 2),
+        (hour, 12, 2),
+        (minute, 15, 2),
+        (second, 18, 2),
+        (milli, 22, 3),
+    ];
+    for (mut value, last, width) in fields {
+        for i in 0..width {
+            text[last - i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    out.extend_from_slice(&text);
 }
 
 /// Parses an RFC 3339 time with any offset (`Z`, `+00:00`, `-05:00`) into milliseconds since the epoch.
@@ -338,7 +412,7 @@ fn write_opt_time(out: &mut Vec<u8>, key: &str, ms: Option<Millis>) {
     match ms {
         Some(ms) => {
             out.push(b'"');
-            out.extend_from_slice(format_time(ms).as_bytes());
+            write_time(out, ms);
             out.push(b'"');
         }
         None => out.extend_from_slice(b"null"),
@@ -381,7 +455,7 @@ impl Notification {
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(self.data.as_bytes());
         out.extend_from_slice(b",\"timestamp\":\"");
-        out.extend_from_slice(format_time(self.created_at).as_bytes());
+        write_time(out, self.created_at);
         out.extend_from_slice(b"\",\"read\":");
         out.extend_from_slice(if self.read_at.is_some() {
             b"true"
@@ -551,6 +625,23 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn time_formatting_matches_chrono_everywhere() {
+        // Every day from 1970 to 2400 (leap years, centuries, 2000), at varied times of day, and a
+        // few instants before the epoch.
+        let mut ms: i64 = -86_400_000 * 3 + 1;
+        while ms < 13_569_465_600_000 {
+            let expected = chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string();
+            assert_eq!(format_time(ms), expected, "{ms}");
+            ms += 86_400_000 + 3_723_456;
+        }
+        assert_eq!(format_time(1_706_524_200_000), "2024-01-29T10:30:00.000Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

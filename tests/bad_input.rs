@@ -77,6 +77,36 @@ fn http_bad_input_is_answered_with_the_documented_status_and_code() {
             "invalid_field",
         ),
         (
+            "U+0000 in message (PostgreSQL text cannot hold it)",
+            send_raw(
+                &server,
+                r#"{"message":"a\u0000b","user_id":"u"}"#,
+                "application/json",
+            ),
+            400,
+            "invalid_field",
+        ),
+        (
+            "U+0000 in title",
+            send_raw(
+                &server,
+                r#"{"message":"m","title":"\u0000","user_id":"u"}"#,
+                "application/json",
+            ),
+            400,
+            "invalid_field",
+        ),
+        (
+            "U+0000 in a data key",
+            send_raw(
+                &server,
+                r#"{"message":"m","user_id":"u","data":{"k":[{"a\u0000":1}]}}"#,
+                "application/json",
+            ),
+            400,
+            "invalid_field",
+        ),
+        (
             "user_id too long",
             send_raw(
                 &server,

@@ -40,6 +40,24 @@ fn the_api_works_the_same_on_postgres() {
     assert_eq!(back.expect_notification()["id"], b.as_str());
     assert_eq!(back.expect_notification()["id"], c.as_str());
     assert_eq!(back.expect_event("resumed")["count"], 2);
+    // U+0000 cannot be stored in PostgreSQL text or jsonb: a 400 naming the field, and a batch
+    // holding it is refused whole instead of failing the commit it would have shared with others.
+    let nul = server.post(
+        "/api/v1/notifications/send",
+        &json!({"user_id": "pat", "message": "x", "data": {"k": "a\u{0}b"}}),
+    );
+    assert_eq!(
+        (nul.status, nul.error_code()),
+        (400, "invalid_field".into())
+    );
+    let batch = server.post(
+        "/api/v1/notifications/batch",
+        &json!({"notifications": [
+            {"user_id": "pat", "message": "fine"},
+            {"user_id": "pat", "message": "bad\u{0}"}
+        ]}),
+    );
+    assert_eq!(batch.status, 400);
     assert_eq!(server.get("/health").json()["store"], "ok");
 }
 
