@@ -138,7 +138,7 @@ impl Metrics {
         metric(
             "notif_notifications_stored_total",
             "counter",
-            "Notifications committed to the store.",
+            "Notifications stored by send and batch requests (fired schedules are in notif_store_inserted_total).",
             self.sum(|s| &s.notifications_stored),
         );
         metric(

@@ -183,3 +183,20 @@ pub(crate) trait ReadBackend: Send + 'static {
     /// A trivial query, to prove the connection works.
     fn ping(&mut self) -> Result<(), BackendError>;
 }
+
+/// A due scheduled notification as it is stored when it fires: a new id (commit order) and creation
+/// time, the same content and `scheduled_at`.
+pub(crate) fn fired_notification(pending: Notification, ids: &mut IdGenerator) -> Notification {
+    let (id, created_at) = ids.next_id();
+    Notification {
+        id,
+        created_at,
+        ..pending
+    }
+}
+
+/// The smallest UUIDv7 of millisecond `ms`: every id created before `ms` sorts below it.
+pub(crate) fn first_id_of(ms: Millis) -> [u8; 16] {
+    let ms = u128::from(ms.max(0) as u64) & ((1 << 48) - 1);
+    (ms << 80).to_be_bytes()
+}

@@ -85,10 +85,9 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
 use super::backend::{
-    BackendError, IdempotencyRecord, ReadBackend, WriteBackend, WriteOutcome, WriteRequest,
-    IDEMPOTENCY_TTL_MS,
+    fired_notification, first_id_of, BackendError, IdempotencyRecord, ReadBackend, WriteBackend,
+    WriteOutcome, WriteRequest, IDEMPOTENCY_TTL_MS,
 };
-use super::sqlite::{fired_notification, first_id_of};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
 use crate::model::{IdGenerator, Millis, Notification};
 

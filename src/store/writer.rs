@@ -33,7 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{IdempotencyRecord, WriteBackend, WriteOutcome, WriteRequest};
+use super::backend::{BackendError, IdempotencyRecord, WriteBackend, WriteOutcome, WriteRequest};
 use super::{
     CommitListener, Committed, Counters, IdempotencyKey, InsertAnswer, ScheduleAnswer, StoreError,
 };
@@ -236,6 +236,7 @@ pub(crate) fn spawn<B: WriteBackend>(
         next_fire: now,
         retention,
         next_purge: now,
+        outage: None,
     };
     std::thread::Builder::new()
         .name(THREAD_NAME.to_owned())
@@ -266,6 +267,62 @@ struct Writer<B> {
     retention: Option<Duration>,
     /// When retention (and the expiry of idempotency keys) next runs.
     next_purge: Instant,
+    /// Set while batches keep failing, so an outage is logged once and then summarized.
+    outage: Option<Outage>,
+}
+
+/// How often a continuing store outage is logged again (the scheduler alone tries 10 times a second).
+const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A run of failed batches, between the first failure and the next commit.
+struct Outage {
+    /// When the first batch of the run failed.
+    since: Instant,
+    /// When the run was last logged.
+    logged_at: Instant,
+    /// Batches that failed since then.
+    failed_since_log: u64,
+}
+
+impl Outage {
+    /// Logs a failed batch: the first of a run at once, the rest summarized every
+    /// [`OUTAGE_LOG_INTERVAL`], so a database outage is a few lines, not ten a second.
+    fn failed(outage: &mut Option<Outage>, error: &BackendError, requests: usize) {
+        let now = Instant::now();
+        match outage {
+            None => {
+                tracing::error!(error = %error, requests, "store batch rolled back");
+                *outage = Some(Outage {
+                    since: now,
+                    logged_at: now,
+                    failed_since_log: 0,
+                });
+            }
+            Some(o) => {
+                o.failed_since_log += 1;
+                if now.duration_since(o.logged_at) >= OUTAGE_LOG_INTERVAL {
+                    tracing::error!(
+                        error = %error,
+                        failed_batches = o.failed_since_log,
+                        down_for_s = now.duration_since(o.since).as_secs(),
+                        "store batches still failing"
+                    );
+                    o.logged_at = now;
+                    o.failed_since_log = 0;
+                }
+            }
+        }
+    }
+
+    /// Logs the end of a run of failures, if there was one.
+    fn ended(outage: &mut Option<Outage>) {
+        if let Some(o) = outage.take() {
+            tracing::info!(
+                down_for_ms = o.since.elapsed().as_millis() as u64,
+                "store batches commit again"
+            );
+        }
+    }
 }
 
 impl<B: WriteBackend> Writer<B> {
@@ -420,7 +477,7 @@ impl<B: WriteBackend> Writer<B> {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 Counters::add(&self.counters.failed_batches, 1);
-                tracing::error!(error = %e, requests = repliers.len(), "store batch rolled back");
+                Outage::failed(&mut self.outage, &e, repliers.len());
                 for replier in repliers {
                     replier.fail(StoreError::Unavailable(e.0.clone()));
                 }
@@ -457,11 +514,20 @@ impl<B: WriteBackend> Writer<B> {
                 _ => {}
             }
         }
-        Counters::add(&self.counters.commits, 1);
+        Outage::ended(&mut self.outage);
         let client_requests = requests
             .iter()
             .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
             .count();
+        // An idle scheduler tick that found nothing is a transaction, but not a commit anyone
+        // waited for: counting it would show ten commits a second on an idle server.
+        let stored_or_deleted = !inserted.is_empty()
+            || outcomes
+                .iter()
+                .any(|o| matches!(o, WriteOutcome::Purged(n) if *n > 0));
+        if client_requests > 0 || stored_or_deleted {
+            Counters::add(&self.counters.commits, 1);
+        }
         Counters::add(&self.counters.write_ops, client_requests as u64);
         Counters::add(&self.counters.inserted, inserted.len() as u64);
 
@@ -489,7 +555,6 @@ mod tests {
     use futures_executor::block_on;
 
     use super::*;
-    use crate::store::backend::BackendError;
     use crate::store::StoreFuture;
 
     /// A backend that records the size of each batch and fails the batches it is told to.
