@@ -24,7 +24,8 @@
 //!
 //! # Layout
 //!
-//! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above.
+//! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above,
+//!   [`scenario::ingest`] measures REST send/batch throughput and latency.
 //! - [`plan`]: which worker and which source address each connection index gets.
 //! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
 //! - [`worker`]: the worker process: connect at a paced rate, hold and answer pings, report.
@@ -66,6 +67,8 @@ pub enum Command {
     /// Open many idle WebSocket connections (one user each) and measure the server's RSS per
     /// connection and its CPU use while they sit idle.
     Idle(scenario::idle::IdleArgs),
+    /// REST `send` or `batch` throughput with the latency of the 2xx, closed-loop or at a set rate.
+    Ingest(scenario::ingest::IngestArgs),
     /// Internal: one worker process of a run, started by the parent. Not for direct use.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -76,6 +79,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Idle(args) => scenario::idle::run(args).unwrap_or_else(|e| {
             eprintln!("loadtest idle: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Ingest(args) => scenario::ingest::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest ingest: {e}");
             ExitCode::from(EXIT_SETUP_ERROR)
         }),
         Command::Worker(args) => match worker::run(args) {
