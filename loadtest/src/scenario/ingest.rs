@@ -9,7 +9,7 @@
 //! While it runs, the server's CPU time (`utime + stime`) is read to give CPU-seconds per 1,000
 //! requests, a figure a shared machine's load does not distort.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddrV4, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 
+use crate::http::ResponseReader;
 use crate::progress::ProgressLine;
 use crate::server_probe::{self, clock_ticks_per_second, ServerProcesses};
 
@@ -230,7 +231,7 @@ fn client_loop(
         }
         build_request(args, i, &mut body, &mut request);
         stream.write_all(&request)?;
-        let status = reader.read_response(&mut stream)?;
+        let status = reader.read_response(&mut stream, None)?;
         if (200..300).contains(&status) {
             let us = intended
                 .elapsed()
@@ -276,60 +277,4 @@ fn build_request(args: &IngestArgs, i: u64, body: &mut Vec<u8>, request: &mut Ve
         body.len()
     );
     request.extend_from_slice(body);
-}
-
-/// Reads HTTP/1.1 responses with a `Content-Length` off a keep-alive connection, buffer reused.
-#[derive(Default)]
-struct ResponseReader {
-    buf: Vec<u8>,
-}
-
-impl ResponseReader {
-    /// Reads one whole response and returns its status code.
-    fn read_response(&mut self, stream: &mut TcpStream) -> io::Result<u16> {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            if let Some((status, total)) = parse_response(&self.buf) {
-                self.buf.drain(..total);
-                return Ok(status);
-            }
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                ));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
-/// The status and total length of the first complete response in `buf`, if it is all there.
-fn parse_response(buf: &[u8]) -> Option<(u16, usize)> {
-    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
-    let status = head.get(9..12)?.parse().ok()?;
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    (buf.len() >= head_end + length).then_some((status, head_end + length))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_response_waits_for_the_whole_body() {
-        let r = b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\n{}";
-        assert_eq!(parse_response(r), None);
-        let r = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}HTTP";
-        assert_eq!(parse_response(r), Some((201, r.len() - 4)));
-    }
 }
