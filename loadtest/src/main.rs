@@ -24,17 +24,21 @@
 //!
 //! # Layout
 //!
-//! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above.
+//! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above,
+//!   [`scenario::ingest`] measures REST send/batch throughput and latency, [`scenario::history`]
+//!   history page latency for a user with a large inbox.
 //! - [`plan`]: which worker and which source address each connection index gets.
 //! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
 //! - [`worker`]: the worker process: connect at a paced rate, hold and answer pings, report.
 //! - [`ws`]: the hand-written WebSocket bits: upgrade request, frame parsing, pong.
+//! - [`http`]: reading keep-alive HTTP/1.1 responses for the REST scenarios.
 //! - [`target`]: the `ws://` URL and the loopback-only check.
 //! - [`server_probe`]: finding the server's pid by port, reading its RSS and CPU time.
 //! - [`limits`]: open-files limit and ephemeral port range.
 //! - [`progress`]: the progress line on stderr.
 
 pub mod fleet;
+pub mod http;
 pub mod limits;
 pub mod plan;
 pub mod progress;
@@ -66,6 +70,10 @@ pub enum Command {
     /// Open many idle WebSocket connections (one user each) and measure the server's RSS per
     /// connection and its CPU use while they sit idle.
     Idle(scenario::idle::IdleArgs),
+    /// REST `send` or `batch` throughput with the latency of the 2xx, closed-loop or at a set rate.
+    Ingest(scenario::ingest::IngestArgs),
+    /// Seed one user with many notifications, then measure history page latency.
+    History(scenario::history::HistoryArgs),
     /// Internal: one worker process of a run, started by the parent. Not for direct use.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -76,6 +84,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Idle(args) => scenario::idle::run(args).unwrap_or_else(|e| {
             eprintln!("loadtest idle: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Ingest(args) => scenario::ingest::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest ingest: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::History(args) => scenario::history::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest history: {e}");
             ExitCode::from(EXIT_SETUP_ERROR)
         }),
         Command::Worker(args) => match worker::run(args) {

@@ -1,6 +1,8 @@
 //! One module per scenario. Each defines its command-line options (a clap `Args` struct) and a `run`
 //! that prints a human summary and, last, one JSON line for scripts.
 //!
-//! Now: [`idle`]. Planned: fanout, targeted, ingest, chat.
+//! Now: [`idle`], [`ingest`], [`history`]. Planned: fanout, targeted, chat.
 
+pub mod history;
 pub mod idle;
+pub mod ingest;
