@@ -1,0 +1,193 @@
+// Shared pieces of the k6 scripts in this folder: where the server is, the REST calls the scripts make,
+// and a WebSocket listener that subscribes, then counts the notifications it was promised and how long
+// each took from the producer's send to the frame's arrival.
+//
+// Every script takes the server from `BASE_URL` (default http://127.0.0.1:8080); the WebSocket URL is
+// derived from it (http -> ws, https -> wss). Names the scripts create (users, channels) carry a
+// `RUN_ID` prefix so repeated runs against one server do not read each other's inboxes.
+//
+// The frames follow docs/API.md: the server speaks first with `{"event":"connected",...}`, answers
+// `{"action":"subscribe","channels":[...]}` with `{"event":"subscribed",...}`, and delivers a
+// notification as the notification object itself (it has an `id` and no `event`), with `"channel"` set
+// when it reached the connection through a channel.
+
+import http from 'k6/http';
+import { check } from 'k6';
+import { Counter, Rate, Trend } from 'k6/metrics';
+import { WebSocket } from 'k6/experimental/websockets';
+import { setTimeout, clearTimeout, setInterval, clearInterval } from 'k6/timers';
+
+/** The server's HTTP base URL, without a trailing slash. */
+export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
+
+/** The WebSocket endpoint on the same server. */
+export const WS_URL = BASE_URL.replace(/^http/, 'ws') + '/ws';
+
+/** A prefix for every user and channel a run creates, unique per run unless `RUN_ID` is given. */
+export const RUN_ID = __ENV.RUN_ID || `k6${Date.now().toString(36)}`;
+
+const JSON_HEADERS = { headers: { 'Content-Type': 'application/json' } };
+
+/** Milliseconds from a producer's send (the `sent_ms` it put in `data`) to the frame's arrival. */
+export const deliveryLatency = new Trend('notif_delivery_ms', true);
+
+/** Of the notifications a listener was promised, the share that arrived before its deadline. */
+export const delivered = new Rate('notif_delivered');
+
+/** Notifications received by listeners (the `notif_delivered` numerator, as a count). */
+export const receivedCount = new Counter('notif_received');
+
+/** A user id scoped to this run. */
+export function userId(name) {
+  return `${RUN_ID}-${name}`;
+}
+
+/** A channel name scoped to this run (channel names allow `[A-Za-z0-9_\-=@,.;:]`). */
+export function channelName(name) {
+  return `${RUN_ID}-${name}`;
+}
+
+/**
+ * `POST /api/v1/notifications/send`. `target` is `{user_id}` or `{channels}`; `data.sent_ms` carries the
+ * send time so a listener can measure delivery latency. Returns the new id, or null after a failed check.
+ */
+export function sendNotification(target, seq, tags) {
+  const body = Object.assign(
+    { type: 'k6', title: 'load test', message: `k6 notification ${seq}`, data: { seq, sent_ms: Date.now() } },
+    target,
+  );
+  const res = http.post(`${BASE_URL}/api/v1/notifications/send`, JSON.stringify(body),
+    Object.assign({ tags: Object.assign({ route: 'send' }, tags) }, JSON_HEADERS));
+  const ok = check(res, {
+    'send: 201': (r) => r.status === 201,
+    'send: has id': (r) => r.status === 201 && typeof r.json('id') === 'string',
+  });
+  return ok ? res.json('id') : null;
+}
+
+/** `POST /api/v1/notifications/batch` of `count` notifications for `user`. Returns the ids or null. */
+export function sendBatch(user, count, tags) {
+  const notifications = [];
+  for (let i = 0; i < count; i++) {
+    notifications.push({ user_id: user, message: `k6 batch item ${i}`, data: { seq: i, sent_ms: Date.now() } });
+  }
+  const res = http.post(`${BASE_URL}/api/v1/notifications/batch`, JSON.stringify({ notifications }),
+    Object.assign({ tags: Object.assign({ route: 'batch' }, tags) }, JSON_HEADERS));
+  const ok = check(res, {
+    'batch: 201': (r) => r.status === 201,
+    'batch: one id per notification': (r) => r.status === 201 && (r.json('ids') || []).length === count,
+  });
+  return ok ? res.json('ids') : null;
+}
+
+/** `GET /api/v1/notifications/user/:user_id` (newest first). Returns the parsed body or null. */
+export function history(user, query, tags) {
+  const qs = query ? `?${query}` : '';
+  const res = http.get(`${BASE_URL}/api/v1/notifications/user/${encodeURIComponent(user)}${qs}`,
+    { tags: Object.assign({ route: 'history' }, tags) });
+  const ok = check(res, {
+    'history: 200': (r) => r.status === 200,
+    'history: names the user': (r) => r.status === 200 && r.json('user_id') === user,
+  });
+  return ok ? res.json() : null;
+}
+
+/** `PUT /api/v1/notifications/:user_id/:id/read`. Returns whether it answered 200 with `read: true`. */
+export function markRead(user, id, tags) {
+  const res = http.put(`${BASE_URL}/api/v1/notifications/${encodeURIComponent(user)}/${id}/read`, null,
+    { tags: Object.assign({ route: 'read' }, tags) });
+  return check(res, {
+    'read: 200': (r) => r.status === 200,
+    'read: marked read': (r) => r.status === 200 && r.json('read') === true,
+  });
+}
+
+/** Milliseconds from a client's publish (its `data.sent_ms`) to another subscriber's `message` event. */
+export const publishLatency = new Trend('notif_publish_ms', true);
+
+/**
+ * Opens a WebSocket as `user`, subscribes to `channels`, then calls `onReady()` (where the caller sends
+ * what this listener should receive) and waits until `expected` notifications arrived or `timeoutMs`
+ * passed. Each arrival adds to `notif_delivery_ms` and `notif_received`; at the end each expected
+ * notification adds one sample to `notif_delivered` (true if it came). A channel delivery must carry its
+ * `channel`, a user delivery must not, and no `error` event may come: all three are checks.
+ *
+ * `expected: null` holds the connection for the whole `timeoutMs` and counts whatever arrives (for
+ * mixed traffic, where nobody knows in advance what one listener gets). `publishEveryMs` makes the
+ * listener publish to its first channel at that interval; the `message` events it receives from others
+ * feed `notif_publish_ms`.
+ */
+export function listen({ user, channels, expected, timeoutMs, onReady, publishEveryMs, tags }) {
+  const ws = new WebSocket(`${WS_URL}?user_id=${encodeURIComponent(user)}`);
+  let got = 0;
+  let connected = false;
+  let subscribed = false;
+  let frameShapeOk = true;
+  let errorEvent = null;
+  let finished = false;
+  let deadline = null;
+  let publisher = null;
+
+  const ready = () => {
+    subscribed = true;
+    if (onReady) onReady();
+    if (publishEveryMs && channels.length > 0) {
+      publisher = setInterval(() => {
+        ws.send(JSON.stringify({ action: 'publish', channel: channels[0], data: { from: user, sent_ms: Date.now() } }));
+      }, publishEveryMs);
+    }
+  };
+
+  const finish = () => {
+    if (finished) return;
+    finished = true;
+    if (deadline !== null) clearTimeout(deadline);
+    if (publisher !== null) clearInterval(publisher);
+    const checks = {
+      'ws: connected event first': () => connected,
+      'ws: subscribed': () => subscribed,
+      'ws: channel frames name their channel': () => frameShapeOk,
+      'ws: no error event': () => errorEvent === null,
+    };
+    if (expected !== null) {
+      for (let i = 0; i < expected; i++) delivered.add(i < got, tags);
+      checks['ws: every expected notification arrived'] = () => got >= expected;
+    }
+    if (errorEvent !== null) console.warn(`error event for ${user}: ${errorEvent}`);
+    check(null, checks, tags);
+    ws.close();
+  };
+
+  ws.onmessage = (event) => {
+    const frame = JSON.parse(event.data);
+    if (frame.event === undefined && typeof frame.id === 'string') {
+      got += 1;
+      receivedCount.add(1, tags);
+      if (frame.data && typeof frame.data.sent_ms === 'number') {
+        deliveryLatency.add(Date.now() - frame.data.sent_ms, tags);
+      }
+      const viaChannel = frame.user_id !== user;
+      if (viaChannel && !channels.includes(frame.channel)) frameShapeOk = false;
+      if (!viaChannel && frame.channel !== undefined) frameShapeOk = false;
+      if (expected !== null && got >= expected) finish();
+    } else if (frame.event === 'connected') {
+      connected = true;
+      if (channels.length > 0) {
+        ws.send(JSON.stringify({ action: 'subscribe', channels }));
+      } else {
+        ready();
+      }
+    } else if (frame.event === 'subscribed') {
+      ready();
+    } else if (frame.event === 'message') {
+      if (frame.data && typeof frame.data.sent_ms === 'number') {
+        publishLatency.add(Date.now() - frame.data.sent_ms, tags);
+      }
+    } else if (frame.event === 'error') {
+      errorEvent = `${frame.code}: ${frame.message}`;
+    }
+  };
+  ws.onerror = () => finish();
+  ws.onclose = () => finish();
+  deadline = setTimeout(finish, timeoutMs);
+}
