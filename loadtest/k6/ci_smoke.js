@@ -10,7 +10,7 @@
 // Env: BASE_URL, DURATION (default 10s).
 
 import { check, sleep } from 'k6';
-import { channelName, history, listen, markRead, sendNotification, userId } from './lib.js';
+import { channelName, history, listen, markRead, sendNotification, sendNotificationAsync, userId } from './lib.js';
 
 const DURATION = __ENV.DURATION || '10s';
 const WAIT_MS = parseInt(__ENV.WAIT_MS || '5000', 10);
@@ -41,10 +41,10 @@ export function websocket() {
     expected: 4,
     timeoutMs: WAIT_MS,
     onReady: () => {
-      sendNotification({ user_id: user }, 0);
-      sendNotification({ user_id: user }, 1);
-      sendNotification({ channels: [channel] }, 2);
-      sendNotification({ channels: [channel] }, 3);
+      sendNotificationAsync({ user_id: user }, 0);
+      sendNotificationAsync({ user_id: user }, 1);
+      sendNotificationAsync({ channels: [channel] }, 2);
+      sendNotificationAsync({ channels: [channel] }, 3);
     },
   });
   sleep(PAUSE_S);

@@ -47,22 +47,39 @@ export function channelName(name) {
   return `${RUN_ID}-${name}`;
 }
 
-/**
- * `POST /api/v1/notifications/send`. `target` is `{user_id}` or `{channels}`; `data.sent_ms` carries the
- * send time so a listener can measure delivery latency. Returns the new id, or null after a failed check.
- */
-export function sendNotification(target, seq, tags) {
+function sendRequest(target, seq, tags) {
   const body = Object.assign(
     { type: 'k6', title: 'load test', message: `k6 notification ${seq}`, data: { seq, sent_ms: Date.now() } },
     target,
   );
-  const res = http.post(`${BASE_URL}/api/v1/notifications/send`, JSON.stringify(body),
-    Object.assign({ tags: Object.assign({ route: 'send' }, tags) }, JSON_HEADERS));
+  return [`${BASE_URL}/api/v1/notifications/send`, JSON.stringify(body),
+    Object.assign({ tags: Object.assign({ route: 'send' }, tags) }, JSON_HEADERS)];
+}
+
+function checkSent(res) {
   const ok = check(res, {
     'send: 201': (r) => r.status === 201,
     'send: has id': (r) => r.status === 201 && typeof r.json('id') === 'string',
   });
   return ok ? res.json('id') : null;
+}
+
+/**
+ * `POST /api/v1/notifications/send`. `target` is `{user_id}` or `{channels}`; `data.sent_ms` carries the
+ * send time so a listener can measure delivery latency. Returns the new id, or null after a failed check.
+ */
+export function sendNotification(target, seq, tags) {
+  return checkSent(http.post(...sendRequest(target, seq, tags)));
+}
+
+/**
+ * The same send without blocking the VU's event loop: for sends made from inside a WebSocket handler,
+ * where a blocking call would hold back the frames (and inflate their measured latency) until it
+ * returns. Resolves to the new id or null.
+ */
+export function sendNotificationAsync(target, seq, tags) {
+  const [url, body, params] = sendRequest(target, seq, tags);
+  return http.asyncRequest('POST', url, body, params).then(checkSent);
 }
 
 /** `POST /api/v1/notifications/batch` of `count` notifications for `user`. Returns the ids or null. */
@@ -187,7 +204,13 @@ export function listen({ user, channels, expected, timeoutMs, onReady, publishEv
       errorEvent = `${frame.code}: ${frame.message}`;
     }
   };
-  ws.onerror = () => finish();
+  ws.onerror = (e) => {
+    console.warn(`websocket of ${user} failed: ${e.error}`);
+    finish();
+  };
   ws.onclose = () => finish();
-  deadline = setTimeout(finish, timeoutMs);
+  deadline = setTimeout(() => {
+    if (!connected) console.warn(`websocket of ${user}: no connected event within ${timeoutMs} ms`);
+    finish();
+  }, timeoutMs);
 }

@@ -7,7 +7,7 @@
 // Env: BASE_URL, VUS (default 20), DURATION (default 30s), PER_USER and PER_CHANNEL (notifications per
 // iteration to each target, default 5 and 5), WAIT_MS (how long an iteration waits for them, 10000).
 
-import { channelName, listen, sendNotification, userId } from './lib.js';
+import { channelName, listen, sendNotificationAsync, userId } from './lib.js';
 
 const VUS = parseInt(__ENV.VUS || '20', 10);
 const PER_USER = parseInt(__ENV.PER_USER || '5', 10);
@@ -37,8 +37,8 @@ export default function () {
     expected: PER_USER + PER_CHANNEL,
     timeoutMs: WAIT_MS,
     onReady: () => {
-      for (let i = 0; i < PER_USER; i++) sendNotification({ user_id: user }, i);
-      for (let i = 0; i < PER_CHANNEL; i++) sendNotification({ channels: [channel] }, PER_USER + i);
+      for (let i = 0; i < PER_USER; i++) sendNotificationAsync({ user_id: user }, i);
+      for (let i = 0; i < PER_CHANNEL; i++) sendNotificationAsync({ channels: [channel] }, PER_USER + i);
     },
   });
 }
