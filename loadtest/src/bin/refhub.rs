@@ -169,6 +169,8 @@ fn string_list(value: &Value) -> Option<Vec<String>> {
 async fn serve(stream: TcpStream, hub: Arc<Hub>, args: Arc<Args>) {
     let mut hello = None;
     let config = WebSocketConfig::default().read_buffer_size(args.read_buffer_bytes);
+    // The signature is tungstenite's handshake callback; its large error type is not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| match parse_hello(request) {
         Ok(h) => {
             hello = Some(h);
