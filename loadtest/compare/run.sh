@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Side by side: the same loadtest scenarios against notification-service and against refhub, the
+# reference hub in loadtest/src/bin/refhub.rs (tokio + tokio-tungstenite, a task and an mpsc queue per
+# connection: the typical async design), then a table of the two results and their ratio.
+#
+#   loadtest/compare/run.sh                      # 10,000 idle connections, fan-out if available
+#   CONNECTIONS=19000 HOLD_S=30 loadtest/compare/run.sh
+#
+# Each server runs alone, freshly started, on a private loopback port, one scenario at a time, so
+# the two never share the cores during a measurement. The result lines are kept under
+# target/compare/<time>/ (idle-<server>.json, fanout-<server>.json, table.md).
+#
+# Scenarios:
+# - idle: `loadtest idle`, N connections each as its own user, server RSS per connection and CPU
+#   while idle (both servers ping every 30 s).
+# - fanout: `loadtest fanout --via ws` (client publishes to a channel with many subscribers), when the
+#   loadtest binary has that scenario; otherwise skipped with a note.
+# - sockudo: not run. It speaks the Pusher protocol, and notification-service has no Pusher-protocol
+#   endpoint yet; once it has, a third column for sockudo belongs here.
+#
+# Environment (all optional):
+#   CONNECTIONS (10000)  HOLD_S (10)                      idle scenario
+#   SUBSCRIBERS (1000)  MESSAGES (2000)  RATE (100)      fanout scenario
+#   SERVER_PORT (18701)  REFHUB_PORT (18702)             private ports
+#   SKIP_BUILD=1                                          use the release binaries already built
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+CONNECTIONS=${CONNECTIONS:-10000}
+HOLD_S=${HOLD_S:-10}
+SUBSCRIBERS=${SUBSCRIBERS:-1000}
+MESSAGES=${MESSAGES:-2000}
+RATE=${RATE:-100}
+SERVER_PORT=${SERVER_PORT:-18701}
+REFHUB_PORT=${REFHUB_PORT:-18702}
+BIN=target/release
+OUT=target/compare/$(date -u +%Y%m%dT%H%M%SZ)
+WORK=$(mktemp -d /tmp/compare.XXXXXX)
+
+log() { printf '[compare] %s\n' "$*" >&2; }
+
+RUNNING_PID=""
+stop_running() {
+    if [ -n "$RUNNING_PID" ]; then
+        kill "$RUNNING_PID" 2>/dev/null || true
+        wait "$RUNNING_PID" 2>/dev/null || true
+        RUNNING_PID=""
+    fi
+}
+cleanup() {
+    stop_running
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_for_port() {
+    local port=$1
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "nothing listens on port $port after 10 s"
+    return 1
+}
+
+# Starts one of the two servers, fresh, and records its pid in RUNNING_PID.
+start() {
+    local name=$1
+    case $name in
+    notification-service)
+        rm -f "$WORK"/n.db*
+        PORT=$SERVER_PORT HOST=127.0.0.1 RUST_LOG=warn DATABASE_URL="sqlite://$WORK/n.db" \
+            "$BIN/notification-service" >>"$OUT/$name.log" 2>&1 &
+        RUNNING_PID=$!
+        wait_for_port "$SERVER_PORT"
+        ;;
+    refhub)
+        "$BIN/refhub" --port "$REFHUB_PORT" >>"$OUT/$name.log" 2>&1 &
+        RUNNING_PID=$!
+        wait_for_port "$REFHUB_PORT"
+        ;;
+    esac
+    # Let start-up finish (store threads, first allocations) before the "before" RSS reading.
+    sleep 1
+}
+
+port_of() {
+    case $1 in
+    notification-service) echo "$SERVER_PORT" ;;
+    refhub) echo "$REFHUB_PORT" ;;
+    esac
+}
+
+# Runs a scenario against a freshly started server; its last output line (the JSON result) goes to
+# $OUT/<scenario>-<server>.json. Extra arguments are the scenario's flags; @PID@ in them becomes the
+# server's pid (so the figures are of that process, whatever else listens nearby).
+measure() {
+    local scenario=$1 name=$2
+    shift 2
+    local port
+    port=$(port_of "$name")
+    start "$name"
+    log "$scenario against $name (pid $RUNNING_PID, port $port)"
+    local args=("${@//@PID@/$RUNNING_PID}")
+    local status=0
+    "$BIN/loadtest" "$scenario" --url "ws://127.0.0.1:$port/ws" "${args[@]}" >"$OUT/$scenario-$name.out" || status=$?
+    stop_running
+    tail -n 1 "$OUT/$scenario-$name.out" >"$OUT/$scenario-$name.json"
+    if [ "$status" -ne 0 ]; then
+        log "$scenario against $name exited with status $status (see $OUT/$scenario-$name.out)"
+    fi
+}
+
+# Prints a Markdown table of every numeric field the two JSON lines share, with refhub / ours.
+ratio_table() {
+    local scenario=$1
+    python3 - "$scenario" "$OUT/$scenario-notification-service.json" "$OUT/$scenario-refhub.json" <<'PY'
+import json, sys
+
+scenario, ours_path, ref_path = sys.argv[1:4]
+def load(path):
+    try:
+        with open(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        sys.exit(f"{scenario}: no JSON result in {path} ({e})")
+ours, ref = load(ours_path), load(ref_path)
+def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+print(f"\n{scenario}\n")
+print("| field | notification-service | refhub | refhub / notification-service |")
+print("|---|---|---|---|")
+for key, value in ours.items():
+    other = ref.get(key)
+    if not (number(value) and number(other)):
+        continue
+    ratio = f"{other / value:.2f}" if value else "n/a"
+    print(f"| {key} | {value:g} | {other:g} | {ratio} |")
+PY
+}
+
+mkdir -p "$OUT"
+if [ -z "${SKIP_BUILD:-}" ]; then
+    log "building release binaries"
+    cargo build --release -p notification-service -p loadtest
+fi
+
+{
+    echo "# notification-service vs refhub, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)"
+    echo
+    echo "Ratios are refhub / notification-service: above 1 means refhub uses more (or, for a rate, does more)."
+} >"$OUT/table.md"
+
+for name in notification-service refhub; do
+    measure idle "$name" --connections "$CONNECTIONS" --hold-s "$HOLD_S" --server-pid @PID@
+done
+ratio_table idle >>"$OUT/table.md"
+
+if "$BIN/loadtest" fanout --help >/dev/null 2>&1; then
+    for name in notification-service refhub; do
+        measure fanout "$name" --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --via ws --json
+    done
+    ratio_table fanout >>"$OUT/table.md"
+else
+    printf '
+fanout
+
+not run: this loadtest build has no `fanout` scenario (it comes with branch `lt`).
+' >>"$OUT/table.md"
+fi
+
+printf '
+sockudo
+
+not run: sockudo speaks the Pusher protocol and notification-service has no Pusher-protocol endpoint yet.
+' >>"$OUT/table.md"
+
+cat "$OUT/table.md"
+log "results in $OUT"
