@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Side by side: the same loadtest scenarios against notification-service and against refhub, the
 # reference hub in loadtest/src/bin/refhub.rs (tokio + tokio-tungstenite, a task and an mpsc queue per
-# connection: the typical async design), then a table of the two results and their ratio.
+# connection: the typical async design), then a table of the results and their ratios.
+#
+# refhub runs twice: as written (tungstenite's default 128 KiB read buffer, which tungstenite zeroes,
+# so every connection that has read once holds it), and as `refhub-4k` with `--read-buffer-bytes 4096`,
+# the one setting that a hub tuned for many idle connections changes first. The second is the fairer
+# baseline for memory; the first is what the defaults give.
 #
 #   loadtest/compare/run.sh                      # 10,000 idle connections, fan-out if available
 #   CONNECTIONS=19000 HOLD_S=30 loadtest/compare/run.sh
 #
 # Each server runs alone, freshly started, on a private loopback port, one scenario at a time, so
-# the two never share the cores during a measurement. The result lines are kept under
+# they never share the cores during a measurement. Each idle run binds its client sockets to source
+# addresses of its own (127.0.11.x, 127.0.12.x, ...): the previous run's closed connections hold their
+# ports in TIME-WAIT for 60 s. The result lines are kept under
 # target/compare/<time>/ (idle-<server>.json, fanout-<server>.json, table.md).
 #
 # Scenarios:
@@ -81,6 +88,11 @@ start() {
         RUNNING_PID=$!
         wait_for_port "$REFHUB_PORT"
         ;;
+    refhub-4k)
+        "$BIN/refhub" --port "$REFHUB_PORT" --read-buffer-bytes 4096 >>"$OUT/$name.log" 2>&1 &
+        RUNNING_PID=$!
+        wait_for_port "$REFHUB_PORT"
+        ;;
     esac
     # Let start-up finish (store threads, first allocations) before the "before" RSS reading.
     sleep 1
@@ -89,7 +101,7 @@ start() {
 port_of() {
     case $1 in
     notification-service) echo "$SERVER_PORT" ;;
-    refhub) echo "$REFHUB_PORT" ;;
+    refhub | refhub-4k) echo "$REFHUB_PORT" ;;
     esac
 }
 
@@ -113,32 +125,51 @@ measure() {
     fi
 }
 
-# Prints a Markdown table of every numeric field the two JSON lines share, with refhub / ours.
+# Prints a Markdown table of every numeric field the JSON lines share: each server's value, and each
+# reference's value divided by notification-service's.
 ratio_table() {
     local scenario=$1
-    python3 - "$scenario" "$OUT/$scenario-notification-service.json" "$OUT/$scenario-refhub.json" <<'PY'
+    local files=()
+    for name in "${SERVERS[@]}"; do
+        files+=("$name=$OUT/$scenario-$name.json")
+    done
+    python3 - "$scenario" "${files[@]}" <<'PY'
 import json, sys
 
-scenario, ours_path, ref_path = sys.argv[1:4]
+scenario, pairs = sys.argv[1], [a.split("=", 1) for a in sys.argv[2:]]
 def load(path):
     try:
         with open(path) as f:
             return json.loads(f.read())
     except (OSError, ValueError) as e:
         sys.exit(f"{scenario}: no JSON result in {path} ({e})")
-ours, ref = load(ours_path), load(ref_path)
+results = [(name, load(path)) for name, path in pairs]
+(ours_name, ours), refs = results[0], results[1:]
 def number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+header = ["field"] + [name for name, _ in results] + [f"{name} / {ours_name}" for name, _ in refs]
 print(f"\n{scenario}\n")
-print("| field | notification-service | refhub | refhub / notification-service |")
-print("|---|---|---|---|")
+print("| " + " | ".join(header) + " |")
+print("|" + "---|" * len(header))
 for key, value in ours.items():
-    other = ref.get(key)
-    if not (number(value) and number(other)):
+    others = [r.get(key) for _, r in refs]
+    if not (number(value) and all(number(o) for o in others)):
         continue
-    ratio = f"{other / value:.2f}" if value else "n/a"
-    print(f"| {key} | {value:g} | {other:g} | {ratio} |")
+    ratios = [f"{o / value:.2f}" if value else "n/a" for o in others]
+    cells = [key, f"{value:g}"] + [f"{o:g}" for o in others] + ratios
+    print("| " + " | ".join(cells) + " |")
 PY
+}
+
+# Client source addresses for an idle run: block `n` is 127.0.(10+n).1, .2, ... one per 20,000
+# connections (loadtest's own spread), so consecutive runs never meet each other's TIME-WAIT ports.
+source_ips() {
+    local block=$1 count=$(((CONNECTIONS + 19999) / 20000)) ips=()
+    for i in $(seq 1 "$count"); do
+        ips+=("127.0.$((10 + block)).$i")
+    done
+    local IFS=,
+    echo "${ips[*]}"
 }
 
 mkdir -p "$OUT"
@@ -150,16 +181,20 @@ fi
 {
     echo "# notification-service vs refhub, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)"
     echo
-    echo "Ratios are refhub / notification-service: above 1 means refhub uses more (or, for a rate, does more)."
+    echo "Ratios are reference / notification-service: above 1 means the reference uses more (or, for a rate, does more)."
 } >"$OUT/table.md"
 
-for name in notification-service refhub; do
-    measure idle "$name" --connections "$CONNECTIONS" --hold-s "$HOLD_S" --server-pid @PID@
+SERVERS=(notification-service refhub refhub-4k)
+block=0
+for name in "${SERVERS[@]}"; do
+    block=$((block + 1))
+    measure idle "$name" --connections "$CONNECTIONS" --hold-s "$HOLD_S" --server-pid @PID@ \
+        --source-ips "$(source_ips "$block")"
 done
 ratio_table idle >>"$OUT/table.md"
 
 if "$BIN/loadtest" fanout --help >/dev/null 2>&1; then
-    for name in notification-service refhub; do
+    for name in "${SERVERS[@]}"; do
         measure fanout "$name" --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --via ws --json
     done
     ratio_table fanout >>"$OUT/table.md"
