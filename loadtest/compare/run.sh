@@ -156,7 +156,8 @@ for key, value in ours.items():
     if not (number(value) and all(number(o) for o in others)):
         continue
     ratios = [f"{o / value:.2f}" if value else "n/a" for o in others]
-    cells = [key, f"{value:g}"] + [f"{o:g}" for o in others] + ratios
+    show = lambda v: str(v) if isinstance(v, int) else f"{v:g}"
+    cells = [key, show(value)] + [show(o) for o in others] + ratios
     print("| " + " | ".join(cells) + " |")
 PY
 }

@@ -156,13 +156,12 @@ fn error_event(code: &str, message: &str) -> Message {
     text(json!({"event": "error", "code": code, "message": message}))
 }
 
-/// The strings of a JSON array field, or `None` when it is not an array of strings.
-fn string_list(value: &Value) -> Option<Vec<String>> {
-    value
-        .as_array()?
-        .iter()
-        .map(|v| v.as_str().map(str::to_owned))
-        .collect()
+/// The `channels` list of a subscribe or unsubscribe action, or the error event refusing it.
+fn channels_of(action: &Value) -> Result<Vec<String>, Message> {
+    action["channels"]
+        .as_array()
+        .and_then(|list| list.iter().map(|v| v.as_str().map(str::to_owned)).collect())
+        .ok_or_else(|| error_event("invalid_field", "channels must be a list of names"))
 }
 
 /// One connection, from handshake to close.
@@ -274,11 +273,9 @@ fn handle_action(
     };
     match action["action"].as_str() {
         Some("subscribe") => {
-            let Some(channels) = string_list(&action["channels"]) else {
-                return Some(error_event(
-                    "invalid_field",
-                    "channels must be a list of names",
-                ));
+            let channels = match channels_of(&action) {
+                Ok(channels) => channels,
+                Err(refusal) => return Some(refusal),
             };
             for channel in &channels {
                 hub.subscribe(channel, conn, outbox);
@@ -289,11 +286,9 @@ fn handle_action(
             Some(text(json!({"event": "subscribed", "channels": channels})))
         }
         Some("unsubscribe") => {
-            let Some(channels) = string_list(&action["channels"]) else {
-                return Some(error_event(
-                    "invalid_field",
-                    "channels must be a list of names",
-                ));
+            let channels = match channels_of(&action) {
+                Ok(channels) => channels,
+                Err(refusal) => return Some(refusal),
             };
             for channel in &channels {
                 hub.unsubscribe(channel, conn);
