@@ -23,13 +23,15 @@
 # - fanout: `loadtest fanout --via ws` (client publishes to a channel with many subscribers), when the
 #   loadtest binary has that scenario; otherwise skipped with a note.
 # - sockudo: not run. It speaks the Pusher protocol, and notification-service has no Pusher-protocol
-#   endpoint yet; once it has, a third column for sockudo belongs here.
+#   endpoint yet; once it has, a column for sockudo belongs here.
 #
 # Environment (all optional):
 #   CONNECTIONS (10000)  HOLD_S (10)                      idle scenario
 #   SUBSCRIBERS (1000)  MESSAGES (2000)  RATE (100)      fanout scenario
 #   SERVER_PORT (18701)  REFHUB_PORT (18702)             private ports
 #   SKIP_BUILD=1                                          use the release binaries already built
+#   LOADTEST (target/release/loadtest)                    the load generator, e.g. one built from
+#                                                         another branch
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -41,6 +43,7 @@ RATE=${RATE:-100}
 SERVER_PORT=${SERVER_PORT:-18701}
 REFHUB_PORT=${REFHUB_PORT:-18702}
 BIN=target/release
+LOADTEST=${LOADTEST:-$BIN/loadtest}
 OUT=target/compare/$(date -u +%Y%m%dT%H%M%SZ)
 WORK=$(mktemp -d /tmp/compare.XXXXXX)
 
@@ -117,7 +120,7 @@ measure() {
     log "$scenario against $name (pid $RUNNING_PID, port $port)"
     local args=("${@//@PID@/$RUNNING_PID}")
     local status=0
-    "$BIN/loadtest" "$scenario" --url "ws://127.0.0.1:$port/ws" "${args[@]}" >"$OUT/$scenario-$name.out" || status=$?
+    "$LOADTEST" "$scenario" --url "ws://127.0.0.1:$port/ws" "${args[@]}" >"$OUT/$scenario-$name.out" || status=$?
     stop_running
     tail -n 1 "$OUT/$scenario-$name.out" >"$OUT/$scenario-$name.json"
     if [ "$status" -ne 0 ]; then
@@ -194,9 +197,10 @@ for name in "${SERVERS[@]}"; do
 done
 ratio_table idle >>"$OUT/table.md"
 
-if "$BIN/loadtest" fanout --help >/dev/null 2>&1; then
+if "$LOADTEST" fanout --help >/dev/null 2>&1; then
     for name in "${SERVERS[@]}"; do
-        measure fanout "$name" --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --via ws --json
+        measure fanout "$name" --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --via ws --json \
+            --server-pid @PID@
     done
     ratio_table fanout >>"$OUT/table.md"
 else
