@@ -10,7 +10,9 @@
 // Env: BASE_URL, DURATION (default 10s).
 
 import { check, sleep } from 'k6';
-import { channelName, history, listen, markRead, sendNotification, sendNotificationAsync, userId } from './lib.js';
+import {
+  channelName, history, listen, markRead, sendNotification, sendNotificationAsync, setupRun, userId,
+} from './lib.js';
 
 const DURATION = __ENV.DURATION || '10s';
 const WAIT_MS = parseInt(__ENV.WAIT_MS || '5000', 10);
@@ -32,9 +34,11 @@ export const options = {
   },
 };
 
-export function websocket() {
-  const user = userId(`smoke-ws-${__VU}-${__ITER}`);
-  const channel = channelName(`smoke-${__VU}-${__ITER}`);
+export const setup = setupRun;
+
+export function websocket({ run }) {
+  const user = userId(run, `smoke-ws-${__VU}-${__ITER}`);
+  const channel = channelName(run, `smoke-${__VU}-${__ITER}`);
   listen({
     user,
     channels: [channel],
@@ -50,8 +54,8 @@ export function websocket() {
   sleep(PAUSE_S);
 }
 
-export function rest() {
-  const user = userId(`smoke-rest-${__VU}`);
+export function rest({ run }) {
+  const user = userId(run, `smoke-rest-${__VU}`);
   const id = sendNotification({ user_id: user }, __ITER);
   if (id === null) return;
   const page = history(user, 'limit=5');

@@ -12,7 +12,7 @@
 // 100), READ_RATE (default 20), PUBLISH_EVERY_MS (a listener in ten publishes this often, default 2000),
 // DURATION (default 60s).
 
-import { channelName, history, listen, sendNotification, userId } from './lib.js';
+import { channelName, history, listen, sendNotification, setupRun, userId } from './lib.js';
 
 const LISTENERS = parseInt(__ENV.LISTENERS || '200', 10);
 const ROOMS = parseInt(__ENV.ROOMS || '10', 10);
@@ -45,42 +45,46 @@ export const options = {
     'http_req_duration{scenario:readers}': ['p(95)<300'],
     notif_delivery_ms: ['p(95)<300'],
     notif_publish_ms: ['p(95)<300'],
+    // Listeners and producers agree on names only through setup()'s run id: zero deliveries means not.
+    notif_received: ['count>0'],
     ws_connecting: ['p(95)<1000'],
   },
 };
 
-function poolUser(n) {
-  return userId(`mixed-u${n}`);
+function poolUser(run, n) {
+  return userId(run, `mixed-u${n}`);
 }
 
-function room(n) {
-  return channelName(`mixed-room${n}`);
+function room(run, n) {
+  return channelName(run, `mixed-room${n}`);
 }
 
 function randomInt(below) {
   return Math.floor(Math.random() * below);
 }
 
-export function listener() {
+export const setup = setupRun;
+
+export function listener({ run }) {
   // VU numbers are global over scenarios; the modulo only spreads listeners over the pool.
   const n = __VU % POOL;
   listen({
-    user: poolUser(n),
-    channels: [room(n % ROOMS)],
+    user: poolUser(run, n),
+    channels: [room(run, n % ROOMS)],
     expected: null,
     timeoutMs: HOLD_S * 1000,
     publishEveryMs: n % 10 === 0 ? PUBLISH_EVERY_MS : 0,
   });
 }
 
-export function producer() {
+export function producer({ run }) {
   if (Math.random() < 0.5) {
-    sendNotification({ user_id: poolUser(randomInt(POOL)) }, __ITER);
+    sendNotification({ user_id: poolUser(run, randomInt(POOL)) }, __ITER);
   } else {
-    sendNotification({ channels: [room(randomInt(ROOMS))] }, __ITER);
+    sendNotification({ channels: [room(run, randomInt(ROOMS))] }, __ITER);
   }
 }
 
-export function reader() {
-  history(poolUser(randomInt(POOL)), 'limit=20');
+export function reader({ run }) {
+  history(poolUser(run, randomInt(POOL)), 'limit=20');
 }

@@ -7,7 +7,7 @@
 // Env: BASE_URL, VUS (default 20), DURATION (default 30s), BATCH (batch size, default 100).
 
 import { check } from 'k6';
-import { history, markRead, sendBatch, sendNotification, userId } from './lib.js';
+import { history, markRead, sendBatch, sendNotification, setupRun, userId } from './lib.js';
 
 const VUS = parseInt(__ENV.VUS || '20', 10);
 const BATCH = parseInt(__ENV.BATCH || '100', 10);
@@ -27,9 +27,11 @@ export const options = {
   },
 };
 
-export default function () {
+export const setup = setupRun;
+
+export default function ({ run }) {
   // One user per VU: its inbox is touched only by this VU, so what history shows is predictable.
-  const user = userId(`rest-${__VU}`);
+  const user = userId(run, `rest-${__VU}`);
   const id = sendNotification({ user_id: user }, __ITER);
   if (id === null) return;
 

@@ -7,7 +7,7 @@
 // Env: BASE_URL, VUS (default 20), DURATION (default 30s), PER_USER and PER_CHANNEL (notifications per
 // iteration to each target, default 5 and 5), WAIT_MS (how long an iteration waits for them, 10000).
 
-import { channelName, listen, sendNotificationAsync, userId } from './lib.js';
+import { channelName, listen, sendNotificationAsync, setupRun, userId } from './lib.js';
 
 const VUS = parseInt(__ENV.VUS || '20', 10);
 const PER_USER = parseInt(__ENV.PER_USER || '5', 10);
@@ -28,9 +28,11 @@ export const options = {
   },
 };
 
-export default function () {
-  const user = userId(`ws-${__VU}-${__ITER}`);
-  const channel = channelName(`ws-${__VU}-${__ITER}`);
+export const setup = setupRun;
+
+export default function ({ run }) {
+  const user = userId(run, `ws-${__VU}-${__ITER}`);
+  const channel = channelName(run, `ws-${__VU}-${__ITER}`);
   listen({
     user,
     channels: [channel],

@@ -257,6 +257,8 @@ async fn serve(stream: TcpStream, hub: Arc<Hub>, args: Arc<Args>) {
     for channel in &subscribed {
         hub.unsubscribe(channel, conn);
     }
+    // Sends the close frame tungstenite queued in answer to the client's (or a 1000 of our own).
+    let _ = sink.close().await;
 }
 
 /// Answers one client action; `Some` is the frame to send back to this connection.
