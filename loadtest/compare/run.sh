@@ -32,6 +32,7 @@
 #   SKIP_BUILD=1                                          use the release binaries already built
 #   LOADTEST (target/release/loadtest)                    the load generator, e.g. one built from
 #                                                         another branch
+#   SCENARIOS ("idle fanout")                             which scenarios to run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -44,6 +45,7 @@ SERVER_PORT=${SERVER_PORT:-18701}
 REFHUB_PORT=${REFHUB_PORT:-18702}
 BIN=target/release
 LOADTEST=${LOADTEST:-$BIN/loadtest}
+SCENARIOS=${SCENARIOS:-idle fanout}
 OUT=target/compare/$(date -u +%Y%m%dT%H%M%SZ)
 WORK=$(mktemp -d /tmp/compare.XXXXXX)
 
@@ -189,15 +191,21 @@ fi
 } >"$OUT/table.md"
 
 SERVERS=(notification-service refhub refhub-4k)
-block=0
-for name in "${SERVERS[@]}"; do
-    block=$((block + 1))
-    measure idle "$name" --connections "$CONNECTIONS" --hold-s "$HOLD_S" --server-pid @PID@ \
-        --source-ips "$(source_ips "$block")"
-done
-ratio_table idle >>"$OUT/table.md"
+wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
-if "$LOADTEST" fanout --help >/dev/null 2>&1; then
+if wants idle; then
+    block=0
+    for name in "${SERVERS[@]}"; do
+        block=$((block + 1))
+        measure idle "$name" --connections "$CONNECTIONS" --hold-s "$HOLD_S" --server-pid @PID@ \
+            --source-ips "$(source_ips "$block")"
+    done
+    ratio_table idle >>"$OUT/table.md"
+fi
+
+if ! wants fanout; then
+    :
+elif "$LOADTEST" fanout --help >/dev/null 2>&1; then
     for name in "${SERVERS[@]}"; do
         measure fanout "$name" --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --via ws --json \
             --server-pid @PID@
