@@ -7,7 +7,7 @@
 // The thresholds are about correctness only: every check passes, no request fails, and every promised
 // notification arrives within WAIT_MS (default 5000). Latency thresholds belong to the load scripts
 // (ws_receive.js, rest.js, mixed.js): a CI machine shared with builds makes latency a flaky verdict.
-// Env: BASE_URL, DURATION (default 10s).
+// Env: BASE_URL, DURATION (default 10s), WAIT_MS.
 
 import { check, sleep } from 'k6';
 import {
@@ -37,6 +37,7 @@ export const options = {
 export const setup = setupRun;
 
 export function websocket({ run }) {
+  sleep(PAUSE_S);
   const user = userId(run, `smoke-ws-${__VU}-${__ITER}`);
   const channel = channelName(run, `smoke-${__VU}-${__ITER}`);
   listen({
@@ -51,15 +52,14 @@ export function websocket({ run }) {
       sendNotificationAsync({ channels: [channel] }, 3);
     },
   });
-  sleep(PAUSE_S);
 }
 
 export function rest({ run }) {
+  sleep(PAUSE_S);
   const user = userId(run, `smoke-rest-${__VU}`);
   const id = sendNotification({ user_id: user }, __ITER);
   if (id === null) return;
   const page = history(user, 'limit=5');
   check(page, { 'history: newest first is the one just sent': (p) => p !== null && p.notifications[0].id === id });
   markRead(user, id);
-  sleep(PAUSE_S);
 }
