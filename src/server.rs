@@ -157,6 +157,9 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         }
         (true, true) => {}
     }
+    if config.rate_limit_api > 0 && config.api_key.is_none() {
+        warn!("RATE_LIMIT_API is set without API_KEY: it limits per key, so it has no effect");
+    }
     if config.redis_url.is_some() {
         warn!(
             "REDIS_URL is set, but multi-node fan-out is not built yet: running as a single node"
