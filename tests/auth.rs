@@ -409,7 +409,7 @@ fn an_expired_token_closes_the_connection_with_1008_unless_refreshed() {
     let short = |user: &str, channels: &[&str]| {
         token_with(
             SECRET,
-            json!({"sub": user, "exp": now() + 2, "channels": channels}),
+            json!({"sub": user, "exp": now() + 3, "channels": channels}),
         )
     };
     let mut expiring = ws_with_token(&server, &short("alice", &[]), "");

@@ -93,7 +93,8 @@ fn slowloris_cannot_exhaust_the_server() {
             std::thread::spawn(move || trickle(stream, Duration::from_millis(300)))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Let every shard accept its share (well within the 2 s header timeout).
+    std::thread::sleep(Duration::from_millis(500));
 
     // The attacker's address is at its cap: a 503, and the slot is not taken.
     let mut over = connect_from("127.0.0.1", server.addr);
