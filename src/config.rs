@@ -37,13 +37,24 @@ pub struct Config {
     #[arg(long, env = "SHARDS")]
     pub shards: Option<usize>,
 
-    /// If set, the HTTP API wants `Authorization: Bearer <key>` (not enforced yet).
+    /// If set, every `/api/*` route and the `/notifications` alias want `Authorization: Bearer <key>`
+    /// or `X-API-Key: <key>` (401 otherwise). Several keys, comma-separated, so a key can be rotated.
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// If set, `/ws` wants `?token=<JWT>` (not enforced yet).
+    /// If set, `/metrics` wants `Authorization: Bearer <token>` (401 otherwise). Unset: open.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
+    /// If set, `/ws` wants an HS256 JWT signed with this secret (`?token=`, `Authorization: Bearer`
+    /// or `Sec-WebSocket-Protocol: bearer, <jwt>`); its `sub` is the user and `channels` the channel
+    /// patterns it may join. A bare `user_id` is refused (401).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// Seconds of clock skew allowed when checking a JWT's `exp` and `nbf`.
+    #[arg(long, env = "JWT_LEEWAY_S", default_value_t = 30)]
+    pub jwt_leeway_s: u64,
 
     /// Seconds between server WebSocket pings; a connection that misses two pongs is closed.
     #[arg(long, env = "HEARTBEAT_S", default_value_t = 30)]
@@ -76,6 +87,40 @@ pub struct Config {
     /// Most connections (HTTP and WebSocket) one shard holds; over it new ones get 503.
     #[arg(long, env = "MAX_CONNECTIONS_PER_SHARD", default_value_t = 500_000)]
     pub max_connections_per_shard: usize,
+
+    /// Most connections (HTTP and WebSocket) the node holds over all shards; over it new ones get
+    /// 503. 0: no limit beyond MAX_CONNECTIONS_PER_SHARD.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most connections from one client IP address over all shards; over it new ones get 503.
+    /// 0: no limit.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Most WebSocket connections of one user over all shards; over it a new one is closed with 1013
+    /// right after the upgrade. 0: no limit.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    pub max_connections_per_user: usize,
+
+    /// HTTP API requests per second allowed to one API key over the whole node (429 with
+    /// `Retry-After` over it). 0: no limit. Applies only with API_KEY set.
+    #[arg(long, env = "RATE_LIMIT_API", default_value_t = 0)]
+    pub rate_limit_api: u32,
+
+    /// How many API requests one key may make at once above RATE_LIMIT_API. 0: one second's worth.
+    #[arg(long, env = "RATE_LIMIT_API_BURST", default_value_t = 0)]
+    pub rate_limit_api_burst: u32,
+
+    /// WebSocket messages per second allowed to one connection (an `error` event `rate_limited` over
+    /// it; close 1008 when the client keeps going). 0: no limit.
+    #[arg(long, env = "RATE_LIMIT_WS", default_value_t = 0)]
+    pub rate_limit_ws: u32,
+
+    /// How many WebSocket messages one connection may send at once above RATE_LIMIT_WS; also how many
+    /// refused messages in a row close it with 1008. 0: one second's worth.
+    #[arg(long, env = "RATE_LIMIT_WS_BURST", default_value_t = 0)]
+    pub rate_limit_ws_burst: u32,
 
     /// Seconds a client has to send a complete request head (408 after).
     #[arg(long, env = "HEADER_TIMEOUT_S", default_value_t = 10)]
@@ -128,6 +173,19 @@ impl Config {
             return Err(
                 "RETENTION_DAYS must be at least 1 (unset keeps notifications forever)".into(),
             );
+        }
+        if self
+            .api_key
+            .as_deref()
+            .is_some_and(|keys| keys.split(',').all(|k| k.trim().is_empty()))
+        {
+            return Err("API_KEY must hold at least one non-empty key (comma-separated)".into());
+        }
+        if self.metrics_token.as_deref().is_some_and(str::is_empty) {
+            return Err("METRICS_TOKEN must not be empty (unset it to leave /metrics open)".into());
+        }
+        if self.jwt_secret.as_deref().is_some_and(str::is_empty) {
+            return Err("JWT_SECRET must not be empty".into());
         }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
             return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());

@@ -18,6 +18,9 @@
 //! - [`ws`]: the WebSocket handshake, frame codec (tungstenite's frame header on our own buffers), the JSON
 //!   protocol of API.md, and the session that runs one upgraded connection.
 //! - [`api`]: one handler per HTTP route.
+//! - [`auth`]: API keys (HTTP), JWTs (WebSocket), rate limits, and the connection caps per node, IP and
+//!   user that hold across shards; checked when a connection is accepted, when a request head is
+//!   parsed, and at the WebSocket upgrade.
 //! - [`store`]: the `Store` handle, the store thread that commits in groups, the reader threads, and the
 //!   SQLite backend; migrations live in `migrations/`.
 //! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
@@ -42,6 +45,7 @@
 //! delivery to the other shards' inboxes.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod http;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
+use crate::auth::Auth;
 use crate::bus::Fanout;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -106,6 +107,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (store, store_threads) = Store::open(&store_config, Box::new(fanout.clone()))
         .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;
 
+    let auth = Arc::new(Auth::from_config(&config));
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
@@ -119,6 +121,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 store: store.clone(),
                 fanout: fanout.clone(),
                 metrics: metrics.clone(),
+                auth: auth.clone(),
                 cpu: if shards <= cpus.len() {
                     cpus.get(index).copied()
                 } else {
@@ -141,8 +144,21 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         }
     }
 
-    if config.api_key.is_none() && config.jwt_secret.is_none() {
-        warn!("running open: neither API_KEY nor JWT_SECRET is set, so anyone can send and connect (fine for development only)");
+    match (config.api_key.is_some(), config.jwt_secret.is_some()) {
+        (false, false) => warn!(
+            "running open: neither API_KEY nor JWT_SECRET is set, so anyone can send, read any \
+             inbox and connect as any user (fine for development only)"
+        ),
+        (true, false) => {
+            warn!("JWT_SECRET is not set: WebSockets are open, anyone can connect as any user_id")
+        }
+        (false, true) => {
+            warn!("API_KEY is not set: the HTTP API is open, anyone can send and read any inbox")
+        }
+        (true, true) => {}
+    }
+    if config.rate_limit_api > 0 && config.api_key.is_none() {
+        warn!("RATE_LIMIT_API is set without API_KEY: it limits per key, so it has no effect");
     }
     if config.redis_url.is_some() {
         warn!(

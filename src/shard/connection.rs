@@ -24,6 +24,7 @@ use futures_util::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::api;
+use crate::auth::admission::{ConnectionPermit, Refused};
 use crate::http::request::{parse_head, Limits, Method, Parsed, RequestHead};
 use crate::http::response::Response;
 use crate::shard::hub::ConnId;
@@ -74,6 +75,8 @@ pub(crate) struct Connection {
     pub id: ConnId,
     /// Bytes read but not yet consumed; empty (no allocation) when idle.
     pub inbuf: Vec<u8>,
+    /// The connection's slot in the node-wide and per-IP caps, given back when it closes.
+    _permit: ConnectionPermit,
 }
 
 impl Drop for Connection {
@@ -98,15 +101,28 @@ pub(crate) enum HttpOutcome {
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     if shard.hub.borrow().len() >= shard.config.max_connections_per_shard {
-        refuse_over_capacity(stream).await;
+        refuse_over_capacity(stream, "the server is at its connection limit").await;
         return;
     }
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
+    let permit = match shard.auth.connections.admit(peer) {
+        Ok(permit) => permit,
+        Err(Refused::Node) => {
+            refuse_over_capacity(stream, "the server is at its connection limit").await;
+            return;
+        }
+        Err(Refused::Ip) => {
+            refuse_over_capacity(stream, "too many connections from this address").await;
+            return;
+        }
+    };
     let id = shard.hub.borrow_mut().add(stream.as_raw_fd());
     let mut conn = Connection {
         shard,
         stream,
         id,
         inbuf: Vec::new(),
+        _permit: permit,
     };
     // Boxed: the HTTP loop's state (parser, response buffers) is freed before a WebSocket settles in
     // for hours, instead of reserving room in every connection's future (see `ws::session`).
@@ -117,15 +133,10 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     }
 }
 
-/// Answers 503 to a connection over the shard's limit, without registering it.
-async fn refuse_over_capacity(mut stream: TcpStream) {
+/// Answers 503 to a connection over a connection cap, without registering it.
+async fn refuse_over_capacity(mut stream: TcpStream, message: &str) {
     let mut out = Vec::new();
-    Response::error(
-        503,
-        "too_many_connections",
-        "the server is at its connection limit",
-    )
-    .write_to(&mut out, false, false);
+    Response::error(503, "too_many_connections", message).write_to(&mut out, false, false);
     let _ = stream.set_write_timeout(Some(CLOSE_FLUSH_TIMEOUT));
     let _ = stream.write_all(&out).await;
     let _ = stream.close().await;
@@ -280,6 +291,12 @@ impl Connection {
                     }
                 }
             };
+            // Before the body is read: an unauthenticated or rate-limited client gets no buffer.
+            if let Err(refusal) = self.shard.auth.check_request(&head) {
+                self.shard.stats().http_request();
+                self.respond_and_close(refusal).await;
+                return HttpOutcome::Close;
+            }
             let total = head_len + head.content_length;
             while self.inbuf.len() < total {
                 match self.read_request_bytes(header_timeout, false).await {

@@ -73,6 +73,9 @@ pub struct ConnState {
     pub close_code: Option<u16>,
     /// Where live delivery stands against replay, so a `resume` sends nothing twice (see [`LiveMark`]).
     pub live_mark: LiveMark,
+    /// When the connection's token expires (seconds since the epoch; 0: no token). The shard's expiry
+    /// sweep closes the connection at this time unless a `refresh` moved it.
+    pub token_expires_at: u64,
 }
 
 /// Where a connection's live delivery stands against replay from the store.
@@ -108,6 +111,7 @@ impl ConnState {
             missed_pongs: 0,
             close_code: None,
             live_mark: LiveMark::Nothing,
+            token_expires_at: 0,
         }
     }
 
@@ -257,6 +261,11 @@ impl Hub {
     /// connection task, which removes its slot last.
     pub fn conn(&self, id: ConnId) -> &ConnState {
         &self.conns[id as usize]
+    }
+
+    /// The connection in slot `id`, if one is registered there (sweeps that hold ids across time).
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut ConnState> {
+        self.conns.get_mut(id as usize)
     }
 
     /// Mutable access to the connection in slot `id` (see [`Hub::conn`]).

@@ -8,6 +8,8 @@
 //! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
 //! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
 //!   `HEARTBEAT_S` and closes those that missed two pongs;
+//! - with `JWT_SECRET`, the expiry sweep: once a second, closes with 1008 the WebSockets whose token
+//!   ran out (see `auth::expiry`);
 //! - the connection tasks.
 //!
 //! Shutdown is a message like any other: the pump sets the shard's flag, asks every WebSocket to close
@@ -32,6 +34,8 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
+use crate::auth::expiry::ExpiryQueue;
+use crate::auth::Auth;
 use crate::bus::{Delivery, Fanout};
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardCounters};
@@ -52,6 +56,8 @@ const PUMP_BATCH: usize = 256;
 const MAX_MISSED_PONGS: u8 = 2;
 /// How often a shutting-down shard checks whether its connections are gone.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// How often the expiry sweep looks for tokens that ran out (`exp` has a one-second resolution).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// Pause after an accept error (EMFILE and the like) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -71,6 +77,8 @@ pub struct ShardSetup {
     pub fanout: Fanout,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Credentials, rate limits and connection caps, shared by every shard.
+    pub auth: Arc<Auth>,
     /// The CPU to pin to, if any.
     pub cpu: Option<usize>,
     /// Told the shard's index once its executor runs: start-up waits for every shard before it says
@@ -119,6 +127,10 @@ pub struct Shard {
     pub fanout: Fanout,
     /// Counters of every shard (this one writes only its own).
     pub metrics: Arc<Metrics>,
+    /// Credentials, rate limits and connection caps (node-wide).
+    pub auth: Arc<Auth>,
+    /// When this shard's WebSockets' tokens expire (see `auth::expiry`).
+    pub expiries: RefCell<ExpiryQueue<ConnId>>,
     /// The read buffer every connection of this shard reads into, borrowed only inside `poll`.
     pub(crate) scratch: RefCell<Box<[u8]>>,
     /// Set once a shutdown began.
@@ -209,6 +221,8 @@ async fn run_shard(setup: ShardSetup) {
         store: setup.store,
         fanout: setup.fanout,
         metrics: setup.metrics,
+        auth: setup.auth,
+        expiries: RefCell::new(ExpiryQueue::new()),
         scratch: RefCell::new(vec![0u8; READ_SCRATCH_BYTES].into_boxed_slice()),
         shutting_down: Cell::new(false),
         accept_waker: RefCell::new(None),
@@ -217,6 +231,10 @@ async fn run_shard(setup: ShardSetup) {
     });
     let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
     let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
+    let expiry = shard
+        .auth
+        .jwt_enabled()
+        .then(|| glommio::spawn_local(expiry_sweep(shard.clone())).detach());
     debug!(shard = shard.index, "accepting");
     accept_loop(&shard, &listener).await;
     drop(listener);
@@ -236,6 +254,9 @@ async fn run_shard(setup: ShardSetup) {
     // shard's own tasks so nothing of the shard outlives it.
     pump.cancel();
     heartbeat.cancel();
+    if let Some(expiry) = expiry {
+        expiry.cancel();
+    }
 }
 
 /// Accepts connections until shutdown.
@@ -274,6 +295,36 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
             if handled % PUMP_BATCH == 0 {
                 glommio::yield_if_needed().await;
             }
+        }
+    }
+}
+
+/// Closes with 1008 the WebSockets whose token expired (`exp` plus the leeway) without a `refresh`.
+async fn expiry_sweep(shard: Rc<Shard>) {
+    let leeway = shard.auth.leeway_s();
+    loop {
+        glommio::timer::sleep(EXPIRY_SWEEP).await;
+        if shard.is_shutting_down() {
+            return;
+        }
+        let now = crate::auth::jwt::unix_now().saturating_sub(leeway);
+        let mut hub = shard.hub.borrow_mut();
+        let mut expiries = shard.expiries.borrow_mut();
+        let mut closed = 0;
+        while let Some((at, id)) = expiries.pop_due(now) {
+            if let Some(conn) = hub.get_mut(id) {
+                if conn.kind == ConnKind::WebSocket && conn.token_expires_at == at {
+                    conn.request_close(close_code::POLICY);
+                    closed += 1;
+                }
+            }
+        }
+        if closed > 0 {
+            info!(
+                shard = shard.index,
+                connections = closed,
+                "closed connections whose token expired"
+            );
         }
     }
 }

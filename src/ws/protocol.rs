@@ -33,6 +33,8 @@ pub enum Action {
     Read(Uuid),
     /// `{"action":"resume","since":"<id>"}`.
     Resume(Uuid),
+    /// `{"action":"refresh","token":"<jwt>"}`: a new token before the current one expires.
+    Refresh(String),
 }
 
 /// Why a client message was refused; sent back as an `error` event, the connection stays open.
@@ -68,6 +70,7 @@ struct RawAction {
     data: Option<serde_json::Value>,
     id: Option<String>,
     since: Option<String>,
+    token: Option<String>,
 }
 
 fn parse_id(field: &str, value: Option<String>) -> Result<Uuid, ProtocolError> {
@@ -114,9 +117,13 @@ pub fn parse_action(text: &mut [u8]) -> Result<Action, ProtocolError> {
         "ping" => Ok(Action::Ping),
         "read" => Ok(Action::Read(parse_id("id", raw.id)?)),
         "resume" => Ok(Action::Resume(parse_id("since", raw.since)?)),
+        "refresh" => match raw.token {
+            Some(token) if !token.is_empty() => Ok(Action::Refresh(token)),
+            _ => Err(FieldError::new("token", "is required").into()),
+        },
         other => Err(ProtocolError::new(
             "unknown_action",
-            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read or resume"),
+            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read, resume or refresh"),
         )),
     }
 }
@@ -173,6 +180,15 @@ pub fn resumed_event(count: usize, complete: bool, last_id: Option<Uuid>) -> Byt
     })
 }
 
+/// `{"event":"refreshed","expires_at":N}`: the connection now lives until the new token's `exp`.
+pub fn refreshed_event(expires_at: u64) -> Bytes {
+    text_frame(48, |out| {
+        out.extend_from_slice(
+            format!("{{\"event\":\"refreshed\",\"expires_at\":{expires_at}}}").as_bytes(),
+        )
+    })
+}
+
 /// `{"event":"error","code","message"}`.
 pub fn error_event(code: &str, message: &str) -> Bytes {
     text_frame(48 + message.len(), |out| {
@@ -218,6 +234,14 @@ mod tests {
         assert_eq!(
             parse(&format!(r#"{{"action":"resume","since":"{id}"}}"#)),
             Ok(Action::Resume(id))
+        );
+        assert_eq!(
+            parse(r#"{"action":"refresh","token":"a.b.c"}"#),
+            Ok(Action::Refresh("a.b.c".into()))
+        );
+        assert_eq!(
+            parse(r#"{"action":"refresh"}"#).unwrap_err().code,
+            "invalid_field"
         );
     }
 

@@ -19,14 +19,18 @@ use futures_util::io::AsyncWriteExt;
 use tracing::{debug, info};
 use uuid::Uuid;
 
+use crate::auth::jwt::ChannelGrant;
+use crate::auth::rate_limit::LocalBucket;
+use crate::auth::{forbidden, UpgradeIdentity};
 use crate::bus::Delivery;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::model::{validate_channel_list, validate_user_id, Notification};
 use crate::shard::connection::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
-use crate::shard::hub::{LiveMark, SubscribeError};
+use crate::shard::hub::{ConnId, Hub, LiveMark, SubscribeError};
 use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
+use crate::shard::Shard;
 use crate::store::ReplayQuery;
 use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
 use crate::ws::handshake;
@@ -43,12 +47,17 @@ fn bad_request(code: &str, message: &str) -> Response {
     Response::error(400, code, message)
 }
 
-/// Reads `user_id`, `channels` and `since` from the upgrade request.
-fn connect_params(head: &RequestHead) -> Result<ConnectParams, Response> {
+/// Reads `user_id`, `channels` and `since` from the upgrade request. With a token, the user is the
+/// token's `sub`, and a `user_id` parameter, if any, must name the same user (403 otherwise).
+fn connect_params(head: &RequestHead, token_user: Option<&str>) -> Result<ConnectParams, Response> {
     let query = head.query();
-    let user_id = match query_param(query, "user_id") {
-        Some(u) => u.into_owned(),
-        None => return Err(bad_request("invalid_field", "user_id is required")),
+    let user_id = match (token_user, query_param(query, "user_id")) {
+        (Some(sub), Some(asked)) if asked != sub => {
+            return Err(forbidden("user_id does not match the token's sub"))
+        }
+        (Some(sub), _) => sub.to_owned(),
+        (None, Some(u)) => u.into_owned(),
+        (None, None) => return Err(bad_request("invalid_field", "user_id is required")),
     };
     validate_user_id(&user_id).map_err(|e| bad_request("invalid_field", &e.message))?;
     let channels: Vec<String> = query_param(query, "channels")
@@ -79,6 +88,8 @@ fn connect_params(head: &RequestHead) -> Result<ConnectParams, Response> {
 enum Ending {
     /// The peer vanished (EOF, reset): nothing to send.
     Gone,
+    /// The client kept sending over its message rate after being told: close 1008.
+    RateAbuse,
     /// We close with this code (0: without a close frame).
     Server(u16),
     /// The client sent a close frame (with this code); we answer it.
@@ -126,22 +137,45 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             return None;
         }
     };
-    let params = match connect_params(&head) {
+    let shard = conn.shard.clone();
+    let identity = match shard.auth.authenticate_upgrade(&head) {
+        Ok(identity) => identity,
+        Err(response) => {
+            conn.respond_and_close(response).await;
+            return None;
+        }
+    };
+    let token_user = identity.as_ref().map(|i| i.claims.user_id.as_str());
+    let params = match connect_params(&head, token_user) {
         Ok(p) => p,
         Err(response) => {
             conn.respond_and_close(response).await;
             return None;
         }
     };
-    let shard = conn.shard.clone();
+    let protocol = identity.as_ref().and_then(|i| i.protocol);
+    if !shard.auth.connections.admit_user(&params.user_id) {
+        // Upgrade, then close 1013 at once: a browser sees a close code, never an HTTP status.
+        let mut out = handshake::switching_protocols(&accept, protocol);
+        out.extend_from_slice(&encode_close(
+            close_code::TRY_AGAIN_LATER,
+            "too many connections for this user",
+        ));
+        let _ = conn.write_all(&out).await;
+        let _ = conn.stream.close().await;
+        return None;
+    }
     let connection_seq = shard.next_connection_seq();
-    let mut out = handshake::switching_protocols(&accept, None);
+    let mut out = handshake::switching_protocols(&accept, protocol);
     out.extend_from_slice(&protocol::connected_event(
         &format!("{}-{connection_seq}", shard.index),
         &params.user_id,
         shard.config.heartbeat_s,
     ));
-    conn.write_all(&out).await.ok()?;
+    if conn.write_all(&out).await.is_err() {
+        shard.auth.connections.release_user(&params.user_id);
+        return None;
+    }
     let user = {
         let mut hub = shard.hub.borrow_mut();
         hub.upgrade(conn.id, &params.user_id);
@@ -149,9 +183,14 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             // Hold live deliveries from this instant on, so none slips between the replay and live.
             begin_resume(hub.conn_mut(conn.id));
         }
+        if let Some(identity) = &identity {
+            watch_expiry(&shard, &mut hub, conn.id, identity.claims.expires_at);
+        }
         // Share the hub's interned name rather than keeping a second copy per connection.
-        hub.user_of(conn.id).cloned()
-    }?;
+        hub.user_of(conn.id)
+            .cloned()
+            .expect("an upgraded connection has a user")
+    };
     shard.stats().websocket_opened();
     info!(user = %params.user_id, shard = shard.index, connection = connection_seq, "connected");
     let mut session = Session {
@@ -159,6 +198,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         user,
         connection_seq,
         started: Instant::now(),
+        grant: identity.map(|UpgradeIdentity { claims, .. }| Box::new(claims.grant)),
+        bucket: LocalBucket::default(),
+        rate_strikes: 0,
     };
     if !params.channels.is_empty() {
         session.subscribe(params.channels);
@@ -178,6 +220,25 @@ struct Session {
     connection_seq: u64,
     /// When the session opened, for the disconnect log.
     started: Instant,
+    /// The channels the token allows; `None` without `JWT_SECRET` (every channel).
+    grant: Option<Box<ChannelGrant>>,
+    /// This connection's message rate (`RATE_LIMIT_WS`).
+    bucket: LocalBucket,
+    /// Messages refused for rate in a row; past the burst the connection is closed with 1008.
+    rate_strikes: u32,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The user's slot taken in `open` (see `ConnectionCounts::admit_user`).
+        self.conn.shard.auth.connections.release_user(&self.user);
+    }
+}
+
+/// Records a connection's token expiry in the hub and the shard's expiry queue.
+fn watch_expiry(shard: &Shard, hub: &mut Hub, id: ConnId, expires_at: u64) {
+    hub.conn_mut(id).token_expires_at = expires_at;
+    shard.expiries.borrow_mut().push(expires_at, id);
 }
 
 impl Session {
@@ -257,6 +318,13 @@ impl Session {
                     }
                     self.conn.shard.stats().websocket_messages(events.len());
                     for event in events {
+                        if matches!(event, Event::Action(_) | Event::Ping(_)) && !self.within_rate()
+                        {
+                            if self.rate_strikes > self.rate_burst() {
+                                return Ending::RateAbuse;
+                            }
+                            continue;
+                        }
                         match event {
                             Event::Action(Ok(action)) => Box::pin(self.handle(action)).await,
                             Event::Action(Err(e)) => self.send_error(e.code, &e.message),
@@ -275,6 +343,36 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Takes one message from the connection's rate (`RATE_LIMIT_WS`). The first message over it is
+    /// answered with `rate_limited`; the later ones of the same streak are dropped silently.
+    fn within_rate(&mut self) -> bool {
+        let auth = &self.conn.shard.auth;
+        let Some(rate) = auth.ws_rate() else {
+            return true;
+        };
+        if self.bucket.take(rate, auth.clock().now_ns()).is_ok() {
+            self.rate_strikes = 0;
+            return true;
+        }
+        self.rate_strikes += 1;
+        if self.rate_strikes == 1 {
+            self.send_error(
+                "rate_limited",
+                "too many messages: slow down, or the connection is closed with 1008",
+            );
+        }
+        false
+    }
+
+    /// Refused messages in a row tolerated before 1008: the burst of `RATE_LIMIT_WS`.
+    fn rate_burst(&self) -> u32 {
+        self.conn
+            .shard
+            .auth
+            .ws_rate()
+            .map_or(u32::MAX, |rate| rate.burst())
     }
 
     fn close_requested(&self) -> Option<u16> {
@@ -308,10 +406,63 @@ impl Session {
                 begin_resume(self.conn.shard.hub.borrow_mut().conn_mut(self.conn.id));
                 Box::pin(self.resume(since)).await;
             }
+            Action::Refresh(token) => self.refresh(&token),
         }
     }
 
-    fn subscribe(&mut self, channels: Vec<String>) {
+    /// Replaces the connection's token: a later expiry, and the new token's channel grant (channels it
+    /// no longer allows are unsubscribed). A bad token changes nothing; the old one still runs out.
+    fn refresh(&mut self, token: &str) {
+        let shard = self.conn.shard.clone();
+        let claims = match shard.auth.verify_token(token) {
+            None => {
+                return self.send_error(
+                    "invalid_field",
+                    "this server does not use tokens (JWT_SECRET is not set)",
+                )
+            }
+            Some(Err(e)) => return self.send_error("unauthorized", e.message()),
+            Some(Ok(claims)) => claims,
+        };
+        if *claims.user_id != *self.user {
+            return self.send_error("forbidden", "the new token is for another user");
+        }
+        let revoked: Vec<String> = {
+            let mut hub = shard.hub.borrow_mut();
+            watch_expiry(&shard, &mut hub, self.conn.id, claims.expires_at);
+            let revoked: Vec<String> = hub
+                .channels_of(self.conn.id)
+                .iter()
+                .filter(|c| !claims.grant.allows(c))
+                .map(|c| c.to_string())
+                .collect();
+            for c in &revoked {
+                hub.unsubscribe(self.conn.id, c);
+            }
+            revoked
+        };
+        self.grant = Some(Box::new(claims.grant));
+        if !revoked.is_empty() {
+            self.send(&protocol::channels_event("unsubscribed", &revoked));
+        }
+        self.send(&protocol::refreshed_event(claims.expires_at));
+    }
+
+    fn subscribe(&mut self, mut channels: Vec<String>) {
+        if let Some(grant) = &self.grant {
+            let denied: Vec<String> = channels
+                .iter()
+                .filter(|c| !grant.allows(c))
+                .cloned()
+                .collect();
+            if !denied.is_empty() {
+                channels.retain(|c| grant.allows(c));
+                self.send_error(
+                    "forbidden",
+                    &format!("the token does not allow the channels {}", denied.join(",")),
+                );
+            }
+        }
         let shard = &self.conn.shard;
         let mut hub = shard.hub.borrow_mut();
         let mut subscribed = Vec::with_capacity(channels.len());
@@ -439,6 +590,7 @@ impl Session {
     async fn close(mut self, ending: Ending) {
         let code = match ending {
             Ending::Gone => 0,
+            Ending::RateAbuse => close_code::POLICY,
             Ending::Server(code) => code,
             Ending::Client(code) => code.unwrap_or(close_code::NORMAL),
         };
@@ -446,6 +598,8 @@ impl Session {
             let reason = match code {
                 close_code::GOING_AWAY => "server shutting down",
                 close_code::TRY_AGAIN_LATER => "slow consumer: reconnect and resume",
+                close_code::POLICY if matches!(ending, Ending::RateAbuse) => "rate limit exceeded",
+                close_code::POLICY => "token expired",
                 _ => "",
             };
             {

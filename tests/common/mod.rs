@@ -2,6 +2,7 @@
 //! and talks to it over real sockets (plain HTTP/1.1 and tungstenite WebSocket clients).
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod pg;
 pub mod proxy;
 
