@@ -29,9 +29,13 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// Redis for multi-node fan-out (`host:port` or `redis://host:port/db`). Unset: single node.
+    /// Redis that joins several nodes (`host:port` or `redis://host:port/db`). Unset: single node.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Start of every Redis channel name, so several deployments can share one Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "notif:")]
+    pub redis_prefix: String,
 
     /// Executors, one per core. Default: the number of CPUs.
     #[arg(long, env = "SHARDS")]
@@ -128,6 +132,15 @@ impl Config {
             return Err(
                 "RETENTION_DAYS must be at least 1 (unset keeps notifications forever)".into(),
             );
+        }
+        if self.redis_url.is_some() && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS {
+            return Err(format!(
+                "with REDIS_URL, SHARDS must be at most {}",
+                crate::bus::interest::MAX_BUS_SHARDS
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            crate::bus::redis_bus::normalize_url(url)?;
         }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
             return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());

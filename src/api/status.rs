@@ -18,8 +18,13 @@ pub async fn health(shard: &Shard) -> Response {
     let ping = std::pin::pin!(shard.store.ping());
     let deadline = std::pin::pin!(glommio::timer::sleep(STORE_PING_TIMEOUT));
     let store_ok = matches!(select(ping, deadline).await, Either::Left((Ok(()), _)));
-    // Multi-node fan-out over Redis is not built yet; start-up warns when REDIS_URL is set.
-    let redis = "disabled";
+    // Redis joins the nodes, but only the store decides whether this node can take sends: a node
+    // without Redis still commits and delivers locally, so a Redis outage does not fail health.
+    let redis = match shard.fanout.redis_up() {
+        None => "disabled",
+        Some(true) => "ok",
+        Some(false) => "down",
+    };
     let (status, code) = if store_ok {
         ("ok", 200)
     } else {
