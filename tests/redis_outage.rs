@@ -122,3 +122,26 @@ fn a_redis_restart_under_traffic_loses_and_duplicates_nothing() {
     assert_eq!(caught_up, sorted, "caught up in id order");
     assert_eq!(bob_got.len(), 10 + 5 + 5);
 }
+
+#[test]
+fn a_node_started_while_redis_is_down_serves_locally_and_catches_up_when_it_comes() {
+    let (Some(schema), Some(mut redis_server)) = (PgSchema::create(), PrivateRedis::start()) else {
+        return;
+    };
+    let redis = redis_server.as_test_redis();
+    redis_server.stop();
+    let a = node(&schema, &redis);
+    let b = node(&schema, &redis);
+    wait_redis_health(&a, "down");
+    let mut alice = a.ws("user_id=alice");
+    let local = a.send(json!({"user_id": "alice", "message": "local"}));
+    assert_eq!(alice.expect_notification()["id"], local.as_str());
+    let remote = b.send(json!({"user_id": "alice", "message": "stored on B"}));
+
+    redis_server.restart();
+    wait_redis_health(&a, "ok");
+    wait_redis_health(&b, "ok");
+    redis.wait_numsub("u:alice", 1);
+    let live = b.send(json!({"user_id": "alice", "message": "live"}));
+    receive_exactly(&mut alice, &[remote, live]);
+}
