@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-/// How long an id is remembered in normal operation: far longer than a message takes through Redis.
-pub const RECENT_WINDOW: Duration = Duration::from_secs(120);
+/// How long an id is remembered in normal operation: far longer than the copies of one message take to
+/// arrive through Redis, and than the catch-up margin before an outage (`CATCH_UP_MARGIN`, 2 s), yet
+/// short enough that a node ingesting 100k notifications/s stays near the cap below.
+pub const RECENT_WINDOW: Duration = Duration::from_secs(10);
 /// Most ids remembered (16 bytes each plus the set's overhead: about 50 MiB at the cap).
 pub const RECENT_MAX_IDS: usize = 1_000_000;
 
