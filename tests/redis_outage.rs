@@ -121,6 +121,19 @@ fn a_redis_restart_under_traffic_loses_and_duplicates_nothing() {
     sorted.sort();
     assert_eq!(caught_up, sorted, "caught up in id order");
     assert_eq!(bob_got.len(), 10 + 5 + 5);
+    let metrics = String::from_utf8(a.get("/metrics").body).unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("notif_redis_up"), 1);
+    assert_eq!(value("notif_redis_outages_total"), 1);
+    assert!(value("notif_redis_caught_up_total") >= 10, "{metrics}");
+    assert!(value("notif_redis_published_total") >= 25, "{metrics}");
 }
 
 #[test]

@@ -41,9 +41,7 @@ pub async fn health(shard: &Shard) -> Response {
 
 /// `GET /metrics`.
 pub fn metrics(shard: &Shard) -> Response {
-    Response::text(
-        200,
-        "text/plain; version=0.0.4",
-        shard.metrics.render(&shard.store.stats()).into_bytes(),
-    )
+    let mut text = shard.metrics.render(&shard.store.stats());
+    shard.fanout.render_bus_metrics(&mut text);
+    Response::text(200, "text/plain; version=0.0.4", text.into_bytes())
 }

@@ -142,6 +142,13 @@ impl Fanout {
         }
     }
 
+    /// Appends the Redis bus's metrics (nothing on a single node).
+    pub fn render_bus_metrics(&self, out: &mut String) {
+        if let Some(bus) = &self.bus {
+            bus.render_metrics(out);
+        }
+    }
+
     /// `None` for a single node; else whether Redis is connected (for `/health`).
     pub fn redis_up(&self) -> Option<bool> {
         self.bus.as_ref().map(RedisBus::is_up)

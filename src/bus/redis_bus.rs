@@ -31,7 +31,8 @@
 //! see an outage of their own (a partition between this node and Redis only).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -114,6 +115,27 @@ pub fn normalize_url(url: &str) -> Result<String, String> {
     Ok(url)
 }
 
+/// The bus thread's counters, for `/metrics`. Only the bus thread writes them (not a shard's hot path).
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    /// Messages published to Redis (one per target topic of a notification).
+    published: AtomicU64,
+    /// Messages from other nodes handed to this node's shards.
+    received: AtomicU64,
+    /// Copies of a notification this node had delivered already, dropped.
+    duplicates: AtomicU64,
+    /// Notifications delivered by catch-ups after Redis outages.
+    caught_up: AtomicU64,
+    /// Redis sessions lost.
+    outages: AtomicU64,
+}
+
+impl BusCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// The handle the rest of the node holds: the command queue and the link state.
 #[derive(Debug, Clone)]
 pub struct RedisBus {
@@ -121,6 +143,8 @@ pub struct RedisBus {
     queue: UnboundedSender<BusCmd>,
     /// Whether the bus is connected and subscribed (for `/health`).
     up: Arc<AtomicBool>,
+    /// What the bus thread did.
+    counters: Arc<BusCounters>,
 }
 
 impl RedisBus {
@@ -131,6 +155,7 @@ impl RedisBus {
             RedisBus {
                 queue,
                 up: Arc::new(AtomicBool::new(false)),
+                counters: Arc::default(),
             },
             rx,
         )
@@ -149,6 +174,56 @@ impl RedisBus {
     /// Whether Redis is connected and every subscription is in place.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Appends the bus's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let c = &self.counters;
+        let value = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let metrics = [
+            (
+                "notif_redis_up",
+                "gauge",
+                "1 while Redis is connected and subscribed.",
+                u64::from(self.is_up()),
+            ),
+            (
+                "notif_redis_published_total",
+                "counter",
+                "Messages published to Redis.",
+                value(&c.published),
+            ),
+            (
+                "notif_redis_received_total",
+                "counter",
+                "Messages from other nodes delivered to shards.",
+                value(&c.received),
+            ),
+            (
+                "notif_redis_duplicates_total",
+                "counter",
+                "Copies of already delivered notifications dropped.",
+                value(&c.duplicates),
+            ),
+            (
+                "notif_redis_caught_up_total",
+                "counter",
+                "Notifications delivered from the store after Redis outages.",
+                value(&c.caught_up),
+            ),
+            (
+                "notif_redis_outages_total",
+                "counter",
+                "Redis sessions lost.",
+                value(&c.outages),
+            ),
+        ];
+        for (name, kind, help, v) in metrics {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
     }
 }
 
@@ -174,6 +249,7 @@ pub fn spawn_bus_thread(
         store,
         queue,
         up: bus.up.clone(),
+        counters: bus.counters.clone(),
         registry: InterestRegistry::default(),
         subscribed: HashSet::new(),
         recent: RecentIds::default(),
@@ -242,6 +318,8 @@ struct BusThread {
     queue: UnboundedReceiver<BusCmd>,
     /// Shared with [`RedisBus::is_up`].
     up: Arc<AtomicBool>,
+    /// Shared with [`RedisBus::render_metrics`].
+    counters: Arc<BusCounters>,
     /// Which shards want which topics.
     registry: InterestRegistry,
     /// What the current subscriber connection is subscribed to (broadcast aside).
@@ -270,6 +348,7 @@ impl BusThread {
                     match self.serve(link).await {
                         Ended::Stop => return,
                         Ended::Lost(e) => {
+                            BusCounters::add(&self.counters.outages, 1);
                             warn!(error = %e, "lost Redis: local delivery goes on; reconnecting");
                             self.lost();
                         }
@@ -435,6 +514,7 @@ impl BusThread {
             pipe.query_async::<()>(&mut link.publisher)
                 .await
                 .map_err(Ended::Lost)?;
+            BusCounters::add(&self.counters.published, publishes);
         }
         if self.stopping {
             return Err(Ended::Stop);
@@ -483,6 +563,8 @@ impl BusThread {
                 }
             }
             pipe.query_async::<()>(&mut link.publisher).await?;
+            let published: usize = self.unpublished.range(..take).map(|(c, _)| c.len()).sum();
+            BusCounters::add(&self.counters.published, published as u64);
             self.unpublished.drain(..take);
         }
         Ok(())
@@ -562,6 +644,7 @@ impl BusThread {
             let (delivery, mask) = match wire::decode(bytes) {
                 Ok(Envelope::Notification(n)) => {
                     if !self.recent.insert(n.id, Instant::now()) {
+                        BusCounters::add(&self.counters.duplicates, 1);
                         continue;
                     }
                     let mask = self.shards_for(&n);
@@ -594,6 +677,7 @@ impl BusThread {
                     continue;
                 }
             };
+            BusCounters::add(&self.counters.received, 1);
             let delivery = Arc::new(delivery);
             for shard in mask.shards() {
                 per_shard[shard].push(delivery.clone());
@@ -679,6 +763,7 @@ impl BusThread {
             }
         }
         self.send_to_shards(per_shard);
+        BusCounters::add(&self.counters.caught_up, delivered);
         info!(delivered, "caught up live connections from the store");
     }
 }
