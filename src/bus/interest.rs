@@ -93,9 +93,12 @@ impl InterestSink {
     }
 }
 
-/// A set of shards (bit `i` = shard `i`).
+/// A set of shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ShardMask(pub u64);
+pub struct ShardMask(
+    /// Bit `i` set: shard `i` is in the set.
+    pub u64,
+);
 
 impl ShardMask {
     /// Every shard of a node with `count` shards.
