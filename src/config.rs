@@ -29,9 +29,13 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// Redis for multi-node fan-out (`host:port` or `redis://host:port/db`). Unset: single node.
+    /// Redis that joins several nodes (`host:port` or `redis://host:port/db`). Unset: single node.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Start of every Redis channel name, so several deployments can share one Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "notif:")]
+    pub redis_prefix: String,
 
     /// Executors, one per core. Default: the number of CPUs.
     #[arg(long, env = "SHARDS")]
@@ -186,6 +190,15 @@ impl Config {
         }
         if self.jwt_secret.as_deref().is_some_and(str::is_empty) {
             return Err("JWT_SECRET must not be empty".into());
+        }
+        if self.redis_url.is_some() && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS {
+            return Err(format!(
+                "with REDIS_URL, SHARDS must be at most {}",
+                crate::bus::interest::MAX_BUS_SHARDS
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            crate::bus::redis_bus::normalize_url(url)?;
         }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
             return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());

@@ -24,7 +24,9 @@
 //! - [`store`]: the `Store` handle, the store thread that commits in groups, the reader threads, and the
 //!   SQLite backend; migrations live in `migrations/`.
 //! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
-//!   encoded once and shared.
+//!   encoded once and shared; with `REDIS_URL`, [`bus::redis_bus`] joins nodes through Redis Pub/Sub
+//!   (its own thread), [`bus::interest`] tracks which shards want which users and channels,
+//!   [`bus::wire`] is the envelope on Redis and [`bus::recent`] the ids delivered lately (no duplicates).
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
 //!
@@ -40,6 +42,10 @@
 //!        ─► outbound::send_frame: one non-blocking send(2) of the shared frame, or queue it
 //!     ◄── the store thread replies; shard N answers 201 {"id","timestamp"}
 //! ```
+//!
+//! With `REDIS_URL`, `bus::Fanout` also queues the commit for the bus thread, which publishes it to
+//! Redis; on the other nodes the bus thread decodes it once and sends it to the inboxes of the shards
+//! that hold an interested connection.
 //!
 //! Client publishes skip the store: `ws::session` delivers to its own shard and sends the same shared
 //! delivery to the other shards' inboxes.

@@ -14,6 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
 use crate::auth::Auth;
+use crate::bus::redis_bus::{self, BusCmd, RedisBus, RedisBusConfig};
 use crate::bus::Fanout;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -92,7 +93,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (listeners, addr) = bind_listeners(&config, shards)?;
 
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox()).unzip();
-    let fanout = Fanout::new(senders);
+    // The Redis bus's queue exists before the store (whose commits it publishes); its thread starts
+    // after the store (which it reads to catch up after an outage).
+    let bus = config.redis_url.is_some().then(RedisBus::new);
+    let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()));
     let metrics = Arc::new(Metrics::new(shards));
 
     let url = StoreUrl::parse(&config.database_url).map_err(StartupError)?;
@@ -108,6 +112,21 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;
 
     let auth = Arc::new(Auth::from_config(&config));
+    let bus_thread = match (bus, &config.redis_url) {
+        (Some((bus, queue)), Some(url)) => {
+            let bus_config = RedisBusConfig {
+                url: redis_bus::normalize_url(url).map_err(StartupError)?,
+                prefix: config.redis_prefix.clone(),
+                max_replay: config.max_replay,
+            };
+            let thread =
+                redis_bus::spawn_bus_thread(bus_config, &bus, queue, senders, store.clone())
+                    .map_err(StartupError)?;
+            Some((bus, thread))
+        }
+        _ => None,
+    };
+
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
@@ -160,11 +179,6 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     if config.rate_limit_api > 0 && config.api_key.is_none() {
         warn!("RATE_LIMIT_API is set without API_KEY: it limits per key, so it has no effect");
     }
-    if config.redis_url.is_some() {
-        warn!(
-            "REDIS_URL is set, but multi-node fan-out is not built yet: running as a single node"
-        );
-    }
     info!(%addr, shards, store = %shown_url, "notification-service listening");
 
     let signal_fanout = fanout.clone();
@@ -201,6 +215,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     // The store thread commits everything queued, then exits, whether or not every handle is gone.
     store.close();
     store_threads.join();
+    // After the store: its last commits were handed to the bus to publish.
+    if let Some((bus, thread)) = bus_thread {
+        bus.send_to_bus(BusCmd::Stop);
+        let _ = thread.join();
+    }
     if failed {
         return Err(StartupError("stopped after a shard failed".to_owned()));
     }

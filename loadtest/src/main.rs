@@ -26,7 +26,8 @@
 //!
 //! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above,
 //!   [`scenario::ingest`] measures REST send/batch throughput and latency, [`scenario::history`]
-//!   history page latency for a user with a large inbox.
+//!   history page latency for a user with a large inbox, [`scenario::crossnode`] delivery from one
+//!   node to WebSockets on another.
 //! - [`plan`]: which worker and which source address each connection index gets.
 //! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
 //! - [`worker`]: the worker process: connect at a paced rate, hold and answer pings, report.
@@ -74,6 +75,8 @@ pub enum Command {
     Ingest(scenario::ingest::IngestArgs),
     /// Seed one user with many notifications, then measure history page latency.
     History(scenario::history::HistoryArgs),
+    /// Delivery rate and send→deliver latency from one node to WebSockets on another.
+    Crossnode(scenario::crossnode::CrossNodeArgs),
     /// Internal: one worker process of a run, started by the parent. Not for direct use.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -92,6 +95,10 @@ fn main() -> ExitCode {
         }),
         Command::History(args) => scenario::history::run(args).unwrap_or_else(|e| {
             eprintln!("loadtest history: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Crossnode(args) => scenario::crossnode::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest crossnode: {e}");
             ExitCode::from(EXIT_SETUP_ERROR)
         }),
         Command::Worker(args) => match worker::run(args) {

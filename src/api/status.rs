@@ -18,8 +18,13 @@ pub async fn health(shard: &Shard) -> Response {
     let ping = std::pin::pin!(shard.store.ping());
     let deadline = std::pin::pin!(glommio::timer::sleep(STORE_PING_TIMEOUT));
     let store_ok = matches!(select(ping, deadline).await, Either::Left((Ok(()), _)));
-    // Multi-node fan-out over Redis is not built yet; start-up warns when REDIS_URL is set.
-    let redis = "disabled";
+    // Redis joins the nodes, but only the store decides whether this node can take sends: a node
+    // without Redis still commits and delivers locally, so a Redis outage does not fail health.
+    let redis = match shard.fanout.redis_up() {
+        None => "disabled",
+        Some(true) => "ok",
+        Some(false) => "down",
+    };
     let (status, code) = if store_ok {
         ("ok", 200)
     } else {
@@ -36,9 +41,7 @@ pub async fn health(shard: &Shard) -> Response {
 
 /// `GET /metrics`.
 pub fn metrics(shard: &Shard) -> Response {
-    Response::text(
-        200,
-        "text/plain; version=0.0.4",
-        shard.metrics.render(&shard.store.stats()).into_bytes(),
-    )
+    let mut text = shard.metrics.render(&shard.store.stats());
+    shard.fanout.render_bus_metrics(&mut text);
+    Response::text(200, "text/plain; version=0.0.4", text.into_bytes())
 }

@@ -9,14 +9,25 @@
 //! In a single node the bus is in-process: committed notifications arrive from the store thread through
 //! [`CommitListener`], in commit order, and go to every shard's inbox; each shard drops what none of its
 //! connections wants (a hash lookup). Since one thread (the store thread) feeds every shard in commit order,
-//! a connection sees notifications in id order, which is what makes "resume after id X" exact. A Redis
-//! bus for many nodes plugs in behind the same [`Fanout`] (issue: many nodes).
+//! a connection sees notifications in id order, which is what makes "resume after id X" exact.
+//!
+//! With `REDIS_URL` several nodes are joined by the Redis bus ([`redis_bus`]): the same [`Fanout`] also
+//! hands each commit and each client publish to the bus thread, which publishes it once for the other
+//! nodes and routes what they publish to this node's interested shards ([`interest`]), each frame
+//! encoded once per node ([`wire`]), each notification delivered once per node ([`recent`]).
+
+pub mod interest;
+pub mod recent;
+pub mod redis_bus;
+pub mod wire;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::bus::interest::InterestSink;
+use crate::bus::redis_bus::{BusCmd, RedisBus};
 use crate::model::{write_json_str, Notification};
 use crate::shard::inbox::{ShardInbox, ShardMsg};
 use crate::store::CommitListener;
@@ -80,6 +91,16 @@ impl Delivery {
             out.extend_from_slice(data_json.as_bytes());
             out.push(b'}');
         });
+        Delivery::of_channel_message_frame(channel, frame)
+    }
+
+    /// A client message that arrived from another node: `payload` is its frame's JSON, as sent.
+    pub fn of_client_payload(channel: &str, payload: &[u8]) -> Delivery {
+        let frame = text_frame(payload.len(), |out| out.extend_from_slice(payload));
+        Delivery::of_channel_message_frame(channel, frame)
+    }
+
+    fn of_channel_message_frame(channel: &str, frame: Bytes) -> Delivery {
         Delivery {
             id: None,
             user: None,
@@ -92,18 +113,64 @@ impl Delivery {
     }
 }
 
-/// Routes deliveries to shards. Cheap to clone; one copy per shard and one on the store thread.
+/// The payload of a complete server text frame built by [`text_frame`] (unmasked, so the header is 2, 4
+/// or 10 bytes by the length's size).
+fn frame_payload(frame: &Bytes) -> Bytes {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.slice(header.min(frame.len())..)
+}
+
+/// Routes deliveries to shards, and with a Redis bus to the other nodes. Cheap to clone; one copy per
+/// shard and one on the store thread.
 #[derive(Debug, Clone)]
 pub struct Fanout {
     shards: Arc<[ShardInbox]>,
+    /// The Redis bus of a multi-node deployment; `None` for a single node.
+    bus: Option<RedisBus>,
 }
 
 impl Fanout {
-    /// A fan-out over these shard inboxes (index = shard number).
-    pub fn new(shards: Vec<ShardInbox>) -> Fanout {
+    /// A fan-out over these shard inboxes (index = shard number), joined to other nodes through `bus`.
+    pub fn new(shards: Vec<ShardInbox>, bus: Option<RedisBus>) -> Fanout {
         Fanout {
             shards: shards.into(),
+            bus,
         }
+    }
+
+    /// Appends the Redis bus's metrics (nothing on a single node).
+    pub fn render_bus_metrics(&self, out: &mut String) {
+        if let Some(bus) = &self.bus {
+            bus.render_metrics(out);
+        }
+    }
+
+    /// `None` for a single node; else whether Redis is connected (for `/health`).
+    pub fn redis_up(&self) -> Option<bool> {
+        self.bus.as_ref().map(RedisBus::is_up)
+    }
+
+    /// The interest sink of shard `shard`: `None` for a single node, where interest stays local.
+    pub fn interest_sink(&self, shard: usize) -> Option<InterestSink> {
+        self.bus
+            .as_ref()
+            .map(|bus| InterestSink::new(shard, bus.queue()))
+    }
+
+    /// A client's channel message, already delivered on shard `from`: to the other shards and, with a
+    /// bus, to the other nodes.
+    pub fn send_client_message(&self, from: usize, channel: &str, delivery: Arc<Delivery>) {
+        if let Some(bus) = &self.bus {
+            bus.send_to_bus(BusCmd::Message {
+                channel: channel.into(),
+                payload: frame_payload(&delivery.frame),
+            });
+        }
+        self.send_to_other_shards(Some(from), Arc::from([delivery]));
     }
 
     /// Sends deliveries to every shard except `except` (the caller, which delivers locally itself).
@@ -133,6 +200,9 @@ impl CommitListener for Fanout {
             .map(|n| Arc::new(Delivery::of_notification(n)))
             .collect();
         self.send_to_other_shards(None, deliveries);
+        if let Some(bus) = &self.bus {
+            bus.send_to_bus(BusCmd::Committed(inserted.to_vec()));
+        }
     }
 }
 
@@ -157,6 +227,15 @@ mod tests {
         assert!(v.get("channel").is_none());
         let v = payload_json(&d.channel_frames[0]);
         assert_eq!(v["channel"], "news");
+        assert_eq!(&frame_payload(&d.frame)[..], &n.to_json()[..]);
+    }
+
+    #[test]
+    fn a_client_message_from_another_node_gets_the_same_frame() {
+        let d = Delivery::of_client_message("room", "ann", &format!("\"{}\"", "x".repeat(300)));
+        let again = Delivery::of_client_payload("room", &frame_payload(&d.frame));
+        assert_eq!(again.frame, d.frame, "16-bit length header");
+        assert_eq!(again.channels, d.channels);
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.

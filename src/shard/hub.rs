@@ -23,6 +23,7 @@ use std::task::Waker;
 
 use smallvec::SmallVec;
 
+use crate::bus::interest::{InterestSink, Topic};
 use crate::bus::Delivery;
 use crate::shard::outbound::Outbox;
 
@@ -156,9 +157,10 @@ impl NameTable {
         self.by_name.get(name).copied()
     }
 
-    fn intern(&mut self, name: &str) -> NameId {
+    /// The name's id, and whether it is new (its first member is about to join).
+    fn intern(&mut self, name: &str) -> (NameId, bool) {
         if let Some(id) = self.lookup(name) {
-            return id;
+            return (id, false);
         }
         let name: Rc<str> = Rc::from(name);
         let id = self.entries.insert(NameEntry {
@@ -166,7 +168,7 @@ impl NameTable {
             members: SmallVec::new(),
         }) as NameId;
         self.by_name.insert(name, id);
-        id
+        (id, true)
     }
 
     /// Adds a member and returns its position.
@@ -176,17 +178,18 @@ impl NameTable {
         (members.len() - 1) as u32
     }
 
-    /// Swap-removes position `pos`; returns the connection that moved into it, if any. Frees the name
-    /// when its last member leaves.
-    fn remove_at(&mut self, id: NameId, pos: u32) -> Option<ConnId> {
+    /// Swap-removes position `pos`; returns the connection that moved into it, if any, and the name
+    /// if this was its last member (the name is then freed).
+    fn remove_at(&mut self, id: NameId, pos: u32) -> (Option<ConnId>, Option<Rc<str>>) {
         let entry = &mut self.entries[id as usize];
         entry.members.swap_remove(pos as usize);
         let moved = entry.members.get(pos as usize).copied();
         if entry.members.is_empty() {
             let entry = self.entries.remove(id as usize);
             self.by_name.remove(&entry.name);
+            return (moved, Some(entry.name));
         }
-        moved
+        (moved, None)
     }
 
     fn members(&self, id: NameId) -> &[ConnId] {
@@ -219,12 +222,31 @@ pub struct Hub {
     websockets: usize,
     /// The stamp of the current delivery; see the module docs.
     delivery_mark: u32,
+    /// Told when the shard's first connection of a user or channel arrives and its last one leaves
+    /// (the Redis bus subscribes to exactly those); `None` on a single node.
+    interest: Option<InterestSink>,
 }
 
 impl Hub {
     /// An empty hub.
     pub fn new() -> Hub {
         Hub::default()
+    }
+
+    /// An empty hub that reports its interest changes to `interest` (first arrivals and last
+    /// departures of users and channels).
+    pub fn with_interest(interest: Option<InterestSink>) -> Hub {
+        Hub {
+            interest,
+            ..Hub::default()
+        }
+    }
+
+    /// Reports a first arrival (`on`) or a last departure to the bus, if there is one.
+    fn interest_changed(&self, topic: impl FnOnce() -> Topic, on: bool) {
+        if let Some(sink) = &self.interest {
+            sink.send_to_bus(topic(), on);
+        }
     }
 
     /// Registers a new (HTTP) connection.
@@ -280,7 +302,10 @@ impl Hub {
 
     /// Turns an HTTP connection into a WebSocket connection of `user`, indexed for deliveries.
     pub fn upgrade(&mut self, id: ConnId, user: &str) {
-        let user_id = self.users.intern(user);
+        let (user_id, new) = self.users.intern(user);
+        if new {
+            self.interest_changed(|| Topic::User(user.into()), true);
+        }
         self.users.add(user_id, id);
         let conn = &mut self.conns[id as usize];
         conn.kind = ConnKind::WebSocket;
@@ -326,7 +351,10 @@ impl Hub {
         if self.conns[id as usize].subscriptions.len() >= max_channels {
             return Err(SubscribeError::TooManyChannels);
         }
-        let ch = self.channels.intern(channel);
+        let (ch, new) = self.channels.intern(channel);
+        if new {
+            self.interest_changed(|| Topic::Channel(channel.into()), true);
+        }
         let position = self.channels.add(ch, id);
         self.conns[id as usize].subscriptions.push(Subscription {
             channel: ch,
@@ -351,7 +379,11 @@ impl Hub {
 
     /// Removes a channel membership by position and fixes the position of the member that moved in.
     fn remove_member(&mut self, ch: NameId, position: u32) {
-        if let Some(moved) = self.channels.remove_at(ch, position) {
+        let (moved, freed) = self.channels.remove_at(ch, position);
+        if let Some(name) = freed {
+            self.interest_changed(|| Topic::Channel(name.as_ref().into()), false);
+        }
+        if let Some(moved) = moved {
             if let Some(s) = self.conns[moved as usize]
                 .subscriptions
                 .iter_mut()
@@ -371,7 +403,9 @@ impl Hub {
         if let Some(user) = conn.user {
             let members = self.users.members(user);
             if let Some(pos) = members.iter().position(|&c| c == id) {
-                self.users.remove_at(user, pos as u32);
+                if let (_, Some(name)) = self.users.remove_at(user, pos as u32) {
+                    self.interest_changed(|| Topic::User(name.as_ref().into()), false);
+                }
             }
         }
         if conn.kind == ConnKind::WebSocket {
@@ -574,6 +608,33 @@ mod tests {
             Err(SubscribeError::TooManyChannels)
         );
         assert_eq!(hub.channels_of(a).len(), 2);
+    }
+
+    #[test]
+    fn the_bus_hears_of_first_arrivals_and_last_departures_only() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut hub = Hub::with_interest(Some(InterestSink::new(1, tx)));
+        let a = ws(&mut hub, "alice");
+        let a2 = ws(&mut hub, "alice");
+        hub.subscribe(a, "news", 10).unwrap();
+        hub.subscribe(a2, "news", 10).unwrap();
+        hub.unsubscribe(a, "news");
+        hub.remove(a);
+        hub.remove(a2);
+        let mut heard = Vec::new();
+        while let Ok(crate::bus::redis_bus::BusCmd::Interest(c)) = rx.try_recv() {
+            assert_eq!(c.shard, 1);
+            heard.push((c.topic, c.on));
+        }
+        assert_eq!(
+            heard,
+            vec![
+                (Topic::User("alice".into()), true),
+                (Topic::Channel("news".into()), true),
+                (Topic::Channel("news".into()), false),
+                (Topic::User("alice".into()), false),
+            ]
+        );
     }
 
     #[test]

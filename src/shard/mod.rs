@@ -217,7 +217,7 @@ async fn run_shard(setup: ShardSetup) {
     let shard = Rc::new(Shard {
         index: setup.index,
         config: setup.config,
-        hub: RefCell::new(Hub::new()),
+        hub: RefCell::new(Hub::with_interest(setup.fanout.interest_sink(setup.index))),
         store: setup.store,
         fanout: setup.fanout,
         metrics: setup.metrics,

@@ -501,7 +501,7 @@ impl Session {
         shard.deliver_local(&delivery, Some(self.conn.id));
         shard
             .fanout
-            .send_to_other_shards(Some(shard.index), Arc::from([delivery]));
+            .send_client_message(shard.index, channel, delivery);
     }
 
     /// Replays stored notifications after `since`, then releases the live ones held back meanwhile.

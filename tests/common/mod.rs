@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod pg;
 pub mod proxy;
+pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,244 @@
+//! Interest: which users and channels this node's connections want, so the Redis bus subscribes to
+//! exactly those and routes each incoming message only to the shards that asked for it.
+//!
+//! Interest is counted at two levels. Inside a shard the hub already counts connections per user and per
+//! channel (its name tables): a name is interned on the first connection and freed with the last. Only
+//! those two edges cross threads, as an [`InterestChange`] pushed by the shard's [`InterestSink`] onto the
+//! bus's lock-free queue, so a user with thousands of reconnects on a shard that keeps one connection open
+//! sends nothing. On the bus thread the [`InterestRegistry`] keeps, per topic, the set of shards that
+//! want it ([`ShardMask`]): the Redis SUBSCRIBE goes out when the first shard joins and the UNSUBSCRIBE
+//! when the last one leaves. The registry only records the wanted state; the bus compares it with what
+//! Redis has, after draining every queued change, so a burst of connects and disconnects becomes one
+//! pipelined write of net changes.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::bus::redis_bus::BusCmd;
+
+/// Most shards a node may run with a Redis bus: shard sets are one machine word.
+pub const MAX_BUS_SHARDS: usize = 64;
+
+/// Something a connection can be interested in, other than broadcasts (every node always listens to
+/// those).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    /// Everything addressed to this user.
+    User(Box<str>),
+    /// Everything published to this channel.
+    Channel(Box<str>),
+}
+
+impl Topic {
+    /// The Redis channel that carries this topic, under the deployment's `REDIS_PREFIX`.
+    pub fn redis_channel(&self, prefix: &str) -> String {
+        match self {
+            Topic::User(u) => format!("{prefix}u:{u}"),
+            Topic::Channel(c) => format!("{prefix}c:{c}"),
+        }
+    }
+
+    /// The topic a Redis channel name carries, or `None` for the broadcast channel and foreign names.
+    pub fn from_redis_channel(prefix: &str, name: &str) -> Option<Topic> {
+        let rest = name.strip_prefix(prefix)?;
+        if let Some(user) = rest.strip_prefix("u:") {
+            Some(Topic::User(user.into()))
+        } else {
+            rest.strip_prefix("c:")
+                .map(|channel| Topic::Channel(channel.into()))
+        }
+    }
+}
+
+/// The Redis channel of broadcasts under `prefix`.
+pub fn broadcast_channel(prefix: &str) -> String {
+    format!("{prefix}b")
+}
+
+/// A shard's first connection for a topic arrived (`on`) or its last one left.
+#[derive(Debug)]
+pub struct InterestChange {
+    /// The shard whose interest changed.
+    pub shard: usize,
+    /// What it is interested in.
+    pub topic: Topic,
+    /// `true`: the shard now wants the topic; `false`: it no longer does.
+    pub on: bool,
+}
+
+/// A shard's way to tell the bus about interest changes; `None` in the hub of a single node.
+#[derive(Debug, Clone)]
+pub struct InterestSink {
+    /// This shard's number.
+    shard: usize,
+    /// The bus thread's command queue.
+    bus: UnboundedSender<BusCmd>,
+}
+
+impl InterestSink {
+    /// A sink for shard `shard` feeding the bus queue `bus`.
+    pub fn new(shard: usize, bus: UnboundedSender<BusCmd>) -> InterestSink {
+        InterestSink { shard, bus }
+    }
+
+    /// Tells the bus this shard now wants (`on`) or no longer wants `topic`. Never blocks; a bus that
+    /// has stopped (shutdown) is ignored.
+    pub fn send_to_bus(&self, topic: Topic, on: bool) {
+        let _ = self.bus.send(BusCmd::Interest(InterestChange {
+            shard: self.shard,
+            topic,
+            on,
+        }));
+    }
+}
+
+/// A set of shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShardMask(
+    /// Bit `i` set: shard `i` is in the set.
+    pub u64,
+);
+
+impl ShardMask {
+    /// Every shard of a node with `count` shards.
+    pub fn all(count: usize) -> ShardMask {
+        if count >= MAX_BUS_SHARDS {
+            ShardMask(u64::MAX)
+        } else {
+            ShardMask((1u64 << count) - 1)
+        }
+    }
+
+    /// No shard.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The shards in ascending order.
+    pub fn shards(self) -> impl Iterator<Item = usize> {
+        (0..MAX_BUS_SHARDS).filter(move |i| self.0 & (1 << i) != 0)
+    }
+}
+
+impl std::ops::BitOr for ShardMask {
+    type Output = ShardMask;
+    fn bitor(self, other: ShardMask) -> ShardMask {
+        ShardMask(self.0 | other.0)
+    }
+}
+
+/// The bus thread's view of the node's interest: for each topic, the shards that want it. See the
+/// module docs.
+#[derive(Debug, Default)]
+pub struct InterestRegistry {
+    wanted: HashMap<Topic, ShardMask>,
+}
+
+impl InterestRegistry {
+    /// Applies one change.
+    pub fn apply(&mut self, change: InterestChange) {
+        let bit = 1u64 << change.shard;
+        if change.on {
+            self.wanted.entry(change.topic).or_default().0 |= bit;
+        } else if let Some(mask) = self.wanted.get_mut(&change.topic) {
+            mask.0 &= !bit;
+            if mask.is_empty() {
+                self.wanted.remove(&change.topic);
+            }
+        }
+    }
+
+    /// The shards that want `topic` (empty when none).
+    pub fn shards_for(&self, topic: &Topic) -> ShardMask {
+        self.wanted.get(topic).copied().unwrap_or_default()
+    }
+
+    /// Whether some shard wants `topic`.
+    pub fn is_wanted(&self, topic: &Topic) -> bool {
+        self.wanted.contains_key(topic)
+    }
+
+    /// Every wanted topic.
+    pub fn topics(&self) -> impl Iterator<Item = &Topic> {
+        self.wanted.keys()
+    }
+
+    /// What to subscribe to and unsubscribe from so that `subscribed` (what Redis has) matches what is
+    /// wanted; both sorted, for stable commands and tests.
+    pub fn diff(&self, subscribed: &HashSet<Topic>) -> (Vec<Topic>, Vec<Topic>) {
+        let mut add: Vec<Topic> = self
+            .wanted
+            .keys()
+            .filter(|t| !subscribed.contains(*t))
+            .cloned()
+            .collect();
+        let mut remove: Vec<Topic> = subscribed
+            .iter()
+            .filter(|t| !self.wanted.contains_key(*t))
+            .cloned()
+            .collect();
+        add.sort();
+        remove.sort();
+        (add, remove)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(shard: usize, topic: &Topic, on: bool) -> InterestChange {
+        InterestChange {
+            shard,
+            topic: topic.clone(),
+            on,
+        }
+    }
+
+    #[test]
+    fn a_topic_is_wanted_from_the_first_shard_until_the_last_leaves() {
+        let alice = Topic::User("alice".into());
+        let news = Topic::Channel("news".into());
+        let mut registry = InterestRegistry::default();
+        registry.apply(change(0, &alice, true));
+        registry.apply(change(3, &alice, true));
+        registry.apply(change(1, &news, true));
+        assert_eq!(registry.shards_for(&alice), ShardMask(0b1001));
+        let mut subscribed = HashSet::new();
+        let (add, remove) = registry.diff(&subscribed);
+        assert_eq!(add, vec![alice.clone(), news.clone()]);
+        assert!(remove.is_empty());
+        subscribed.extend(add);
+
+        registry.apply(change(0, &alice, false));
+        assert_eq!(
+            registry.diff(&subscribed),
+            (vec![], vec![]),
+            "shard 3 stays"
+        );
+        registry.apply(change(3, &alice, false));
+        registry.apply(change(1, &news, false));
+        registry.apply(change(1, &news, true));
+        assert_eq!(
+            registry.diff(&subscribed),
+            (vec![], vec![alice.clone()]),
+            "a leave and a rejoin net out"
+        );
+        assert!(registry.shards_for(&alice).is_empty());
+    }
+
+    #[test]
+    fn redis_channel_names_round_trip_under_the_prefix() {
+        for topic in [Topic::User("u:1".into()), Topic::Channel("a.b".into())] {
+            let name = topic.redis_channel("notif:");
+            assert_eq!(Topic::from_redis_channel("notif:", &name), Some(topic));
+        }
+        assert_eq!(Topic::from_redis_channel("notif:", "notif:b"), None);
+        assert_eq!(Topic::from_redis_channel("other:", "notif:u:x"), None);
+        assert_eq!(
+            ShardMask::all(3).shards().collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+    }
+}

@@ -1,0 +1,799 @@
+//! The Redis bus: one OS thread per node that joins this node's shards to the other nodes' through Redis
+//! Pub/Sub.
+//!
+//! **Threads and queues.** Shards run glommio and must never wait for Redis, so the bus thread owns both
+//! Redis connections (one subscriber, one publisher) inside a current-thread tokio runtime, as the
+//! PostgreSQL store does. Everything else talks to it through one lock-free queue of [`BusCmd`]: the
+//! store thread's commits, shards' client publishes and their interest changes. It hands incoming
+//! deliveries to shards through their inboxes, and only to the shards that hold an interested connection
+//! (see `interest.rs`). Every message the thread takes from either side, it takes in a batch: all queued
+//! publishes go out as one pipeline, all queued interest changes become one pipelined write of
+//! SUBSCRIBE/UNSUBSCRIBE, and all messages Redis has sent so far become one inbox message per shard.
+//!
+//! **Topics.** Each user and each channel is a Redis channel (`<prefix>u:<user>`, `<prefix>c:<channel>`),
+//! plus one broadcast channel (`<prefix>b`) every node listens to. A notification is published once per
+//! topic it targets (a broadcast only to the broadcast channel); a node that receives it through several
+//! of its topics delivers it once (`recent.rs`). Each SUBSCRIBE names one channel: Redis answers a
+//! many-channel SUBSCRIBE with one reply per channel, which the `redis` crate's pub/sub sink would match
+//! to the wrong requests; one channel per command, all pipelined, costs the same round trip.
+//!
+//! **No double delivery.** A node delivers its own commits and client publishes to its shards directly
+//! (`Fanout`), so each envelope carries the node's random id and the node drops what it hears back.
+//!
+//! **Outages.** When Redis goes away, sends still commit and local delivery goes on; `/health` says
+//! `"redis":"down"`. The thread reconnects with exponential backoff, resubscribes to everything wanted
+//! then, and catches its live connections up from the store: it asks for every notification since the
+//! outage began (less [`CATCH_UP_MARGIN`], for messages lost in flight) for the users and channels with a
+//! local connection and for broadcasts, drops the ids it has delivered already, and delivers the rest in
+//! id order. It does so after the subscriptions are confirmed and before reading any newer message, so
+//! nothing falls between the catch-up and live delivery. What this node committed while Redis was away
+//! (up to [`MAX_UNPUBLISHED`] notifications) is published once it is back, for the nodes that did not
+//! see an outage of their own (a partition between this node and Redis only).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::{AsyncConnectionConfig, RedisError};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
+use crate::bus::recent::RecentIds;
+use crate::bus::wire::{self, Envelope};
+use crate::bus::Delivery;
+use crate::model::{now_millis, Millis, Notification};
+use crate::shard::inbox::{ShardInbox, ShardMsg};
+use crate::store::{ReplayQuery, Store};
+
+/// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long Redis may take to answer a publish pipeline before the link counts as broken.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The catch-up after an outage starts this much before the outage was noticed: a message published
+/// just before may have been lost with the connection.
+pub const CATCH_UP_MARGIN: Duration = Duration::from_secs(2);
+/// Commands or incoming messages handled in one batch before the thread looks at the other side.
+const MAX_BATCH: usize = 4096;
+/// Catch-up reads sent to the store at once (one per user with a local connection, plus one for the
+/// channels and broadcasts).
+const CATCH_UP_PARALLEL_READS: usize = 64;
+/// Most notifications committed during an outage that are kept to publish when Redis is back.
+pub const MAX_UNPUBLISHED: usize = 100_000;
+
+/// What the other threads ask of the bus thread.
+#[derive(Debug)]
+pub enum BusCmd {
+    /// A shard's interest in a topic began or ended.
+    Interest(InterestChange),
+    /// Notifications this node committed, in commit order (already delivered locally).
+    Committed(Vec<Arc<Notification>>),
+    /// A client's message to `channel` on this node: the payload of its text frame (already delivered
+    /// locally).
+    Message {
+        /// The target channel.
+        channel: Box<str>,
+        /// The frame's JSON payload.
+        payload: Bytes,
+    },
+    /// Leave Redis and end the thread.
+    Stop,
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisBusConfig {
+    /// `REDIS_URL`, normalized to `redis://...`.
+    pub url: String,
+    /// `REDIS_PREFIX`: the start of every Redis channel name.
+    pub prefix: String,
+    /// Most notifications one catch-up read returns per user (`MAX_REPLAY`).
+    pub max_replay: usize,
+}
+
+/// Turns `REDIS_URL` (`host:port`, `redis://host:port/db`, `rediss://...`) into a URL the client
+/// accepts, refusing what cannot work (checked at start-up, so a typo fails fast).
+pub fn normalize_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("redis://{url}")
+    };
+    redis::Client::open(url.as_str()).map_err(|e| format!("REDIS_URL is not usable: {e}"))?;
+    Ok(url)
+}
+
+/// The bus thread's counters, for `/metrics`. Only the bus thread writes them (not a shard's hot path).
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    /// Messages published to Redis (one per target topic of a notification).
+    published: AtomicU64,
+    /// Messages from other nodes handed to this node's shards.
+    received: AtomicU64,
+    /// Copies of a notification this node had delivered already, dropped.
+    duplicates: AtomicU64,
+    /// Notifications delivered by catch-ups after Redis outages.
+    caught_up: AtomicU64,
+    /// Redis sessions lost.
+    outages: AtomicU64,
+}
+
+impl BusCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The handle the rest of the node holds: the command queue and the link state.
+#[derive(Debug, Clone)]
+pub struct RedisBus {
+    /// The bus thread's command queue.
+    queue: UnboundedSender<BusCmd>,
+    /// Whether the bus is connected and subscribed (for `/health`).
+    up: Arc<AtomicBool>,
+    /// What the bus thread did.
+    counters: Arc<BusCounters>,
+}
+
+impl RedisBus {
+    /// A handle and the receiving side of its queue, for [`spawn_bus_thread`].
+    pub fn new() -> (RedisBus, UnboundedReceiver<BusCmd>) {
+        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            RedisBus {
+                queue,
+                up: Arc::new(AtomicBool::new(false)),
+                counters: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Queues a command for the bus thread. Never blocks; a stopped bus drops it.
+    pub fn send_to_bus(&self, cmd: BusCmd) {
+        let _ = self.queue.send(cmd);
+    }
+
+    /// The queue, for shards' interest sinks.
+    pub fn queue(&self) -> UnboundedSender<BusCmd> {
+        self.queue.clone()
+    }
+
+    /// Whether Redis is connected and every subscription is in place.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Appends the bus's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let c = &self.counters;
+        let value = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let metrics = [
+            (
+                "notif_redis_up",
+                "gauge",
+                "1 while Redis is connected and subscribed.",
+                u64::from(self.is_up()),
+            ),
+            (
+                "notif_redis_published_total",
+                "counter",
+                "Messages published to Redis.",
+                value(&c.published),
+            ),
+            (
+                "notif_redis_received_total",
+                "counter",
+                "Messages from other nodes delivered to shards.",
+                value(&c.received),
+            ),
+            (
+                "notif_redis_duplicates_total",
+                "counter",
+                "Copies of already delivered notifications dropped.",
+                value(&c.duplicates),
+            ),
+            (
+                "notif_redis_caught_up_total",
+                "counter",
+                "Notifications delivered from the store after Redis outages.",
+                value(&c.caught_up),
+            ),
+            (
+                "notif_redis_outages_total",
+                "counter",
+                "Redis sessions lost.",
+                value(&c.outages),
+            ),
+        ];
+        for (name, kind, help, v) in metrics {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    }
+}
+
+/// Starts the bus thread. It runs until [`BusCmd::Stop`] (or until every handle is gone).
+pub fn spawn_bus_thread(
+    config: RedisBusConfig,
+    bus: &RedisBus,
+    queue: UnboundedReceiver<BusCmd>,
+    shards: Vec<ShardInbox>,
+    store: Store,
+) -> Result<JoinHandle<()>, String> {
+    let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+    // A v7 id carries 74 random bits: enough to tell processes apart.
+    let origin = Uuid::now_v7();
+    let all_shards = ShardMask::all(shards.len());
+    let thread = BusThread {
+        broadcast: broadcast_channel(&config.prefix),
+        config,
+        client,
+        origin,
+        shards,
+        all_shards,
+        store,
+        queue,
+        up: bus.up.clone(),
+        counters: bus.counters.clone(),
+        registry: InterestRegistry::default(),
+        subscribed: HashSet::new(),
+        recent: RecentIds::default(),
+        outage_since: None,
+        unpublished: VecDeque::new(),
+        dropped_unpublished: 0,
+        stopping: false,
+    };
+    std::thread::Builder::new()
+        .name("redis-bus".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "cannot start the Redis bus runtime: running as a single node");
+                    return;
+                }
+            };
+            runtime.block_on(thread.run());
+        })
+        .map_err(|e| format!("cannot start the Redis bus thread: {e}"))
+}
+
+/// The connections of one session with Redis.
+struct Link {
+    /// Sends SUBSCRIBE and UNSUBSCRIBE on the subscriber connection.
+    sink: PubSubSink,
+    /// The messages of the subscriber connection; ends when the connection does.
+    stream: PubSubStream,
+    /// The publisher connection.
+    publisher: MultiplexedConnection,
+}
+
+/// Why a session with Redis ended.
+enum Ended {
+    /// The connection failed; reconnect.
+    Lost(RedisError),
+    /// Shutdown.
+    Stop,
+}
+
+impl From<RedisError> for Ended {
+    fn from(e: RedisError) -> Ended {
+        Ended::Lost(e)
+    }
+}
+
+/// The bus thread's state.
+struct BusThread {
+    config: RedisBusConfig,
+    client: redis::Client,
+    /// This process's id in envelopes.
+    origin: Uuid,
+    /// The broadcast Redis channel's name.
+    broadcast: String,
+    /// Every shard's inbox, by shard number.
+    shards: Vec<ShardInbox>,
+    /// The mask of every shard (where broadcasts go).
+    all_shards: ShardMask,
+    /// For the catch-up after an outage.
+    store: Store,
+    queue: UnboundedReceiver<BusCmd>,
+    /// Shared with [`RedisBus::is_up`].
+    up: Arc<AtomicBool>,
+    /// Shared with [`RedisBus::render_metrics`].
+    counters: Arc<BusCounters>,
+    /// Which shards want which topics.
+    registry: InterestRegistry,
+    /// What the current subscriber connection is subscribed to (broadcast aside).
+    subscribed: HashSet<Topic>,
+    /// Ids delivered lately (duplicates through several topics, and the catch-up).
+    recent: RecentIds,
+    /// When Redis was lost (wall clock, for the catch-up read) and when (monotonic, for `recent`).
+    outage_since: Option<(Millis, Instant)>,
+    /// Envelopes of this node's commits made while Redis was away, with their Redis channels.
+    unpublished: VecDeque<(Vec<String>, Vec<u8>)>,
+    /// How many of those were dropped because there were more than [`MAX_UNPUBLISHED`].
+    dropped_unpublished: u64,
+    /// Set by [`BusCmd::Stop`].
+    stopping: bool,
+}
+
+impl BusThread {
+    async fn run(mut self) {
+        let mut backoff = INITIAL_BACKOFF;
+        let mut failures = 0u64;
+        loop {
+            match self.connect().await {
+                Ok(link) => {
+                    backoff = INITIAL_BACKOFF;
+                    failures = 0;
+                    match self.serve(link).await {
+                        Ended::Stop => return,
+                        Ended::Lost(e) => {
+                            BusCounters::add(&self.counters.outages, 1);
+                            warn!(error = %e, "lost Redis: local delivery goes on; reconnecting");
+                            self.lost();
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 {
+                        warn!(error = %e, "cannot reach Redis: local delivery goes on; retrying with backoff");
+                    } else {
+                        debug!(error = %e, failures, "cannot reach Redis");
+                    }
+                    self.lost();
+                }
+            }
+            // Keep taking commands while waiting: interest is recorded, commits are kept for later.
+            let pause = tokio::time::sleep(backoff);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    cmd = self.queue.recv() => match cmd {
+                        Some(cmd) => self.apply_offline(cmd),
+                        None => self.stopping = true,
+                    },
+                }
+                if self.stopping {
+                    return;
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Records the start of an outage (the first failure only).
+    fn lost(&mut self) {
+        self.up.store(false, Ordering::Relaxed);
+        if self.outage_since.is_none() {
+            let now = Instant::now();
+            self.outage_since = Some((now_millis(), now));
+            self.recent.pin(now - CATCH_UP_MARGIN);
+        }
+    }
+
+    async fn connect(&self) -> Result<Link, RedisError> {
+        let timed_out = || RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| timed_out())??;
+        let (sink, stream) = pubsub.split();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let publisher = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Link {
+            sink,
+            stream,
+            publisher,
+        })
+    }
+
+    /// One session with Redis: resubscribe, catch up, then relay both ways until the link breaks.
+    async fn serve(&mut self, mut link: Link) -> Ended {
+        self.subscribed.clear();
+        if let Err(e) = link.sink.subscribe(&self.broadcast).await {
+            return Ended::Lost(e);
+        }
+        if let Err(e) = self.take_queued(&mut link).await {
+            return e;
+        }
+        if let Some((since_ms, _)) = self.outage_since {
+            if let Err(e) = self.republish(&mut link).await {
+                return Ended::Lost(e);
+            }
+            self.catch_up(&mut link, since_ms).await;
+            if self.stopping {
+                return Ended::Stop;
+            }
+            info!(
+                outage_ms = now_millis().saturating_sub(since_ms),
+                "Redis is back: resubscribed and caught up"
+            );
+        } else {
+            info!("connected to Redis");
+        }
+        self.outage_since = None;
+        self.recent.unpin();
+        self.up.store(true, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                cmd = self.queue.recv() => {
+                    let Some(cmd) = cmd else { return Ended::Stop };
+                    if let Err(e) = self.apply_batch(cmd, &mut link).await {
+                        return e;
+                    }
+                }
+                msg = link.stream.next() => {
+                    let Some(msg) = msg else {
+                        return Ended::Lost(RedisError::from(std::io::Error::from(
+                            std::io::ErrorKind::ConnectionReset,
+                        )));
+                    };
+                    let mut batch = vec![msg];
+                    while batch.len() < MAX_BATCH {
+                        match link.stream.next().now_or_never() {
+                            Some(Some(msg)) => batch.push(msg),
+                            _ => break,
+                        }
+                    }
+                    self.route_incoming(&batch);
+                }
+            }
+        }
+    }
+
+    /// Applies every command queued now, with the link up.
+    async fn take_queued(&mut self, link: &mut Link) -> Result<(), Ended> {
+        match self.queue.try_recv() {
+            Ok(cmd) => self.apply_batch(cmd, link).await,
+            Err(_) => self.sync_subscriptions(link).await.map_err(Ended::Lost),
+        }
+    }
+
+    /// Applies `first` and whatever else is queued (up to [`MAX_BATCH`]): one publish pipeline, then
+    /// one subscription update.
+    async fn apply_batch(&mut self, first: BusCmd, link: &mut Link) -> Result<(), Ended> {
+        let mut pipe = redis::pipe();
+        let mut publishes = 0;
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(cmd) = next.take() {
+            taken += 1;
+            match cmd {
+                BusCmd::Interest(change) => self.registry.apply(change),
+                BusCmd::Committed(list) => {
+                    for n in list {
+                        self.recent.insert(n.id, Instant::now());
+                        let envelope = wire::encode_notification(self.origin, &n);
+                        for channel in self.publish_channels(&n) {
+                            pipe.cmd("PUBLISH").arg(channel).arg(&envelope).ignore();
+                            publishes += 1;
+                        }
+                    }
+                }
+                BusCmd::Message { channel, payload } => {
+                    let name = Topic::Channel(channel).redis_channel(&self.config.prefix);
+                    pipe.cmd("PUBLISH")
+                        .arg(name)
+                        .arg(wire::encode_message(self.origin, &payload))
+                        .ignore();
+                    publishes += 1;
+                }
+                BusCmd::Stop => self.stopping = true,
+            }
+            if taken < MAX_BATCH {
+                next = self.queue.try_recv().ok();
+            }
+        }
+        if publishes > 0 {
+            pipe.query_async::<()>(&mut link.publisher)
+                .await
+                .map_err(Ended::Lost)?;
+            BusCounters::add(&self.counters.published, publishes);
+        }
+        if self.stopping {
+            return Err(Ended::Stop);
+        }
+        self.sync_subscriptions(link).await.map_err(Ended::Lost)
+    }
+
+    /// A command while Redis is away: interest is recorded; commits are remembered for later.
+    fn apply_offline(&mut self, cmd: BusCmd) {
+        match cmd {
+            BusCmd::Interest(change) => self.registry.apply(change),
+            BusCmd::Committed(list) => {
+                for n in list {
+                    self.recent.insert(n.id, Instant::now());
+                    if self.unpublished.len() >= MAX_UNPUBLISHED {
+                        self.unpublished.pop_front();
+                        self.dropped_unpublished += 1;
+                    }
+                    let channels = self.publish_channels(&n);
+                    self.unpublished
+                        .push_back((channels, wire::encode_notification(self.origin, &n)));
+                }
+            }
+            // Ephemeral by contract: a client message while Redis is away reaches this node only.
+            BusCmd::Message { .. } => {}
+            BusCmd::Stop => self.stopping = true,
+        }
+    }
+
+    /// Publishes what this node committed while Redis was away.
+    async fn republish(&mut self, link: &mut Link) -> Result<(), RedisError> {
+        if self.dropped_unpublished > 0 {
+            warn!(
+                dropped = self.dropped_unpublished,
+                "more notifications were committed during the Redis outage than are kept to \
+                 republish; other nodes' clients get the oldest ones by resuming"
+            );
+            self.dropped_unpublished = 0;
+        }
+        while !self.unpublished.is_empty() {
+            let mut pipe = redis::pipe();
+            let take = self.unpublished.len().min(MAX_BATCH);
+            for (channels, envelope) in self.unpublished.range(..take) {
+                for channel in channels {
+                    pipe.cmd("PUBLISH").arg(channel).arg(envelope).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut link.publisher).await?;
+            let published: usize = self.unpublished.range(..take).map(|(c, _)| c.len()).sum();
+            BusCounters::add(&self.counters.published, published as u64);
+            self.unpublished.drain(..take);
+        }
+        Ok(())
+    }
+
+    /// The Redis channels a notification is published to: the broadcast channel alone for a
+    /// broadcast (it reaches everyone), else its user's and each of its channels'.
+    fn publish_channels(&self, n: &Notification) -> Vec<String> {
+        let prefix = &self.config.prefix;
+        if n.broadcast {
+            return vec![self.broadcast.clone()];
+        }
+        n.user_id
+            .iter()
+            .map(|u| Topic::User(u.as_str().into()).redis_channel(prefix))
+            .chain(
+                n.channels
+                    .iter()
+                    .map(|c| Topic::Channel(c.as_str().into()).redis_channel(prefix)),
+            )
+            .collect()
+    }
+
+    /// Brings Redis's subscriptions in line with the registry: one pipelined write (see module docs).
+    async fn sync_subscriptions(&mut self, link: &mut Link) -> Result<(), RedisError> {
+        let (add, remove) = self.registry.diff(&self.subscribed);
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let prefix = &self.config.prefix;
+        let subscribes = add.iter().map(|t| {
+            let mut sink = link.sink.clone();
+            let name = t.redis_channel(prefix);
+            async move { sink.subscribe(name).await }.boxed()
+        });
+        let unsubscribes = remove.iter().map(|t| {
+            let mut sink = link.sink.clone();
+            let name = t.redis_channel(prefix);
+            async move { sink.unsubscribe(name).await }.boxed()
+        });
+        futures_util::future::try_join_all(subscribes.chain(unsubscribes)).await?;
+        debug!(
+            subscribed = add.len(),
+            unsubscribed = remove.len(),
+            "Redis subscriptions updated"
+        );
+        for t in remove {
+            self.subscribed.remove(&t);
+        }
+        self.subscribed.extend(add);
+        Ok(())
+    }
+
+    /// The shards a notification goes to on this node.
+    fn shards_for(&self, n: &Notification) -> ShardMask {
+        if n.broadcast {
+            return self.all_shards;
+        }
+        let mut mask = ShardMask::default();
+        if let Some(u) = &n.user_id {
+            mask = mask | self.registry.shards_for(&Topic::User(u.as_str().into()));
+        }
+        for c in &n.channels {
+            mask = mask | self.registry.shards_for(&Topic::Channel(c.as_str().into()));
+        }
+        mask
+    }
+
+    /// Routes messages from Redis to the interested shards: one inbox message per shard per batch.
+    fn route_incoming(&mut self, batch: &[redis::Msg]) {
+        let mut per_shard: Vec<Vec<Arc<Delivery>>> = vec![Vec::new(); self.shards.len()];
+        for msg in batch {
+            let bytes = msg.get_payload_bytes();
+            if wire::origin_of(bytes) == Some(self.origin) {
+                continue;
+            }
+            let (delivery, mask) = match wire::decode(bytes) {
+                Ok(Envelope::Notification(n)) => {
+                    if !self.recent.insert(n.id, Instant::now()) {
+                        BusCounters::add(&self.counters.duplicates, 1);
+                        continue;
+                    }
+                    let mask = self.shards_for(&n);
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::of_notification(&n), mask)
+                }
+                Ok(Envelope::Message(payload)) => {
+                    let Some(topic @ Topic::Channel(_)) =
+                        Topic::from_redis_channel(&self.config.prefix, msg.get_channel_name())
+                    else {
+                        continue;
+                    };
+                    let mask = self.registry.shards_for(&topic);
+                    let Topic::Channel(channel) = topic else {
+                        continue;
+                    };
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::of_client_payload(&channel, payload), mask)
+                }
+                Err(e) => {
+                    debug!(
+                        channel = msg.get_channel_name(),
+                        error = e.0,
+                        "dropped a malformed Redis message"
+                    );
+                    continue;
+                }
+            };
+            BusCounters::add(&self.counters.received, 1);
+            let delivery = Arc::new(delivery);
+            for shard in mask.shards() {
+                per_shard[shard].push(delivery.clone());
+            }
+        }
+        self.send_to_shards(per_shard);
+    }
+
+    fn send_to_shards(&self, per_shard: Vec<Vec<Arc<Delivery>>>) {
+        for (shard, list) in per_shard.into_iter().enumerate() {
+            if !list.is_empty() {
+                self.shards[shard].send_to_shard(ShardMsg::Deliver(list.into()));
+            }
+        }
+    }
+
+    /// After an outage: delivers what live connections missed, from the store (see module docs).
+    async fn catch_up(&mut self, link: &mut Link, since_ms: Millis) {
+        let from = since_ms.saturating_sub(CATCH_UP_MARGIN.as_millis() as Millis);
+        let since = uuid_floor(from);
+        let limit = self.config.max_replay;
+        let mut users = Vec::new();
+        let mut channels = Vec::new();
+        for topic in self.registry.topics() {
+            match topic {
+                Topic::User(u) => users.push(u.to_string()),
+                Topic::Channel(c) => channels.push(c.to_string()),
+            }
+        }
+        // One read for the channels and the broadcasts, one per user.
+        let mut queries = vec![ReplayQuery {
+            user_id: None,
+            channels,
+            since,
+            limit,
+        }];
+        queries.extend(users.into_iter().map(|u| ReplayQuery {
+            user_id: Some(u),
+            channels: Vec::new(),
+            since,
+            limit,
+        }));
+        let mut found: BTreeMap<Uuid, Arc<Notification>> = BTreeMap::new();
+        let mut failed = 0;
+        let mut queries = queries.into_iter().peekable();
+        while queries.peek().is_some() {
+            let reads: Vec<_> = queries
+                .by_ref()
+                .take(CATCH_UP_PARALLEL_READS)
+                .map(|q| self.store.replay(q))
+                .collect();
+            for result in futures_util::future::join_all(reads).await {
+                match result {
+                    Ok(list) => found.extend(list.into_iter().map(|n| (n.id, n))),
+                    Err(_) => failed += 1,
+                }
+            }
+        }
+        if failed > 0 {
+            warn!(
+                failed,
+                "the store could not answer every catch-up read after the Redis outage; those \
+                 clients get the rest by resuming"
+            );
+        }
+        // Commits of this node that happened while the reads ran are in the queue: take them first, so
+        // their ids are known and not delivered a second time.
+        if let Err(Ended::Stop) = self.take_queued(link).await {
+            self.stopping = true;
+            return;
+        }
+        let mut per_shard: Vec<Vec<Arc<Delivery>>> = vec![Vec::new(); self.shards.len()];
+        let mut delivered = 0;
+        for (id, n) in found {
+            let mask = self.shards_for(&n);
+            if mask.is_empty() || !self.recent.insert(id, Instant::now()) {
+                continue;
+            }
+            delivered += 1;
+            let delivery = Arc::new(Delivery::of_notification(&n));
+            for shard in mask.shards() {
+                per_shard[shard].push(delivery.clone());
+            }
+        }
+        self.send_to_shards(per_shard);
+        BusCounters::add(&self.counters.caught_up, delivered);
+        info!(delivered, "caught up live connections from the store");
+    }
+}
+
+/// The smallest UUIDv7 of millisecond `ms`: every id created from then on sorts after it.
+fn uuid_floor(ms: Millis) -> Uuid {
+    let ms = (ms.max(0) as u128) & ((1 << 48) - 1);
+    Uuid::from_u128((ms << 80) | (0x7 << 76) | (0b10 << 62))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_floor_id_sorts_before_every_id_of_its_millisecond_and_after_older_ones() {
+        let now = now_millis();
+        let id = crate::model::IdGenerator::default().next_id().0;
+        assert!(uuid_floor(now - 5) < id);
+        assert!(uuid_floor(now + 5) > id);
+        assert_eq!(uuid_floor(now).get_version_num(), 7);
+    }
+
+    #[test]
+    fn urls_are_normalized_and_nonsense_is_refused() {
+        assert_eq!(
+            normalize_url("127.0.0.1:6379").unwrap(),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(normalize_url("redis://h:1/2").unwrap(), "redis://h:1/2");
+        assert!(normalize_url("http://x").is_err());
+    }
+}

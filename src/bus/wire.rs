@@ -1,0 +1,161 @@
+//! The envelope of a message on Redis: what one node tells the others.
+//!
+//! ```text
+//! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message
+//! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
+//!              it delivered them locally already
+//! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is
+//! ```
+//!
+//! The notification travels as the same JSON the API shows, so a node decodes it once into a
+//! [`Notification`] and encodes the WebSocket frame once (`Delivery::of_notification`); a client message
+//! is already the frame's payload and is wrapped in a frame header without being parsed.
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::model::{parse_time, Notification};
+
+/// Kind byte of a committed notification.
+const KIND_NOTIFICATION: u8 = b'N';
+/// Kind byte of a client's channel message.
+const KIND_MESSAGE: u8 = b'M';
+/// Bytes before the payload: the kind and the origin id.
+const HEADER_LEN: usize = 1 + 16;
+
+/// A decoded envelope.
+#[derive(Debug)]
+pub enum Envelope<'a> {
+    /// A committed notification (boxed: it is large, and one is made per message anyway).
+    Notification(Box<Notification>),
+    /// A client message: the payload of its WebSocket text frame.
+    Message(&'a [u8]),
+}
+
+/// Why an envelope could not be read (a foreign publisher on our prefix, or a bug).
+#[derive(Debug, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+/// Encodes a committed notification from node `origin`.
+pub fn encode_notification(origin: Uuid, n: &Notification) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 320 + n.message.len() + n.data.len());
+    out.push(KIND_NOTIFICATION);
+    out.extend_from_slice(origin.as_bytes());
+    n.write_json(&mut out, None);
+    out
+}
+
+/// Encodes a client message (the payload of its text frame) from node `origin`.
+pub fn encode_message(origin: Uuid, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.push(KIND_MESSAGE);
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
+pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
+    bytes
+        .get(1..HEADER_LEN)
+        .and_then(|b| Uuid::from_slice(b).ok())
+}
+
+/// Decodes an envelope.
+pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(WireError("envelope shorter than its header".into()));
+    }
+    let payload = &bytes[HEADER_LEN..];
+    match bytes[0] {
+        KIND_NOTIFICATION => {
+            decode_notification(payload).map(|n| Envelope::Notification(Box::new(n)))
+        }
+        KIND_MESSAGE => Ok(Envelope::Message(payload)),
+        other => Err(WireError(format!("unknown envelope kind {other}"))),
+    }
+}
+
+/// The notification object of API.md, as far as a freshly committed notification has it.
+#[derive(Deserialize)]
+struct WireNotification<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    message: String,
+    user_id: Option<String>,
+    channels: Vec<String>,
+    #[serde(default)]
+    broadcast: bool,
+    /// Kept as the exact text it was sent as (no float or big-number rewriting).
+    data: &'a serde_json::value::RawValue,
+    timestamp: &'a str,
+    scheduled_at: Option<&'a str>,
+}
+
+fn decode_notification(payload: &[u8]) -> Result<Notification, WireError> {
+    let w: WireNotification =
+        serde_json::from_slice(payload).map_err(|e| WireError(format!("bad notification: {e}")))?;
+    let time = |s: &str| parse_time(s).ok_or_else(|| WireError(format!("bad time {s:?}")));
+    Ok(Notification {
+        id: Uuid::parse_str(w.id).map_err(|e| WireError(format!("bad id: {e}")))?,
+        kind: w.kind,
+        title: w.title,
+        message: w.message,
+        user_id: w.user_id,
+        channels: w.channels,
+        broadcast: w.broadcast,
+        data: w.data.get().to_owned(),
+        created_at: time(w.timestamp)?,
+        // Just committed: nobody has read it yet.
+        read_at: None,
+        delivered_at: None,
+        seen_at: None,
+        scheduled_at: w.scheduled_at.map(time).transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{SendInput, UserIdInput};
+
+    #[test]
+    fn a_notification_survives_the_trip_exactly() {
+        let n = SendInput {
+            message: Some("caf\u{e9} \"quoted\"".into()),
+            title: Some("t".into()),
+            user_id: Some(UserIdInput::Text("u1".into())),
+            channels: Some(vec!["news".into(), "sport".into()]),
+            data: Some(serde_json::from_str(r#"{"k":[1,{"x":null}],"f":1.5}"#).unwrap()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap()
+        .into_notification(Uuid::now_v7(), 1_700_000_000_123);
+        let origin = Uuid::now_v7();
+        let bytes = encode_notification(origin, &n);
+        assert_eq!(origin_of(&bytes), Some(origin));
+        match decode(&bytes).unwrap() {
+            Envelope::Notification(back) => {
+                assert_eq!(*back, n);
+                assert_eq!(back.to_json(), n.to_json(), "the frame is the same bytes");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_message_is_carried_as_is_and_garbage_is_an_error() {
+        let origin = Uuid::now_v7();
+        let bytes = encode_message(origin, br#"{"event":"message"}"#);
+        assert!(
+            matches!(decode(&bytes), Ok(Envelope::Message(p)) if p == br#"{"event":"message"}"#)
+        );
+        assert!(decode(b"N").is_err());
+        let mut bad = encode_message(origin, b"{}");
+        bad[0] = b'N';
+        assert!(decode(&bad).is_err());
+    }
+}
