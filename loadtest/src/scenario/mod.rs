@@ -1,8 +1,13 @@
 //! One module per scenario. Each defines its command-line options (a clap `Args` struct) and a `run`
 //! that prints a human summary and, last, one JSON line for scripts.
 //!
-//! Now: [`idle`], [`ingest`], [`history`]. Planned: fanout, targeted, chat.
+//! [`idle`], [`ingest`], [`history`]; and the delivery scenarios [`fanout`], [`targeted`], [`chat`],
+//! which share receivers, publishers and measurements through [`delivery`].
 
+pub mod chat;
+pub mod delivery;
+pub mod fanout;
 pub mod history;
 pub mod idle;
 pub mod ingest;
+pub mod targeted;
