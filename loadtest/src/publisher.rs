@@ -25,8 +25,9 @@ use crate::ws::{self, KeyGen};
 /// Salt of the publisher's key generator, apart from the workers'.
 const PUBLISHER_KEYGEN_SALT: u64 = 0x5055_424c;
 
-/// Longest wait for a REST answer; a durable send waits for a commit, which takes milliseconds.
-const REST_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a REST answer. A durable send waits for a commit, which takes milliseconds, but
+/// an overloaded server answers late rather than never, and a late answer is a latency, not a loss.
+const REST_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often the WebSocket publisher's reader looks at the stop flag.
 const READER_POLL: Duration = Duration::from_millis(200);

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::json;
 
-use crate::scenario::delivery::{self, DeliveryRun, MeasureArgs, Publisher, ReceiverArgs};
+use crate::scenario::delivery::{self, DeliveryRun, MeasureArgs, Publisher};
+use crate::scenario::receivers::ReceiverArgs;
 
 /// Options of `loadtest chat`.
 #[derive(Debug, Clone, Args)]

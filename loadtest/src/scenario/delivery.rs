@@ -30,18 +30,13 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::fleet::Fleet;
-use crate::limits::{self, FD_RESERVE};
-use crate::plan::{self, SourceSpread, WorkerShare};
+use crate::plan;
 use crate::progress::ProgressLine;
 use crate::publisher::Published;
-use crate::server_probe::{self, clock_ticks_per_second, ServerProcesses};
-use crate::target::{self, WsTarget};
-use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
+use crate::scenario::receivers::{self, Layout, ReceiverArgs};
+use crate::server_probe::{clock_ticks_per_second, ServerProcesses};
 
-/// Most receivers one run may open: a bound so a typo cannot ask for millions.
-pub const MAX_RECEIVERS: u64 = 250_000;
-
-/// Longest run, in seconds, of any phase (connecting, publishing, a soak).
+/// Longest soak, in seconds.
 pub const MAX_RUN_S: u64 = 4 * 3_600;
 
 /// Most messages one run may publish.
@@ -55,33 +50,6 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The spread of RSS samples (after the warm-up) within which memory counts as flat.
 pub const RSS_FLAT_FRACTION: f64 = 0.05;
-
-/// How the receivers connect: the options every delivery scenario shares.
-#[derive(Debug, Clone, Args)]
-pub struct ReceiverArgs {
-    /// WebSocket endpoint of the server (loopback only). REST sends go to the same host and port.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
-    /// Most receiving connections per worker process (a process may open at most 20,000 files here).
-    #[arg(long, default_value_t = 9_000)]
-    pub per_process: u64,
-    /// Loopback source addresses for the receivers, comma-separated. Default: 127.0.0.2, 127.0.0.3, ...
-    /// one per 20,000 connections.
-    #[arg(long, value_delimiter = ',', value_name = "IPS")]
-    pub source_ips: Option<Vec<String>>,
-    /// Server process(es) to measure, comma-separated. Default: whoever listens on the URL's port.
-    #[arg(long, value_delimiter = ',', value_name = "PID")]
-    pub server_pid: Vec<u32>,
-    /// Cap on new connections per second, over all workers together.
-    #[arg(long, default_value_t = 5_000)]
-    pub connect_rate: u64,
-    /// Prefix of user ids: receiver i connects as user {prefix}{i}.
-    #[arg(long, default_value = "u")]
-    pub user_prefix: String,
-    /// Seconds allowed for opening all connections.
-    #[arg(long, default_value_t = 120)]
-    pub timeout_s: u64,
-}
 
 /// What is measured around the publishing, shared by every delivery scenario.
 #[derive(Debug, Clone, Args)]
@@ -161,8 +129,8 @@ pub fn run(
     measure: &MeasureArgs,
     mut run: DeliveryRun,
 ) -> Result<ExitCode, String> {
-    let layout = lay_out(receiver, run.receivers)?;
-    let server = find_server(receiver, layout.target.addr.port());
+    let layout = receivers::lay_out(receiver, run.receivers)?;
+    let server = receivers::find_server(receiver, layout.target.addr.port());
     let load_before = load_average();
     eprintln!(
         "{}: {} receivers on {}, {} worker(s), source address(es) {}",
@@ -175,7 +143,7 @@ pub fn run(
     let worker_lines = worker_command_lines(receiver, &run, &layout);
     let mut fleet =
         Fleet::spawn("worker", worker_lines).map_err(|e| format!("cannot start workers: {e}"))?;
-    connect_all(&mut fleet, receiver, run.receivers);
+    receivers::connect_all(&mut fleet, receiver, run.receivers);
     let connected = fleet.totals();
     let held = connected.ok.saturating_sub(connected.dropped);
     if held == 0 {
@@ -356,56 +324,6 @@ fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// Where the receivers go.
-struct Layout {
-    target: WsTarget,
-    sources: SourceSpread,
-    shares: Vec<WorkerShare>,
-}
-
-/// Checks the receiver options against the machine's limits before anything is opened.
-fn lay_out(args: &ReceiverArgs, receivers: u64) -> Result<Layout, String> {
-    let target = WsTarget::parse(&args.url).map_err(|e| e.to_string())?;
-    if receivers == 0 || receivers > MAX_RECEIVERS {
-        return Err(format!("receivers must be between 1 and {MAX_RECEIVERS}"));
-    }
-    if args.timeout_s == 0 || args.timeout_s > MAX_RUN_S || args.connect_rate == 0 {
-        return Err(format!(
-            "--timeout-s must be between 1 and {MAX_RUN_S}, --connect-rate at least 1"
-        ));
-    }
-    if args.user_prefix.is_empty()
-        || !args
-            .user_prefix
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
-    {
-        return Err("--user-prefix must be non-empty and use only A-Z a-z 0-9 - _ . ~".into());
-    }
-    let files = limits::nofile_hard_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
-    let most = files.saturating_sub(FD_RESERVE);
-    if args.per_process == 0 || args.per_process > most {
-        return Err(format!("--per-process must be between 1 and {most}"));
-    }
-    let sources = match &args.source_ips {
-        Some(ips) => SourceSpread::even(
-            receivers,
-            ips.iter()
-                .map(|ip| target::parse_source_ip(ip))
-                .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string())?,
-        ),
-        None => SourceSpread::default_for(receivers),
-    };
-    plan::check_spread(&sources, receivers, limits::ephemeral_port_count())
-        .map_err(|e| e.to_string())?;
-    Ok(Layout {
-        target,
-        sources,
-        shares: plan::split_over_workers(receivers, args.per_process),
-    })
-}
-
 /// Each worker's command line: its share, the connect settings, and the channel and publishing.
 fn worker_command_lines(
     args: &ReceiverArgs,
@@ -416,19 +334,11 @@ fn worker_command_lines(
         .shares
         .iter()
         .map(|share| {
-            let rate = plan::worker_rate(args.connect_rate as f64, share.count, run.receivers);
-            let mut argv = vec![
-                ("--url", args.url.clone()),
-                ("--first", share.first.to_string()),
-                ("--count", share.count.to_string()),
-                ("--source-ips", layout.sources.addrs_arg()),
-                ("--per-source", layout.sources.per_addr.to_string()),
-                ("--connect-rate", rate.to_string()),
-                ("--user-prefix", args.user_prefix.clone()),
-                ("--deadline-s", args.timeout_s.to_string()),
+            let mut argv = receivers::worker_args(args, layout, share, run.receivers);
+            argv.extend([
                 ("--total", run.receivers.to_string()),
                 ("--room-size", run.room_size.to_string()),
-            ];
+            ]);
             if let Some(channel) = &run.channel {
                 argv.push(("--channel", channel.clone()));
             }
@@ -444,57 +354,9 @@ fn worker_command_lines(
                     plan::worker_rate(run.rate as f64, share.count, run.receivers).to_string(),
                 ));
             }
-            let argv = argv
-                .into_iter()
-                .flat_map(|(flag, value)| [OsString::from(flag), OsString::from(value)])
-                .collect();
-            (share.count, argv)
+            (share.count, receivers::to_argv(argv))
         })
         .collect()
-}
-
-/// The processes to measure: the given pids or the port's listeners; `None` (with a note) if neither.
-fn find_server(args: &ReceiverArgs, port: u16) -> Option<ServerProcesses> {
-    if !args.server_pid.is_empty() {
-        return Some(ServerProcesses {
-            pids: args.server_pid.clone(),
-        });
-    }
-    match server_probe::find_listener_pids(port) {
-        Ok(pids) => {
-            eprintln!("server: pid(s) {pids:?} listen on port {port}");
-            Some(ServerProcesses { pids })
-        }
-        Err(e) => {
-            eprintln!("server: not found ({e}); server CPU and RSS will be skipped");
-            None
-        }
-    }
-}
-
-/// Follows the workers until every receiver was attempted (or the time is up), drawing progress.
-fn connect_all(fleet: &mut Fleet, args: &ReceiverArgs, receivers: u64) {
-    let started = Instant::now();
-    let give_up = started
-        + Duration::from_secs(args.timeout_s)
-        + CONNECT_TIMEOUT
-        + HANDSHAKE_TIMEOUT * 2
-        + Duration::from_secs(2);
-    let mut progress = ProgressLine::new();
-    let line = |fleet: &Fleet| {
-        let t = fleet.totals();
-        format!(
-            "connecting: {}/{receivers} subscribed, {} errors, {:.1} s",
-            t.ok,
-            t.failed,
-            started.elapsed().as_secs_f64()
-        )
-    };
-    while !fleet.all_settled() && Instant::now() < give_up {
-        fleet.poll(PROGRESS_INTERVAL);
-        progress.update(&line(fleet));
-    }
-    progress.finish(&line(fleet));
 }
 
 /// The server's RSS over a run.

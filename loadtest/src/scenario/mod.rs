@@ -2,7 +2,8 @@
 //! that prints a human summary and, last, one JSON line for scripts.
 //!
 //! [`idle`], [`ingest`], [`history`]; and the delivery scenarios [`fanout`], [`targeted`], [`chat`],
-//! which share receivers, publishers and measurements through [`delivery`].
+//! which share receivers, publishers and measurements through [`delivery`]. [`receivers`] opens
+//! the WebSocket connections of `idle` and the delivery scenarios.
 
 pub mod chat;
 pub mod delivery;
@@ -10,4 +11,5 @@ pub mod fanout;
 pub mod history;
 pub mod idle;
 pub mod ingest;
+pub mod receivers;
 pub mod targeted;

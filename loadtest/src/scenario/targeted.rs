@@ -11,7 +11,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::publisher::{self, BodyWriter};
-use crate::scenario::delivery::{self, DeliveryRun, MeasureArgs, Publisher, ReceiverArgs};
+use crate::scenario::delivery::{self, DeliveryRun, MeasureArgs, Publisher};
+use crate::scenario::receivers::ReceiverArgs;
 use crate::stamp;
 use crate::target::WsTarget;
 
