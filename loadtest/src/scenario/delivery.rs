@@ -572,6 +572,15 @@ impl DeliveryReport {
                 "rss_flat",
                 json!(self.rss.spread().map(|s| s <= RSS_FLAT_FRACTION)),
             ),
+            (
+                "rss_samples",
+                json!(self
+                    .rss
+                    .samples
+                    .iter()
+                    .map(|(at, kb)| json!([at.round(), kb]))
+                    .collect::<Vec<_>>()),
+            ),
             ("load_before", json!(self.load.0)),
             ("load_after", json!(self.load.1)),
         ]);

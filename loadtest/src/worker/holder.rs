@@ -31,7 +31,7 @@ pub const MAX_LATENCY_US: u64 = 60_000_000;
 
 /// How long one epoll wait lasts, which bounds how late new sockets are watched and how late the
 /// holder sees the quit flag.
-const EPOLL_WAIT_MS: i32 = 100;
+const EPOLL_WAIT: Duration = Duration::from_millis(100);
 
 /// Readiness events taken per wait.
 const EVENTS_PER_WAIT: usize = 1024;
@@ -233,7 +233,7 @@ fn hold_loop(
             state.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
 
-        let mut wait_ms = EPOLL_WAIT_MS;
+        let mut wait = EPOLL_WAIT;
         if let Some(plan) = publish {
             if publish_started.is_none() && plan.start.load(Ordering::Relaxed) {
                 publish_started = Some(Instant::now());
@@ -242,19 +242,26 @@ fn hold_loop(
                 let next_due =
                     publish_due(plan, started, &mut published, &mut turn, &mut slots, state);
                 if let Some(due) = next_due {
-                    let left = due.saturating_duration_since(Instant::now());
-                    wait_ms = wait_ms.min(left.as_millis() as i32);
+                    wait = wait.min(due.saturating_duration_since(Instant::now()));
                 }
             }
         }
 
-        // SAFETY: `events` has room for EVENTS_PER_WAIT entries, the length passed.
+        // epoll_pwait2 takes a timespec: publishes due in less than a millisecond are waited for
+        // exactly, neither late (epoll_wait's milliseconds) nor by spinning on a zero timeout.
+        let timeout = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `events` has room for EVENTS_PER_WAIT entries, the length passed; `timeout` is a
+        // valid timespec and a null sigmask leaves the mask alone.
         let ready = unsafe {
-            libc::epoll_wait(
+            libc::epoll_pwait2(
                 epoll_fd,
                 events.as_mut_ptr(),
                 EVENTS_PER_WAIT as i32,
-                wait_ms,
+                &timeout,
+                std::ptr::null(),
             )
         };
         // A negative count is EINTR (or worse); just wait again.
