@@ -39,7 +39,8 @@
 //!        everything queued), ids assigned in commit order
 //!     ─► bus::Fanout (CommitListener): encode the frame once ══ inbox of every shard ══►
 //!        shard M: Hub::for_each_target (user ∪ channels ∪ broadcast, once per connection)
-//!        ─► outbound::send_frame: one non-blocking send(2) of the shared frame, or queue it
+//!        ─► outbound::WriteBatch: the frames of one inbox burst, then one non-blocking
+//!           sendmsg(2) per connection for all of its frames (or queue what the socket refuses)
 //!     ◄── the store thread replies; shard N answers 201 {"id","timestamp"}
 //! ```
 //!
@@ -47,8 +48,8 @@
 //! Redis; on the other nodes the bus thread decodes it once and sends it to the inboxes of the shards
 //! that hold an interested connection.
 //!
-//! Client publishes skip the store: `ws::session` delivers to its own shard and sends the same shared
-//! delivery to the other shards' inboxes.
+//! Client publishes skip the store: `ws::session` puts the shared delivery in every shard's inbox, its
+//! own included (marked with the sender, who is skipped), so publishes are batched like the rest.
 
 pub mod api;
 pub mod auth;

@@ -11,7 +11,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::worker::report::{WorkerReport, QUIT_COMMAND};
+use hdrhistogram::Histogram;
+
+use crate::worker::holder::new_latency_histogram;
+use crate::worker::report::{WorkerReport, QUIT_COMMAND, START_COMMAND};
 
 /// Sample failure messages kept for the summary, over all workers.
 const ERROR_SAMPLES_KEPT: usize = 5;
@@ -34,6 +37,12 @@ pub struct WorkerState {
     pub ready: bool,
     /// The worker's stdout ended: it exited or crashed.
     pub exited: bool,
+    /// Stamped messages received, as last reported.
+    pub delivered: u64,
+    /// Messages published by the worker (chat), as last reported.
+    pub published: u64,
+    /// Deliveries the worker's publishes should make, as last reported.
+    pub expected: u64,
 }
 
 impl WorkerState {
@@ -73,6 +82,8 @@ pub struct Fleet {
     fatal: Vec<String>,
     /// Workers have been told to quit, so their exits are expected.
     quit_sent: bool,
+    /// Publish-to-receive latency over every worker's `hist` lines, microseconds.
+    latency_us: Histogram<u64>,
 }
 
 impl Fleet {
@@ -89,6 +100,7 @@ impl Fleet {
             error_samples: Vec::new(),
             fatal: Vec::new(),
             quit_sent: false,
+            latency_us: new_latency_histogram(),
         };
         for (index, (assigned, args)) in worker_args.into_iter().enumerate() {
             let spawned = Command::new(&exe)
@@ -176,6 +188,17 @@ impl Fleet {
                 }
             }
             Some(WorkerReport::Fatal(msg)) => self.fatal.push(format!("worker {index}: {msg}")),
+            Some(WorkerReport::Delivered(total)) => state.delivered = total,
+            Some(WorkerReport::Published { total, expected }) => {
+                state.published = total;
+                state.expected = expected;
+            }
+            Some(WorkerReport::Hist { us, count }) => {
+                // Values come from a histogram of the same bounds; an out-of-range one is clamped.
+                let _ = self
+                    .latency_us
+                    .record_n(us.clamp(1, self.latency_us.high()), count);
+            }
             None => state.exited = true,
         }
     }
@@ -204,6 +227,38 @@ impl Fleet {
             };
         }
         totals
+    }
+
+    /// Stamped messages received over all workers, as last reported.
+    pub fn delivered(&self) -> u64 {
+        self.states.iter().map(|s| s.delivered).sum()
+    }
+
+    /// Messages published by workers and the deliveries they should make, as last reported.
+    pub fn published(&self) -> (u64, u64) {
+        self.states
+            .iter()
+            .fold((0, 0), |(p, e), s| (p + s.published, e + s.expected))
+    }
+
+    /// Publish-to-receive latency of every delivery, in microseconds; complete once the workers have
+    /// stopped (they send their histograms on the way out).
+    pub fn latency_us(&self) -> &Histogram<u64> {
+        &self.latency_us
+    }
+
+    /// The workers' process ids, for reading their CPU time.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// Tells every worker to start publishing (chat).
+    pub fn start_publishing(&mut self) {
+        for pipe in self.stdins.iter_mut().flatten() {
+            // A worker that already exited is counted by its missing deliveries.
+            let _ = writeln!(pipe, "{START_COMMAND}");
+            let _ = pipe.flush();
+        }
     }
 
     /// The first few failure messages from workers.

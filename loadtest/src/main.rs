@@ -8,8 +8,13 @@
 //! (`GET /ws?user_id=u0`, `u1`, ...), lets the server settle, reads `VmRSS` again and divides the
 //! growth by the connections held. While the connections sit idle it also samples the server's CPU
 //! time (`utime + stime` in `/proc/<pid>/stat`), which should be near zero. It ends with a human summary
-//! and one JSON line for scripts and benchmark records. Later scenarios (fanout, targeted, ingest,
-//! chat) will be further subcommands, one module each under `scenario/`.
+//! and one JSON line for scripts and benchmark records.
+//!
+//! The delivery scenarios (`fanout`, `targeted`, `chat`) measure what the server is for: receivers held
+//! by the same worker processes, a publisher stamping each message's send time into its `data`, and
+//! per-delivery latency (hdrhistogram p50/p90/p99/p99.9/max), deliveries per second, the server's
+//! CPU-seconds per million deliveries and the clients' CPU per delivery. `--soak-s` turns any of them
+//! into a steady-load soak that samples the server's RSS.
 //!
 //! # Why several processes and source addresses
 //!
@@ -27,7 +32,11 @@
 //! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above,
 //!   [`scenario::ingest`] measures REST send/batch throughput and latency, [`scenario::history`]
 //!   history page latency for a user with a large inbox, [`scenario::crossnode`] delivery from one
-//!   node to WebSockets on another.
+//!   node to WebSockets on another; [`scenario::fanout`],
+//!   [`scenario::targeted`] and [`scenario::chat`] delivery latency and cost, through
+//!   [`scenario::delivery`].
+//! - [`publisher`]: the parent's WebSocket and REST publishers, open-loop at a set rate.
+//! - [`stamp`]: the send-time stamp in `data` and the clock it is read from.
 //! - [`plan`]: which worker and which source address each connection index gets.
 //! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
 //! - [`worker`]: the worker process: connect at a paced rate, hold and answer pings, report.
@@ -43,8 +52,10 @@ pub mod http;
 pub mod limits;
 pub mod plan;
 pub mod progress;
+pub mod publisher;
 pub mod scenario;
 pub mod server_probe;
+pub mod stamp;
 pub mod target;
 pub mod worker;
 pub mod ws;
@@ -77,6 +88,13 @@ pub enum Command {
     History(scenario::history::HistoryArgs),
     /// Delivery rate and send→deliver latency from one node to WebSockets on another.
     Crossnode(scenario::crossnode::CrossNodeArgs),
+    /// C subscribers of one channel, M messages published to it (WebSocket or REST): deliveries/s,
+    /// publish-to-deliver latency, server CPU per million deliveries.
+    Fanout(scenario::fanout::FanoutArgs),
+    /// C users, REST sends to random ones at a set rate (open-loop): delivery latency and cost.
+    Targeted(scenario::targeted::TargetedArgs),
+    /// Clients in rooms publishing to each other over WebSocket: delivery latency and cost.
+    Chat(scenario::chat::ChatArgs),
     /// Internal: one worker process of a run, started by the parent. Not for direct use.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -99,6 +117,18 @@ fn main() -> ExitCode {
         }),
         Command::Crossnode(args) => scenario::crossnode::run(args).unwrap_or_else(|e| {
             eprintln!("loadtest crossnode: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Fanout(args) => scenario::fanout::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest fanout: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Targeted(args) => scenario::targeted::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest targeted: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Chat(args) => scenario::chat::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest chat: {e}");
             ExitCode::from(EXIT_SETUP_ERROR)
         }),
         Command::Worker(args) => match worker::run(args) {

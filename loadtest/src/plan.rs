@@ -157,6 +157,19 @@ pub fn worker_rate(total_rate: f64, share: u64, total: u64) -> f64 {
     total_rate * share as f64 / total as f64
 }
 
+/// The channel connection `index` subscribes to, and how many connections share it. With `room_size`
+/// 0 every connection shares `channel`; otherwise connections are grouped in consecutive rooms of
+/// `room_size`, `{channel}-0`, `{channel}-1`, ... (the last one smaller if `total` is not a multiple).
+pub fn room_of(channel: &str, index: u64, room_size: u64, total: u64) -> (String, u64) {
+    if room_size == 0 {
+        return (channel.to_string(), total);
+    }
+    let room = index / room_size;
+    let first = room * room_size;
+    let members = room_size.min(total.saturating_sub(first)).max(1);
+    (format!("{channel}-{room}"), members)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +261,14 @@ mod tests {
             check_spread(&SourceSpread::default_for(100), 100, 1_000),
             Ok(())
         );
+    }
+
+    #[test]
+    fn rooms_group_consecutive_connections_and_the_last_may_be_smaller() {
+        assert_eq!(room_of("lt", 7, 0, 100), ("lt".to_string(), 100));
+        assert_eq!(room_of("lt", 0, 10, 25), ("lt-0".to_string(), 10));
+        assert_eq!(room_of("lt", 19, 10, 25), ("lt-1".to_string(), 10));
+        assert_eq!(room_of("lt", 24, 10, 25), ("lt-2".to_string(), 5));
     }
 
     #[test]

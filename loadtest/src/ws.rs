@@ -27,6 +27,8 @@ const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// Frame opcodes the client reacts to.
 pub mod opcode {
+    /// A text frame: every message of the protocol.
+    pub const TEXT: u8 = 0x1;
     /// The peer is closing the connection.
     pub const CLOSE: u8 = 0x8;
     /// A heartbeat the client must answer with a pong carrying the same payload.
@@ -147,14 +149,14 @@ pub fn is_switching_protocols(status_line: &str) -> bool {
 }
 
 /// Sends the upgrade request and waits for a `101` answer on a blocking stream (whose read timeout
-/// the caller has set). Bytes after the response head (the server's first frames) are discarded:
-/// an idle client has no use for them.
+/// the caller has set). Returns the bytes that came after the response head: the start of the server's
+/// first frames, which the caller must parse before anything it reads next.
 pub fn client_handshake(
     stream: &mut TcpStream,
     host_header: &str,
     path: &str,
     key: &str,
-) -> Result<(), HandshakeError> {
+) -> Result<Vec<u8>, HandshakeError> {
     stream.write_all(upgrade_request(host_header, path, key).as_bytes())?;
     let mut head = Vec::with_capacity(RESPONSE_READ_CHUNK);
     let mut chunk = [0u8; RESPONSE_READ_CHUNK];
@@ -173,11 +175,14 @@ pub fn client_handshake(
             return Err(HandshakeError::TooLong);
         }
     };
-    let head = &head[..head_end];
-    let status_line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let status_line = head[..head_end]
+        .split(|&b| b == b'\r')
+        .next()
+        .unwrap_or_default();
     let status_line = String::from_utf8_lossy(status_line);
     if is_switching_protocols(&status_line) {
-        Ok(())
+        head.drain(..head_end);
+        Ok(head)
     } else {
         Err(HandshakeError::Rejected(status_line.into_owned()))
     }
@@ -256,6 +261,82 @@ pub fn parse_frame(buf: &[u8]) -> Result<Option<FrameHead>, FrameError> {
         payload: at..end,
         len: end,
     }))
+}
+
+/// Appends a masked client text frame carrying `payload`, as every client frame must be masked.
+pub fn write_masked_text_frame(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4]) {
+    out.push(0x80 | opcode::TEXT);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+}
+
+/// Subscribes a freshly upgraded blocking stream to `channel` and waits (within the stream's read
+/// timeout) for the server's `subscribed` answer, so nothing published afterwards can be missed.
+/// `pending` holds bytes already read (from [`client_handshake`]); on return it holds whatever came
+/// after the answer.
+///
+/// The request names the channel both as `channels` (this server's form) and `channel`, so a reference
+/// hub that takes the singular form understands it too.
+pub fn subscribe_and_wait(
+    stream: &mut TcpStream,
+    channel: &str,
+    pending: &mut Vec<u8>,
+    keys: &mut KeyGen,
+) -> Result<(), HandshakeError> {
+    let request = format!(
+        "{{\"action\":\"subscribe\",\"channels\":[\"{channel}\"],\"channel\":\"{channel}\"}}"
+    );
+    let mut frame = Vec::with_capacity(request.len() + 8);
+    write_masked_text_frame(
+        &mut frame,
+        request.as_bytes(),
+        (keys.next_u64() as u32).to_ne_bytes(),
+    );
+    stream.write_all(&frame)?;
+    let mut chunk = [0u8; RESPONSE_READ_CHUNK];
+    loop {
+        while let Some(head) =
+            parse_frame(pending).map_err(|e| HandshakeError::Rejected(e.to_string()))?
+        {
+            let payload = &pending[head.payload.clone()];
+            let acked = head.opcode == opcode::TEXT
+                && memchr::memmem::find(payload, b"subscribed").is_some();
+            if head.opcode == opcode::CLOSE {
+                return Err(HandshakeError::Closed);
+            }
+            if let Some(error) = (head.opcode == opcode::TEXT
+                && memchr::memmem::find(payload, b"\"error\"").is_some())
+            .then(|| String::from_utf8_lossy(payload).into_owned())
+            {
+                return Err(HandshakeError::Rejected(error));
+            }
+            pending.drain(..head.len);
+            if acked {
+                return Ok(());
+            }
+        }
+        if pending.len() > MAX_RESPONSE_HEAD {
+            return Err(HandshakeError::TooLong);
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Err(HandshakeError::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        pending.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// A pong frame echoing `payload`, masked with `mask` as every client frame must be.

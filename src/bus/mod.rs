@@ -182,6 +182,13 @@ impl Fanout {
         }
     }
 
+    /// Sends a message to shard `index` (a shard may send to its own inbox).
+    pub fn send_to_shard(&self, index: usize, msg: ShardMsg) {
+        if let Some(shard) = self.shards.get(index) {
+            shard.send_to_shard(msg);
+        }
+    }
+
     /// Asks every shard to shut down gracefully.
     pub fn shutdown_all_shards(&self) {
         for shard in self.shards.iter() {

@@ -12,12 +12,16 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 
 use crate::bus::Delivery;
+use crate::shard::hub::ConnId;
 
 /// Work sent to a shard from another thread.
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Deliveries to route to this shard's interested connections, in order.
     Deliver(Arc<[Arc<Delivery>]>),
+    /// A client's publish, sent by a connection of this same shard to its own inbox so that it is
+    /// written in the pump's batches too; the sender (a connection of this shard) is skipped.
+    DeliverExcept(Arc<Delivery>, ConnId),
     /// Begin a graceful shutdown: stop accepting, close WebSockets with 1001, finish requests.
     Shutdown,
 }

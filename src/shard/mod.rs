@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, ShardCounters};
 use crate::shard::hub::{ConnId, ConnKind, Hub};
 use crate::shard::inbox::{InboxReceiver, ShardMsg};
-use crate::shard::outbound::{deliver_live, send_frame, Sent};
+use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::store::Store;
 use crate::ws::codec::{close_code, encode_ping};
 
@@ -52,6 +52,10 @@ const READ_SCRATCH_BYTES: usize = 64 * 1024;
 const EXECUTOR_IO_MEMORY: usize = 64 * 1024;
 /// Inbox messages handled before the pump yields to connection tasks.
 const PUMP_BATCH: usize = 256;
+/// Frames the pump collects before writing them out (see `outbound::WriteBatch`): enough to turn a
+/// burst of messages into one write per subscriber, small enough (about 400 KiB of entries) that the
+/// batch's buffer stays a fixed, modest part of the shard's memory.
+const WRITE_BATCH_FRAMES: usize = 16 * 1024;
 /// Unanswered pings after which a WebSocket is considered dead.
 const MAX_MISSED_PONGS: u8 = 2;
 /// How often a shutting-down shard checks whether its connections are gone.
@@ -141,6 +145,8 @@ pub struct Shard {
     connection_seq: Cell<u64>,
     /// The server ping frame, shared by every connection.
     ping_frame: Bytes,
+    /// Frames of the inbox burst being routed, written per connection at its end.
+    write_batch: RefCell<WriteBatch>,
 }
 
 impl Shard {
@@ -162,19 +168,33 @@ impl Shard {
     }
 
     /// Writes a delivery to every interested connection of this shard (`skip`: the sender of a client
-    /// message).
-    pub fn deliver_local(&self, delivery: &Delivery, skip: Option<ConnId>) {
+    /// message), collecting the frames in the shard's write batch; they are written by [`Shard::flush_deliveries`], which must run before the caller yields.
+    fn deliver_batched(&self, delivery: &Delivery, skip: Option<ConnId>) {
         let max_outbound = self.config.max_outbound_bytes;
         let mut delivered = 0;
+        let mut batch = self.write_batch.borrow_mut();
         self.hub
             .borrow_mut()
-            .for_each_target(delivery, skip, |_, conn, frame| {
-                if deliver_live(conn, delivery.id, frame, max_outbound) == Sent::Accepted {
+            .for_each_target(delivery, skip, |id, conn, frame| {
+                if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
                     delivered += 1;
                 }
             });
         if delivered > 0 {
             self.stats().deliveries(delivered);
+        }
+        let full = batch.len() >= WRITE_BATCH_FRAMES;
+        drop(batch);
+        if full {
+            self.flush_deliveries();
+        }
+    }
+
+    /// Writes what [`Shard::deliver_batched`] collected.
+    fn flush_deliveries(&self) {
+        let mut batch = self.write_batch.borrow_mut();
+        if !batch.is_empty() {
+            batch.flush(&mut self.hub.borrow_mut(), self.config.max_outbound_bytes);
         }
     }
 
@@ -228,6 +248,7 @@ async fn run_shard(setup: ShardSetup) {
         accept_waker: RefCell::new(None),
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
+        write_batch: RefCell::new(WriteBatch::default()),
     });
     let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
     let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
@@ -277,7 +298,9 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
     }
 }
 
-/// Routes inbox messages: deliveries to local connections, shutdown to `begin_shutdown`.
+/// Routes inbox messages: deliveries to local connections, shutdown to `begin_shutdown`. The deliveries
+/// of one burst are written per connection at its end (and before every yield), so N queued messages
+/// cost each subscriber one write, not N.
 async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
     loop {
         inbox.ready().await;
@@ -286,16 +309,24 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
             match msg {
                 ShardMsg::Deliver(deliveries) => {
                     for d in deliveries.iter() {
-                        shard.deliver_local(d, None);
+                        shard.deliver_batched(d, None);
                     }
                 }
-                ShardMsg::Shutdown => shard.begin_shutdown(),
+                ShardMsg::DeliverExcept(delivery, sender) => {
+                    shard.deliver_batched(&delivery, Some(sender));
+                }
+                ShardMsg::Shutdown => {
+                    shard.flush_deliveries();
+                    shard.begin_shutdown();
+                }
             }
             handled += 1;
             if handled % PUMP_BATCH == 0 {
+                shard.flush_deliveries();
                 glommio::yield_if_needed().await;
             }
         }
+        shard.flush_deliveries();
     }
 }
 

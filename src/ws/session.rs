@@ -29,6 +29,7 @@ use crate::http::response::Response;
 use crate::model::{validate_channel_list, validate_user_id, Notification};
 use crate::shard::connection::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
 use crate::shard::hub::{ConnId, Hub, LiveMark, SubscribeError};
+use crate::shard::inbox::ShardMsg;
 use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
 use crate::shard::Shard;
 use crate::store::ReplayQuery;
@@ -498,7 +499,12 @@ impl Session {
             return;
         }
         let delivery = Arc::new(Delivery::of_client_message(channel, &self.user, data));
-        shard.deliver_local(&delivery, Some(self.conn.id));
+        // This shard's subscribers get it through its own inbox too, so that a burst of publishes is
+        // written in the pump's per-connection batches (shard::outbound::WriteBatch).
+        shard.fanout.send_to_shard(
+            shard.index,
+            ShardMsg::DeliverExcept(delivery.clone(), self.conn.id),
+        );
         shard
             .fanout
             .send_client_message(shard.index, channel, delivery);

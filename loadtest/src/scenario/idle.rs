@@ -12,7 +12,6 @@
 //! Bytes per connection is `(rss_after - rss_before) / connections held`, the figure the ~1 KiB budget
 //! of DESIGN.md is stated in.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -21,17 +20,10 @@ use clap::Args;
 use serde_json::json;
 
 use crate::fleet::{Fleet, FleetTotals};
-use crate::limits::{self, FD_RESERVE};
-use crate::plan::{self, SourceSpread, WorkerShare};
-use crate::progress::ProgressLine;
+use crate::scenario::receivers::{self, ReceiverArgs};
 use crate::server_probe::{self, ServerProcesses};
-use crate::target::{self, WsTarget};
-use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
 
-/// Most connections one run may open: a bound so a typo cannot ask for millions.
-pub const MAX_CONNECTIONS: u64 = 250_000;
-
-/// Longest `--hold-s` and `--timeout-s`, so every run ends within hours at worst.
+/// Longest `--hold-s`, so every run ends within hours at worst.
 pub const MAX_PHASE_S: u64 = 3_600;
 
 /// Pause between the last connection and the "after" RSS reading, for the server to finish the work
@@ -41,60 +33,25 @@ pub const SETTLE: Duration = Duration::from_secs(2);
 /// Share of connections that may fail (or be dropped) before the run exits non-zero.
 pub const MAX_FAILED_FRACTION: f64 = 0.01;
 
-/// How often the progress line is redrawn.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
-
 /// How long workers get to exit after `quit` before they are killed. Closing 20,000 sockets takes a
 /// moment, but not this long.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Characters allowed in `--user-prefix`, which goes into the URL unescaped.
-fn is_url_safe(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')
-}
-
 /// Options of `loadtest idle`.
 #[derive(Debug, Args)]
 pub struct IdleArgs {
-    /// WebSocket endpoint of the server. Only loopback hosts (127.0.0.0/8, localhost) are accepted.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
-
     /// Total connections to open, each as its own user.
     #[arg(long)]
     pub connections: u64,
 
-    /// Most connections one worker process holds. A process may open at most 20,000 files here, so
-    /// keep this below that; the run uses ceil(connections / per-process) workers.
-    #[arg(long, default_value_t = 9_000)]
-    pub per_process: u64,
-
-    /// Loopback source addresses for client sockets, comma-separated; connections are spread evenly
-    /// over them. Each address gives one ephemeral port range (~28,000 ports) towards the server.
-    /// Default: 127.0.0.2, 127.0.0.3, ... one address per 20,000 connections.
-    #[arg(long, value_delimiter = ',', value_name = "IPS")]
-    pub source_ips: Option<Vec<String>>,
-
-    /// Server process(es) to measure, comma-separated. Default: whoever listens on the URL's port.
-    #[arg(long, value_delimiter = ',', value_name = "PID")]
-    pub server_pid: Vec<u32>,
-
     /// Seconds to hold the connections open after they are all up (and settled), measuring the
-    /// server's CPU use while idle.
+    /// server's CPU use while idle. Hold past the server's HEARTBEAT_S to include a heartbeat round.
     #[arg(long, default_value_t = 10)]
     pub hold_s: u64,
 
-    /// Cap on new connections per second, over all workers together.
-    #[arg(long, default_value_t = 5_000)]
-    pub connect_rate: u64,
-
-    /// Prefix of user ids: connection i connects as user {prefix}{i}.
-    #[arg(long, default_value = "u")]
-    pub user_prefix: String,
-
-    /// Seconds allowed for opening all connections; those not attempted by then count as failed.
-    #[arg(long, default_value_t = 120)]
-    pub timeout_s: u64,
+    /// How the connections are opened.
+    #[command(flatten)]
+    pub receivers: ReceiverArgs,
 }
 
 /// Why an idle run could not start.
@@ -116,88 +73,6 @@ impl fmt::Display for IdleError {
 }
 
 impl std::error::Error for IdleError {}
-
-/// A validated run: what to open, where, and how.
-struct IdlePlan {
-    target: WsTarget,
-    sources: SourceSpread,
-    shares: Vec<WorkerShare>,
-}
-
-/// Checks every option against the machine's limits before anything is opened.
-fn plan(args: &IdleArgs) -> Result<IdlePlan, IdleError> {
-    let invalid = |msg: String| IdleError::Invalid(msg);
-    let target = WsTarget::parse(&args.url).map_err(|e| invalid(e.to_string()))?;
-    if args.connections == 0 || args.connections > MAX_CONNECTIONS {
-        return Err(invalid(format!(
-            "--connections must be between 1 and {MAX_CONNECTIONS}"
-        )));
-    }
-    if args.hold_s > MAX_PHASE_S || args.timeout_s == 0 || args.timeout_s > MAX_PHASE_S {
-        return Err(invalid(format!(
-            "--hold-s must be at most {MAX_PHASE_S} and --timeout-s between 1 and {MAX_PHASE_S}"
-        )));
-    }
-    if args.connect_rate == 0 {
-        return Err(invalid("--connect-rate must be at least 1".into()));
-    }
-    if args.user_prefix.is_empty() || !args.user_prefix.chars().all(is_url_safe) {
-        return Err(invalid(
-            "--user-prefix must be non-empty and use only A-Z a-z 0-9 - _ . ~".into(),
-        ));
-    }
-    let files = limits::nofile_hard_limit()
-        .map_err(|e| invalid(format!("cannot read RLIMIT_NOFILE: {e}")))?;
-    let most_per_process = files.saturating_sub(FD_RESERVE);
-    if args.per_process == 0 || args.per_process > most_per_process {
-        return Err(invalid(format!(
-            "--per-process must be between 1 and {most_per_process} (open-files hard limit {files} less {FD_RESERVE} spare)"
-        )));
-    }
-    let sources = match &args.source_ips {
-        Some(ips) => {
-            let addrs = ips
-                .iter()
-                .map(|ip| target::parse_source_ip(ip))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| invalid(e.to_string()))?;
-            SourceSpread::even(args.connections, addrs)
-        }
-        None => SourceSpread::default_for(args.connections),
-    };
-    plan::check_spread(&sources, args.connections, limits::ephemeral_port_count())
-        .map_err(|e| invalid(e.to_string()))?;
-    let shares = plan::split_over_workers(args.connections, args.per_process);
-    Ok(IdlePlan {
-        target,
-        sources,
-        shares,
-    })
-}
-
-/// The command line of each worker: its share, the shared settings, and its part of the rate.
-fn worker_command_lines(args: &IdleArgs, plan: &IdlePlan) -> Vec<(u64, Vec<OsString>)> {
-    plan.shares
-        .iter()
-        .map(|share| {
-            let rate = plan::worker_rate(args.connect_rate as f64, share.count, args.connections);
-            let argv = [
-                ("--url", args.url.clone()),
-                ("--first", share.first.to_string()),
-                ("--count", share.count.to_string()),
-                ("--source-ips", plan.sources.addrs_arg()),
-                ("--per-source", plan.sources.per_addr.to_string()),
-                ("--connect-rate", rate.to_string()),
-                ("--user-prefix", args.user_prefix.clone()),
-                ("--deadline-s", args.timeout_s.to_string()),
-            ]
-            .into_iter()
-            .flat_map(|(flag, value)| [OsString::from(flag), OsString::from(value)])
-            .collect();
-            (share.count, argv)
-        })
-        .collect()
-}
 
 /// The figures one run produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,28 +178,40 @@ fn round_to(value: f64, decimals: i32) -> f64 {
 
 /// Runs the idle scenario; the exit code says whether too many connections failed.
 pub fn run(args: IdleArgs) -> Result<ExitCode, IdleError> {
-    let plan = plan(&args)?;
-    let server = find_server(&args, plan.target.addr.port());
+    if args.hold_s > MAX_PHASE_S {
+        return Err(IdleError::Invalid(format!(
+            "--hold-s must be at most {MAX_PHASE_S}"
+        )));
+    }
+    let conn = &args.receivers;
+    let layout = receivers::lay_out(conn, args.connections).map_err(IdleError::Invalid)?;
+    let server = receivers::find_server(conn, layout.target.addr.port());
     eprintln!(
         "idle: {} connections to {} as {}0..{}{}, {} worker(s) of at most {}, source address(es) {}, at most {}/s",
         args.connections,
-        args.url,
-        args.user_prefix,
-        args.user_prefix,
+        conn.url,
+        conn.user_prefix,
+        conn.user_prefix,
         args.connections - 1,
-        plan.shares.len(),
-        args.per_process,
-        plan.sources.addrs_arg(),
-        args.connect_rate
+        layout.shares.len(),
+        conn.per_process,
+        layout.sources.addrs_arg(),
+        conn.connect_rate
     );
     let rss_before_kb = server
         .as_ref()
         .and_then(|s| read_rss(s, "before connecting"));
 
-    let started = Instant::now();
-    let mut fleet =
-        Fleet::spawn("worker", worker_command_lines(&args, &plan)).map_err(IdleError::Spawn)?;
-    let connect_s = connect_all(&mut fleet, &args, started);
+    let worker_lines = layout
+        .shares
+        .iter()
+        .map(|share| {
+            let argv = receivers::worker_args(conn, &layout, share, args.connections);
+            (share.count, receivers::to_argv(argv))
+        })
+        .collect();
+    let mut fleet = Fleet::spawn("worker", worker_lines).map_err(IdleError::Spawn)?;
+    let connect_s = receivers::connect_all(&mut fleet, conn, args.connections);
 
     // Settle, still following worker reports so drops are seen.
     fleet.poll(SETTLE);
@@ -381,34 +268,6 @@ pub fn run(args: IdleArgs) -> Result<ExitCode, IdleError> {
     })
 }
 
-/// The processes to measure: the given pids, or the port's listeners; `None` (with a note) if neither
-/// works, in which case the run goes on without memory and CPU figures.
-fn find_server(args: &IdleArgs, port: u16) -> Option<ServerProcesses> {
-    if !args.server_pid.is_empty() {
-        return Some(ServerProcesses {
-            pids: args.server_pid.clone(),
-        });
-    }
-    match server_probe::find_listener_pids(port) {
-        Ok(pids) => {
-            let shown: Vec<String> = pids.iter().map(u32::to_string).collect();
-            if pids.len() > 1 {
-                eprintln!(
-                    "server: pids {} listen on port {port} (figures summed)",
-                    shown.join(", ")
-                );
-            } else {
-                eprintln!("server: pid {} listens on port {port}", shown.join(", "));
-            }
-            Some(ServerProcesses { pids })
-        }
-        Err(e) => {
-            eprintln!("server: not found ({e}); RSS and CPU figures will be skipped");
-            None
-        }
-    }
-}
-
 fn read_rss(server: &ServerProcesses, when: &str) -> Option<u64> {
     match server.rss_kb() {
         Ok(kb) => Some(kb),
@@ -417,40 +276,6 @@ fn read_rss(server: &ServerProcesses, when: &str) -> Option<u64> {
             None
         }
     }
-}
-
-/// Follows the workers until every connection was attempted (or the time is up), drawing progress.
-/// Returns the seconds it took.
-fn connect_all(fleet: &mut Fleet, args: &IdleArgs, started: Instant) -> f64 {
-    // Workers stop starting connects at --timeout-s; one in flight may still take its full timeouts.
-    let give_up = started
-        + Duration::from_secs(args.timeout_s)
-        + CONNECT_TIMEOUT
-        + HANDSHAKE_TIMEOUT
-        + Duration::from_secs(2);
-    let mut progress = ProgressLine::new();
-    let line = |totals: FleetTotals, started: Instant| {
-        format!(
-            "connecting: {}/{} open, {} errors, {:.1} s",
-            totals.ok,
-            args.connections,
-            totals.failed,
-            started.elapsed().as_secs_f64()
-        )
-    };
-    while !fleet.all_settled() && Instant::now() < give_up {
-        fleet.poll(PROGRESS_INTERVAL);
-        progress.update(&line(fleet.totals(), started));
-    }
-    let connect_s = started.elapsed().as_secs_f64();
-    progress.finish(&line(fleet.totals(), started));
-    if !fleet.all_settled() {
-        eprintln!(
-            "warning: workers still connecting after {connect_s:.0} s; measuring what is open, \
-             and connections never reported count as failed"
-        );
-    }
-    connect_s
 }
 
 #[cfg(test)]
@@ -505,12 +330,5 @@ mod tests {
         assert_eq!(v["connect_s"], 4.012);
         assert!(!line.contains('\n'));
         assert!(line.starts_with(r#"{"scenario":"idle","connections":20000,"failed":0,"#));
-    }
-
-    #[test]
-    fn user_prefixes_must_be_url_safe() {
-        assert!("user-1_a.b~".chars().all(is_url_safe));
-        assert!(!"a b".chars().all(is_url_safe));
-        assert!(!"a&b".chars().all(is_url_safe));
     }
 }

@@ -5,9 +5,13 @@
 //! 1. raises its soft open-files limit to the hard limit;
 //! 2. opens connections `first..first+count` from a few threads, at its part of the total connect-rate
 //!    cap, each bound to its planned loopback source address and upgraded as user `{prefix}{index}`;
-//! 3. hands each upgraded socket to the [`holder`] thread, which answers pings and counts closes;
-//! 4. prints `ready <ok> <failed>`, then holds until its stdin says `quit` or closes, and exits
-//!    (closing every socket at once).
+//!    With `--channel` each connection then subscribes (to the channel, or with `--room-size` to its
+//!    room `{channel}-{index / room_size}`) and waits for the server's `subscribed` answer;
+//! 3. hands each upgraded socket to the [`holder`] thread, which answers pings, counts closes, and
+//!    records every stamped message it receives (count and latency);
+//! 4. prints `ready <ok> <failed>`, then holds until its stdin says `quit` or closes, reporting
+//!    `delivered` (and, publishing after `start` in the chat scenario, `published`) as they change;
+//! 5. prints its latency histogram as `hist` lines and `done`, and exits (closing every socket at once).
 //!
 //! Network errors are counted, never fatal: a load test must survive the thing it is loading.
 
@@ -28,11 +32,11 @@ use clap::Args;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::limits::{self, FD_RESERVE};
-use crate::plan::SourceSpread;
+use crate::plan::{self, SourceSpread};
 use crate::target::{self, WsTarget};
 use crate::ws::{self, HandshakeError, KeyGen};
-use holder::Holder;
-use report::{WorkerReport, QUIT_COMMAND};
+use holder::{Holder, PublishPlan, Upgraded};
+use report::{WorkerReport, QUIT_COMMAND, START_COMMAND};
 
 /// Threads opening connections in one worker. Each blocks on one connect and handshake at a time, and
 /// a loopback handshake takes well under a millisecond, so a few threads reach any sensible rate.
@@ -48,8 +52,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a worker reports progress while connecting.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 
-/// How often a holding worker checks whether the server dropped connections.
-const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a holding worker checks its counters (drops, deliveries) and reports changes.
+const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Failures a worker describes with an `error` line; the rest are only counted.
 const ERROR_SAMPLES_PER_WORKER: u64 = 3;
@@ -84,6 +88,21 @@ pub struct WorkerArgs {
     /// Threads opening connections.
     #[arg(long, default_value_t = DEFAULT_CONNECT_THREADS)]
     pub threads: usize,
+    /// Subscribe every connection to this channel (or, with `--room-size`, to its room of it).
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Connections per room: connection `i` joins `{channel}-{i / room_size}`. 0: one channel for all.
+    #[arg(long, default_value_t = 0)]
+    pub room_size: u64,
+    /// Connections in the whole run (for the size of the last room).
+    #[arg(long, default_value_t = 0)]
+    pub total: u64,
+    /// Messages this worker publishes to its rooms after `start` (chat).
+    #[arg(long, default_value_t = 0)]
+    pub publish_count: u64,
+    /// This worker's publish rate, messages per second.
+    #[arg(long, default_value_t = 0.0)]
+    pub publish_rate: f64,
 }
 
 /// Why one connection could not be opened.
@@ -136,6 +155,12 @@ struct ConnectJob {
     failed: AtomicU64,
     /// Set when the parent says quit.
     quit: Arc<AtomicBool>,
+    /// Set when the parent says start.
+    start_publishing: Arc<AtomicBool>,
+    /// Channel subscription: the channel, the room size (0: no rooms), and the run's total.
+    channel: Option<(String, u64, u64)>,
+    /// Publishing after start: (count, rate).
+    publish: Option<(u64, f64)>,
 }
 
 /// Runs a worker to the end; the exit code tells the parent nothing it did not already read.
@@ -169,6 +194,9 @@ fn prepare(args: &WorkerArgs) -> Result<ConnectJob, String> {
     if args.connect_rate <= 0.0 || args.per_source == 0 {
         return Err("connect rate and per-source count must be positive".into());
     }
+    if args.publish_count > 0 && (args.publish_rate <= 0.0 || args.channel.is_none()) {
+        return Err("publishing needs --channel and a positive --publish-rate".into());
+    }
     let start = Instant::now();
     Ok(ConnectJob {
         target,
@@ -186,13 +214,24 @@ fn prepare(args: &WorkerArgs) -> Result<ConnectJob, String> {
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         quit: Arc::new(AtomicBool::new(false)),
+        start_publishing: Arc::new(AtomicBool::new(false)),
+        channel: args
+            .channel
+            .clone()
+            .map(|c| (c, args.room_size, args.total.max(args.first + args.count))),
+        publish: (args.publish_count > 0).then_some((args.publish_count, args.publish_rate)),
     })
 }
 
 fn run_job(job: ConnectJob, threads: usize) -> io::Result<()> {
     let job = Arc::new(job);
-    let holder = Holder::spawn(Arc::clone(&job.quit))?;
-    let quit_signal = watch_stdin(Arc::clone(&job.quit));
+    let publish = job.publish.map(|(count, rate)| PublishPlan {
+        rate,
+        count,
+        start: Arc::clone(&job.start_publishing),
+    });
+    let holder = Holder::spawn(Arc::clone(&job.quit), publish)?;
+    let quit_signal = watch_stdin(Arc::clone(&job.quit), Arc::clone(&job.start_publishing));
     let error_samples = Arc::new(AtomicU64::new(0));
 
     let connectors: Vec<_> = (0..threads.max(1))
@@ -223,18 +262,53 @@ fn run_job(job: ConnectJob, threads: usize) -> io::Result<()> {
     );
     report(&WorkerReport::Ready { ok, failed });
 
-    // Hold until told to quit, telling the parent whenever the server drops connections.
-    let mut reported_drops = 0;
-    while let Err(RecvTimeoutError::Timeout) = quit_signal.recv_timeout(DROP_CHECK_INTERVAL) {
-        let dropped = holder.dropped();
-        if dropped != reported_drops {
-            reported_drops = dropped;
-            report(&WorkerReport::Dropped(dropped));
+    // Hold until told to quit, telling the parent whenever a counter moved.
+    let mut last = (0, 0, 0);
+    let mut report_changes = |holder: &Holder| {
+        let counters = holder.counters();
+        let now = (
+            counters.dropped.load(Ordering::Relaxed),
+            counters.delivered.load(Ordering::Relaxed),
+            counters.published.load(Ordering::Relaxed),
+        );
+        if now.0 != last.0 {
+            report(&WorkerReport::Dropped(now.0));
         }
+        if now.1 != last.1 {
+            report(&WorkerReport::Delivered(now.1));
+        }
+        if now.2 != last.2 {
+            report(&WorkerReport::Published {
+                total: now.2,
+                expected: counters.expected.load(Ordering::Relaxed),
+            });
+        }
+        last = now;
+    };
+    while let Err(RecvTimeoutError::Timeout) = quit_signal.recv_timeout(DROP_CHECK_INTERVAL) {
+        report_changes(&holder);
     }
     job.quit.store(true, Ordering::Relaxed);
     let dropped = holder.dropped();
-    holder.join();
+    let counters = (
+        holder.counters().delivered.load(Ordering::Relaxed),
+        holder.counters().published.load(Ordering::Relaxed),
+        holder.counters().expected.load(Ordering::Relaxed),
+    );
+    let latency = holder.join();
+    report(&WorkerReport::Delivered(counters.0));
+    if counters.1 > 0 {
+        report(&WorkerReport::Published {
+            total: counters.1,
+            expected: counters.2,
+        });
+    }
+    for bucket in latency.iter_recorded() {
+        report(&WorkerReport::Hist {
+            us: latency.highest_equivalent(bucket.value_iterated_to()),
+            count: bucket.count_at_value(),
+        });
+    }
     report(&WorkerReport::Done {
         ok,
         failed,
@@ -252,13 +326,15 @@ fn report(line: &WorkerReport) {
     let _ = out.flush();
 }
 
-/// Watches stdin for `quit` or its end; sets `quit` and signals the returned channel either way.
-fn watch_stdin(quit: Arc<AtomicBool>) -> mpsc::Receiver<()> {
+/// Watches stdin for `quit` or its end, which set `quit` and signal the returned channel, and for
+/// `start`, which sets `start`.
+fn watch_stdin(quit: Arc<AtomicBool>, start: Arc<AtomicBool>) -> mpsc::Receiver<()> {
     let (signal, receiver) = mpsc::channel();
     thread::spawn(move || {
         for line in io::stdin().lock().lines() {
             match line {
                 Ok(line) if line.trim() == QUIT_COMMAND => break,
+                Ok(line) if line.trim() == START_COMMAND => start.store(true, Ordering::Relaxed),
                 Ok(_) => {}
                 Err(_) => break,
             }
@@ -270,7 +346,7 @@ fn watch_stdin(quit: Arc<AtomicBool>) -> mpsc::Receiver<()> {
 }
 
 /// One connector thread: take the next position, wait for its slot in the schedule, open it.
-fn connect_loop(job: &ConnectJob, to_holder: &Sender<TcpStream>, samples: &AtomicU64, salt: u64) {
+fn connect_loop(job: &ConnectJob, to_holder: &Sender<Upgraded>, samples: &AtomicU64, salt: u64) {
     let mut keys = KeyGen::new(salt);
     loop {
         let k = job.next.fetch_add(1, Ordering::Relaxed);
@@ -290,10 +366,10 @@ fn connect_loop(job: &ConnectJob, to_holder: &Sender<TcpStream>, samples: &Atomi
         }
         let index = job.first + k;
         match open_connection(job, index, &mut keys) {
-            Ok(stream) => {
+            Ok(upgraded) => {
                 job.ok.fetch_add(1, Ordering::Relaxed);
                 // The holder only stops when quitting, at which point the socket may just close.
-                let _ = to_holder.send(stream);
+                let _ = to_holder.send(upgraded);
             }
             Err(e) => {
                 job.failed.fetch_add(1, Ordering::Relaxed);
@@ -305,13 +381,9 @@ fn connect_loop(job: &ConnectJob, to_holder: &Sender<TcpStream>, samples: &Atomi
     }
 }
 
-/// Opens connection `index`: bind to its source address, connect, upgrade as its user, and leave the
-/// socket non-blocking for the holder.
-fn open_connection(
-    job: &ConnectJob,
-    index: u64,
-    keys: &mut KeyGen,
-) -> Result<TcpStream, OpenError> {
+/// Opens connection `index`: bind to its source address, connect, upgrade as its user, subscribe if
+/// the run has a channel, and leave the socket non-blocking for the holder.
+fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Upgraded, OpenError> {
     let source = job.sources.for_index(index);
     let socket =
         Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(OpenError::Socket)?;
@@ -329,15 +401,28 @@ fn open_connection(
         .map_err(OpenError::Socket)?;
     let user = format!("{}{}", job.user_prefix, index);
     let path = job.target.path_for_user(&user);
-    ws::client_handshake(
+    let mut pending = ws::client_handshake(
         &mut stream,
         &job.target.host_header,
         &path,
         &keys.websocket_key(),
     )
     .map_err(OpenError::Handshake)?;
+    let room = match &job.channel {
+        Some((channel, room_size, total)) => {
+            let (name, members) = plan::room_of(channel, index, *room_size, *total);
+            ws::subscribe_and_wait(&mut stream, &name, &mut pending, keys)
+                .map_err(OpenError::Handshake)?;
+            Some((name, members.saturating_sub(1)))
+        }
+        None => None,
+    };
     stream.set_nonblocking(true).map_err(OpenError::Socket)?;
-    Ok(stream)
+    Ok(Upgraded {
+        stream,
+        pending,
+        room,
+    })
 }
 
 /// Asks the kernel to choose the source port at connect time rather than at bind time

@@ -8,16 +8,22 @@
 //! ready <ok> <failed>           every connection attempted; the worker now holds its sockets
 //! dropped <total>               the server closed some held connections (running total)
 //! fatal <message>               the worker cannot go on (it exits next)
+//! delivered <total>             stamped messages received so far (delivery scenarios)
+//! published <total> <expected>  messages this worker published, and the deliveries they should make
+//! hist <us> <count>             one bucket of the worker's latency histogram, sent just before `done`
 //! done <ok> <failed> <dropped>  the worker got `quit` and is closing its sockets
 //! ```
 //!
-//! The parent answers on the worker's stdin with a single line, `quit`; closing stdin means the same,
-//! so workers never outlive a parent that died.
+//! The parent answers on the worker's stdin with single lines: `start` (begin publishing, in the chat
+//! scenario) and `quit`; closing stdin means `quit`, so workers never outlive a parent that died.
 
 use std::fmt;
 
 /// The line the parent sends to end a worker.
 pub const QUIT_COMMAND: &str = "quit";
+
+/// The line the parent sends when every worker is subscribed and publishing may begin.
+pub const START_COMMAND: &str = "start";
 
 /// One line of a worker's stdout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +48,22 @@ pub enum WorkerReport {
     Dropped(u64),
     /// The worker cannot continue.
     Fatal(String),
+    /// Running total of stamped messages received.
+    Delivered(u64),
+    /// Running totals of messages published by this worker and the deliveries they should cause.
+    Published {
+        /// Messages published.
+        total: u64,
+        /// Deliveries those messages should make (one per other member of the room).
+        expected: u64,
+    },
+    /// One histogram bucket: `count` deliveries took about `us` microseconds.
+    Hist {
+        /// Latency of the bucket, microseconds.
+        us: u64,
+        /// Deliveries in the bucket.
+        count: u64,
+    },
     /// Final counts, sent on the way out.
     Done {
         /// Connections upgraded.
@@ -62,6 +84,11 @@ impl fmt::Display for WorkerReport {
             WorkerReport::Ready { ok, failed } => write!(f, "ready {ok} {failed}"),
             WorkerReport::Dropped(total) => write!(f, "dropped {total}"),
             WorkerReport::Fatal(msg) => write!(f, "fatal {}", one_line(msg)),
+            WorkerReport::Delivered(total) => write!(f, "delivered {total}"),
+            WorkerReport::Published { total, expected } => {
+                write!(f, "published {total} {expected}")
+            }
+            WorkerReport::Hist { us, count } => write!(f, "hist {us} {count}"),
             WorkerReport::Done {
                 ok,
                 failed,
@@ -89,6 +116,11 @@ impl WorkerReport {
             ("progress", Some(&[ok, failed])) => Some(WorkerReport::Progress { ok, failed }),
             ("ready", Some(&[ok, failed])) => Some(WorkerReport::Ready { ok, failed }),
             ("dropped", Some(&[total])) => Some(WorkerReport::Dropped(total)),
+            ("delivered", Some(&[total])) => Some(WorkerReport::Delivered(total)),
+            ("published", Some(&[total, expected])) => {
+                Some(WorkerReport::Published { total, expected })
+            }
+            ("hist", Some(&[us, count])) => Some(WorkerReport::Hist { us, count }),
             ("done", Some(&[ok, failed, dropped])) => Some(WorkerReport::Done {
                 ok,
                 failed,
@@ -115,6 +147,12 @@ mod tests {
                 failed: 0,
             },
             WorkerReport::Dropped(3),
+            WorkerReport::Delivered(12_345),
+            WorkerReport::Published {
+                total: 10,
+                expected: 90,
+            },
+            WorkerReport::Hist { us: 250, count: 7 },
             WorkerReport::Fatal("RLIMIT_NOFILE too low".into()),
             WorkerReport::Done {
                 ok: 9000,
