@@ -23,6 +23,8 @@
 //! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
 //!   encoded once and shared.
 //! - [`model`]: the notification, its validation and its JSON encoding.
+//! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
+//!   otherwise overflow a shard's stack).
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
 //!
 //! # One notification's way
@@ -45,6 +47,7 @@ pub mod api;
 pub mod bus;
 pub mod config;
 pub mod http;
+pub mod json_depth;
 pub mod metrics;
 pub mod model;
 pub mod server;
