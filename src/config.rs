@@ -80,6 +80,11 @@ pub struct Config {
     #[arg(long, env = "MAX_FRAME", default_value_t = 64 * 1024)]
     pub max_frame: usize,
 
+    /// Deepest nesting of JSON arrays and objects accepted in a request body or WebSocket message
+    /// (400 `invalid_json`, or an `error` event, above it). At most 128.
+    #[arg(long, env = "MAX_JSON_DEPTH", default_value_t = crate::json_depth::DEFAULT_MAX_JSON_DEPTH)]
+    pub max_json_depth: usize,
+
     /// Most bytes queued for one slow connection before it is closed with 1013.
     #[arg(long, env = "MAX_OUTBOUND_BYTES", default_value_t = 1024 * 1024)]
     pub max_outbound_bytes: usize,
@@ -172,6 +177,12 @@ impl Config {
         }
         if self.max_frame < 128 {
             return Err("MAX_FRAME must be at least 128".into());
+        }
+        if self.max_json_depth < 2 || self.max_json_depth > crate::json_depth::MAX_MAX_JSON_DEPTH {
+            return Err(format!(
+                "MAX_JSON_DEPTH must be between 2 and {} (a send's envelope and its data are two levels)",
+                crate::json_depth::MAX_MAX_JSON_DEPTH
+            ));
         }
         if self.retention_days == Some(0) {
             return Err(

@@ -28,6 +28,8 @@
 //!   (its own thread), [`bus::interest`] tracks which shards want which users and channels,
 //!   [`bus::wire`] is the envelope on Redis and [`bus::recent`] the ids delivered lately (no duplicates).
 //! - [`model`]: the notification, its validation and its JSON encoding.
+//! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
+//!   otherwise overflow a shard's stack).
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
 //!
 //! # One notification's way
@@ -56,6 +58,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod http;
+pub mod json_depth;
 pub mod metrics;
 pub mod model;
 pub mod server;

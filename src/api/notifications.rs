@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -19,6 +20,7 @@ use super::store_unavailable;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
+use crate::json_depth::within_depth;
 use crate::model::{
     format_time, now_millis, validate_user_id, write_json_str, FieldError, NewNotification,
     Notification, SendInput,
@@ -41,6 +43,21 @@ fn invalid_json(e: impl std::fmt::Display) -> Response {
         "invalid_json",
         &format!("the body is not valid JSON: {e}"),
     )
+}
+
+/// Parses a JSON body in place (simd-json), once its nesting is known to be within `max_depth` (see
+/// `json_depth`: deeper input could overflow the shard's stack).
+fn parse_body<T: DeserializeOwned>(body: &mut [u8], max_depth: usize) -> Result<T, Response> {
+    if !within_depth(body, max_depth) {
+        return Err(Response::error(
+            400,
+            "invalid_json",
+            &format!(
+                "the body nests arrays and objects deeper than {max_depth} levels (MAX_JSON_DEPTH)"
+            ),
+        ));
+    }
+    simd_json::serde::from_slice(body).map_err(invalid_json)
 }
 
 fn invalid_field(e: &FieldError) -> Response {
@@ -178,9 +195,9 @@ pub async fn send(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respons
         Ok(key) => key,
         Err(r) => return r,
     };
-    let input: SendInput = match simd_json::serde::from_slice(body) {
+    let input: SendInput = match parse_body(body, shard.config.max_json_depth) {
         Ok(input) => input,
-        Err(e) => return invalid_json(e),
+        Err(r) => return r,
     };
     let notification = match input.validate() {
         Ok(n) => n,
@@ -229,9 +246,9 @@ pub async fn batch(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respon
         Ok(key) => key,
         Err(r) => return r,
     };
-    let input: BatchInput = match simd_json::serde::from_slice(body) {
+    let input: BatchInput = match parse_body(body, shard.config.max_json_depth) {
         Ok(input) => input,
-        Err(e) => return invalid_json(e),
+        Err(r) => return r,
     };
     let list = match validate_batch(input) {
         Ok(list) => list,
@@ -246,9 +263,9 @@ pub async fn schedule(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Res
         Ok(key) => key,
         Err(r) => return r,
     };
-    let input: SendInput = match simd_json::serde::from_slice(body) {
+    let input: SendInput = match parse_body(body, shard.config.max_json_depth) {
         Ok(input) => input,
-        Err(e) => return invalid_json(e),
+        Err(r) => return r,
     };
     let notification = match input.validate_scheduled(now_millis()) {
         Ok(n) => n,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::bus::text_frame;
+use crate::json_depth::within_depth;
 use crate::model::{validate_channel_list, write_json_str, FieldError};
 
 /// A client request, validated.
@@ -88,8 +89,15 @@ fn channel_list(value: Option<Vec<String>>) -> Result<Vec<String>, ProtocolError
     Ok(channels)
 }
 
-/// Parses one client text message. `text` is modified (simd-json parses in place).
-pub fn parse_action(text: &mut [u8]) -> Result<Action, ProtocolError> {
+/// Parses one client text message. `text` is modified (simd-json parses in place). JSON nesting deeper
+/// than `max_depth` (`MAX_JSON_DEPTH`) is refused before parsing, see `json_depth`.
+pub fn parse_action(text: &mut [u8], max_depth: usize) -> Result<Action, ProtocolError> {
+    if !within_depth(text, max_depth) {
+        return Err(ProtocolError::new(
+            "invalid_json",
+            format!("the message nests arrays and objects deeper than {max_depth} levels (MAX_JSON_DEPTH)"),
+        ));
+    }
     let raw: RawAction = simd_json::serde::from_slice(text).map_err(|e| {
         ProtocolError::new(
             "invalid_json",
@@ -205,7 +213,10 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Action, ProtocolError> {
-        parse_action(&mut s.as_bytes().to_vec())
+        parse_action(
+            &mut s.as_bytes().to_vec(),
+            crate::json_depth::DEFAULT_MAX_JSON_DEPTH,
+        )
     }
 
     #[test]
@@ -262,6 +273,29 @@ mod tests {
         let e = parse(r#"{"action":"read","id":"nope"}"#).unwrap_err();
         assert!(e.message.contains("id"));
         assert!(parse(r#"{"action":"subscribe","channels":[]}"#).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        // Regression: 30,000 nested arrays in a publish's data overflowed the shard's stack.
+        let nested = |n: usize| {
+            format!(
+                r#"{{"action":"publish","channel":"c","data":{{"a":{}{}}}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        let max = crate::json_depth::DEFAULT_MAX_JSON_DEPTH;
+        // The envelope and data are two levels.
+        assert!(parse(&nested(max - 2)).is_ok());
+        let e = parse(&nested(max - 1)).unwrap_err();
+        assert_eq!(e.code, "invalid_json");
+        assert!(e.message.contains("MAX_JSON_DEPTH"), "{}", e.message);
+        assert_eq!(parse(&nested(30_000)).unwrap_err().code, "invalid_json");
+        // The largest allowed setting parses without trouble.
+        let max = crate::json_depth::MAX_MAX_JSON_DEPTH;
+        let mut text = nested(max - 2).into_bytes();
+        assert!(parse_action(&mut text, max).is_ok());
     }
 
     #[test]

@@ -278,6 +278,7 @@ impl Session {
     async fn frame_loop(&mut self) -> Ending {
         let mut decoder = Decoder::new();
         let max_frame = self.conn.shard.config.max_frame;
+        let max_depth = self.conn.shard.config.max_json_depth;
         let signals = Signals {
             outbox: true,
             shutdown: false,
@@ -299,7 +300,7 @@ impl Session {
                     let mut events = Vec::new();
                     let decoded = decoder.decode(&mut self.conn.inbuf, max_frame, |msg| {
                         events.push(match msg {
-                            Incoming::Text(text) => Event::Action(parse_action(text)),
+                            Incoming::Text(text) => Event::Action(parse_action(text, max_depth)),
                             Incoming::Ping(payload) => Event::Ping(payload.to_vec()),
                             Incoming::Pong(_) => Event::Pong,
                             Incoming::Close(code) => Event::Close(code),
