@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
                 serde_json::from_str(&data).expect("publish data is re-encoded JSON");
             assert!(!value.is_null());
         }
+        Ok(Action::Refresh(token)) => assert!(!token.is_empty()),
         Ok(Action::Ping | Action::Read(_) | Action::Resume(_)) => {}
         Err(e) => {
             assert!(!e.code.is_empty());
