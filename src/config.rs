@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::bus::link::{self, RedisTarget};
+
 /// The server's settings (API.md, "Configuration"). Run with `--help` for the full list.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "notification-service", version, about = "A thread-per-core real-time notification server", long_about = None)]
@@ -32,6 +34,11 @@ pub struct Config {
     /// Redis that joins several nodes (`host:port` or `redis://host:port/db`). Unset: single node.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Redis Cluster that joins several nodes through sharded Pub/Sub (Redis 7): seed nodes as
+    /// `host:port,host:port,...`. Not with REDIS_URL.
+    #[arg(long, env = "REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
 
     /// Start of every Redis channel name, so several deployments can share one Redis.
     #[arg(long, env = "REDIS_PREFIX", default_value = "notif:")]
@@ -133,19 +140,34 @@ impl Config {
                 "RETENTION_DAYS must be at least 1 (unset keeps notifications forever)".into(),
             );
         }
-        if self.redis_url.is_some() && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS {
+        if self.redis_url.is_some() && self.redis_cluster.is_some() {
+            return Err("set REDIS_URL or REDIS_CLUSTER, not both".into());
+        }
+        if self.redis_target()?.is_some()
+            && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS
+        {
             return Err(format!(
-                "with REDIS_URL, SHARDS must be at most {}",
+                "with REDIS_URL or REDIS_CLUSTER, SHARDS must be at most {}",
                 crate::bus::interest::MAX_BUS_SHARDS
             ));
-        }
-        if let Some(url) = &self.redis_url {
-            crate::bus::redis_bus::normalize_url(url)?;
         }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
             return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Where the Redis bus connects (`REDIS_URL` or `REDIS_CLUSTER`), or `None` for a single node.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, String> {
+        if let Some(url) = &self.redis_url {
+            return Ok(Some(RedisTarget::Single(link::normalize_url(url)?)));
+        }
+        match &self.redis_cluster {
+            Some(seeds) => Ok(Some(RedisTarget::Cluster(link::parse_cluster_seeds(
+                seeds,
+            )?))),
+            None => Ok(None),
+        }
     }
 
     /// The number of shards to run: `SHARDS`, or one per CPU.

@@ -17,6 +17,7 @@
 //! encoded once per node ([`wire`]), each notification delivered once per node ([`recent`]).
 
 pub mod interest;
+pub mod link;
 pub mod recent;
 pub mod redis_bus;
 pub mod wire;

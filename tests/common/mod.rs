@@ -5,6 +5,7 @@
 pub mod pg;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
