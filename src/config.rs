@@ -211,4 +211,21 @@ mod tests {
         assert_eq!(c.port, 0);
         assert!(c.validate().unwrap_err().contains("SHARDS"));
     }
+
+    #[test]
+    fn redis_cluster_is_a_seed_list_and_excludes_redis_url() {
+        let c = Config::parse_from(["x", "--redis-cluster", "10.0.0.1:7000, 10.0.0.2:7000"]);
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.redis_target().unwrap(),
+            Some(RedisTarget::Cluster(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7000".into()
+            ]))
+        );
+        let both = Config::parse_from(["x", "--redis-cluster", "h:1", "--redis-url", "h:2"]);
+        assert!(both.validate().unwrap_err().contains("not both"));
+        let empty = Config::parse_from(["x", "--redis-cluster", ","]);
+        assert!(empty.validate().unwrap_err().contains("REDIS_CLUSTER"));
+    }
 }

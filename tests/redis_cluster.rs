@@ -99,8 +99,21 @@ fn sharded_pubsub_spreads_users_over_masters_and_follows_a_slot_move() {
     for (user, _, client) in clients.iter_mut().skip(1) {
         expect_delivery(&b, user, client, "after the move, elsewhere");
     }
-    for server in [&a, &b] {
+    // Node A lost one session (the slot move), node B none: its publishes followed MOVED.
+    for (server, outages) in [(&a, 1), (&b, 0)] {
         let health = server.get("/health").json();
         assert_eq!(health["redis"], "ok", "{health}");
+        assert_eq!(metric(server, "notif_redis_outages_total"), outages);
     }
+}
+
+/// One value of a node's `/metrics`.
+fn metric(server: &TestServer, name: &str) -> u64 {
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+        .parse()
+        .unwrap()
 }
