@@ -1,9 +1,9 @@
 //! The Redis bus: one OS thread per node that joins this node's shards to the other nodes' through Redis
 //! Pub/Sub.
 //!
-//! **Threads and queues.** Shards run glommio and must never wait for Redis, so the bus thread owns both
-//! Redis connections (one subscriber, one publisher) inside a current-thread tokio runtime, as the
-//! PostgreSQL store does. Everything else talks to it through one lock-free queue of [`BusCmd`]: the
+//! **Threads and queues.** Shards run glommio and must never wait for Redis, so the bus thread owns the
+//! Redis connections (a subscriber and a publisher, see `link.rs`; with `REDIS_CLUSTER`, one of each per
+//! master, through sharded Pub/Sub) inside a current-thread tokio runtime, as the PostgreSQL store does. Everything else talks to it through one lock-free queue of [`BusCmd`]: the
 //! store thread's commits, shards' client publishes and their interest changes. It hands incoming
 //! deliveries to shards through their inboxes, and only to the shards that hold an interested connection
 //! (see `interest.rs`). Every message the thread takes from either side, it takes in a batch: all queued
@@ -28,7 +28,10 @@
 //! id order. It does so after the subscriptions are confirmed and before reading any newer message, so
 //! nothing falls between the catch-up and live delivery. What this node committed while Redis was away
 //! (up to [`MAX_UNPUBLISHED`] notifications) is published once it is back, for the nodes that did not
-//! see an outage of their own (a partition between this node and Redis only).
+//! see an outage of their own (a partition between this node and Redis only). In a Redis Cluster, a slot
+//! that moves to another master (Redis ends its channels' subscriptions with `sunsubscribe`) or a lost
+//! master ends the session the same way: the next one reads the new slot map, subscribes on the new
+//! owners and catches up the gap (a session costs one catch-up read per connected user).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
