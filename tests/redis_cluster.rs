@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use common::pg::PgSchema;
 use common::redis_cluster::TestCluster;
@@ -116,4 +117,71 @@ fn metric(server: &TestServer, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
         .parse()
         .unwrap()
+}
+
+#[test]
+fn a_failover_to_a_replica_loses_nothing_for_live_connections() {
+    let (Some(schema), Some(mut cluster)) = (PgSchema::create(), TestCluster::start()) else {
+        return;
+    };
+    let prefix = format!("nstest:{}:", uuid::Uuid::now_v7().simple());
+    // Alice's Redis channel lives on a master that is not the broadcast channel's, so the publisher
+    // side (node B, which subscribes only to broadcasts) keeps its subscription through the failover.
+    let broadcast_owner = cluster.owner(cluster.slot(&format!("{prefix}b")));
+    let (user, slot, master) = (0..)
+        .map(|i| {
+            let user = format!("user{i}");
+            let slot = cluster.slot(&format!("{prefix}u:{user}"));
+            (user, slot, cluster.owner(slot))
+        })
+        .find(|(_, _, master)| *master != broadcast_owner)
+        .unwrap();
+    let replica = cluster.add_replica(master);
+    let channel = format!("{prefix}u:{user}");
+
+    let a = node(&schema, &cluster, &prefix);
+    let b = node(&schema, &cluster, &prefix);
+    let mut alice = a.ws(&format!("user_id={user}"));
+    cluster.wait_until("node A subscribes on the master", |c| {
+        c.shardnumsub(master, &channel) == 1
+    });
+    expect_delivery(&b, &user, &mut alice, "before");
+
+    // The master dies; its replica takes over. Sends go on through node B meanwhile.
+    cluster.kill(master);
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(b.send(json!({"user_id": user, "message": format!("during {i}")})));
+    }
+    cluster.wait_until("the replica owns the slot", |c| {
+        c.owner_seen_by(replica, slot) == Some(replica)
+    });
+    cluster.wait_until("node A subscribes on the new master", |c| {
+        c.shardnumsub(replica, &channel) == 1
+    });
+    for i in 5..8 {
+        sent.push(b.send(json!({"user_id": user, "message": format!("during {i}")})));
+    }
+    // Everything sent while the master was gone arrives, once, in id order; then live delivery.
+    let mut got = Vec::new();
+    for _ in 0..sent.len() {
+        got.push(
+            alice.expect_notification()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(got, sent);
+    expect_delivery(&b, &user, &mut alice, "after");
+    // Node B may still be between two reconnect attempts (its backoff grew while the slot had no
+    // master); both are back within the longest backoff.
+    for server in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.get("/health").json()["redis"] != "ok" {
+            assert!(Instant::now() < deadline, "redis stays down on a node");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(metric(&a, "notif_redis_outages_total") >= 1);
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 /// Masters of the cluster.
 const MASTERS: usize = 3;
+/// `cluster-node-timeout` in milliseconds: short, so a replica takes over a dead master within seconds.
+const NODE_TIMEOUT_MS: &str = "1000";
 
 fn unavailable<T>(what: &str) -> Option<T> {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
@@ -28,11 +30,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Three masters sharing the 16384 slots.
+/// Three masters sharing the 16384 slots (and the replicas a test adds).
 pub struct TestCluster {
-    /// The masters' ports.
+    /// The masters' ports, then the replicas'.
     pub ports: Vec<u16>,
-    children: Vec<Child>,
+    /// The `redis-server` processes, by port; `None` once killed.
+    children: Vec<(u16, Option<Child>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -46,22 +49,9 @@ impl TestCluster {
             _dir: dir,
         };
         for _ in 0..MASTERS {
-            let port = free_port();
-            let conf = cluster._dir.path().join(format!("nodes-{port}.conf"));
-            let spawned = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(&conf)
-                .args(["--save", "", "--appendonly", "no", "--dir"])
-                .arg(cluster._dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            match spawned {
-                Ok(child) => cluster.children.push(child),
-                Err(e) => return unavailable(&format!("cannot run redis-server ({e})")),
+            if let Err(e) = cluster.spawn_node() {
+                return unavailable(&format!("cannot run redis-server ({e})"));
             }
-            cluster.ports.push(port);
         }
         for &port in &cluster.ports {
             cluster.wait_ping(port);
@@ -84,10 +74,69 @@ impl TestCluster {
                 c.ports.iter().all(|&p| {
                     c.query::<String>(p, &["CLUSTER", "INFO"])
                         .contains("cluster_state:ok")
-                }) && c.ports.iter().all(|&p| c.owner_seen_by(p, 0) == c.owner(0))
+                }) && c
+                    .ports
+                    .iter()
+                    .all(|&p| c.owner_seen_by(p, 0) == Some(c.owner(0)))
             },
         );
         Some(cluster)
+    }
+
+    /// Starts one more cluster-enabled `redis-server` on a free port; returns the port.
+    fn spawn_node(&mut self) -> std::io::Result<u16> {
+        let port = free_port();
+        let conf = self._dir.path().join(format!("nodes-{port}.conf"));
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+            .arg(&conf)
+            .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(self._dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.children.push((port, Some(child)));
+        self.ports.push(port);
+        Ok(port)
+    }
+
+    /// Adds a replica of the master on `master` and waits until it has synced; returns its port.
+    pub fn add_replica(&mut self, master: u16) -> u16 {
+        let port = self.spawn_node().expect("redis-server starts");
+        self.wait_ping(port);
+        let master_id = self.node_id(master);
+        let added = Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{master}"))
+            .args(["--cluster-slave", "--cluster-master-id", &master_id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run redis-cli");
+        assert!(
+            added.success(),
+            "redis-cli --cluster add-node failed: {added}"
+        );
+        self.wait_until("the replica has synced", |c| {
+            c.query::<String>(port, &["INFO", "replication"])
+                .contains("master_link_status:up")
+        });
+        port
+    }
+
+    /// Kills the node on `port` with SIGKILL (a crash), by its PID.
+    pub fn kill(&mut self, port: u16) {
+        for (p, child) in &mut self.children {
+            if *p == port {
+                if let Some(mut child) = child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
     }
 
     fn wait_ping(&self, port: u16) {
@@ -138,16 +187,26 @@ impl TestCluster {
         self.query(port, &["CLUSTER", "MYID"])
     }
 
-    /// The port of the master that owns `slot`, as the node on `ports[0]` sees it.
+    /// The port of the master that owns `slot`, as the first live node sees it.
     pub fn owner(&self, slot: u16) -> u16 {
-        self.owner_seen_by(self.ports[0], slot)
+        let live = self
+            .children
+            .iter()
+            .find(|(_, child)| child.is_some())
+            .map(|(port, _)| *port)
+            .expect("a live node");
+        self.owner_seen_by(live, slot)
+            .unwrap_or_else(|| panic!("no live master owns slot {slot}"))
     }
 
-    /// The port of the master that owns `slot`, as the node on `port` sees it.
-    pub fn owner_seen_by(&self, port: u16, slot: u16) -> u16 {
+    /// The port of the live master that owns `slot`, as the node on `port` sees it.
+    pub fn owner_seen_by(&self, port: u16, slot: u16) -> Option<u16> {
         let nodes: String = self.query(port, &["CLUSTER", "NODES"]);
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields[2].contains("fail") {
+                continue; // a dead master keeps its slots in the table until a replica takes them
+            }
             let owns = fields.iter().skip(8).any(|range| {
                 if range.starts_with('[') {
                     return false; // a migration in progress, not ownership
@@ -158,10 +217,10 @@ impl TestCluster {
             });
             if owns {
                 let addr = fields[1].split('@').next().unwrap();
-                return addr.rsplit(':').next().unwrap().parse().unwrap();
+                return addr.rsplit(':').next().unwrap().parse().ok();
             }
         }
-        panic!("no master owns slot {slot}: {nodes}");
+        None
     }
 
     /// Shard-channel subscribers of `channel` on the node at `port` (`PUBSUB SHARDNUMSUB`).
@@ -202,16 +261,20 @@ impl TestCluster {
             }
         }
         self.wait_until("every node sees the slot moved", |c| {
-            c.ports.iter().all(|&p| c.owner_seen_by(p, slot) == to)
+            c.ports
+                .iter()
+                .all(|&p| c.owner_seen_by(p, slot) == Some(to))
         });
     }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        for (_, child) in &mut self.children {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
