@@ -104,19 +104,8 @@ fn sharded_pubsub_spreads_users_over_masters_and_follows_a_slot_move() {
     for (server, outages) in [(&a, 1), (&b, 0)] {
         let health = server.get("/health").json();
         assert_eq!(health["redis"], "ok", "{health}");
-        assert_eq!(metric(server, "notif_redis_outages_total"), outages);
+        assert_eq!(server.metric("notif_redis_outages_total"), outages);
     }
-}
-
-/// One value of a node's `/metrics`.
-fn metric(server: &TestServer, name: &str) -> u64 {
-    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -183,5 +172,5 @@ fn a_failover_to_a_replica_loses_nothing_for_live_connections() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    assert!(metric(&a, "notif_redis_outages_total") >= 1);
+    assert!(a.metric("notif_redis_outages_total") >= 1);
 }

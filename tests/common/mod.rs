@@ -161,6 +161,17 @@ impl TestServer {
         }
     }
 
+    /// One value of `/metrics` (a counter or gauge without labels).
+    pub fn metric(&self, name: &str) -> u64 {
+        let metrics = String::from_utf8(self.get("/metrics").body).unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+            .parse()
+            .unwrap()
+    }
+
     pub fn log_contains(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
