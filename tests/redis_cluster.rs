@@ -74,10 +74,25 @@ fn sharded_pubsub_spreads_users_over_masters_and_follows_a_slot_move() {
     for (user, _, client) in &mut clients {
         expect_delivery(&b, user, client, "across the cluster");
     }
-    // Node B's publishes to users it has no client of went to one master each, not to all.
+    // A broadcast (its channel on one master) reaches every client.
     let cast = b.send(json!({"broadcast": true, "message": "to all"}));
     for (_, _, client) in &mut clients {
         assert_eq!(client.expect_notification()["id"], cast.as_str());
+    }
+    // A user who leaves and comes back at once: node A unsubscribes and subscribes again; the
+    // confirmation of its own SUNSUBSCRIBE is not taken for a slot move (no reconnect, counted below).
+    for _ in 0..3 {
+        let (user, master, client) = &mut clients[1];
+        let channel = format!("{prefix}u:{user}");
+        let _ = client.ws.get_ref().shutdown(std::net::Shutdown::Both);
+        cluster.wait_until("node A unsubscribes", |c| {
+            c.shardnumsub(*master, &channel) == 0
+        });
+        *client = a.ws(&format!("user_id={user}"));
+        cluster.wait_until("node A subscribes again", |c| {
+            c.shardnumsub(*master, &channel) == 1
+        });
+        expect_delivery(&b, user, client, "back again");
     }
 
     // Move the first user's slot to another master: Redis ends node A's subscription there; node A

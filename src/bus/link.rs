@@ -18,6 +18,8 @@
 //! map, subscribes everything on the new owners and catches up from the store what fell in the gap, the
 //! same path as a Redis outage.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
@@ -102,7 +104,37 @@ pub enum Link {
         pushes: UnboundedReceiver<PushInfo>,
         /// Publishes, one connection per master.
         publisher: ClusterConnection,
+        /// Our own SUNSUBSCRIBEs whose confirmation has not come back yet.
+        own: OwnUnsubscribes,
     },
+}
+
+/// Tells our own SUNSUBSCRIBE's confirmation from Redis ending a subscription after a slot move: both
+/// arrive as the same `sunsubscribe` push. Without this, a channel unsubscribed and subscribed again
+/// before the confirmation is read would look moved and cost a needless reconnect.
+#[derive(Default)]
+pub struct OwnUnsubscribes(HashMap<String, u32>);
+
+impl OwnUnsubscribes {
+    /// We are sending a SUNSUBSCRIBE of `name`.
+    pub fn sent(&mut self, name: &str) {
+        *self.0.entry(name.to_owned()).or_default() += 1;
+    }
+
+    /// A `sunsubscribe` push for `name` came: `true` if it confirms one of ours (then it is counted off).
+    pub fn confirmed(&mut self, name: &str) -> bool {
+        match self.0.get_mut(name) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                self.0.remove(name);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn timed_out() -> RedisError {
@@ -156,6 +188,7 @@ impl Link {
                     subscriber,
                     pushes,
                     publisher,
+                    own: OwnUnsubscribes::default(),
                 })
             }
         }
@@ -177,7 +210,7 @@ impl Link {
 
     /// Ends the subscription to one Redis channel.
     pub fn unsubscribe(
-        &self,
+        &mut self,
         name: String,
     ) -> futures_util::future::BoxFuture<'static, RedisResult> {
         match self {
@@ -185,7 +218,10 @@ impl Link {
                 let mut sink = sink.clone();
                 async move { sink.unsubscribe(name).await }.boxed()
             }
-            Link::Cluster { subscriber, .. } => {
+            Link::Cluster {
+                subscriber, own, ..
+            } => {
+                own.sent(&name);
                 let mut conn = subscriber.clone();
                 async move { conn.sunsubscribe(name).await }.boxed()
             }
@@ -229,8 +265,8 @@ impl Link {
                 Some(msg) => Incoming::Message(msg),
                 None => Incoming::Lost(connection_reset()),
             },
-            Link::Cluster { pushes, .. } => match pushes.recv().await {
-                Some(push) => from_push(push),
+            Link::Cluster { pushes, own, .. } => match pushes.recv().await {
+                Some(push) => from_push(own, push),
                 None => Incoming::Lost(connection_reset()),
             },
         }
@@ -243,7 +279,9 @@ impl Link {
                 Some(Some(msg)) => Some(Incoming::Message(msg)),
                 _ => None,
             },
-            Link::Cluster { pushes, .. } => pushes.try_recv().ok().map(from_push),
+            Link::Cluster { pushes, own, .. } => {
+                pushes.try_recv().ok().map(|push| from_push(own, push))
+            }
         }
     }
 }
@@ -256,7 +294,7 @@ fn connection_reset() -> RedisError {
 }
 
 /// Reads one RESP3 push of the cluster subscriber.
-fn from_push(push: PushInfo) -> Incoming {
+fn from_push(own: &mut OwnUnsubscribes, push: PushInfo) -> Incoming {
     match push.kind {
         PushKind::SMessage => match redis::Msg::from_push_info(push) {
             Some(msg) => Incoming::Message(msg),
@@ -264,7 +302,12 @@ fn from_push(push: PushInfo) -> Incoming {
         },
         PushKind::SUnsubscribe => match push.data.first() {
             Some(redis::Value::BulkString(name)) => {
-                Incoming::Unsubscribed(String::from_utf8_lossy(name).into_owned())
+                let name = String::from_utf8_lossy(name);
+                if own.confirmed(&name) {
+                    Incoming::Nothing
+                } else {
+                    Incoming::Unsubscribed(name.into_owned())
+                }
             }
             _ => Incoming::Nothing,
         },
@@ -301,33 +344,61 @@ mod tests {
     #[test]
     fn sharded_pushes_become_messages_and_server_unsubscribes() {
         let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
-        let message = from_push(PushInfo {
-            kind: PushKind::SMessage,
-            data: vec![bulk("notif:u:ann"), bulk("payload")],
-        });
+        let mut own = OwnUnsubscribes::default();
+        let message = from_push(
+            &mut own,
+            PushInfo {
+                kind: PushKind::SMessage,
+                data: vec![bulk("notif:u:ann"), bulk("payload")],
+            },
+        );
         let Incoming::Message(msg) = message else {
             panic!("not a message")
         };
         assert_eq!(msg.get_channel_name(), "notif:u:ann");
         assert_eq!(msg.get_payload_bytes(), b"payload");
-        let gone = from_push(PushInfo {
-            kind: PushKind::SUnsubscribe,
-            data: vec![bulk("notif:c:x"), redis::Value::Int(0)],
-        });
+        let gone = from_push(
+            &mut own,
+            PushInfo {
+                kind: PushKind::SUnsubscribe,
+                data: vec![bulk("notif:c:x"), redis::Value::Int(0)],
+            },
+        );
         assert!(matches!(gone, Incoming::Unsubscribed(n) if n == "notif:c:x"));
         assert!(matches!(
-            from_push(PushInfo {
-                kind: PushKind::Disconnection,
-                data: vec![],
-            }),
+            from_push(
+                &mut own,
+                PushInfo {
+                    kind: PushKind::Disconnection,
+                    data: vec![],
+                }
+            ),
             Incoming::Lost(_)
         ));
         assert!(matches!(
-            from_push(PushInfo {
-                kind: PushKind::SSubscribe,
-                data: vec![bulk("notif:c:x"), redis::Value::Int(1)],
-            }),
+            from_push(
+                &mut own,
+                PushInfo {
+                    kind: PushKind::SSubscribe,
+                    data: vec![bulk("notif:c:x"), redis::Value::Int(1)],
+                }
+            ),
             Incoming::Nothing
         ));
+        // Our own SUNSUBSCRIBE's confirmation is not a slot move; a second push for it is.
+        let unsubscribed = |own: &mut OwnUnsubscribes| {
+            from_push(
+                own,
+                PushInfo {
+                    kind: PushKind::SUnsubscribe,
+                    data: vec![bulk("notif:c:y"), redis::Value::Int(0)],
+                },
+            )
+        };
+        own.sent("notif:c:y");
+        own.sent("notif:c:y");
+        assert!(matches!(unsubscribed(&mut own), Incoming::Nothing));
+        assert!(matches!(unsubscribed(&mut own), Incoming::Nothing));
+        assert!(matches!(unsubscribed(&mut own), Incoming::Unsubscribed(_)));
     }
 }

@@ -558,11 +558,16 @@ impl BusThread {
             return Ok(());
         }
         let prefix = &self.config.prefix;
-        let subscribes = add.iter().map(|t| link.subscribe(t.redis_channel(prefix)));
-        let unsubscribes = remove
+        let mut changes: Vec<_> = add
             .iter()
-            .map(|t| link.unsubscribe(t.redis_channel(prefix)));
-        futures_util::future::try_join_all(subscribes.chain(unsubscribes)).await?;
+            .map(|t| link.subscribe(t.redis_channel(prefix)))
+            .collect();
+        changes.extend(
+            remove
+                .iter()
+                .map(|t| link.unsubscribe(t.redis_channel(prefix))),
+        );
+        futures_util::future::try_join_all(changes).await?;
         debug!(
             subscribed = add.len(),
             unsubscribed = remove.len(),
