@@ -7,9 +7,9 @@
 //! **A cluster.** Classic Pub/Sub copies every message to every node of a cluster; sharded Pub/Sub
 //! (`SSUBSCRIBE`/`SPUBLISH`, Redis 7) keeps a channel's traffic on the shard that owns the channel's
 //! slot (CRC16 of the name, with `{hashtag}` rules). The `redis` crate's cluster connection over RESP3
-//! does the routing: it reads the slot map from the seeds, keeps one connection per master, sends each
-//! SSUBSCRIBE and SPUBLISH to the master of its channel's slot, and follows `MOVED` by refreshing the
-//! slot map. The subscriber cluster connection hands messages to us as RESP3 pushes; a second cluster
+//! does the routing: it reads the slot map from the seeds, keeps one connection per node of it
+//! (replicas included, idle: commands go to masters only), sends each SSUBSCRIBE and SPUBLISH to the
+//! master of its channel's slot, and follows `MOVED` by refreshing the slot map. The subscriber cluster connection hands messages to us as RESP3 pushes; a second cluster
 //! connection publishes, so a burst of publishes never queues behind subscriptions.
 //!
 //! **Slot moves and failovers.** When a slot leaves a master, Redis ends the subscriptions of its
@@ -98,11 +98,11 @@ pub enum Link {
     },
     /// A Redis Cluster.
     Cluster {
-        /// Subscribes, one connection per master.
+        /// Subscribes: one connection per cluster node, SSUBSCRIBE on the slot's master.
         subscriber: ClusterConnection,
         /// The subscriber's pushes: messages, confirmations, server-side unsubscribes, disconnections.
         pushes: UnboundedReceiver<PushInfo>,
-        /// Publishes, one connection per master.
+        /// Publishes: one connection per cluster node, SPUBLISH to the slot's master.
         publisher: ClusterConnection,
         /// Our own SUNSUBSCRIBEs whose confirmation has not come back yet.
         own: OwnUnsubscribes,
