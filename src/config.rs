@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::bus::link::{self, RedisTarget};
+
 /// The server's settings (API.md, "Configuration"). Run with `--help` for the full list.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "notification-service", version, about = "A thread-per-core real-time notification server", long_about = None)]
@@ -32,6 +34,11 @@ pub struct Config {
     /// Redis that joins several nodes (`host:port` or `redis://host:port/db`). Unset: single node.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Redis Cluster that joins several nodes through sharded Pub/Sub (Redis 7): seed nodes as
+    /// `host:port,host:port,...`. Not with REDIS_URL.
+    #[arg(long, env = "REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
 
     /// Start of every Redis channel name, so several deployments can share one Redis.
     #[arg(long, env = "REDIS_PREFIX", default_value = "notif:")]
@@ -202,19 +209,34 @@ impl Config {
         if self.jwt_secret.as_deref().is_some_and(str::is_empty) {
             return Err("JWT_SECRET must not be empty".into());
         }
-        if self.redis_url.is_some() && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS {
+        if self.redis_url.is_some() && self.redis_cluster.is_some() {
+            return Err("set REDIS_URL or REDIS_CLUSTER, not both".into());
+        }
+        if self.redis_target()?.is_some()
+            && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS
+        {
             return Err(format!(
-                "with REDIS_URL, SHARDS must be at most {}",
+                "with REDIS_URL or REDIS_CLUSTER, SHARDS must be at most {}",
                 crate::bus::interest::MAX_BUS_SHARDS
             ));
-        }
-        if let Some(url) = &self.redis_url {
-            crate::bus::redis_bus::normalize_url(url)?;
         }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
             return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Where the Redis bus connects (`REDIS_URL` or `REDIS_CLUSTER`), or `None` for a single node.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, String> {
+        if let Some(url) = &self.redis_url {
+            return Ok(Some(RedisTarget::Single(link::normalize_url(url)?)));
+        }
+        match &self.redis_cluster {
+            Some(seeds) => Ok(Some(RedisTarget::Cluster(link::parse_cluster_seeds(
+                seeds,
+            )?))),
+            None => Ok(None),
+        }
     }
 
     /// The number of shards to run: `SHARDS`, or one per CPU.
@@ -257,5 +279,22 @@ mod tests {
         let c = Config::parse_from(["x", "--port", "0", "--shards", "0"]);
         assert_eq!(c.port, 0);
         assert!(c.validate().unwrap_err().contains("SHARDS"));
+    }
+
+    #[test]
+    fn redis_cluster_is_a_seed_list_and_excludes_redis_url() {
+        let c = Config::parse_from(["x", "--redis-cluster", "10.0.0.1:7000, 10.0.0.2:7000"]);
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.redis_target().unwrap(),
+            Some(RedisTarget::Cluster(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7000".into()
+            ]))
+        );
+        let both = Config::parse_from(["x", "--redis-cluster", "h:1", "--redis-url", "h:2"]);
+        assert!(both.validate().unwrap_err().contains("not both"));
+        let empty = Config::parse_from(["x", "--redis-cluster", ","]);
+        assert!(empty.validate().unwrap_err().contains("REDIS_CLUSTER"));
     }
 }

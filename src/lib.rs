@@ -25,7 +25,8 @@
 //!   SQLite backend; migrations live in `migrations/`.
 //! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
 //!   encoded once and shared; with `REDIS_URL`, [`bus::redis_bus`] joins nodes through Redis Pub/Sub
-//!   (its own thread), [`bus::interest`] tracks which shards want which users and channels,
+//!   (its own thread) over the connections of [`bus::link`] (with `REDIS_CLUSTER`, sharded Pub/Sub on a
+//!   Redis Cluster), [`bus::interest`] tracks which shards want which users and channels,
 //!   [`bus::wire`] is the envelope on Redis and [`bus::recent`] the ids delivered lately (no duplicates).
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would

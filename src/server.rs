@@ -95,7 +95,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox()).unzip();
     // The Redis bus's queue exists before the store (whose commits it publishes); its thread starts
     // after the store (which it reads to catch up after an outage).
-    let bus = config.redis_url.is_some().then(RedisBus::new);
+    let redis_target = config.redis_target().map_err(StartupError)?;
+    let bus = redis_target.is_some().then(RedisBus::new);
     let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()));
     let metrics = Arc::new(Metrics::new(shards));
 
@@ -112,10 +113,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;
 
     let auth = Arc::new(Auth::from_config(&config));
-    let bus_thread = match (bus, &config.redis_url) {
-        (Some((bus, queue)), Some(url)) => {
+    let bus_thread = match (bus, redis_target) {
+        (Some((bus, queue)), Some(target)) => {
             let bus_config = RedisBusConfig {
-                url: redis_bus::normalize_url(url).map_err(StartupError)?,
+                target,
                 prefix: config.redis_prefix.clone(),
                 max_replay: config.max_replay,
             };

@@ -122,14 +122,7 @@ fn a_redis_restart_under_traffic_loses_and_duplicates_nothing() {
     assert_eq!(caught_up, sorted, "caught up in id order");
     assert_eq!(bob_got.len(), 10 + 5 + 5);
     let metrics = String::from_utf8(a.get("/metrics").body).unwrap();
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
-            .parse()
-            .unwrap()
-    };
+    let value = |name: &str| a.metric(name);
     assert_eq!(value("notif_redis_up"), 1);
     assert_eq!(value("notif_redis_outages_total"), 1);
     assert!(value("notif_redis_caught_up_total") >= 10, "{metrics}");

@@ -11,12 +11,14 @@
 //! connections wants (a hash lookup). Since one thread (the store thread) feeds every shard in commit order,
 //! a connection sees notifications in id order, which is what makes "resume after id X" exact.
 //!
-//! With `REDIS_URL` several nodes are joined by the Redis bus ([`redis_bus`]): the same [`Fanout`] also
+//! With `REDIS_URL` (or `REDIS_CLUSTER`, sharded Pub/Sub over a Redis Cluster: [`link`]) several nodes
+//! are joined by the Redis bus ([`redis_bus`]): the same [`Fanout`] also
 //! hands each commit and each client publish to the bus thread, which publishes it once for the other
 //! nodes and routes what they publish to this node's interested shards ([`interest`]), each frame
 //! encoded once per node ([`wire`]), each notification delivered once per node ([`recent`]).
 
 pub mod interest;
+pub mod link;
 pub mod recent;
 pub mod redis_bus;
 pub mod wire;

@@ -1,9 +1,9 @@
 //! The Redis bus: one OS thread per node that joins this node's shards to the other nodes' through Redis
 //! Pub/Sub.
 //!
-//! **Threads and queues.** Shards run glommio and must never wait for Redis, so the bus thread owns both
-//! Redis connections (one subscriber, one publisher) inside a current-thread tokio runtime, as the
-//! PostgreSQL store does. Everything else talks to it through one lock-free queue of [`BusCmd`]: the
+//! **Threads and queues.** Shards run glommio and must never wait for Redis, so the bus thread owns the
+//! Redis connections (a subscriber and a publisher, see `link.rs`; with `REDIS_CLUSTER`, one of each per
+//! master, through sharded Pub/Sub) inside a current-thread tokio runtime, as the PostgreSQL store does. Everything else talks to it through one lock-free queue of [`BusCmd`]: the
 //! store thread's commits, shards' client publishes and their interest changes. It hands incoming
 //! deliveries to shards through their inboxes, and only to the shards that hold an interested connection
 //! (see `interest.rs`). Every message the thread takes from either side, it takes in a batch: all queued
@@ -28,7 +28,10 @@
 //! id order. It does so after the subscriptions are confirmed and before reading any newer message, so
 //! nothing falls between the catch-up and live delivery. What this node committed while Redis was away
 //! (up to [`MAX_UNPUBLISHED`] notifications) is published once it is back, for the nodes that did not
-//! see an outage of their own (a partition between this node and Redis only).
+//! see an outage of their own (a partition between this node and Redis only). In a Redis Cluster, a slot
+//! that moves to another master (Redis ends its channels' subscriptions with `sunsubscribe`) or a lost
+//! master ends the session the same way: the next one reads the new slot map, subscribes on the new
+//! owners and catches up the gap (a session costs one catch-up read per connected user).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -38,14 +41,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use redis::{AsyncConnectionConfig, RedisError};
+use redis::RedisError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
+use crate::bus::link::{Incoming, Link, RedisTarget};
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope};
 use crate::bus::Delivery;
@@ -57,10 +59,6 @@ use crate::store::{ReplayQuery, Store};
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long one connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long Redis may take to answer a publish pipeline before the link counts as broken.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The catch-up after an outage starts this much before the outage was noticed: a message published
 /// just before may have been lost with the connection.
 pub const CATCH_UP_MARGIN: Duration = Duration::from_secs(2);
@@ -94,25 +92,12 @@ pub enum BusCmd {
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisBusConfig {
-    /// `REDIS_URL`, normalized to `redis://...`.
-    pub url: String,
+    /// `REDIS_URL` or `REDIS_CLUSTER`, normalized to `redis://...`.
+    pub target: RedisTarget,
     /// `REDIS_PREFIX`: the start of every Redis channel name.
     pub prefix: String,
     /// Most notifications one catch-up read returns per user (`MAX_REPLAY`).
     pub max_replay: usize,
-}
-
-/// Turns `REDIS_URL` (`host:port`, `redis://host:port/db`, `rediss://...`) into a URL the client
-/// accepts, refusing what cannot work (checked at start-up, so a typo fails fast).
-pub fn normalize_url(url: &str) -> Result<String, String> {
-    let url = url.trim();
-    let url = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("redis://{url}")
-    };
-    redis::Client::open(url.as_str()).map_err(|e| format!("REDIS_URL is not usable: {e}"))?;
-    Ok(url)
 }
 
 /// The bus thread's counters, for `/metrics`. Only the bus thread writes them (not a shard's hot path).
@@ -235,14 +220,12 @@ pub fn spawn_bus_thread(
     shards: Vec<ShardInbox>,
     store: Store,
 ) -> Result<JoinHandle<()>, String> {
-    let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
     // A v7 id carries 74 random bits: enough to tell processes apart.
     let origin = Uuid::now_v7();
     let all_shards = ShardMask::all(shards.len());
     let thread = BusThread {
         broadcast: broadcast_channel(&config.prefix),
         config,
-        client,
         origin,
         shards,
         all_shards,
@@ -277,16 +260,6 @@ pub fn spawn_bus_thread(
         .map_err(|e| format!("cannot start the Redis bus thread: {e}"))
 }
 
-/// The connections of one session with Redis.
-struct Link {
-    /// Sends SUBSCRIBE and UNSUBSCRIBE on the subscriber connection.
-    sink: PubSubSink,
-    /// The messages of the subscriber connection; ends when the connection does.
-    stream: PubSubStream,
-    /// The publisher connection.
-    publisher: MultiplexedConnection,
-}
-
 /// Why a session with Redis ended.
 enum Ended {
     /// The connection failed; reconnect.
@@ -304,7 +277,6 @@ impl From<RedisError> for Ended {
 /// The bus thread's state.
 struct BusThread {
     config: RedisBusConfig,
-    client: redis::Client,
     /// This process's id in envelopes.
     origin: Uuid,
     /// The broadcast Redis channel's name.
@@ -329,7 +301,7 @@ struct BusThread {
     /// When Redis was lost (wall clock, for the catch-up read) and when (monotonic, for `recent`).
     outage_since: Option<(Millis, Instant)>,
     /// Envelopes of this node's commits made while Redis was away, with their Redis channels.
-    unpublished: VecDeque<(Vec<String>, Vec<u8>)>,
+    unpublished: VecDeque<(Vec<String>, Bytes)>,
     /// How many of those were dropped because there were more than [`MAX_UNPUBLISHED`].
     dropped_unpublished: u64,
     /// Set by [`BusCmd::Stop`].
@@ -394,29 +366,13 @@ impl BusThread {
     }
 
     async fn connect(&self) -> Result<Link, RedisError> {
-        let timed_out = || RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| timed_out())??;
-        let (sink, stream) = pubsub.split();
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let publisher = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        Ok(Link {
-            sink,
-            stream,
-            publisher,
-        })
+        Link::connect(&self.config.target).await
     }
 
     /// One session with Redis: resubscribe, catch up, then relay both ways until the link breaks.
     async fn serve(&mut self, mut link: Link) -> Ended {
         self.subscribed.clear();
-        if let Err(e) = link.sink.subscribe(&self.broadcast).await {
+        if let Err(e) = link.subscribe(self.broadcast.clone()).await {
             return Ended::Lost(e);
         }
         if let Err(e) = self.take_queued(&mut link).await {
@@ -448,17 +404,27 @@ impl BusThread {
                         return e;
                     }
                 }
-                msg = link.stream.next() => {
-                    let Some(msg) = msg else {
-                        return Ended::Lost(RedisError::from(std::io::Error::from(
-                            std::io::ErrorKind::ConnectionReset,
-                        )));
-                    };
-                    let mut batch = vec![msg];
-                    while batch.len() < MAX_BATCH {
-                        match link.stream.next().now_or_never() {
-                            Some(Some(msg)) => batch.push(msg),
-                            _ => break,
+                first = link.next() => {
+                    let mut batch = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(incoming) = next.take() {
+                        match incoming {
+                            Incoming::Message(msg) => batch.push(msg),
+                            Incoming::Unsubscribed(name) if self.wants(&name) => {
+                                // Its slot moved: reconnect to the new owner and catch up the gap.
+                                self.route_incoming(&batch);
+                                return Ended::Lost(RedisError::from(std::io::Error::other(
+                                    format!("Redis ended the subscription to {name} (slot moved)"),
+                                )));
+                            }
+                            Incoming::Lost(e) => {
+                                self.route_incoming(&batch);
+                                return Ended::Lost(e);
+                            }
+                            Incoming::Unsubscribed(_) | Incoming::Nothing => {}
+                        }
+                        if batch.len() < MAX_BATCH {
+                            next = link.next_ready();
                         }
                     }
                     self.route_incoming(&batch);
@@ -478,8 +444,7 @@ impl BusThread {
     /// Applies `first` and whatever else is queued (up to [`MAX_BATCH`]): one publish pipeline, then
     /// one subscription update.
     async fn apply_batch(&mut self, first: BusCmd, link: &mut Link) -> Result<(), Ended> {
-        let mut pipe = redis::pipe();
-        let mut publishes = 0;
+        let mut publishes = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(cmd) = next.take() {
@@ -489,20 +454,18 @@ impl BusThread {
                 BusCmd::Committed(list) => {
                     for n in list {
                         self.recent.insert(n.id, Instant::now());
-                        let envelope = wire::encode_notification(self.origin, &n);
+                        let envelope = Bytes::from(wire::encode_notification(self.origin, &n));
                         for channel in self.publish_channels(&n) {
-                            pipe.cmd("PUBLISH").arg(channel).arg(&envelope).ignore();
-                            publishes += 1;
+                            publishes.push((channel, envelope.clone()));
                         }
                     }
                 }
                 BusCmd::Message { channel, payload } => {
                     let name = Topic::Channel(channel).redis_channel(&self.config.prefix);
-                    pipe.cmd("PUBLISH")
-                        .arg(name)
-                        .arg(wire::encode_message(self.origin, &payload))
-                        .ignore();
-                    publishes += 1;
+                    publishes.push((
+                        name,
+                        Bytes::from(wire::encode_message(self.origin, &payload)),
+                    ));
                 }
                 BusCmd::Stop => self.stopping = true,
             }
@@ -510,11 +473,9 @@ impl BusThread {
                 next = self.queue.try_recv().ok();
             }
         }
-        if publishes > 0 {
-            pipe.query_async::<()>(&mut link.publisher)
-                .await
-                .map_err(Ended::Lost)?;
-            BusCounters::add(&self.counters.published, publishes);
+        if !publishes.is_empty() {
+            link.publish(&publishes).await.map_err(Ended::Lost)?;
+            BusCounters::add(&self.counters.published, publishes.len() as u64);
         }
         if self.stopping {
             return Err(Ended::Stop);
@@ -534,8 +495,10 @@ impl BusThread {
                         self.dropped_unpublished += 1;
                     }
                     let channels = self.publish_channels(&n);
-                    self.unpublished
-                        .push_back((channels, wire::encode_notification(self.origin, &n)));
+                    self.unpublished.push_back((
+                        channels,
+                        Bytes::from(wire::encode_notification(self.origin, &n)),
+                    ));
                 }
             }
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
@@ -555,16 +518,16 @@ impl BusThread {
             self.dropped_unpublished = 0;
         }
         while !self.unpublished.is_empty() {
-            let mut pipe = redis::pipe();
             let take = self.unpublished.len().min(MAX_BATCH);
-            for (channels, envelope) in self.unpublished.range(..take) {
-                for channel in channels {
-                    pipe.cmd("PUBLISH").arg(channel).arg(envelope).ignore();
-                }
-            }
-            pipe.query_async::<()>(&mut link.publisher).await?;
-            let published: usize = self.unpublished.range(..take).map(|(c, _)| c.len()).sum();
-            BusCounters::add(&self.counters.published, published as u64);
+            let publishes: Vec<(String, Bytes)> = self
+                .unpublished
+                .range(..take)
+                .flat_map(|(channels, envelope)| {
+                    channels.iter().map(|c| (c.clone(), envelope.clone()))
+                })
+                .collect();
+            link.publish(&publishes).await?;
+            BusCounters::add(&self.counters.published, publishes.len() as u64);
             self.unpublished.drain(..take);
         }
         Ok(())
@@ -595,17 +558,16 @@ impl BusThread {
             return Ok(());
         }
         let prefix = &self.config.prefix;
-        let subscribes = add.iter().map(|t| {
-            let mut sink = link.sink.clone();
-            let name = t.redis_channel(prefix);
-            async move { sink.subscribe(name).await }.boxed()
-        });
-        let unsubscribes = remove.iter().map(|t| {
-            let mut sink = link.sink.clone();
-            let name = t.redis_channel(prefix);
-            async move { sink.unsubscribe(name).await }.boxed()
-        });
-        futures_util::future::try_join_all(subscribes.chain(unsubscribes)).await?;
+        let mut changes: Vec<_> = add
+            .iter()
+            .map(|t| link.subscribe(t.redis_channel(prefix)))
+            .collect();
+        changes.extend(
+            remove
+                .iter()
+                .map(|t| link.unsubscribe(t.redis_channel(prefix))),
+        );
+        futures_util::future::try_join_all(changes).await?;
         debug!(
             subscribed = add.len(),
             unsubscribed = remove.len(),
@@ -616,6 +578,13 @@ impl BusThread {
         }
         self.subscribed.extend(add);
         Ok(())
+    }
+
+    /// Whether the current session should be subscribed to Redis channel `name`.
+    fn wants(&self, name: &str) -> bool {
+        name == self.broadcast
+            || Topic::from_redis_channel(&self.config.prefix, name)
+                .is_some_and(|t| self.subscribed.contains(&t))
     }
 
     /// The shards a notification goes to on this node.
@@ -785,15 +754,5 @@ mod tests {
         assert!(uuid_floor(now - 5) < id);
         assert!(uuid_floor(now + 5) > id);
         assert_eq!(uuid_floor(now).get_version_num(), 7);
-    }
-
-    #[test]
-    fn urls_are_normalized_and_nonsense_is_refused() {
-        assert_eq!(
-            normalize_url("127.0.0.1:6379").unwrap(),
-            "redis://127.0.0.1:6379"
-        );
-        assert_eq!(normalize_url("redis://h:1/2").unwrap(), "redis://h:1/2");
-        assert!(normalize_url("http://x").is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod pg;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -159,6 +160,17 @@ impl TestServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// One value of `/metrics` (a counter or gauge without labels).
+    pub fn metric(&self, name: &str) -> u64 {
+        let metrics = String::from_utf8(self.get("/metrics").body).unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+            .parse()
+            .unwrap()
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {

@@ -1,0 +1,404 @@
+//! The connections of one bus session with Redis: either one Redis (`REDIS_URL`, classic Pub/Sub) or a
+//! Redis Cluster (`REDIS_CLUSTER`, sharded Pub/Sub).
+//!
+//! **One Redis.** A subscriber connection (SUBSCRIBE/UNSUBSCRIBE, one channel per command, see
+//! `redis_bus.rs`) and a publisher connection (PUBLISH, pipelined).
+//!
+//! **A cluster.** Classic Pub/Sub copies every message to every node of a cluster; sharded Pub/Sub
+//! (`SSUBSCRIBE`/`SPUBLISH`, Redis 7) keeps a channel's traffic on the shard that owns the channel's
+//! slot (CRC16 of the name, with `{hashtag}` rules). The `redis` crate's cluster connection over RESP3
+//! does the routing: it reads the slot map from the seeds, keeps one connection per node of it
+//! (replicas included, idle: commands go to masters only), sends each SSUBSCRIBE and SPUBLISH to the
+//! master of its channel's slot, and follows `MOVED` by refreshing the slot map. The subscriber cluster connection hands messages to us as RESP3 pushes; a second cluster
+//! connection publishes, so a burst of publishes never queues behind subscriptions.
+//!
+//! **Slot moves and failovers.** When a slot leaves a master, Redis ends the subscriptions of its
+//! channels with an `sunsubscribe` push; when a master goes away, the crate reports a disconnection.
+//! Either way the bus treats the session as lost ([`Incoming::Lost`]): it reconnects, reads the new slot
+//! map, subscribes everything on the new owners and catches up from the store what fell in the gap, the
+//! same path as a Redis outage.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisError};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long Redis may take to answer before the link counts as broken.
+const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the cluster connection retries a request (after `MOVED`, `TRYAGAIN` or a lost node)
+/// before the bus treats the session as lost.
+const CLUSTER_RETRIES: u32 = 3;
+
+/// Where the bus finds Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `REDIS_URL`: one Redis, classic Pub/Sub.
+    Single(String),
+    /// `REDIS_CLUSTER`: the seed nodes of a Redis Cluster (each a `redis://` URL), sharded Pub/Sub.
+    Cluster(Vec<String>),
+}
+
+/// Turns `REDIS_URL` (`host:port`, `redis://host:port/db`, `rediss://...`) into a URL the client
+/// accepts, refusing what cannot work (checked at start-up, so a typo fails fast).
+pub fn normalize_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("redis://{url}")
+    };
+    redis::Client::open(url.as_str()).map_err(|e| format!("REDIS_URL is not usable: {e}"))?;
+    Ok(url)
+}
+
+/// Turns `REDIS_CLUSTER` (`host:port,host:port,...`, each also as a `redis://` URL) into seed URLs,
+/// refusing an empty list or a seed that cannot work.
+pub fn parse_cluster_seeds(list: &str) -> Result<Vec<String>, String> {
+    let seeds: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| normalize_url(s).map_err(|e| e.replace("REDIS_URL", "REDIS_CLUSTER")))
+        .collect::<Result<_, _>>()?;
+    if seeds.is_empty() {
+        return Err("REDIS_CLUSTER names no node".into());
+    }
+    Ok(seeds)
+}
+
+/// What the subscriber side produced.
+pub enum Incoming {
+    /// A message on a channel we subscribed to.
+    Message(redis::Msg),
+    /// Redis ended our subscription to this channel (its slot moved to another master).
+    Unsubscribed(String),
+    /// The connection (or one master's connection) is gone.
+    Lost(RedisError),
+    /// Something to ignore (a subscription confirmation).
+    Nothing,
+}
+
+/// The connections of one session.
+pub enum Link {
+    /// One Redis.
+    Single {
+        /// Sends SUBSCRIBE and UNSUBSCRIBE on the subscriber connection.
+        sink: PubSubSink,
+        /// The messages of the subscriber connection; ends when the connection does.
+        stream: PubSubStream,
+        /// The publisher connection.
+        publisher: MultiplexedConnection,
+    },
+    /// A Redis Cluster.
+    Cluster {
+        /// Subscribes: one connection per cluster node, SSUBSCRIBE on the slot's master.
+        subscriber: ClusterConnection,
+        /// The subscriber's pushes: messages, confirmations, server-side unsubscribes, disconnections.
+        pushes: UnboundedReceiver<PushInfo>,
+        /// Publishes: one connection per cluster node, SPUBLISH to the slot's master.
+        publisher: ClusterConnection,
+        /// Our own SUNSUBSCRIBEs whose confirmation has not come back yet.
+        own: OwnUnsubscribes,
+    },
+}
+
+/// Tells our own SUNSUBSCRIBE's confirmation from Redis ending a subscription after a slot move: both
+/// arrive as the same `sunsubscribe` push. Without this, a channel unsubscribed and subscribed again
+/// before the confirmation is read would look moved and cost a needless reconnect.
+#[derive(Default)]
+pub struct OwnUnsubscribes(HashMap<String, u32>);
+
+impl OwnUnsubscribes {
+    /// We are sending a SUNSUBSCRIBE of `name`.
+    pub fn sent(&mut self, name: &str) {
+        *self.0.entry(name.to_owned()).or_default() += 1;
+    }
+
+    /// A `sunsubscribe` push for `name` came: `true` if it confirms one of ours (then it is counted off).
+    pub fn confirmed(&mut self, name: &str) -> bool {
+        match self.0.get_mut(name) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                self.0.remove(name);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
+impl Link {
+    /// Opens the connections of a session.
+    pub async fn connect(target: &RedisTarget) -> Result<Link, RedisError> {
+        match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| timed_out())??;
+                let (sink, stream) = pubsub.split();
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
+                let publisher = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(Link::Single {
+                    sink,
+                    stream,
+                    publisher,
+                })
+            }
+            RedisTarget::Cluster(seeds) => {
+                let builder = || {
+                    ClusterClientBuilder::new(seeds.clone())
+                        .connection_timeout(CONNECT_TIMEOUT)
+                        .response_timeout(RESPONSE_TIMEOUT)
+                        .retries(CLUSTER_RETRIES)
+                };
+                let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
+                let sub_client = builder()
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(tx)
+                    .build()?;
+                let pub_client = builder().build()?;
+                // The crate connects to every seed, then to every master of the slot map.
+                let whole = CONNECT_TIMEOUT * 3;
+                let subscriber = tokio::time::timeout(whole, sub_client.get_async_connection())
+                    .await
+                    .map_err(|_| timed_out())??;
+                let publisher = tokio::time::timeout(whole, pub_client.get_async_connection())
+                    .await
+                    .map_err(|_| timed_out())??;
+                Ok(Link::Cluster {
+                    subscriber,
+                    pushes,
+                    publisher,
+                    own: OwnUnsubscribes::default(),
+                })
+            }
+        }
+    }
+
+    /// Subscribes to one Redis channel (SUBSCRIBE, or SSUBSCRIBE on its slot's master).
+    pub fn subscribe(&self, name: String) -> futures_util::future::BoxFuture<'static, RedisResult> {
+        match self {
+            Link::Single { sink, .. } => {
+                let mut sink = sink.clone();
+                async move { sink.subscribe(name).await }.boxed()
+            }
+            Link::Cluster { subscriber, .. } => {
+                let mut conn = subscriber.clone();
+                async move { conn.ssubscribe(name).await }.boxed()
+            }
+        }
+    }
+
+    /// Ends the subscription to one Redis channel.
+    pub fn unsubscribe(
+        &mut self,
+        name: String,
+    ) -> futures_util::future::BoxFuture<'static, RedisResult> {
+        match self {
+            Link::Single { sink, .. } => {
+                let mut sink = sink.clone();
+                async move { sink.unsubscribe(name).await }.boxed()
+            }
+            Link::Cluster {
+                subscriber, own, ..
+            } => {
+                own.sent(&name);
+                let mut conn = subscriber.clone();
+                async move { conn.sunsubscribe(name).await }.boxed()
+            }
+        }
+    }
+
+    /// Publishes each `(channel, envelope)`: one PUBLISH pipeline, or one SPUBLISH per message sent
+    /// together (the cluster connection pipelines them per master).
+    pub async fn publish(&mut self, messages: &[(String, Bytes)]) -> RedisResult {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Link::Single { publisher, .. } => {
+                let mut pipe = redis::pipe();
+                for (channel, envelope) in messages {
+                    pipe.cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(envelope.as_ref())
+                        .ignore();
+                }
+                pipe.query_async::<()>(publisher).await
+            }
+            Link::Cluster { publisher, .. } => {
+                let sends = messages.iter().map(|(channel, envelope)| {
+                    let mut conn = publisher.clone();
+                    let mut cmd = redis::cmd("SPUBLISH");
+                    cmd.arg(channel).arg(envelope.as_ref());
+                    async move { cmd.exec_async(&mut conn).await }
+                });
+                futures_util::future::try_join_all(sends).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for the next thing the subscriber side produces.
+    pub async fn next(&mut self) -> Incoming {
+        match self {
+            Link::Single { stream, .. } => match stream.next().await {
+                Some(msg) => Incoming::Message(msg),
+                None => Incoming::Lost(connection_reset()),
+            },
+            Link::Cluster { pushes, own, .. } => match pushes.recv().await {
+                Some(push) => from_push(own, push),
+                None => Incoming::Lost(connection_reset()),
+            },
+        }
+    }
+
+    /// The next thing the subscriber side produced, if it is there already.
+    pub fn next_ready(&mut self) -> Option<Incoming> {
+        match self {
+            Link::Single { stream, .. } => match stream.next().now_or_never() {
+                Some(Some(msg)) => Some(Incoming::Message(msg)),
+                _ => None,
+            },
+            Link::Cluster { pushes, own, .. } => {
+                pushes.try_recv().ok().map(|push| from_push(own, push))
+            }
+        }
+    }
+}
+
+/// The result of a subscription change or a publish.
+type RedisResult = Result<(), RedisError>;
+
+fn connection_reset() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+}
+
+/// Reads one RESP3 push of the cluster subscriber.
+fn from_push(own: &mut OwnUnsubscribes, push: PushInfo) -> Incoming {
+    match push.kind {
+        PushKind::SMessage => match redis::Msg::from_push_info(push) {
+            Some(msg) => Incoming::Message(msg),
+            None => Incoming::Nothing,
+        },
+        PushKind::SUnsubscribe => match push.data.first() {
+            Some(redis::Value::BulkString(name)) => {
+                let name = String::from_utf8_lossy(name);
+                if own.confirmed(&name) {
+                    Incoming::Nothing
+                } else {
+                    Incoming::Unsubscribed(name.into_owned())
+                }
+            }
+            _ => Incoming::Nothing,
+        },
+        PushKind::Disconnection => Incoming::Lost(connection_reset()),
+        _ => Incoming::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_normalized_and_nonsense_is_refused() {
+        assert_eq!(
+            normalize_url("127.0.0.1:6379").unwrap(),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(normalize_url("redis://h:1/2").unwrap(), "redis://h:1/2");
+        assert!(normalize_url("http://x").is_err());
+    }
+
+    #[test]
+    fn cluster_seeds_are_split_and_normalized() {
+        assert_eq!(
+            parse_cluster_seeds(" 127.0.0.1:7000, redis://h:7001 ,").unwrap(),
+            vec!["redis://127.0.0.1:7000", "redis://h:7001"]
+        );
+        assert!(parse_cluster_seeds(" , ").is_err());
+        let err = parse_cluster_seeds("h:1,http://x").unwrap_err();
+        assert!(err.contains("REDIS_CLUSTER"), "{err}");
+    }
+
+    #[test]
+    fn sharded_pushes_become_messages_and_server_unsubscribes() {
+        let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
+        let mut own = OwnUnsubscribes::default();
+        let message = from_push(
+            &mut own,
+            PushInfo {
+                kind: PushKind::SMessage,
+                data: vec![bulk("notif:u:ann"), bulk("payload")],
+            },
+        );
+        let Incoming::Message(msg) = message else {
+            panic!("not a message")
+        };
+        assert_eq!(msg.get_channel_name(), "notif:u:ann");
+        assert_eq!(msg.get_payload_bytes(), b"payload");
+        let gone = from_push(
+            &mut own,
+            PushInfo {
+                kind: PushKind::SUnsubscribe,
+                data: vec![bulk("notif:c:x"), redis::Value::Int(0)],
+            },
+        );
+        assert!(matches!(gone, Incoming::Unsubscribed(n) if n == "notif:c:x"));
+        assert!(matches!(
+            from_push(
+                &mut own,
+                PushInfo {
+                    kind: PushKind::Disconnection,
+                    data: vec![],
+                }
+            ),
+            Incoming::Lost(_)
+        ));
+        assert!(matches!(
+            from_push(
+                &mut own,
+                PushInfo {
+                    kind: PushKind::SSubscribe,
+                    data: vec![bulk("notif:c:x"), redis::Value::Int(1)],
+                }
+            ),
+            Incoming::Nothing
+        ));
+        // Our own SUNSUBSCRIBE's confirmation is not a slot move; a second push for it is.
+        let unsubscribed = |own: &mut OwnUnsubscribes| {
+            from_push(
+                own,
+                PushInfo {
+                    kind: PushKind::SUnsubscribe,
+                    data: vec![bulk("notif:c:y"), redis::Value::Int(0)],
+                },
+            )
+        };
+        own.sent("notif:c:y");
+        own.sent("notif:c:y");
+        assert!(matches!(unsubscribed(&mut own), Incoming::Nothing));
+        assert!(matches!(unsubscribed(&mut own), Incoming::Nothing));
+        assert!(matches!(unsubscribed(&mut own), Incoming::Unsubscribed(_)));
+    }
+}
