@@ -186,19 +186,7 @@ fn http_bad_input_is_answered_with_the_documented_status_and_code() {
         ),
     ];
     for (name, r, status, code) in cases {
-        assert_eq!(
-            r.status,
-            status,
-            "{name}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(r.error_code(), code, "{name}");
-        assert!(
-            r.json()["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{name}"
-        );
+        r.assert_error(name, status, code);
     }
     let r = server.request("DELETE", "/api/v1/notifications/send", None);
     assert_eq!(r.header("Allow"), Some("POST"));

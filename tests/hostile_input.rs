@@ -46,23 +46,6 @@ fn nested_arrays(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
 }
 
-/// Asserts an API error: status, `error.code`, and a non-empty message.
-fn assert_error(name: &str, r: &HttpResponse, status: u16, code: &str) {
-    assert_eq!(
-        r.status,
-        status,
-        "{name}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert_eq!(r.error_code(), code, "{name}");
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{name}"
-    );
-}
-
 #[test]
 fn malformed_http_framing_gets_the_documented_status() {
     let server = TestServer::start();
@@ -158,7 +141,7 @@ fn malformed_http_framing_gets_the_documented_status() {
     ];
     for (name, bytes, status, code) in cases {
         let r = one_answer(&server, &bytes);
-        assert_error(name, &r, status, code);
+        r.assert_error(name, status, code);
         assert_eq!(r.header("Connection"), Some("close"), "{name}");
     }
     assert_eq!(server.get("/health").status, 200);
@@ -173,7 +156,7 @@ fn a_request_after_a_framing_error_on_the_same_connection_is_never_answered() {
         &server,
         b"GET /health HTTP/1.1\r\nBad Name: x\r\n\r\nGET /health HTTP/1.1\r\n\r\n",
     );
-    assert_error("pipelined after an error", &r, 400, "bad_request");
+    r.assert_error("pipelined after an error", 400, "bad_request");
 }
 
 #[test]
@@ -200,7 +183,7 @@ fn an_oversized_content_length_is_refused_from_the_head_alone() {
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let r = parse_responses(&raw).remove(0);
-    assert_error("1 GB Content-Length", &r, 413, "body_too_large");
+    r.assert_error("1 GB Content-Length", 413, "body_too_large");
 }
 
 #[test]
@@ -213,7 +196,7 @@ fn a_body_that_stops_arriving_gets_408() {
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let r = parse_responses(&raw).remove(0);
-    assert_error("short body", &r, 408, "request_timeout");
+    r.assert_error("short body", 408, "request_timeout");
     assert_eq!(server.get("/health").status, 200);
 }
 
@@ -235,7 +218,7 @@ fn methods_the_route_does_not_have_get_405_with_allow() {
     for (req, allow) in cases {
         let name = String::from_utf8_lossy(&req[..12]).into_owned();
         let r = one_answer(&server, req);
-        assert_error(&name, &r, 405, "method_not_allowed");
+        r.assert_error(&name, 405, "method_not_allowed");
         assert_eq!(r.header("Allow"), Some(allow), "{name}");
     }
 }
@@ -247,7 +230,7 @@ fn a_websocket_version_other_than_13_names_the_supported_one() {
         &server,
         b"GET /ws?user_id=u HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
     );
-    assert_error("version 8", &r, 400, "bad_handshake");
+    r.assert_error("version 8", 400, "bad_handshake");
     assert_eq!(r.header("Sec-WebSocket-Version"), Some("13"));
 }
 
@@ -306,7 +289,7 @@ fn hostile_json_bodies_get_400_invalid_json() {
     ];
     for (name, path, body) in cases {
         let r = one_answer(&server, &post_bytes(path, &body));
-        assert_error(name, &r, 400, "invalid_json");
+        r.assert_error(name, 400, "invalid_json");
     }
     // The server survived all of it.
     assert_eq!(server.get("/health").status, 200);
@@ -343,7 +326,7 @@ fn nesting_up_to_max_json_depth_is_accepted_and_the_limit_is_configurable() {
         &server,
         &post_bytes("/api/v1/notifications/send", over.as_bytes()),
     );
-    assert_error("one level over", &r, 400, "invalid_json");
+    r.assert_error("one level over", 400, "invalid_json");
     assert!(r.json()["error"]["message"]
         .as_str()
         .unwrap()

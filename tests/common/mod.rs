@@ -57,6 +57,24 @@ impl HttpResponse {
             .unwrap_or_default()
             .to_owned()
     }
+
+    /// Asserts an API error (`name` labels the case): the status, `error.code`, and a non-empty
+    /// `error.message`.
+    pub fn assert_error(&self, name: &str, status: u16, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{name}: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(self.error_code(), code, "{name}");
+        assert!(
+            self.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+    }
 }
 
 impl TestServer {
