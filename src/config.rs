@@ -44,6 +44,11 @@ pub struct Config {
     #[arg(long, env = "REDIS_PREFIX", default_value = "notif:")]
     pub redis_prefix: String,
 
+    /// Milliseconds a node of a multi-node deployment may go without announcing itself on Redis
+    /// before the others take it for gone and catch up from the store what it may not have published.
+    #[arg(long, env = "REDIS_NODE_TIMEOUT_MS", default_value_t = 3000)]
+    pub redis_node_timeout_ms: u64,
+
     /// Executors, one per core. Default: the number of CPUs.
     #[arg(long, env = "SHARDS")]
     pub shards: Option<usize>,
@@ -208,6 +213,9 @@ impl Config {
         }
         if self.jwt_secret.as_deref().is_some_and(str::is_empty) {
             return Err("JWT_SECRET must not be empty".into());
+        }
+        if self.redis_node_timeout_ms < 300 {
+            return Err("REDIS_NODE_TIMEOUT_MS must be at least 300".into());
         }
         if self.redis_url.is_some() && self.redis_cluster.is_some() {
             return Err("set REDIS_URL or REDIS_CLUSTER, not both".into());

@@ -119,6 +119,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 target,
                 prefix: config.redis_prefix.clone(),
                 max_replay: config.max_replay,
+                node_timeout: Duration::from_millis(config.redis_node_timeout_ms),
             };
             let thread =
                 redis_bus::spawn_bus_thread(bus_config, &bus, queue, senders, store.clone())

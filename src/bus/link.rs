@@ -258,6 +258,28 @@ impl Link {
         }
     }
 
+    /// Runs a pipeline on the publisher connection (in a cluster, every key of it must share a slot).
+    pub async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        match self {
+            Link::Single { publisher, .. } => pipe.query_async(publisher).await,
+            Link::Cluster { publisher, .. } => pipe.query_async(publisher).await,
+        }
+    }
+
+    /// Runs one command on the publisher connection.
+    pub async fn query_cmd<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        match self {
+            Link::Single { publisher, .. } => cmd.query_async(publisher).await,
+            Link::Cluster { publisher, .. } => cmd.query_async(publisher).await,
+        }
+    }
+
     /// Waits for the next thing the subscriber side produces.
     pub async fn next(&mut self) -> Incoming {
         match self {

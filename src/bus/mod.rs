@@ -15,10 +15,12 @@
 //! are joined by the Redis bus ([`redis_bus`]): the same [`Fanout`] also
 //! hands each commit and each client publish to the bus thread, which publishes it once for the other
 //! nodes and routes what they publish to this node's interested shards ([`interest`]), each frame
-//! encoded once per node ([`wire`]), each notification delivered once per node ([`recent`]).
+//! encoded once per node ([`wire`]), each notification delivered once per node ([`recent`]); each node
+//! announces itself, so that the others catch up what a node that died had not published ([`peers`]).
 
 pub mod interest;
 pub mod link;
+pub mod peers;
 pub mod recent;
 pub mod redis_bus;
 pub mod wire;

@@ -26,14 +26,25 @@
 //! outage began (less [`CATCH_UP_MARGIN`], for messages lost in flight) for the users and channels with a
 //! local connection and for broadcasts, drops the ids it has delivered already, and delivers the rest in
 //! id order. It does so after the subscriptions are confirmed and before reading any newer message, so
-//! nothing falls between the catch-up and live delivery. What this node committed while Redis was away
-//! (up to [`MAX_UNPUBLISHED`] notifications) is published once it is back, for the nodes that did not
-//! see an outage of their own (a partition between this node and Redis only). In a Redis Cluster, a slot
+//! nothing falls between the catch-up and live delivery. The catch-up reads page by page until it has
+//! everything (a catch-up cut at one page would drop the newest notifications of the gap: it did, when
+//! an outage held more than `MAX_REPLAY` of them).
+//!
+//! **The outbox.** Every commit and client message goes into an outbox, in commit order, and leaves it
+//! only when Redis has taken the pipeline that carries it. A publish that fails keeps its batch there;
+//! while Redis is away commits pile up there (up to [`MAX_UNPUBLISHED`]); when the link is back the
+//! outbox goes out first, before anything committed later, so the other nodes receive this node's
+//! notifications in id order whichever node reconnects first. For the nodes that did see the outage,
+//! those are copies of what their own catch-up found, and are dropped as duplicates.
+//!
+//! **Nodes that die** between a commit and its publish: see `peers.rs`. Each node announces on a timer
+//! that it is alive and how far its publishing has got; when one stops announcing, the others catch up
+//! from the store from that point, the same way as after an outage. In a Redis Cluster, a slot
 //! that moves to another master (Redis ends its channels' subscriptions with `sunsubscribe`) or a lost
 //! master ends the session the same way: the next one reads the new slot map, subscribes on the new
 //! owners and catches up the gap (a session costs one catch-up read per connected user).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,17 +59,20 @@ use uuid::Uuid;
 
 use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
 use crate::bus::link::{Incoming, Link, RedisTarget};
+use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope};
 use crate::bus::Delivery;
 use crate::model::{now_millis, Millis, Notification};
 use crate::shard::inbox::{ShardInbox, ShardMsg};
-use crate::store::{ReplayQuery, Store};
+use crate::store::{ReplayQuery, Store, StoreError};
 
 /// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take, all connections of a session together (a cluster's too).
+const CONNECT_GRACE: Duration = Duration::from_secs(6);
 /// The catch-up after an outage starts this much before the outage was noticed: a message published
 /// just before may have been lost with the connection.
 pub const CATCH_UP_MARGIN: Duration = Duration::from_secs(2);
@@ -67,8 +81,11 @@ const MAX_BATCH: usize = 4096;
 /// Catch-up reads sent to the store at once (one per user with a local connection, plus one for the
 /// channels and broadcasts).
 const CATCH_UP_PARALLEL_READS: usize = 64;
-/// Most notifications committed during an outage that are kept to publish when Redis is back.
+/// Most notifications the outbox keeps while Redis is away; past it the oldest go (the other nodes'
+/// catch-up after their own outage, or their clients' resume, still finds them in the store).
 pub const MAX_UNPUBLISHED: usize = 100_000;
+/// How long a late copy from a node taken for gone is recognised as one (see `peers.rs`).
+const LATE_FLOOR_KEPT: Duration = Duration::from_secs(600);
 
 /// What the other threads ask of the bus thread.
 #[derive(Debug)]
@@ -96,8 +113,11 @@ pub struct RedisBusConfig {
     pub target: RedisTarget,
     /// `REDIS_PREFIX`: the start of every Redis channel name.
     pub prefix: String,
-    /// Most notifications one catch-up read returns per user (`MAX_REPLAY`).
+    /// Notifications one catch-up read returns per page (`MAX_REPLAY`); a catch-up reads every page.
     pub max_replay: usize,
+    /// `REDIS_NODE_TIMEOUT_MS`: how long a node that stops announcing itself is waited for before the
+    /// others catch up what it may not have published (see `peers.rs`).
+    pub node_timeout: Duration,
 }
 
 /// The bus thread's counters, for `/metrics`. Only the bus thread writes them (not a shard's hot path).
@@ -113,6 +133,8 @@ pub struct BusCounters {
     caught_up: AtomicU64,
     /// Redis sessions lost.
     outages: AtomicU64,
+    /// Other nodes taken for gone (stopped announcing themselves without stopping gracefully).
+    peers_gone: AtomicU64,
 }
 
 impl BusCounters {
@@ -202,6 +224,12 @@ impl RedisBus {
                 "Redis sessions lost.",
                 value(&c.outages),
             ),
+            (
+                "notif_redis_peers_gone_total",
+                "counter",
+                "Other nodes that stopped announcing themselves, and were caught up from the store.",
+                value(&c.peers_gone),
+            ),
         ];
         for (name, kind, help, v) in metrics {
             let _ = writeln!(
@@ -223,7 +251,14 @@ pub fn spawn_bus_thread(
     // A v7 id carries 74 random bits: enough to tell processes apart.
     let origin = Uuid::now_v7();
     let all_shards = ShardMask::all(shards.len());
+    // Every live node reconnects within its largest backoff step (and one connection attempt) after
+    // Redis is back; only then is a node that has not announced itself again taken for gone.
+    let grace = config.node_timeout + MAX_BACKOFF + CONNECT_GRACE;
     let thread = BusThread {
+        peers: PeerWatch::new(origin, grace),
+        published_through: now_millis(),
+        caught_up_from: now_millis(),
+        late_floors: HashMap::new(),
         broadcast: broadcast_channel(&config.prefix),
         config,
         origin,
@@ -237,7 +272,7 @@ pub fn spawn_bus_thread(
         subscribed: HashSet::new(),
         recent: RecentIds::default(),
         outage_since: None,
-        unpublished: VecDeque::new(),
+        outbox: VecDeque::new(),
         dropped_unpublished: 0,
         stopping: false,
     };
@@ -274,6 +309,16 @@ impl From<RedisError> for Ended {
     }
 }
 
+/// One message waiting in the outbox.
+struct Outgoing {
+    /// The notification's id, or `None` for a client message (ephemeral: dropped when Redis is lost).
+    id: Option<Uuid>,
+    /// The Redis channels it goes to.
+    channels: Vec<String>,
+    /// The envelope, shared by every channel.
+    envelope: Bytes,
+}
+
 /// The bus thread's state.
 struct BusThread {
     config: RedisBusConfig,
@@ -300,10 +345,22 @@ struct BusThread {
     recent: RecentIds,
     /// When Redis was lost (wall clock, for the catch-up read) and when (monotonic, for `recent`).
     outage_since: Option<(Millis, Instant)>,
-    /// Envelopes of this node's commits made while Redis was away, with their Redis channels.
-    unpublished: VecDeque<(Vec<String>, Bytes)>,
-    /// How many of those were dropped because there were more than [`MAX_UNPUBLISHED`].
+    /// What this node committed or its clients published and Redis has not taken yet, in order.
+    outbox: VecDeque<Outgoing>,
+    /// How many notifications left the outbox unpublished because there were more than
+    /// [`MAX_UNPUBLISHED`].
     dropped_unpublished: u64,
+    /// The other nodes, and how far each has published (see `peers.rs`).
+    peers: PeerWatch,
+    /// This node's publish watermark: everything it committed before this wall-clock millisecond is
+    /// published (announced to the other nodes).
+    published_through: Millis,
+    /// Where the last catch-up read started (wall clock): everything committed before it, for every
+    /// topic wanted then, was delivered. A catch-up for a gone peer need not read further back.
+    caught_up_from: Millis,
+    /// Per node taken for gone: ids below this were in the catch-up made for it, so a late copy of one
+    /// (the node was only cut off, and publishes its outbox when it is back) is a duplicate.
+    late_floors: HashMap<Uuid, (Uuid, Instant)>,
     /// Set by [`BusCmd::Stop`].
     stopping: bool,
 }
@@ -336,8 +393,8 @@ impl BusThread {
                     self.lost();
                 }
             }
-            // Keep taking commands while waiting: interest is recorded, commits are kept for later.
-            let pause = tokio::time::sleep(backoff);
+            // Keep taking commands while waiting: interest is recorded, commits wait in the outbox.
+            let pause = tokio::time::sleep(jittered(backoff));
             tokio::pin!(pause);
             loop {
                 tokio::select! {
@@ -355,9 +412,11 @@ impl BusThread {
         }
     }
 
-    /// Records the start of an outage (the first failure only).
+    /// Records the start of an outage (the first failure only). Client messages still in the outbox
+    /// are dropped: they are ephemeral, and late ones would only confuse.
     fn lost(&mut self) {
         self.up.store(false, Ordering::Relaxed);
+        self.outbox.retain(|o| o.id.is_some());
         if self.outage_since.is_none() {
             let now = Instant::now();
             self.outage_since = Some((now_millis(), now));
@@ -369,22 +428,34 @@ impl BusThread {
         Link::connect(&self.config.target).await
     }
 
-    /// One session with Redis: resubscribe, catch up, then relay both ways until the link breaks.
+    /// One session with Redis: publish the outbox, resubscribe, catch up, then relay both ways until
+    /// the link breaks.
     async fn serve(&mut self, mut link: Link) -> Ended {
         self.subscribed.clear();
+        self.peers.session_began(Instant::now());
         if let Err(e) = link.subscribe(self.broadcast.clone()).await {
             return Ended::Lost(e);
         }
-        if let Err(e) = self.take_queued(&mut link).await {
+        // What was committed while the link was down (or while it was being opened) goes out first
+        // and in commit order, before anything committed from now on (see the module docs).
+        while let Ok(cmd) = self.queue.try_recv() {
+            self.apply_offline(cmd);
+        }
+        if self.stopping {
+            return self.stop(&mut link).await;
+        }
+        if let Err(e) = self.flush_outbox(&mut link).await {
+            return Ended::Lost(e);
+        }
+        if let Err(e) = self.announce(&mut link).await {
             return e;
         }
+        if let Err(e) = self.sync_subscriptions(&mut link).await {
+            return Ended::Lost(e);
+        }
         if let Some((since_ms, _)) = self.outage_since {
-            if let Err(e) = self.republish(&mut link).await {
-                return Ended::Lost(e);
-            }
-            self.catch_up(&mut link, since_ms).await;
-            if self.stopping {
-                return Ended::Stop;
+            if let Err(e) = self.catch_up(&mut link, since_ms, None).await {
+                return e;
             }
             info!(
                 outage_ms = now_millis().saturating_sub(since_ms),
@@ -396,12 +467,26 @@ impl BusThread {
         self.outage_since = None;
         self.recent.unpin();
         self.up.store(true, Ordering::Relaxed);
+        let mut announce = tokio::time::interval(self.config.node_timeout / 3);
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        announce.reset();
         loop {
             tokio::select! {
                 cmd = self.queue.recv() => {
-                    let Some(cmd) = cmd else { return Ended::Stop };
+                    let Some(cmd) = cmd else { return self.stop(&mut link).await };
                     if let Err(e) = self.apply_batch(cmd, &mut link).await {
-                        return e;
+                        return match e {
+                            Ended::Stop => self.stop(&mut link).await,
+                            lost => lost,
+                        };
+                    }
+                }
+                _ = announce.tick() => {
+                    if let Err(e) = self.announce(&mut link).await {
+                        return match e {
+                            Ended::Stop => self.stop(&mut link).await,
+                            lost => lost,
+                        };
                     }
                 }
                 first = link.next() => {
@@ -433,6 +518,35 @@ impl BusThread {
         }
     }
 
+    /// Shutdown with the link up: everything this node committed is in the outbox (the store thread
+    /// stopped before the bus was told to), so publish it and tell the other nodes there is nothing to
+    /// catch up for this one.
+    async fn stop(&mut self, link: &mut Link) -> Ended {
+        self.stopping = true;
+        match self.flush_outbox(link).await {
+            Ok(()) => {
+                let key = peers::node_key(&self.config.prefix, self.origin);
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(peers::STOPPED)
+                    .arg("PX")
+                    .arg(self.config.node_timeout.as_millis() as u64)
+                    .ignore();
+                if let Err(e) = link.query::<()>(&pipe).await {
+                    debug!(error = %e, "could not tell the other nodes this one stopped");
+                }
+            }
+            Err(e) => warn!(
+                error = %e,
+                unpublished = self.outbox.len(),
+                "stopping with notifications Redis did not take; the other nodes catch them up \
+                 from the store once this node's announcement expires"
+            ),
+        }
+        Ended::Stop
+    }
+
     /// Applies every command queued now, with the link up.
     async fn take_queued(&mut self, link: &mut Link) -> Result<(), Ended> {
         match self.queue.try_recv() {
@@ -444,28 +558,20 @@ impl BusThread {
     /// Applies `first` and whatever else is queued (up to [`MAX_BATCH`]): one publish pipeline, then
     /// one subscription update.
     async fn apply_batch(&mut self, first: BusCmd, link: &mut Link) -> Result<(), Ended> {
-        let mut publishes = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(cmd) = next.take() {
             taken += 1;
             match cmd {
                 BusCmd::Interest(change) => self.registry.apply(change),
-                BusCmd::Committed(list) => {
-                    for n in list {
-                        self.recent.insert(n.id, Instant::now());
-                        let envelope = Bytes::from(wire::encode_notification(self.origin, &n));
-                        for channel in self.publish_channels(&n) {
-                            publishes.push((channel, envelope.clone()));
-                        }
-                    }
-                }
+                BusCmd::Committed(list) => self.push_committed(list),
                 BusCmd::Message { channel, payload } => {
                     let name = Topic::Channel(channel).redis_channel(&self.config.prefix);
-                    publishes.push((
-                        name,
-                        Bytes::from(wire::encode_message(self.origin, &payload)),
-                    ));
+                    self.outbox.push_back(Outgoing {
+                        id: None,
+                        channels: vec![name],
+                        envelope: Bytes::from(wire::encode_message(self.origin, &payload)),
+                    });
                 }
                 BusCmd::Stop => self.stopping = true,
             }
@@ -473,62 +579,134 @@ impl BusThread {
                 next = self.queue.try_recv().ok();
             }
         }
-        if !publishes.is_empty() {
-            link.publish(&publishes).await.map_err(Ended::Lost)?;
-            BusCounters::add(&self.counters.published, publishes.len() as u64);
-        }
+        self.flush_outbox(link).await.map_err(Ended::Lost)?;
         if self.stopping {
             return Err(Ended::Stop);
         }
         self.sync_subscriptions(link).await.map_err(Ended::Lost)
     }
 
-    /// A command while Redis is away: interest is recorded; commits are remembered for later.
+    /// A command while Redis is away: interest is recorded; commits wait in the outbox.
     fn apply_offline(&mut self, cmd: BusCmd) {
         match cmd {
             BusCmd::Interest(change) => self.registry.apply(change),
-            BusCmd::Committed(list) => {
-                for n in list {
-                    self.recent.insert(n.id, Instant::now());
-                    if self.unpublished.len() >= MAX_UNPUBLISHED {
-                        self.unpublished.pop_front();
-                        self.dropped_unpublished += 1;
-                    }
-                    let channels = self.publish_channels(&n);
-                    self.unpublished.push_back((
-                        channels,
-                        Bytes::from(wire::encode_notification(self.origin, &n)),
-                    ));
-                }
-            }
+            BusCmd::Committed(list) => self.push_committed(list),
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
             BusCmd::Message { .. } => {}
             BusCmd::Stop => self.stopping = true,
         }
     }
 
-    /// Publishes what this node committed while Redis was away.
-    async fn republish(&mut self, link: &mut Link) -> Result<(), RedisError> {
+    /// Puts this node's commits (delivered locally already) in the outbox, in commit order.
+    fn push_committed(&mut self, list: Vec<Arc<Notification>>) {
+        for n in list {
+            self.recent.insert(n.id, Instant::now());
+            if self.outbox.len() >= MAX_UNPUBLISHED {
+                self.outbox.pop_front();
+                self.dropped_unpublished += 1;
+            }
+            let channels = self.publish_channels(&n);
+            self.outbox.push_back(Outgoing {
+                id: Some(n.id),
+                channels,
+                envelope: Bytes::from(wire::encode_notification(self.origin, &n)),
+            });
+        }
+    }
+
+    /// Publishes the outbox in order, one pipeline per [`MAX_BATCH`] messages; what Redis took leaves
+    /// it, a failed pipeline stays for the next session.
+    async fn flush_outbox(&mut self, link: &mut Link) -> Result<(), RedisError> {
         if self.dropped_unpublished > 0 {
             warn!(
                 dropped = self.dropped_unpublished,
-                "more notifications were committed during the Redis outage than are kept to \
-                 republish; other nodes' clients get the oldest ones by resuming"
+                "more notifications were committed during the Redis outage than the outbox keeps; \
+                 other nodes' clients get the oldest ones by their own catch-up or by resuming"
             );
             self.dropped_unpublished = 0;
         }
-        while !self.unpublished.is_empty() {
-            let take = self.unpublished.len().min(MAX_BATCH);
+        while !self.outbox.is_empty() {
+            let take = self.outbox.len().min(MAX_BATCH);
             let publishes: Vec<(String, Bytes)> = self
-                .unpublished
+                .outbox
                 .range(..take)
-                .flat_map(|(channels, envelope)| {
-                    channels.iter().map(|c| (c.clone(), envelope.clone()))
-                })
+                .flat_map(|o| o.channels.iter().map(|c| (c.clone(), o.envelope.clone())))
                 .collect();
             link.publish(&publishes).await?;
             BusCounters::add(&self.counters.published, publishes.len() as u64);
-            self.unpublished.drain(..take);
+            if let Some(id) = self.outbox.range(..take).rev().find_map(|o| o.id) {
+                self.published_through = self.published_through.max(id_millis(id));
+            }
+            self.outbox.drain(..take);
+        }
+        Ok(())
+    }
+
+    /// Announces this node and its publish watermark, and looks at the other nodes': catches up for
+    /// any that is gone (see `peers.rs`).
+    async fn announce(&mut self, link: &mut Link) -> Result<(), Ended> {
+        self.take_queued(link).await?;
+        // Everything queued before this instant is published, unless the queue refilled meanwhile
+        // or the outbox still holds something (then the watermark stays at the last id published).
+        let now = now_millis();
+        if self.outbox.is_empty() && self.queue.is_empty() {
+            self.published_through = self.published_through.max(now);
+        }
+        let prefix = &self.config.prefix;
+        let set = peers::nodes_set_key(prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(peers::node_key(prefix, self.origin))
+            .arg(self.published_through.to_string())
+            .arg("PX")
+            .arg(self.config.node_timeout.as_millis() as u64)
+            .ignore()
+            .cmd("SADD")
+            .arg(&set)
+            .arg(self.origin.simple().to_string())
+            .ignore()
+            .cmd("SMEMBERS")
+            .arg(&set);
+        let (members,): (Vec<String>,) = link.query(&pipe).await?;
+        let ids: Vec<Uuid> = members
+            .iter()
+            .filter_map(|m| Uuid::try_parse(m).ok())
+            .collect();
+        let values: Vec<Option<String>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let mut mget = redis::cmd("MGET");
+            for id in &ids {
+                mget.arg(peers::node_key(prefix, *id));
+            }
+            link.query_cmd(&mget).await?
+        };
+        let reading = ids
+            .iter()
+            .zip(values.iter().map(|v| PeerState::parse(v.as_deref())));
+        let (gone, forget) = self
+            .peers
+            .observe(Instant::now(), reading.map(|(id, s)| (*id, s)));
+        if !forget.is_empty() {
+            let mut srem = redis::cmd("SREM");
+            srem.arg(&set);
+            for id in &forget {
+                srem.arg(id.simple().to_string());
+            }
+            link.query_cmd::<()>(&srem).await?;
+        }
+        let now = Instant::now();
+        self.late_floors
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < LATE_FLOOR_KEPT);
+        for peer in gone {
+            BusCounters::add(&self.counters.peers_gone, 1);
+            warn!(
+                node = %peer.id.simple(),
+                watermark = peer.watermark,
+                "another node stopped announcing itself: catching up what it may not have published"
+            );
+            let since = peer.watermark.max(self.caught_up_from);
+            self.catch_up(link, since, Some(peer)).await?;
         }
         Ok(())
     }
@@ -612,7 +790,10 @@ impl BusThread {
             }
             let (delivery, mask) = match wire::decode(bytes) {
                 Ok(Envelope::Notification(n)) => {
-                    if !self.recent.insert(n.id, Instant::now()) {
+                    let late = wire::origin_of(bytes)
+                        .and_then(|origin| self.late_floors.get(&origin))
+                        .is_some_and(|(floor, _)| n.id < *floor);
+                    if late || !self.recent.insert(n.id, Instant::now()) {
                         BusCounters::add(&self.counters.duplicates, 1);
                         continue;
                     }
@@ -663,11 +844,19 @@ impl BusThread {
         }
     }
 
-    /// After an outage: delivers what live connections missed, from the store (see module docs).
-    async fn catch_up(&mut self, link: &mut Link, since_ms: Millis) {
+    /// Delivers from the store what live connections may have missed since `since_ms` (less
+    /// [`CATCH_UP_MARGIN`]): after this node's own outage (`gone` is `None`), or for a peer that is
+    /// gone. Reads every page; drops what was delivered already; delivers the rest in id order.
+    async fn catch_up(
+        &mut self,
+        link: &mut Link,
+        since_ms: Millis,
+        gone: Option<GonePeer>,
+    ) -> Result<(), Ended> {
+        let read_from = now_millis();
         let from = since_ms.saturating_sub(CATCH_UP_MARGIN.as_millis() as Millis);
         let since = uuid_floor(from);
-        let limit = self.config.max_replay;
+        let limit = self.config.max_replay.max(1);
         let mut users = Vec::new();
         let mut channels = Vec::new();
         for topic in self.registry.topics() {
@@ -696,7 +885,7 @@ impl BusThread {
             let reads: Vec<_> = queries
                 .by_ref()
                 .take(CATCH_UP_PARALLEL_READS)
-                .map(|q| self.store.replay(q))
+                .map(|q| replay_every_page(self.store.clone(), q))
                 .collect();
             for result in futures_util::future::join_all(reads).await {
                 match result {
@@ -708,16 +897,13 @@ impl BusThread {
         if failed > 0 {
             warn!(
                 failed,
-                "the store could not answer every catch-up read after the Redis outage; those \
-                 clients get the rest by resuming"
+                "the store could not answer every catch-up read; those clients get the rest by \
+                 resuming"
             );
         }
         // Commits of this node that happened while the reads ran are in the queue: take them first, so
         // their ids are known and not delivered a second time.
-        if let Err(Ended::Stop) = self.take_queued(link).await {
-            self.stopping = true;
-            return;
-        }
+        self.take_queued(link).await?;
         let mut per_shard: Vec<Vec<Arc<Delivery>>> = vec![Vec::new(); self.shards.len()];
         let mut delivered = 0;
         for (id, n) in found {
@@ -733,8 +919,48 @@ impl BusThread {
         }
         self.send_to_shards(per_shard);
         BusCounters::add(&self.counters.caught_up, delivered);
+        self.caught_up_from = self.caught_up_from.max(read_from);
+        if let Some(peer) = gone {
+            let floor = uuid_floor(read_from.saturating_sub(CATCH_UP_MARGIN.as_millis() as Millis));
+            self.late_floors.insert(peer.id, (floor, Instant::now()));
+        }
         info!(delivered, "caught up live connections from the store");
+        Ok(())
     }
+}
+
+/// Every notification a catch-up query finds, page by page (`query.limit` each).
+async fn replay_every_page(
+    store: Store,
+    mut query: ReplayQuery,
+) -> Result<Vec<Arc<Notification>>, StoreError> {
+    let mut all = Vec::new();
+    loop {
+        let page = store.replay(query.clone()).await?;
+        let more = page.len() >= query.limit;
+        if let Some(last) = page.last() {
+            query.since = last.id;
+        }
+        all.extend(page);
+        if !more {
+            return Ok(all);
+        }
+    }
+}
+
+/// The wall-clock millisecond in a UUIDv7 (its first 48 bits).
+fn id_millis(id: Uuid) -> Millis {
+    (id.as_u128() >> 80) as Millis
+}
+
+/// `backoff` less a random part of up to half of it, so that nodes that lost Redis together do not
+/// all come back in the same millisecond.
+fn jittered(backoff: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos() ^ now_millis() as u128);
+    let half = backoff / 2;
+    half + half.mul_f64((hasher.finish() % 1_000_000) as f64 / 1_000_000.0)
 }
 
 /// The smallest UUIDv7 of millisecond `ms`: every id created from then on sorts after it.
