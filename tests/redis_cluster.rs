@@ -189,3 +189,48 @@ fn a_failover_to_a_replica_loses_nothing_for_live_connections() {
     }
     assert!(a.metric("notif_redis_outages_total") >= 1);
 }
+
+/// On a cluster too, each node announces itself (a key and a set in one hash slot, read with one
+/// `MGET`), and a node killed with -9 is taken for gone by the others, which catch up from the store
+/// what it may not have published; the announcements cost no session.
+#[test]
+fn a_killed_node_is_taken_for_gone_and_caught_up_on_a_cluster() {
+    let (Some(schema), Some(cluster)) = (PgSchema::create(), TestCluster::start()) else {
+        return;
+    };
+    let prefix = format!("nstest:{}:", uuid::Uuid::now_v7().simple());
+    let start = || {
+        TestServer::start_with(&[
+            ("DATABASE_URL", &schema.url),
+            ("REDIS_CLUSTER", &cluster.seeds()),
+            ("REDIS_PREFIX", &prefix),
+            ("REDIS_NODE_TIMEOUT_MS", "1000"),
+        ])
+    };
+    let a = start();
+    let b = start();
+    let mut alice = b.ws("user_id=alice");
+    let set = format!("{prefix}{{nodes}}");
+    let owner = cluster.owner(cluster.slot(&set));
+    cluster.wait_until("both nodes announce themselves", |c| {
+        c.query::<Vec<String>>(owner, &["SMEMBERS", &set]).len() == 2
+    });
+    let channel = format!("{prefix}u:alice");
+    let slot_owner = cluster.owner(cluster.slot(&channel));
+    cluster.wait_until("node B subscribes to alice", |c| {
+        c.shardnumsub(slot_owner, &channel) == 1
+    });
+    expect_delivery(&a, "alice", &mut alice, "from A");
+
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.metric("notif_redis_peers_gone_total") == 0 {
+        assert!(Instant::now() < deadline, "node A was never taken for gone");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.wait_until("node A leaves the set", |c| {
+        c.query::<Vec<String>>(owner, &["SMEMBERS", &set]).len() == 1
+    });
+    expect_delivery(&b, "alice", &mut alice, "after");
+    assert_eq!(b.metric("notif_redis_outages_total"), 0);
+}

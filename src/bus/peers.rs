@@ -77,13 +77,23 @@ pub struct GonePeer {
     pub watermark: Millis,
 }
 
+/// A peer seen alive.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    /// The last watermark it announced.
+    watermark: Millis,
+    /// Whether it announced itself since this node's session began: then a missing key is an expiry,
+    /// not a Redis restart that the peer has not caught up with yet.
+    seen_this_session: bool,
+}
+
 /// One node's view of the others (see the module docs).
 #[derive(Debug)]
 pub struct PeerWatch {
     /// This node, which is never its own peer.
     me: Uuid,
-    /// Peers seen alive, with their last watermark.
-    alive: HashMap<Uuid, Millis>,
+    /// Peers seen alive, with their last watermark and whether they were seen in this session.
+    alive: HashMap<Uuid, Peer>,
     /// How long after a session began a missing peer is not yet taken for gone.
     grace: Duration,
     /// When this node's current Redis session began.
@@ -109,6 +119,9 @@ impl PeerWatch {
     /// This node's Redis session began at `now` (keys written before an outage may be gone).
     pub fn session_began(&mut self, now: Instant) {
         self.session_began = Some(now);
+        for peer in self.alive.values_mut() {
+            peer.seen_this_session = false;
+        }
     }
 
     /// Takes one tick's reading: every id in the set with the state of its key. Returns the peers that
@@ -130,7 +143,13 @@ impl PeerWatch {
             }
             match state {
                 PeerState::Alive(watermark) => {
-                    self.alive.insert(id, watermark);
+                    self.alive.insert(
+                        id,
+                        Peer {
+                            watermark,
+                            seen_this_session: true,
+                        },
+                    );
                     refreshed.push(id);
                 }
                 PeerState::Stopped => {
@@ -143,21 +162,19 @@ impl PeerWatch {
                 PeerState::Missing => {}
             }
         }
+        // A peer seen alive and not refreshed this tick: its key expired, or another node already
+        // took it out of the set. Right after a Redis restart only the ones seen since are judged.
         let mut gone = Vec::new();
-        if settled {
-            // A peer seen alive and not refreshed this tick: its key expired, or another node already
-            // took it out of the set.
-            self.alive.retain(|id, watermark| {
-                let kept = refreshed.contains(id);
-                if !kept {
-                    gone.push(GonePeer {
-                        id: *id,
-                        watermark: *watermark,
-                    });
-                }
-                kept
-            });
-        }
+        self.alive.retain(|id, peer| {
+            let kept = refreshed.contains(id) || !(settled || peer.seen_this_session);
+            if !kept {
+                gone.push(GonePeer {
+                    id: *id,
+                    watermark: peer.watermark,
+                });
+            }
+            kept
+        });
         // Anything gone leaves the set too, so that a node started later does not take it for a peer.
         forget.extend(gone.iter().map(|g| g.id));
         forget.sort();
@@ -249,6 +266,23 @@ mod tests {
         assert_eq!(forget, vec![a]);
         let (gone, _) = watch.observe(start, [(a, PeerState::Missing)]);
         assert!(gone.is_empty(), "forgotten, so not gone later either");
+    }
+
+    #[test]
+    fn a_peer_seen_in_this_session_is_gone_as_soon_as_its_key_expires_even_within_the_grace() {
+        let (me, a, _) = ids();
+        let start = Instant::now();
+        let mut watch = PeerWatch::new(me, Duration::from_secs(60));
+        watch.session_began(start);
+        watch.observe(start, [(a, PeerState::Alive(7))]);
+        let (gone, _) = watch.observe(start + Duration::from_secs(1), [(a, PeerState::Missing)]);
+        assert_eq!(
+            gone,
+            vec![GonePeer {
+                id: a,
+                watermark: 7
+            }]
+        );
     }
 
     #[test]
