@@ -27,7 +27,9 @@
 //!   encoded once and shared; with `REDIS_URL`, [`bus::redis_bus`] joins nodes through Redis Pub/Sub
 //!   (its own thread) over the connections of [`bus::link`] (with `REDIS_CLUSTER`, sharded Pub/Sub on a
 //!   Redis Cluster), [`bus::interest`] tracks which shards want which users and channels,
-//!   [`bus::wire`] is the envelope on Redis and [`bus::recent`] the ids delivered lately (no duplicates).
+//!   [`bus::wire`] is the envelope on Redis, [`bus::recent`] the ids delivered lately (no duplicates)
+//!   and [`bus::peers`] the other nodes' liveness (a node that dies before publishing what it committed
+//!   is caught up by the others from the store).
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
