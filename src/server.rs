@@ -101,6 +101,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new(shards));
 
     let url = StoreUrl::parse(&config.database_url).map_err(StartupError)?;
+    if matches!(url, StoreUrl::Postgres(_))
+        && config.sqlite_synchronous != crate::store::SqliteSynchronous::default()
+    {
+        warn!("SQLITE_SYNCHRONOUS has no effect with PostgreSQL: a commit is as durable as the database makes it");
+    }
     // Its Debug form hides a PostgreSQL password; the raw DATABASE_URL must never reach a log.
     let shown_url = format!("{url:?}");
     let store_config = StoreConfig {
@@ -108,6 +113,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         reader_threads: STORE_READER_THREADS,
         max_batch: STORE_MAX_BATCH,
         retention: config.retention(),
+        sqlite_synchronous: config.sqlite_synchronous,
     };
     let (store, store_threads) = Store::open(&store_config, Box::new(fanout.clone()))
         .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;

@@ -21,12 +21,13 @@
 //! ([`WRITER_AUTOCHECKPOINT_PAGES`]) only as a safety net, so the WAL stays bounded even if the
 //! checkpointer cannot keep up.
 //!
-//! Durability: `synchronous=NORMAL` in WAL mode means a commit appends to the WAL without an fsync; the
-//! WAL is fsynced by each checkpoint. A committed transaction survives a crash or kill of the process
-//! (the OS has the write), which is the failure a 2xx must survive in practice. After a power loss or
-//! kernel crash, the transactions committed since the last checkpoint, so about the last
+//! Durability is the operator's choice ([`SqliteSynchronous`], `SQLITE_SYNCHRONOUS`). The default,
+//! `synchronous=NORMAL` in WAL mode, means a commit appends to the WAL without an fsync; the WAL is
+//! fsynced by each checkpoint. A committed transaction survives a crash or kill of the process (the OS
+//! has the write), which is the failure a 2xx must survive in practice. After a power loss or kernel
+//! crash, the transactions committed since the last checkpoint, so about the last
 //! [`CHECKPOINT_INTERVAL`] of writes, may be rolled back; the database itself stays consistent, never
-//! corrupt. `FULL` would fsync the WAL at every commit (once per batch, thanks to group commit), closing
+//! corrupt. `FULL` fsyncs the WAL at every commit (once per batch, thanks to group commit), closing
 //! that window at the price of one fsync of latency on every batch.
 //!
 //! Data read back is never trusted to be well-formed: a malformed row (a wrong-sized id, a `channels`
@@ -79,6 +80,58 @@ const CHECKPOINTER_THREAD_NAME: &str = "store-checkpoint";
 /// An id above every stored id (memcmp order): the `before` of a first history page, so the page query
 /// is one statement with a plain range condition the index can use.
 const ID_ABOVE_ALL: [u8; 16] = [0xff; 16];
+
+/// The `synchronous` setting of the writer's connection (`SQLITE_SYNCHRONOUS`): what a commit waits
+/// for before the 2xx. Only these two: `OFF` would let a process crash lose commits too, and `EXTRA`
+/// adds nothing in WAL mode that a notification needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SqliteSynchronous {
+    /// No fsync at commit; checkpoints fsync. Survives a process crash; a power loss or kernel crash
+    /// may take back about the last [`CHECKPOINT_INTERVAL`] of commits.
+    #[default]
+    Normal,
+    /// The WAL is fsynced at every commit (one per group-commit batch): a 2xx survives a power loss too.
+    Full,
+}
+
+impl SqliteSynchronous {
+    /// The name used in `SQLITE_SYNCHRONOUS`, in the logs, and by `PRAGMA synchronous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SqliteSynchronous::Normal => "normal",
+            SqliteSynchronous::Full => "full",
+        }
+    }
+
+    /// The value `PRAGMA synchronous` reads back for this setting.
+    fn pragma_number(self) -> i64 {
+        match self {
+            SqliteSynchronous::Normal => 1,
+            SqliteSynchronous::Full => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for SqliteSynchronous {
+    type Err = String;
+
+    /// `normal` or `full`, in any case.
+    fn from_str(s: &str) -> Result<SqliteSynchronous, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(SqliteSynchronous::Normal),
+            "full" => Ok(SqliteSynchronous::Full),
+            _ => Err(format!(
+                "{s:?} is not a synchronous mode: use normal or full"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SqliteSynchronous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One numbered schema change, applied once.
 pub(crate) struct Migration {
@@ -303,14 +356,19 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
 pub(crate) struct SqliteWriter {
     /// The only read-write connection that writes rows.
     conn: Connection,
+    /// Its `synchronous` setting, as read back after setting it.
+    synchronous: SqliteSynchronous,
     /// Dropped with the writer, when the store thread exits: that is what stops the checkpointer.
     _checkpointer: Option<Sender<()>>,
 }
 
 impl SqliteWriter {
-    /// Creates the file's folder if missing, opens (or creates) the file, switches it to WAL and
-    /// applies the migrations.
-    pub(crate) fn open(path: &Path) -> Result<SqliteWriter, String> {
+    /// Creates the file's folder if missing, opens (or creates) the file, switches it to WAL with
+    /// `synchronous` and applies the migrations.
+    pub(crate) fn open(
+        path: &Path,
+        synchronous: SqliteSynchronous,
+    ) -> Result<SqliteWriter, String> {
         let context =
             |e: rusqlite::Error| format!("cannot open sqlite database {}: {e}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -335,9 +393,20 @@ impl SqliteWriter {
                 path.display()
             ));
         }
-        // See the module doc for what NORMAL means on power loss.
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // See the module doc for what each setting means on power loss. Read back, since SQLite
+        // ignores a setting it does not know instead of failing; the log line of start-up shows the
+        // value read here (`SqliteWriter::synchronous`), not the one asked for.
+        conn.pragma_update(None, "synchronous", synchronous.as_str())
             .map_err(context)?;
+        let effective: i64 = conn
+            .pragma_query_value(None, "synchronous", |row| row.get(0))
+            .map_err(context)?;
+        if effective != synchronous.pragma_number() {
+            return Err(format!(
+                "cannot open sqlite database {}: synchronous={synchronous} refused (it reads back {effective})",
+                path.display()
+            ));
+        }
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
             .map_err(context)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
@@ -346,8 +415,14 @@ impl SqliteWriter {
             .map_err(|e| format!("cannot migrate sqlite database {}: {e}", path.display()))?;
         Ok(SqliteWriter {
             conn,
+            synchronous,
             _checkpointer: None,
         })
+    }
+
+    /// The `synchronous` setting in force on the write connection (read back from SQLite at open).
+    pub(crate) fn synchronous(&self) -> SqliteSynchronous {
+        self.synchronous
     }
 
     /// Starts the checkpointer thread on its own connection to `path`. It runs until this writer is
@@ -755,7 +830,7 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> (SqliteWriter, SqliteReader) {
         let path = dir.path().join("nested/folder/n.db");
-        let writer = SqliteWriter::open(&path).unwrap();
+        let writer = SqliteWriter::open(&path, SqliteSynchronous::Normal).unwrap();
         let reader = SqliteReader::open(&path).unwrap();
         (writer, reader)
     }
@@ -1088,7 +1163,7 @@ mod tests {
     fn the_checkpointer_moves_the_wal_into_the_database_file_and_stops_with_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.db");
-        let mut writer = SqliteWriter::open(&path).unwrap();
+        let mut writer = SqliteWriter::open(&path, SqliteSynchronous::Normal).unwrap();
         let checkpointer = writer.spawn_checkpointer(&path).unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
         let rows = (0..2_000u128)
