@@ -57,6 +57,10 @@ pub struct Notification {
     pub seen_at: Option<Millis>,
     /// The time it was scheduled for, for scheduled notifications.
     pub scheduled_at: Option<Millis>,
+    /// For a notification a schedule fired: the schedule's id (what `POST /schedule` answered), since
+    /// firing gives the notification a new id of its own. `None` for sends and batches, and for a
+    /// schedule still pending (whose own `id` is the schedule's id).
+    pub schedule_id: Option<Uuid>,
 }
 
 /// A validated notification that has no id or timestamp yet: the store assigns both at commit.
@@ -97,6 +101,7 @@ impl NewNotification {
             delivered_at: None,
             seen_at: None,
             scheduled_at: self.scheduled_at,
+            schedule_id: None,
         }
     }
 }
@@ -466,6 +471,17 @@ impl Notification {
         write_opt_time(out, ",\"delivered_at\":", self.delivered_at);
         write_opt_time(out, ",\"seen_at\":", self.seen_at);
         write_opt_time(out, ",\"scheduled_at\":", self.scheduled_at);
+        // Only on fired schedules: the object of a plain send stays byte for byte what it was.
+        if let Some(schedule_id) = self.schedule_id {
+            out.extend_from_slice(b",\"schedule_id\":\"");
+            out.extend_from_slice(
+                schedule_id
+                    .hyphenated()
+                    .encode_lower(&mut id_buf)
+                    .as_bytes(),
+            );
+            out.push(b'"');
+        }
         out.push(b'}');
     }
 

@@ -581,7 +581,9 @@ impl Store {
         self.write(|reply| WriteOp::CancelScheduled { id, reply })
     }
 
-    /// A pending scheduled notification by its schedule id; `None` if unknown or already fired.
+    /// A scheduled notification by its schedule id: the pending one (its `schedule_id` is `None` and
+    /// its `id` is the schedule's), or the notification it fired as (its `schedule_id` is `id`);
+    /// `None` if unknown, cancelled, or fired and since deleted from the inbox or by retention.
     pub fn scheduled(&self, id: Uuid) -> StoreFuture<Option<Notification>> {
         self.read(|reply| ReadOp::Scheduled { id, reply })
     }

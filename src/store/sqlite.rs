@@ -151,6 +151,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../../migrations/sqlite/0002_scheduling_idempotency.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/sqlite/0003_schedule_id.sql"),
+    },
 ];
 
 /// The bookkeeping table of the migration runner.
@@ -163,7 +167,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 macro_rules! columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data, created_at, read_at, \
-         delivered_at, seen_at, scheduled_at"
+         delivered_at, seen_at, scheduled_at, schedule_id"
     };
 }
 
@@ -171,7 +175,7 @@ macro_rules! columns {
 const INSERT_NOTIFICATION: &str = concat!(
     "INSERT INTO notifications (",
     columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
 );
 /// `OR IGNORE`: a producer may list the same channel twice; it is one channel.
 const INSERT_CHANNEL: &str =
@@ -202,7 +206,7 @@ const IDEMPOTENCY_EXPIRE: &str = "DELETE FROM idempotency_keys WHERE created_at 
 macro_rules! scheduled_columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data, created_at, NULL, NULL, NULL, \
-         scheduled_at"
+         scheduled_at, NULL"
     };
 }
 /// A pending scheduled notification.
@@ -217,11 +221,15 @@ const CLAIM_DUE: &str = concat!(
     "WHERE scheduled_at <= ?1 ORDER BY scheduled_at, id LIMIT ?2) RETURNING ",
     scheduled_columns!()
 );
-/// One pending scheduled notification.
+/// A scheduled notification by its schedule id: the pending row, or else the notification it fired
+/// as (found through the partial index `notifications_schedule`). One statement, so one snapshot: a
+/// schedule that fires while this runs is found in one table or the other.
 const SCHEDULED: &str = concat!(
     "SELECT ",
     scheduled_columns!(),
-    " FROM scheduled_notifications WHERE id = ?1"
+    " FROM scheduled_notifications WHERE id = ?1 UNION ALL SELECT ",
+    columns!(),
+    " FROM notifications WHERE schedule_id = ?1 LIMIT 1"
 );
 /// Retention: ids are UUIDv7, so "created before t" is "id below the smallest id of t", a range scan
 /// of the primary key from its old end. The trigger of migration 1 removes the channel rows.
@@ -301,6 +309,7 @@ fn notification_from_row(row: &Row<'_>) -> rusqlite::Result<Notification> {
         delivered_at: row.get(10)?,
         seen_at: row.get(11)?,
         scheduled_at: row.get(12)?,
+        schedule_id: row.get::<_, Option<[u8; 16]>>(13)?.map(Uuid::from_bytes),
     })
 }
 
@@ -531,6 +540,7 @@ fn insert_notifications(
             n.delivered_at,
             n.seen_at,
             n.scheduled_at,
+            n.schedule_id.as_ref().map(Uuid::as_bytes),
         ])?;
         for channel in &n.channels {
             insert_channel.execute(params![channel, n.id.as_bytes()])?;
@@ -968,10 +978,13 @@ mod tests {
             "fresh, ordered ids"
         );
         assert_eq!(fired[0].scheduled_at, Some(100));
-        assert!(
-            r.scheduled(Uuid::from_u128(2)).unwrap().is_none(),
-            "no longer pending"
+        // No longer pending: the lookup finds the notification it fired as.
+        let traced = r.scheduled(Uuid::from_u128(2)).unwrap().unwrap();
+        assert_eq!(
+            (traced.id, traced.schedule_id),
+            (fired[0].id, Some(Uuid::from_u128(2)))
         );
+        assert_eq!(fired[0].schedule_id, Some(Uuid::from_u128(2)));
         assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
         assert_eq!(page(&mut r, "u").total, 2);
         let cancelled = w
@@ -1220,6 +1233,7 @@ mod tests {
             (REPLAY, "notifications_broadcast"),
             (REPLAY, "notifications_user"),
             (REPLAY, "PRIMARY KEY"),
+            (SCHEDULED, "notifications_schedule"),
         ];
         for (sql, index) in cases {
             let plan = plan(sql);
