@@ -107,13 +107,50 @@ impl NewNotification {
 }
 
 /// A user id as producers send it: a string, or an integer (Laravel's user ids are integers).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum UserIdInput {
     /// `"user_id": "user123"`.
     Text(String),
     /// `"user_id": 42`, stored as `"42"`.
     Integer(i64),
+}
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum's error says only that no variant
+/// matched, and this one says what is expected (`user_id must be a string or an integer`).
+impl<'de> Deserialize<'de> for UserIdInput {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// Accepts a string or an integer.
+        struct UserIdVisitor;
+
+        impl serde::de::Visitor<'_> for UserIdVisitor {
+            type Value = UserIdInput;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UserIdInput, E> {
+                Ok(UserIdInput::Text(v.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<UserIdInput, E> {
+                Ok(UserIdInput::Text(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UserIdInput, E> {
+                Ok(UserIdInput::Integer(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UserIdInput, E> {
+                // Above i64::MAX: still an integer id, kept as its decimal string.
+                Ok(i64::try_from(v)
+                    .map(UserIdInput::Integer)
+                    .unwrap_or_else(|_| UserIdInput::Text(v.to_string())))
+            }
+        }
+
+        deserializer.deserialize_any(UserIdVisitor)
+    }
 }
 
 /// The JSON body of a send (and of each element of a batch), before validation.

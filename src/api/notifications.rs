@@ -20,7 +20,7 @@ use super::store_unavailable;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
-use crate::json_depth::within_depth;
+use crate::json_input::parse_object;
 use crate::model::{
     format_time, now_millis, validate_user_id, write_json_str, FieldError, NewNotification,
     Notification, SendInput,
@@ -37,27 +37,11 @@ pub const DEFAULT_PAGE: usize = 50;
 /// Largest history page.
 pub const MAX_PAGE: usize = 500;
 
-fn invalid_json(e: impl std::fmt::Display) -> Response {
-    Response::error(
-        400,
-        "invalid_json",
-        &format!("the body is not valid JSON: {e}"),
-    )
-}
-
-/// Parses a JSON body in place (simd-json), once its nesting is known to be within `max_depth` (see
-/// `json_depth`: deeper input could overflow the shard's stack).
+/// Parses a JSON body in place (simd-json, through `json_input`: nesting bounded by `max_depth`,
+/// escapes checked, errors worded for people and naming the field).
 fn parse_body<T: DeserializeOwned>(body: &mut [u8], max_depth: usize) -> Result<T, Response> {
-    if !within_depth(body, max_depth) {
-        return Err(Response::error(
-            400,
-            "invalid_json",
-            &format!(
-                "the body nests arrays and objects deeper than {max_depth} levels (MAX_JSON_DEPTH)"
-            ),
-        ));
-    }
-    simd_json::serde::from_slice(body).map_err(invalid_json)
+    parse_object(body, max_depth, "the body")
+        .map_err(|e| Response::error(400, "invalid_json", &e.0))
 }
 
 fn invalid_field(e: &FieldError) -> Response {
