@@ -10,6 +10,13 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::bus::link::{self, RedisTarget};
+use crate::store::SqliteSynchronous;
+
+/// Reads `SQLITE_SYNCHRONOUS`; a bad value stops start-up with clap's usage error (exit status 2),
+/// naming the setting and the two accepted values.
+fn parse_sqlite_synchronous(value: &str) -> Result<SqliteSynchronous, String> {
+    value.parse()
+}
 
 /// The server's settings (API.md, "Configuration"). Run with `--help` for the full list.
 #[derive(Debug, Clone, Parser)]
@@ -163,6 +170,12 @@ pub struct Config {
     #[arg(long, env = "RETENTION_DAYS")]
     pub retention_days: Option<u32>,
 
+    /// What a commit of the embedded SQLite store waits for: `normal` (no fsync per commit; survives
+    /// a crash of the process, a power loss may take back about the last 500 ms) or `full` (an fsync
+    /// per committed batch; survives a power loss too). Ignored with PostgreSQL.
+    #[arg(long, env = "SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = parse_sqlite_synchronous)]
+    pub sqlite_synchronous: SqliteSynchronous,
+
     /// Log format: `text` or `json`. The level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -279,6 +292,7 @@ mod tests {
         assert_eq!(c.database_url, "sqlite://data/notifications.db");
         assert_eq!(c.max_body, 65536);
         assert_eq!(c.heartbeat_s, 30);
+        assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Normal);
         assert!(c.validate().is_ok());
     }
 
@@ -287,6 +301,14 @@ mod tests {
         let c = Config::parse_from(["x", "--port", "0", "--shards", "0"]);
         assert_eq!(c.port, 0);
         assert!(c.validate().unwrap_err().contains("SHARDS"));
+    }
+
+    #[test]
+    fn sqlite_synchronous_is_normal_or_full() {
+        let c = Config::parse_from(["x", "--sqlite-synchronous", "FULL"]);
+        assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Full);
+        let e = Config::try_parse_from(["x", "--sqlite-synchronous", "off"]).unwrap_err();
+        assert!(e.to_string().contains("use normal or full"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
+//! - [`json_input`]: the parse of client JSON (request bodies, WebSocket messages): escapes checked
+//!   before simd-json sees them, and one wording for every error, naming the field and the byte.
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
 //!
 //! # One notification's way
@@ -62,6 +64,7 @@ pub mod bus;
 pub mod config;
 pub mod http;
 pub mod json_depth;
+pub mod json_input;
 pub mod metrics;
 pub mod model;
 pub mod server;

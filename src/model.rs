@@ -57,6 +57,10 @@ pub struct Notification {
     pub seen_at: Option<Millis>,
     /// The time it was scheduled for, for scheduled notifications.
     pub scheduled_at: Option<Millis>,
+    /// For a notification a schedule fired: the schedule's id (what `POST /schedule` answered), since
+    /// firing gives the notification a new id of its own. `None` for sends and batches, and for a
+    /// schedule still pending (whose own `id` is the schedule's id).
+    pub schedule_id: Option<Uuid>,
 }
 
 /// A validated notification that has no id or timestamp yet: the store assigns both at commit.
@@ -97,18 +101,56 @@ impl NewNotification {
             delivered_at: None,
             seen_at: None,
             scheduled_at: self.scheduled_at,
+            schedule_id: None,
         }
     }
 }
 
 /// A user id as producers send it: a string, or an integer (Laravel's user ids are integers).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum UserIdInput {
     /// `"user_id": "user123"`.
     Text(String),
     /// `"user_id": 42`, stored as `"42"`.
     Integer(i64),
+}
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum's error says only that no variant
+/// matched, and this one says what is expected (`user_id must be a string or an integer`).
+impl<'de> Deserialize<'de> for UserIdInput {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// Accepts a string or an integer.
+        struct UserIdVisitor;
+
+        impl serde::de::Visitor<'_> for UserIdVisitor {
+            type Value = UserIdInput;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UserIdInput, E> {
+                Ok(UserIdInput::Text(v.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<UserIdInput, E> {
+                Ok(UserIdInput::Text(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UserIdInput, E> {
+                Ok(UserIdInput::Integer(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UserIdInput, E> {
+                // Above i64::MAX: still an integer id, kept as its decimal string.
+                Ok(i64::try_from(v)
+                    .map(UserIdInput::Integer)
+                    .unwrap_or_else(|_| UserIdInput::Text(v.to_string())))
+            }
+        }
+
+        deserializer.deserialize_any(UserIdVisitor)
+    }
 }
 
 /// The JSON body of a send (and of each element of a batch), before validation.
@@ -466,6 +508,17 @@ impl Notification {
         write_opt_time(out, ",\"delivered_at\":", self.delivered_at);
         write_opt_time(out, ",\"seen_at\":", self.seen_at);
         write_opt_time(out, ",\"scheduled_at\":", self.scheduled_at);
+        // Only on fired schedules: the object of a plain send stays byte for byte what it was.
+        if let Some(schedule_id) = self.schedule_id {
+            out.extend_from_slice(b",\"schedule_id\":\"");
+            out.extend_from_slice(
+                schedule_id
+                    .hyphenated()
+                    .encode_lower(&mut id_buf)
+                    .as_bytes(),
+            );
+            out.push(b'"');
+        }
         out.push(b'}');
     }
 

@@ -43,12 +43,38 @@ impl std::fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
-/// Binds one `SO_REUSEPORT` listener per shard on the same address. With port 0 the first bind picks the
-/// port and the others join it.
+/// How often start-up binds again when `PORT=0` landed on a port someone else already listens on.
+const PORT_ZERO_ATTEMPTS: usize = 5;
+
+/// Binds one `SO_REUSEPORT` listener per shard on the same address, and makes sure no other process
+/// listens on that port (see [`listening_port_owner`]). With port 0 the first bind picks the port and
+/// the others join it.
 fn bind_listeners(
     config: &Config,
     count: usize,
 ) -> Result<(Vec<OwnedFd>, SocketAddr), StartupError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (fds, addr) = bind_group(config, count)?;
+        let inodes: Vec<u64> = fds.iter().filter_map(socket_inode).collect();
+        let Some(owner) = listening_port_owner(addr, &inodes) else {
+            return Ok((fds, addr));
+        };
+        // With PORT=0 the port is the kernel's choice, not the operator's: choose again.
+        if config.port == 0 && attempt < PORT_ZERO_ATTEMPTS {
+            continue;
+        }
+        return Err(StartupError(format!(
+            "cannot listen on {addr}: Address already in use (port {} is already served by {owner}; \
+             SO_REUSEPORT would split the connections between both)",
+            addr.port()
+        )));
+    }
+}
+
+/// Binds and listens on `count` `SO_REUSEPORT` sockets on the configured address.
+fn bind_group(config: &Config, count: usize) -> Result<(Vec<OwnedFd>, SocketAddr), StartupError> {
     let mut addr = SocketAddr::new(config.host, config.port);
     let mut fds = Vec::with_capacity(count);
     for _ in 0..count {
@@ -67,6 +93,135 @@ fn bind_listeners(
         fds.push(OwnedFd::from(socket));
     }
     Ok((fds, addr))
+}
+
+/// The inode of a socket, as `/proc/net/tcp` and `/proc/<pid>/fd` name it.
+fn socket_inode(fd: &OwnedFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed stat is a valid out-parameter; fstat fills it for an open descriptor.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } == 0).then_some(stat.st_ino)
+}
+
+/// Who else listens on `addr`'s port, if anyone: a listening TCP socket in `/proc/net/tcp` or
+/// `/proc/net/tcp6` on the same port, on an address that overlaps ours (the same, or a wildcard on
+/// either side), whose inode is not one of `ours`. Described as `pid N (name)` when a process of ours
+/// to read holds it, else as `another process`.
+///
+/// Why look after binding rather than bind a probe socket without `SO_REUSEPORT` first: `SO_REUSEPORT`
+/// lets any process of the same user join a port, which is exactly how a second `notification-service`
+/// started silently and took half the connections. A probe would have to be closed before our
+/// `SO_REUSEPORT` sockets can bind (the kernel lets a port be shared only by sockets that all set the
+/// option), so two servers starting together could both probe a free port and then both bind it: the
+/// sharing this check exists to prevent. Checking after our own `listen` has no such gap: of two
+/// servers racing, the one that listens second always sees the first (still listening) when it looks,
+/// so at least one refuses, and possibly both do, which is acceptable; they never go on sharing. The
+/// loser may take a few connections in the instant before it exits; the kernel resets those.
+fn listening_port_owner(addr: SocketAddr, ours: &[u64]) -> Option<String> {
+    /// `st` of a listening socket in `/proc/net/tcp`.
+    const TCP_LISTEN: &str = "0A";
+    let mut foreign = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        // A kernel without IPv6 has no tcp6 table; an unreadable table hides nothing we could act on.
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let Ok(inode) = inode.parse::<u64>() else {
+                continue;
+            };
+            if *state != TCP_LISTEN || inode == 0 || ours.contains(&inode) {
+                continue;
+            }
+            let Some(theirs) = parse_proc_net_addr(local) else {
+                continue;
+            };
+            if theirs.port() == addr.port() && addresses_overlap(theirs.ip(), addr.ip()) {
+                foreign.push(inode);
+            }
+        }
+    }
+    if foreign.is_empty() {
+        return None;
+    }
+    Some(socket_holder(&foreign).unwrap_or_else(|| "another process".to_owned()))
+}
+
+/// Whether two listening addresses on one port catch the same connections: equal, or either a
+/// wildcard (an IPv6 wildcard also takes IPv4 unless the socket is v6-only, which we cannot see here,
+/// so it counts).
+fn addresses_overlap(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    let plain = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let (a, b) = (plain(a), plain(b));
+    a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+/// Parses a `local_address` of `/proc/net/tcp{,6}`: the address as 32-bit words printed in hex in
+/// the host's byte order, a colon, the port in hex.
+fn parse_proc_net_addr(text: &str) -> Option<SocketAddr> {
+    let (ip_hex, port_hex) = text.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for chunk in ip_hex.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// `pid N (name)` of the first process found holding one of the socket `inodes`, by reading the
+/// descriptors under `/proc/*/fd` (only a process we may inspect: our own user's, or any as root).
+fn socket_holder(inodes: &[u64]) -> Option<String> {
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    let own = std::process::id();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .ok()
+                .is_some_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
+        });
+        if holds {
+            // The executable's file name; `comm` (cut to 15 bytes) when the link is not readable.
+            let name = std::fs::read_link(entry.path().join("exe"))
+                .ok()
+                .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .or_else(|| {
+                    std::fs::read_to_string(entry.path().join("comm"))
+                        .ok()
+                        .map(|c| c.trim().to_owned())
+                })
+                .unwrap_or_else(|| "?".to_owned());
+            return Some(format!("pid {pid} ({name})"));
+        }
+    }
+    None
 }
 
 /// The CPUs this process may run on (its affinity mask, which `taskset`, cgroups' cpusets and
@@ -101,6 +256,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new(shards));
 
     let url = StoreUrl::parse(&config.database_url).map_err(StartupError)?;
+    if matches!(url, StoreUrl::Postgres(_))
+        && config.sqlite_synchronous != crate::store::SqliteSynchronous::default()
+    {
+        warn!("SQLITE_SYNCHRONOUS has no effect with PostgreSQL: a commit is as durable as the database makes it");
+    }
     // Its Debug form hides a PostgreSQL password; the raw DATABASE_URL must never reach a log.
     let shown_url = format!("{url:?}");
     let store_config = StoreConfig {
@@ -108,6 +268,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         reader_threads: STORE_READER_THREADS,
         max_batch: STORE_MAX_BATCH,
         retention: config.retention(),
+        sqlite_synchronous: config.sqlite_synchronous,
     };
     let (store, store_threads) = Store::open(&store_config, Box::new(fanout.clone()))
         .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;
@@ -227,4 +388,63 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     }
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn proc_net_addresses_parse_in_host_byte_order() {
+        // As the kernel prints them on a little-endian machine.
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                parse_proc_net_addr("0100007F:1F90"),
+                Some("127.0.0.1:8080".parse().unwrap())
+            );
+            assert_eq!(
+                parse_proc_net_addr("00000000000000000000000001000000:0050"),
+                Some("[::1]:80".parse().unwrap())
+            );
+        }
+        assert_eq!(
+            parse_proc_net_addr("00000000:0050"),
+            Some("0.0.0.0:80".parse().unwrap())
+        );
+        assert_eq!(parse_proc_net_addr("zz:1"), None);
+        assert_eq!(parse_proc_net_addr("0100007F"), None);
+    }
+
+    #[test]
+    fn wildcards_overlap_everything_and_distinct_addresses_do_not() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(addresses_overlap(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(addresses_overlap(ip("0.0.0.0"), ip("127.0.0.1")));
+        assert!(addresses_overlap(ip("::"), ip("10.0.0.1")));
+        assert!(addresses_overlap(ip("::ffff:127.0.0.1"), ip("127.0.0.1")));
+        assert!(!addresses_overlap(ip("127.0.0.1"), ip("127.0.0.2")));
+        assert!(!addresses_overlap(ip("::1"), ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn our_own_listeners_are_not_a_conflict_and_a_second_group_is() {
+        let config = Config::parse_from(["x", "--host", "127.0.0.1", "--port", "0"]);
+        let (first, addr) = bind_group(&config, 2).unwrap();
+        let first_inodes: Vec<u64> = first.iter().filter_map(socket_inode).collect();
+        assert_eq!(first_inodes.len(), 2);
+        assert_eq!(listening_port_owner(addr, &first_inodes), None);
+        // A second group on the same port, as a second server would bind it: each sees the other.
+        let same_port = Config::parse_from([
+            "x",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &addr.port().to_string(),
+        ]);
+        let (second, _) = bind_group(&same_port, 1).unwrap();
+        let second_inodes: Vec<u64> = second.iter().filter_map(socket_inode).collect();
+        assert!(listening_port_owner(addr, &second_inodes).is_some());
+        assert!(listening_port_owner(addr, &first_inodes).is_some());
+    }
 }

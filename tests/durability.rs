@@ -115,3 +115,55 @@ fn kill_9_mid_stream(env: &[(&str, &str)]) {
         }
     }
 }
+
+/// The `store opened (sqlite)` log line of a server started with `env`.
+fn store_opened_line(server: &TestServer) -> String {
+    server
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("store opened (sqlite)"))
+        .cloned()
+        .expect("a store opened line")
+}
+
+#[test]
+fn sqlite_synchronous_is_normal_by_default_full_when_asked_and_logged_as_read_back() {
+    let server = TestServer::start();
+    let line = store_opened_line(&server);
+    assert!(line.contains("synchronous=normal"), "{line}");
+
+    let mut server = TestServer::start_with(&[("SQLITE_SYNCHRONOUS", "full")]);
+    let line = store_opened_line(&server);
+    assert!(line.contains("synchronous=full"), "{line}");
+    let id = server.send(serde_json::json!({"user_id": "fsync", "message": "kept"}));
+    assert!(server.terminate().success());
+    // The same data under the default setting: the setting is per connection, not in the file.
+    let server = TestServer::start_in(server.dir.clone(), &[]);
+    assert!(store_opened_line(&server).contains("synchronous=normal"));
+    let page = server.get("/api/v1/notifications/user/fsync").json();
+    assert_eq!(page["notifications"][0]["id"], id.as_str());
+}
+
+#[test]
+fn a_bad_sqlite_synchronous_is_refused_before_the_store_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    for value in ["off", "extra", "NORMAL!"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_notification-service"))
+            .env_clear()
+            .env("PORT", "0")
+            .env("HOST", "127.0.0.1")
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("SQLITE_SYNCHRONOUS", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // An invalid setting exits 2 (API.md, "Start-up"), like every other one.
+        assert_eq!(out.status.code(), Some(2), "{value:?}: {out:?}");
+        assert!(stderr.contains("SQLITE_SYNCHRONOUS"), "{value:?}: {stderr}");
+        assert!(stderr.contains("normal or full"), "{value:?}: {stderr}");
+        assert!(!db.exists(), "{value:?}: the store was opened");
+    }
+}

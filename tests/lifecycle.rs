@@ -209,3 +209,162 @@ fn json_logs_carry_connect_and_disconnect_with_user_and_shard() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs the binary with `env` (on top of a clean environment) until it exits by itself, at most
+/// `common::WAIT`; returns its status and everything it printed.
+fn run_to_exit(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_notification-service"))
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + common::WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the second server did not exit: it is serving the port too");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut output = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    (status, output)
+}
+
+#[test]
+fn a_second_server_on_a_port_already_served_exits_1_before_opening_its_store() {
+    let first = TestServer::start();
+    let before = first.send(json!({"user_id": "owner", "message": "first"}));
+    let port = first.addr.port().to_string();
+    let other = tempfile::tempdir().unwrap();
+    let other_db = other.path().join("second.db");
+    let (status, output) = run_to_exit(&[
+        ("HOST", "127.0.0.1"),
+        ("PORT", &port),
+        ("SHARDS", "2"),
+        ("DATABASE_URL", &format!("sqlite://{}", other_db.display())),
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains(&format!(
+            "cannot listen on 127.0.0.1:{port}: Address already in use"
+        )),
+        "{output}"
+    );
+    assert!(output.contains(&format!("port {port}")), "{output}");
+    assert!(
+        output.contains(&format!("pid {}", first.pid())),
+        "the message names the process that holds the port: {output}"
+    );
+    assert!(!output.contains("listening"), "{output}");
+    assert!(!other_db.exists(), "the second server opened its store");
+
+    // The first one still serves, alone: every new connection reaches it.
+    for i in 0..20 {
+        let r = first.get("/health");
+        assert_eq!(r.status, 200, "connection {i}");
+    }
+    let page = first.get("/api/v1/notifications/user/owner").json();
+    assert_eq!(page["notifications"][0]["id"], before.as_str());
+
+    // A server listening on the wildcard address of that port is refused the same way.
+    let (status, output) = run_to_exit(&[
+        ("HOST", "0.0.0.0"),
+        ("PORT", &port),
+        ("SHARDS", "1"),
+        ("DATABASE_URL", &format!("sqlite://{}", other_db.display())),
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(output.contains("Address already in use"), "{output}");
+    assert!(!other_db.exists());
+}
+
+#[test]
+fn two_servers_started_together_on_one_port_never_both_serve_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        // A port that was free a moment ago.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let mut children: Vec<(std::process::Child, std::path::PathBuf)> = (0..2)
+            .map(|i| {
+                let log = dir.path().join(format!("race-{round}-{i}.log"));
+                let file = std::fs::File::create(&log).unwrap();
+                let child = std::process::Command::new(env!("CARGO_BIN_EXE_notification-service"))
+                    .env_clear()
+                    .env("RUST_LOG", "info")
+                    .env("HOST", "127.0.0.1")
+                    .env("PORT", &port)
+                    .env("SHARDS", "2")
+                    .env(
+                        "DATABASE_URL",
+                        format!("sqlite://{}/race-{round}-{i}.db", dir.path().display()),
+                    )
+                    .stdout(file.try_clone().unwrap())
+                    .stderr(file)
+                    .spawn()
+                    .unwrap();
+                (child, log)
+            })
+            .collect();
+        // Each ends up listening or exited; give both the time to get there.
+        let deadline = Instant::now() + common::WAIT;
+        let serving = loop {
+            let mut settled = 0;
+            let mut serving = 0;
+            for (child, log) in &mut children {
+                let listening = std::fs::read_to_string(&*log)
+                    .unwrap_or_default()
+                    .contains("notification-service listening");
+                let exited = child.try_wait().unwrap().is_some();
+                if exited || listening {
+                    settled += 1;
+                }
+                if listening && !exited {
+                    serving += 1;
+                }
+            }
+            if settled == 2 || Instant::now() > deadline {
+                break serving;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let a loser that already logged `listening` finish exiting before counting again.
+        std::thread::sleep(Duration::from_millis(300));
+        let still_serving = children
+            .iter_mut()
+            .map(|(child, _)| child.try_wait().unwrap().is_none())
+            .filter(|running| *running)
+            .count();
+        for (child, _) in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(
+            serving <= 1 && still_serving <= 1,
+            "round {round}: both servers serve port {port}"
+        );
+    }
+}

@@ -20,7 +20,7 @@ use super::store_unavailable;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
-use crate::json_depth::within_depth;
+use crate::json_input::parse_object;
 use crate::model::{
     format_time, now_millis, validate_user_id, write_json_str, FieldError, NewNotification,
     Notification, SendInput,
@@ -37,27 +37,11 @@ pub const DEFAULT_PAGE: usize = 50;
 /// Largest history page.
 pub const MAX_PAGE: usize = 500;
 
-fn invalid_json(e: impl std::fmt::Display) -> Response {
-    Response::error(
-        400,
-        "invalid_json",
-        &format!("the body is not valid JSON: {e}"),
-    )
-}
-
-/// Parses a JSON body in place (simd-json), once its nesting is known to be within `max_depth` (see
-/// `json_depth`: deeper input could overflow the shard's stack).
+/// Parses a JSON body in place (simd-json, through `json_input`: nesting bounded by `max_depth`,
+/// escapes checked, errors worded for people and naming the field).
 fn parse_body<T: DeserializeOwned>(body: &mut [u8], max_depth: usize) -> Result<T, Response> {
-    if !within_depth(body, max_depth) {
-        return Err(Response::error(
-            400,
-            "invalid_json",
-            &format!(
-                "the body nests arrays and objects deeper than {max_depth} levels (MAX_JSON_DEPTH)"
-            ),
-        ));
-    }
-    simd_json::serde::from_slice(body).map_err(invalid_json)
+    parse_object(body, max_depth, "the body")
+        .map_err(|e| Response::error(400, "invalid_json", &e.0))
 }
 
 fn invalid_field(e: &FieldError) -> Response {
@@ -291,18 +275,54 @@ fn scheduled_not_found() -> Response {
     Response::error(
         404,
         "not_found",
-        "no pending scheduled notification with this id (unknown, or already fired)",
+        "no scheduled notification with this id (unknown, cancelled, or fired and since deleted)",
     )
 }
 
-/// `GET /api/v1/notifications/scheduled/:id`.
+/// The answer for a pending schedule: its notification object (whose `id` is the schedule's) with
+/// `"state":"pending"` added at the end.
+fn pending_answer(n: &Notification) -> Vec<u8> {
+    let mut body = n.to_json();
+    body.pop(); // the object's closing brace
+    body.extend_from_slice(b",\"state\":\"pending\"}");
+    body
+}
+
+/// The answer for a schedule that fired as `n`: `{"id","state":"fired","notification_id","user_id",
+/// "scheduled_at","fired_at"}`. The notification itself is in history under `notification_id`.
+fn fired_answer(schedule: Uuid, n: &Notification) -> Vec<u8> {
+    let mut body = Vec::with_capacity(200);
+    body.extend_from_slice(
+        format!(
+            "{{\"id\":\"{schedule}\",\"state\":\"fired\",\"notification_id\":\"{}\",\"user_id\":",
+            n.id
+        )
+        .as_bytes(),
+    );
+    match &n.user_id {
+        Some(user) => write_json_str(&mut body, user),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.extend_from_slice(
+        format!(
+            ",\"scheduled_at\":\"{}\",\"fired_at\":\"{}\"}}",
+            format_time(n.scheduled_at.unwrap_or(n.created_at)),
+            format_time(n.created_at)
+        )
+        .as_bytes(),
+    );
+    body
+}
+
+/// `GET /api/v1/notifications/scheduled/:id`: the pending schedule, or where it went once fired.
 pub async fn get_scheduled(shard: &Shard, id: &str) -> Response {
     let id = match schedule_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
     match shard.store.scheduled(id).await {
-        Ok(Some(n)) => Response::json(200, n.to_json()),
+        Ok(Some(n)) if n.schedule_id == Some(id) => Response::json(200, fired_answer(id, &n)),
+        Ok(Some(n)) => Response::json(200, pending_answer(&n)),
         Ok(None) => scheduled_not_found(),
         Err(e) => store_unavailable(e),
     }
@@ -316,7 +336,11 @@ pub async fn cancel_scheduled(shard: &Shard, id: &str) -> Response {
     };
     match shard.store.cancel_scheduled(id).await {
         Ok(true) => Response::empty(204),
-        Ok(false) => scheduled_not_found(),
+        Ok(false) => Response::error(
+            404,
+            "not_found",
+            "no pending scheduled notification with this id (unknown, cancelled, or already fired)",
+        ),
         Err(e) => store_unavailable(e),
     }
 }

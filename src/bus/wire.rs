@@ -92,6 +92,9 @@ struct WireNotification<'a> {
     data: &'a serde_json::value::RawValue,
     timestamp: &'a str,
     scheduled_at: Option<&'a str>,
+    /// Present only on a fired schedule.
+    #[serde(default)]
+    schedule_id: Option<&'a str>,
 }
 
 fn decode_notification(payload: &[u8]) -> Result<Notification, WireError> {
@@ -113,6 +116,10 @@ fn decode_notification(payload: &[u8]) -> Result<Notification, WireError> {
         delivered_at: None,
         seen_at: None,
         scheduled_at: w.scheduled_at.map(time).transpose()?,
+        schedule_id: w
+            .schedule_id
+            .map(|s| Uuid::parse_str(s).map_err(|e| WireError(format!("bad schedule_id: {e}"))))
+            .transpose()?,
     })
 }
 
@@ -142,6 +149,16 @@ mod tests {
                 assert_eq!(*back, n);
                 assert_eq!(back.to_json(), n.to_json(), "the frame is the same bytes");
             }
+            other => panic!("{other:?}"),
+        }
+        // A fired schedule carries its schedule's id across nodes too.
+        let fired = Notification {
+            scheduled_at: Some(1_700_000_000_000),
+            schedule_id: Some(Uuid::now_v7()),
+            ..n
+        };
+        match decode(&encode_notification(origin, &fired)).unwrap() {
+            Envelope::Notification(back) => assert_eq!(*back, fired),
             other => panic!("{other:?}"),
         }
     }

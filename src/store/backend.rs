@@ -178,19 +178,24 @@ pub(crate) trait ReadBackend: Send + 'static {
     fn history(&mut self, query: &HistoryQuery) -> Result<HistoryPage, BackendError>;
     /// What a resuming connection missed (see [`super::Store::replay`]).
     fn replay(&mut self, query: &ReplayQuery) -> Result<Vec<Notification>, BackendError>;
-    /// A pending scheduled notification by its schedule id (see [`super::Store::scheduled`]).
+    /// A scheduled notification by its schedule id, pending or fired (see [`super::Store::scheduled`]):
+    /// the pending row (its `schedule_id` is `None`), or else the notification it fired as (its
+    /// `schedule_id` is `id`), both read in one statement so a schedule firing meanwhile is found
+    /// one way or the other.
     fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError>;
     /// A trivial query, to prove the connection works.
     fn ping(&mut self) -> Result<(), BackendError>;
 }
 
 /// A due scheduled notification as it is stored when it fires: a new id (commit order) and creation
-/// time, the same content and `scheduled_at`.
+/// time, the same content and `scheduled_at`, and the schedule's id in `schedule_id` (what
+/// `GET /scheduled/:id` finds it by once fired).
 pub(crate) fn fired_notification(pending: Notification, ids: &mut IdGenerator) -> Notification {
     let (id, created_at) = ids.next_id();
     Notification {
         id,
         created_at,
+        schedule_id: Some(pending.id),
         ..pending
     }
 }

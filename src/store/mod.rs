@@ -34,6 +34,8 @@ mod reader;
 mod sqlite;
 mod writer;
 
+pub use sqlite::SqliteSynchronous;
+
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -145,6 +147,8 @@ pub struct StoreConfig {
     /// `RETENTION_DAYS`: notifications older than this are deleted in small batches; `None` keeps
     /// them forever.
     pub retention: Option<std::time::Duration>,
+    /// `SQLITE_SYNCHRONOUS`: what a SQLite commit waits for (ignored by PostgreSQL).
+    pub sqlite_synchronous: SqliteSynchronous,
 }
 
 impl StoreConfig {
@@ -155,6 +159,7 @@ impl StoreConfig {
             reader_threads: DEFAULT_READER_THREADS,
             max_batch: DEFAULT_MAX_BATCH,
             retention: None,
+            sqlite_synchronous: SqliteSynchronous::default(),
         }
     }
 }
@@ -430,12 +435,16 @@ impl Store {
         let readers = config.reader_threads.max(1);
         match &config.url {
             StoreUrl::Sqlite(path) => {
-                let mut write_backend = sqlite::SqliteWriter::open(path)?;
+                let mut write_backend =
+                    sqlite::SqliteWriter::open(path, config.sqlite_synchronous)?;
                 let read_backends = (0..readers)
                     .map(|_| sqlite::SqliteReader::open(path))
                     .collect::<Result<Vec<_>, String>>()?;
                 let checkpointer = write_backend.spawn_checkpointer(path)?;
-                tracing::info!(path = %path.display(), readers, "store opened (sqlite)");
+                // The effective synchronous setting, read back from the connection: what an
+                // operator (and tests/durability.rs) checks to know which durability is in force.
+                let synchronous = write_backend.synchronous();
+                tracing::info!(path = %path.display(), readers, %synchronous, "store opened (sqlite)");
                 Store::start(
                     write_backend,
                     read_backends,
@@ -572,7 +581,9 @@ impl Store {
         self.write(|reply| WriteOp::CancelScheduled { id, reply })
     }
 
-    /// A pending scheduled notification by its schedule id; `None` if unknown or already fired.
+    /// A scheduled notification by its schedule id: the pending one (its `schedule_id` is `None` and
+    /// its `id` is the schedule's), or the notification it fired as (its `schedule_id` is `id`);
+    /// `None` if unknown, cancelled, or fired and since deleted from the inbox or by retention.
     pub fn scheduled(&self, id: Uuid) -> StoreFuture<Option<Notification>> {
         self.read(|reply| ReadOp::Scheduled { id, reply })
     }

@@ -158,6 +158,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../../migrations/postgres/0002_scheduling_idempotency.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/postgres/0003_schedule_id.sql"),
+    },
 ];
 
 /// The bookkeeping table of the migration runner.
@@ -171,7 +175,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 macro_rules! columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data::text AS data, created_at, \
-         read_at, delivered_at, seen_at, scheduled_at"
+         read_at, delivered_at, seen_at, scheduled_at, schedule_id"
     };
 }
 
@@ -180,7 +184,7 @@ macro_rules! columns {
 macro_rules! scheduled_columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data::text AS data, created_at, \
-         NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, scheduled_at"
+         NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, scheduled_at, NULL::uuid"
     };
 }
 
@@ -227,9 +231,10 @@ macro_rules! claim_verdict {
 
 /// Inserts notifications and their channel-index rows in ONE statement, whatever their number, under
 /// an optional `Idempotency-Key` (see [`claim_key!`], `$1`–`$6`). Every notification column is an
-/// array with one element per notification (`$7`–`$19`; `channels` as a JSON array text per
-/// notification, since PostgreSQL arrays cannot be ragged), turned back into rows by UNNEST; the
-/// channel rows come as two parallel arrays of (channel, id) (`$20`, `$21`). The CTEs' inserts run
+/// array with one element per notification (`$7`–`$19`, and `$22` for `schedule_id`, numbered after
+/// the others because it came later; `channels` as a JSON array text per notification, since
+/// PostgreSQL arrays cannot be ragged), turned back into rows by UNNEST; the channel rows come as two
+/// parallel arrays of (channel, id) (`$20`, `$21`). The CTEs' inserts run
 /// even though nothing reads from them. `ON CONFLICT DO NOTHING`: a producer may list the same channel
 /// twice; it is one channel.
 const INSERT_NOTIFICATIONS: &str = concat!(
@@ -237,18 +242,19 @@ const INSERT_NOTIFICATIONS: &str = concat!(
     "
     inserted AS (
         INSERT INTO notifications (id, user_id, type, title, message, channels, broadcast, data,
-                                   created_at, read_at, delivered_at, seen_at, scheduled_at)
+                                   created_at, read_at, delivered_at, seen_at, scheduled_at,
+                                   schedule_id)
         SELECT n.id, n.user_id, n.type, n.title, n.message,
                ARRAY(SELECT c.name FROM jsonb_array_elements_text(n.channels::jsonb)
                                         WITH ORDINALITY AS c(name, position)
                      ORDER BY c.position),
                n.broadcast, n.data::jsonb, n.created_at, n.read_at, n.delivered_at, n.seen_at,
-               n.scheduled_at
+               n.scheduled_at, n.schedule_id
         FROM UNNEST($7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
                     $13::boolean[], $14::text[], $15::timestamptz[], $16::timestamptz[],
-                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[])
+                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $22::uuid[])
              AS n(id, user_id, type, title, message, channels, broadcast, data, created_at,
-                  read_at, delivered_at, seen_at, scheduled_at)
+                  read_at, delivered_at, seen_at, scheduled_at, schedule_id)
         WHERE (SELECT yes FROM proceed)
     ),
     indexed AS (
@@ -287,11 +293,15 @@ const CLAIM_DUE: &str = concat!(
     ) RETURNING ",
     scheduled_columns!()
 );
-/// One pending scheduled notification.
+/// A scheduled notification by its schedule id: the pending row, or else the notification it fired
+/// as (found through the partial index `notifications_schedule`). One statement, so one snapshot: a
+/// schedule that fires (on any node) while this runs is found in one table or the other.
 const SCHEDULED: &str = concat!(
-    "SELECT ",
+    "(SELECT ",
     scheduled_columns!(),
-    " FROM scheduled_notifications WHERE id = $1"
+    " FROM scheduled_notifications WHERE id = $1) UNION ALL (SELECT ",
+    columns!(),
+    " FROM notifications WHERE schedule_id = $1) LIMIT 1"
 );
 /// Retention and expiry in one statement: every idempotency record created at or before `$1`, and up
 /// to `$3` notifications with an id below `$2`. Ids are UUIDv7, so "created before t" is "id below the
@@ -934,6 +944,7 @@ fn notification_from_row(row: &Row, first: usize) -> Result<Notification, Failur
         delivered_at: time(column!(10)),
         seen_at: time(column!(11)),
         scheduled_at: time(column!(12)),
+        schedule_id: column!(13),
     })
 }
 
@@ -1128,6 +1139,8 @@ struct InsertArrays<'a> {
     seen: Vec<Option<Timestamp>>,
     /// `$19`.
     scheduled: Vec<Option<Timestamp>>,
+    /// `$22`.
+    schedule_ids: Vec<Option<Uuid>>,
     /// `$20`: the channel of each channel-index row.
     channel_names: Vec<&'a str>,
     /// `$21`: the notification of each channel-index row.
@@ -1152,6 +1165,7 @@ impl<'a> InsertArrays<'a> {
             delivered: Vec::with_capacity(count),
             seen: Vec::with_capacity(count),
             scheduled: Vec::with_capacity(count),
+            schedule_ids: Vec::with_capacity(count),
             channel_names: Vec::new(),
             channel_ids: Vec::new(),
         };
@@ -1172,6 +1186,7 @@ impl<'a> InsertArrays<'a> {
             arrays.delivered.push(n.delivered_at.map(Timestamp));
             arrays.seen.push(n.seen_at.map(Timestamp));
             arrays.scheduled.push(n.scheduled_at.map(Timestamp));
+            arrays.schedule_ids.push(n.schedule_id);
             for channel in &n.channels {
                 arrays.channel_names.push(channel);
                 arrays.channel_ids.push(n.id);
@@ -1180,8 +1195,8 @@ impl<'a> InsertArrays<'a> {
         Ok(arrays)
     }
 
-    /// `$7`–`$21`, in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+    /// `$7`–`$22`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
         [
             &self.ids,
             &self.user_ids,
@@ -1198,6 +1213,7 @@ impl<'a> InsertArrays<'a> {
             &self.scheduled,
             &self.channel_names,
             &self.channel_ids,
+            &self.schedule_ids,
         ]
     }
 }

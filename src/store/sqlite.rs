@@ -21,12 +21,13 @@
 //! ([`WRITER_AUTOCHECKPOINT_PAGES`]) only as a safety net, so the WAL stays bounded even if the
 //! checkpointer cannot keep up.
 //!
-//! Durability: `synchronous=NORMAL` in WAL mode means a commit appends to the WAL without an fsync; the
-//! WAL is fsynced by each checkpoint. A committed transaction survives a crash or kill of the process
-//! (the OS has the write), which is the failure a 2xx must survive in practice. After a power loss or
-//! kernel crash, the transactions committed since the last checkpoint, so about the last
+//! Durability is the operator's choice ([`SqliteSynchronous`], `SQLITE_SYNCHRONOUS`). The default,
+//! `synchronous=NORMAL` in WAL mode, means a commit appends to the WAL without an fsync; the WAL is
+//! fsynced by each checkpoint. A committed transaction survives a crash or kill of the process (the OS
+//! has the write), which is the failure a 2xx must survive in practice. After a power loss or kernel
+//! crash, the transactions committed since the last checkpoint, so about the last
 //! [`CHECKPOINT_INTERVAL`] of writes, may be rolled back; the database itself stays consistent, never
-//! corrupt. `FULL` would fsync the WAL at every commit (once per batch, thanks to group commit), closing
+//! corrupt. `FULL` fsyncs the WAL at every commit (once per batch, thanks to group commit), closing
 //! that window at the price of one fsync of latency on every batch.
 //!
 //! Data read back is never trusted to be well-formed: a malformed row (a wrong-sized id, a `channels`
@@ -80,6 +81,58 @@ const CHECKPOINTER_THREAD_NAME: &str = "store-checkpoint";
 /// is one statement with a plain range condition the index can use.
 const ID_ABOVE_ALL: [u8; 16] = [0xff; 16];
 
+/// The `synchronous` setting of the writer's connection (`SQLITE_SYNCHRONOUS`): what a commit waits
+/// for before the 2xx. Only these two: `OFF` would let a process crash lose commits too, and `EXTRA`
+/// adds nothing in WAL mode that a notification needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SqliteSynchronous {
+    /// No fsync at commit; checkpoints fsync. Survives a process crash; a power loss or kernel crash
+    /// may take back about the last [`CHECKPOINT_INTERVAL`] of commits.
+    #[default]
+    Normal,
+    /// The WAL is fsynced at every commit (one per group-commit batch): a 2xx survives a power loss too.
+    Full,
+}
+
+impl SqliteSynchronous {
+    /// The name used in `SQLITE_SYNCHRONOUS`, in the logs, and by `PRAGMA synchronous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SqliteSynchronous::Normal => "normal",
+            SqliteSynchronous::Full => "full",
+        }
+    }
+
+    /// The value `PRAGMA synchronous` reads back for this setting.
+    fn pragma_number(self) -> i64 {
+        match self {
+            SqliteSynchronous::Normal => 1,
+            SqliteSynchronous::Full => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for SqliteSynchronous {
+    type Err = String;
+
+    /// `normal` or `full`, in any case.
+    fn from_str(s: &str) -> Result<SqliteSynchronous, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(SqliteSynchronous::Normal),
+            "full" => Ok(SqliteSynchronous::Full),
+            _ => Err(format!(
+                "{s:?} is not a synchronous mode: use normal or full"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SqliteSynchronous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One numbered schema change, applied once.
 pub(crate) struct Migration {
     /// Recorded in `schema_migrations.version`; applied in ascending order.
@@ -98,6 +151,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../../migrations/sqlite/0002_scheduling_idempotency.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/sqlite/0003_schedule_id.sql"),
+    },
 ];
 
 /// The bookkeeping table of the migration runner.
@@ -110,7 +167,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 macro_rules! columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data, created_at, read_at, \
-         delivered_at, seen_at, scheduled_at"
+         delivered_at, seen_at, scheduled_at, schedule_id"
     };
 }
 
@@ -118,7 +175,7 @@ macro_rules! columns {
 const INSERT_NOTIFICATION: &str = concat!(
     "INSERT INTO notifications (",
     columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
 );
 /// `OR IGNORE`: a producer may list the same channel twice; it is one channel.
 const INSERT_CHANNEL: &str =
@@ -149,7 +206,7 @@ const IDEMPOTENCY_EXPIRE: &str = "DELETE FROM idempotency_keys WHERE created_at 
 macro_rules! scheduled_columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data, created_at, NULL, NULL, NULL, \
-         scheduled_at"
+         scheduled_at, NULL"
     };
 }
 /// A pending scheduled notification.
@@ -164,11 +221,15 @@ const CLAIM_DUE: &str = concat!(
     "WHERE scheduled_at <= ?1 ORDER BY scheduled_at, id LIMIT ?2) RETURNING ",
     scheduled_columns!()
 );
-/// One pending scheduled notification.
+/// A scheduled notification by its schedule id: the pending row, or else the notification it fired
+/// as (found through the partial index `notifications_schedule`). One statement, so one snapshot: a
+/// schedule that fires while this runs is found in one table or the other.
 const SCHEDULED: &str = concat!(
     "SELECT ",
     scheduled_columns!(),
-    " FROM scheduled_notifications WHERE id = ?1"
+    " FROM scheduled_notifications WHERE id = ?1 UNION ALL SELECT ",
+    columns!(),
+    " FROM notifications WHERE schedule_id = ?1 LIMIT 1"
 );
 /// Retention: ids are UUIDv7, so "created before t" is "id below the smallest id of t", a range scan
 /// of the primary key from its old end. The trigger of migration 1 removes the channel rows.
@@ -248,6 +309,7 @@ fn notification_from_row(row: &Row<'_>) -> rusqlite::Result<Notification> {
         delivered_at: row.get(10)?,
         seen_at: row.get(11)?,
         scheduled_at: row.get(12)?,
+        schedule_id: row.get::<_, Option<[u8; 16]>>(13)?.map(Uuid::from_bytes),
     })
 }
 
@@ -303,14 +365,19 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
 pub(crate) struct SqliteWriter {
     /// The only read-write connection that writes rows.
     conn: Connection,
+    /// Its `synchronous` setting, as read back after setting it.
+    synchronous: SqliteSynchronous,
     /// Dropped with the writer, when the store thread exits: that is what stops the checkpointer.
     _checkpointer: Option<Sender<()>>,
 }
 
 impl SqliteWriter {
-    /// Creates the file's folder if missing, opens (or creates) the file, switches it to WAL and
-    /// applies the migrations.
-    pub(crate) fn open(path: &Path) -> Result<SqliteWriter, String> {
+    /// Creates the file's folder if missing, opens (or creates) the file, switches it to WAL with
+    /// `synchronous` and applies the migrations.
+    pub(crate) fn open(
+        path: &Path,
+        synchronous: SqliteSynchronous,
+    ) -> Result<SqliteWriter, String> {
         let context =
             |e: rusqlite::Error| format!("cannot open sqlite database {}: {e}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -335,9 +402,20 @@ impl SqliteWriter {
                 path.display()
             ));
         }
-        // See the module doc for what NORMAL means on power loss.
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // See the module doc for what each setting means on power loss. Read back, since SQLite
+        // ignores a setting it does not know instead of failing; the log line of start-up shows the
+        // value read here (`SqliteWriter::synchronous`), not the one asked for.
+        conn.pragma_update(None, "synchronous", synchronous.as_str())
             .map_err(context)?;
+        let effective: i64 = conn
+            .pragma_query_value(None, "synchronous", |row| row.get(0))
+            .map_err(context)?;
+        if effective != synchronous.pragma_number() {
+            return Err(format!(
+                "cannot open sqlite database {}: synchronous={synchronous} refused (it reads back {effective})",
+                path.display()
+            ));
+        }
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
             .map_err(context)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
@@ -346,8 +424,14 @@ impl SqliteWriter {
             .map_err(|e| format!("cannot migrate sqlite database {}: {e}", path.display()))?;
         Ok(SqliteWriter {
             conn,
+            synchronous,
             _checkpointer: None,
         })
+    }
+
+    /// The `synchronous` setting in force on the write connection (read back from SQLite at open).
+    pub(crate) fn synchronous(&self) -> SqliteSynchronous {
+        self.synchronous
     }
 
     /// Starts the checkpointer thread on its own connection to `path`. It runs until this writer is
@@ -456,6 +540,7 @@ fn insert_notifications(
             n.delivered_at,
             n.seen_at,
             n.scheduled_at,
+            n.schedule_id.as_ref().map(Uuid::as_bytes),
         ])?;
         for channel in &n.channels {
             insert_channel.execute(params![channel, n.id.as_bytes()])?;
@@ -755,7 +840,7 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> (SqliteWriter, SqliteReader) {
         let path = dir.path().join("nested/folder/n.db");
-        let writer = SqliteWriter::open(&path).unwrap();
+        let writer = SqliteWriter::open(&path, SqliteSynchronous::Normal).unwrap();
         let reader = SqliteReader::open(&path).unwrap();
         (writer, reader)
     }
@@ -893,10 +978,13 @@ mod tests {
             "fresh, ordered ids"
         );
         assert_eq!(fired[0].scheduled_at, Some(100));
-        assert!(
-            r.scheduled(Uuid::from_u128(2)).unwrap().is_none(),
-            "no longer pending"
+        // No longer pending: the lookup finds the notification it fired as.
+        let traced = r.scheduled(Uuid::from_u128(2)).unwrap().unwrap();
+        assert_eq!(
+            (traced.id, traced.schedule_id),
+            (fired[0].id, Some(Uuid::from_u128(2)))
         );
+        assert_eq!(fired[0].schedule_id, Some(Uuid::from_u128(2)));
         assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
         assert_eq!(page(&mut r, "u").total, 2);
         let cancelled = w
@@ -1088,7 +1176,7 @@ mod tests {
     fn the_checkpointer_moves_the_wal_into_the_database_file_and_stops_with_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.db");
-        let mut writer = SqliteWriter::open(&path).unwrap();
+        let mut writer = SqliteWriter::open(&path, SqliteSynchronous::Normal).unwrap();
         let checkpointer = writer.spawn_checkpointer(&path).unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
         let rows = (0..2_000u128)
@@ -1145,6 +1233,7 @@ mod tests {
             (REPLAY, "notifications_broadcast"),
             (REPLAY, "notifications_user"),
             (REPLAY, "PRIMARY KEY"),
+            (SCHEDULED, "notifications_schedule"),
         ];
         for (sql, index) in cases {
             let plan = plan(sql);

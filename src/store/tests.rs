@@ -805,7 +805,14 @@ fn scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancel
         f.recorder.seen.lock().unwrap().contains(&fired.id),
         "handed to delivery"
     );
-    assert_eq!(block_on(f.store.scheduled(soon.id)).unwrap(), None);
+    assert_eq!(fired.schedule_id, Some(soon.id), "traced to its schedule");
+    let traced = block_on(f.store.scheduled(soon.id)).unwrap().unwrap();
+    assert_eq!(
+        (traced.id, traced.schedule_id),
+        (fired.id, Some(soon.id)),
+        "fired: found as the notification it became"
+    );
+    assert_eq!(shown.schedule_id, None, "pending: no schedule_id");
 
     assert!(block_on(f.store.cancel_scheduled(later.id)).unwrap());
     assert!(!block_on(f.store.cancel_scheduled(later.id)).unwrap());

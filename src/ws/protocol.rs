@@ -11,7 +11,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::bus::text_frame;
-use crate::json_depth::within_depth;
+use crate::json_input::parse_object;
 use crate::model::{validate_channel_list, write_json_str, FieldError};
 
 /// A client request, validated.
@@ -90,20 +90,11 @@ fn channel_list(value: Option<Vec<String>>) -> Result<Vec<String>, ProtocolError
 }
 
 /// Parses one client text message. `text` is modified (simd-json parses in place). JSON nesting deeper
-/// than `max_depth` (`MAX_JSON_DEPTH`) is refused before parsing, see `json_depth`.
+/// than `max_depth` (`MAX_JSON_DEPTH`) is refused before parsing, and errors are worded as for HTTP
+/// bodies (see `json_input`).
 pub fn parse_action(text: &mut [u8], max_depth: usize) -> Result<Action, ProtocolError> {
-    if !within_depth(text, max_depth) {
-        return Err(ProtocolError::new(
-            "invalid_json",
-            format!("the message nests arrays and objects deeper than {max_depth} levels (MAX_JSON_DEPTH)"),
-        ));
-    }
-    let raw: RawAction = simd_json::serde::from_slice(text).map_err(|e| {
-        ProtocolError::new(
-            "invalid_json",
-            format!("the message is not a JSON object: {e}"),
-        )
-    })?;
+    let raw: RawAction = parse_object(text, max_depth, "the message")
+        .map_err(|e| ProtocolError::new("invalid_json", e.0))?;
     let action = raw
         .action
         .ok_or_else(|| ProtocolError::new("invalid_field", "action is required"))?;

@@ -399,6 +399,15 @@ fn hot_queries_use_the_indexes() {
             ][..],
         ),
         (
+            plan(
+                "scheduled",
+                "uuid",
+                SCHEDULED,
+                "'00000000-0000-0000-0000-000000000000'",
+            ),
+            &["notifications_schedule", "scheduled_notifications_pkey"][..],
+        ),
+        (
             plan("claim_due", "timestamptz, bigint", CLAIM_DUE, "now(), 1000"),
             &["scheduled_due", "scheduled_notifications_pkey"][..],
         ),
@@ -827,10 +836,13 @@ fn due_scheduled_notifications_fire_with_new_ids_in_due_order_once_across_nodes(
         "fresh, ordered ids"
     );
     assert_eq!(fired[0].scheduled_at, Some(100));
-    assert!(
-        r.scheduled(Uuid::from_u128(2)).unwrap().is_none(),
-        "no longer pending"
+    // No longer pending: the lookup finds the notification it fired as.
+    let traced = r.scheduled(Uuid::from_u128(2)).unwrap().unwrap();
+    assert_eq!(
+        (traced.id, traced.schedule_id),
+        (fired[0].id, Some(Uuid::from_u128(2)))
     );
+    assert_eq!(fired[0].schedule_id, Some(Uuid::from_u128(2)));
     assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
     let inbox = page(&mut r, "u");
     assert_eq!(inbox.total, 2);
