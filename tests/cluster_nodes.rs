@@ -178,15 +178,11 @@ fn redis_subscriptions_follow_connects_and_disconnects() {
     }
     drop(crowd);
     redis.wait_numsub("c:big", 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.channels() != vec!["b"] {
-        assert!(
-            Instant::now() < deadline,
-            "left over: {:?}",
-            redis.channels()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        "every subscription but the broadcast to end",
+        Duration::from_secs(10),
+        || redis.channels() == vec!["b"],
+    );
 }
 
 #[test]
@@ -214,8 +210,7 @@ fn scheduled_notifications_fire_once_across_three_nodes_while_one_is_killed() {
     unsafe { libc::kill(c.pid() as i32, libc::SIGKILL) };
     let _ = c.wait_exit();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let stored = loop {
+    let stored = common::wait_for("all 200 to fire", Duration::from_secs(20), || {
         let page = a.get("/api/v1/notifications/user/crowd?limit=500").json();
         let ids: Vec<String> = page["notifications"]
             .as_array()
@@ -229,12 +224,8 @@ fn scheduled_notifications_fire_once_across_three_nodes_while_one_is_killed() {
             ids.len(),
             "a scheduled notification fired twice"
         );
-        if ids.len() == 200 {
-            break ids;
-        }
-        assert!(Instant::now() < deadline, "only {} of 200 fired", ids.len());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        (ids.len() == 200).then_some(ids)
+    });
     // The live client on node A got each exactly once, whichever node fired it: what node C
     // committed in the instant before it was killed, before publishing, comes once node C's
     // announcement expires and node A catches it up from the store.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::PgSchema;
 use common::redis::PrivateRedis;
-use common::{TestServer, TestServerRef, WsClient};
+use common::{wait_until, TestServer, TestServerRef, WsClient};
 use serde_json::json;
 use tungstenite::Message;
 
@@ -38,15 +38,6 @@ fn node(schema: &PgSchema, redis_url: &str, prefix: &str, extra: &[(&str, &str)]
     ];
     env.extend_from_slice(extra);
     TestServer::start_with(&env)
-}
-
-/// Waits until `check` holds, failing with `what` after `within`.
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until a node's `/health` says Redis is `state`.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::pg::PgSchema;
 use common::proxy::CuttableProxy;
@@ -88,22 +88,20 @@ fn an_unreachable_postgres_is_a_503_and_the_server_heals_by_itself() {
     client.expect_event("pong");
 
     proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let id = loop {
-        let r = server.post(
-            "/api/v1/notifications/send",
-            &json!({"user_id": "olga", "message": "after"}),
-        );
-        if r.status == 201 {
-            break r.json()["id"].as_str().unwrap().to_owned();
-        }
-        assert_eq!(r.status, 503);
-        assert!(
-            Instant::now() < deadline,
-            "the server did not recover without a restart"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let id = common::wait_for(
+        "the server to recover without a restart",
+        Duration::from_secs(15),
+        || {
+            let r = server.post(
+                "/api/v1/notifications/send",
+                &json!({"user_id": "olga", "message": "after"}),
+            );
+            if r.status != 201 {
+                assert_eq!(r.status, 503);
+            }
+            (r.status == 201).then(|| r.json()["id"].as_str().unwrap().to_owned())
+        },
+    );
     assert_eq!(client.expect_notification()["id"], id.as_str());
     assert_eq!(server.get("/health").status, 200);
 }
@@ -130,8 +128,7 @@ fn two_nodes_on_one_database_fire_each_scheduled_notification_exactly_once() {
     unsafe { libc::kill(node_b.pid() as i32, libc::SIGKILL) };
     let _ = node_b.wait_exit();
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    common::wait_until("all 200 to fire", Duration::from_secs(15), || {
         let page = node_a
             .get("/api/v1/notifications/user/crowd?limit=500")
             .json();
@@ -149,16 +146,8 @@ fn two_nodes_on_one_database_fire_each_scheduled_notification_exactly_once() {
             messages.len(),
             "a scheduled notification fired twice"
         );
-        if messages.len() == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of 200 fired",
-            messages.len()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        messages.len() == 200
+    });
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::pg::PgSchema;
 use common::redis::{PrivateRedis, TestRedis};
@@ -22,20 +22,15 @@ fn node(schema: &PgSchema, redis: &TestRedis) -> TestServer {
 
 /// Waits until the node's `/health` reports `redis` as `state`, checking the status stays 200.
 fn wait_redis_health(server: &TestServer, state: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let health = server.get("/health");
-        assert_eq!(health.status, 200, "the store is what health is about");
-        if health.json()["redis"] == state {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis never became {state}: {}",
-            health.json()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        &format!("redis to be {state}"),
+        Duration::from_secs(20),
+        || {
+            let health = server.get("/health");
+            assert_eq!(health.status, 200, "the store is what health is about");
+            health.json()["redis"] == state
+        },
+    );
 }
 
 /// Reads notifications until every id of `expected` arrived, then a second of silence; returns the

@@ -191,20 +191,11 @@ fn pending_schedules_survive_a_restart_and_due_ones_fire_right_after_start() {
     std::thread::sleep(Duration::from_millis(1500)); // `soon` falls due while the server is down
 
     let server = TestServer::start_in(server.dir.clone(), &[]);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let total = server.get("/api/v1/notifications/user/rex").json()["total"]
-            .as_u64()
-            .unwrap();
-        if total == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the due notification did not fire after start-up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        "the due notification to fire after start-up",
+        Duration::from_secs(3),
+        || server.get("/api/v1/notifications/user/rex").json()["total"] == 1,
+    );
     let pending = server.get(&format!(
         "/api/v1/notifications/scheduled/{}",
         later["id"].as_str().unwrap()

@@ -21,6 +21,30 @@ use tungstenite::Message;
 /// How long any single expectation may wait before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// How often [`wait_for`] and [`wait_until`] look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `check` until it gives `Some`, and returns that; fails the test, naming `what`, when
+/// `within` has passed. The one deadline loop of the test suite.
+pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Polls `check` until it holds; fails the test, naming `what`, when `within` has passed.
+pub fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    wait_for(what, within, || check().then_some(()))
+}
+
 /// A running server process, killed when dropped.
 pub struct TestServer {
     child: Option<Child>,
@@ -170,13 +194,14 @@ impl TestServer {
                 return status;
             }
             if Instant::now() > deadline {
+                // Killed first, so that a failing test leaves no process behind.
                 let _ = child.kill();
                 panic!(
                     "server did not exit after SIGTERM: {:#?}",
                     self.log.lock().unwrap()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(POLL);
         }
     }
 

@@ -85,18 +85,11 @@ impl TestRedis {
     /// Waits until `name` has `count` subscribers (a subscription is asynchronous: a test sends only
     /// once every node listens).
     pub fn wait_numsub(&self, name: &str, count: i64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = self.numsub(name);
-            if now == count {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} has {now} subscribers, expected {count}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_until(
+            &format!("{name} to have {count} subscribers"),
+            Duration::from_secs(10),
+            || self.numsub(name) == count,
+        );
     }
 }
 

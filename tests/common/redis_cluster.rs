@@ -231,11 +231,7 @@ impl TestCluster {
 
     /// Waits until `check` holds (10 s at most).
     pub fn wait_until(&self, what: &str, mut check: impl FnMut(&TestCluster) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !check(self) {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_until(what, Duration::from_secs(10), || check(self));
     }
 
     /// Moves an (empty) slot to the master on `to`, the way `redis-cli --cluster reshard` does:
