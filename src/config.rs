@@ -2,7 +2,7 @@
 //! at start-up, validated once, and handed to the rest of the program as a typed [`Config`].
 //!
 //! No other module reads the environment. Limits live here with their defaults so that an operator
-//! finds every knob in `--help` and in the README's table, and a test can set any of them.
+//! finds every knob in `--help` and in docs/configuration.md, and a test can set any of them.
 
 use std::net::IpAddr;
 use std::time::Duration;

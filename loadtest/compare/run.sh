@@ -215,7 +215,7 @@ else
     printf '
 fanout
 
-not run: this loadtest build has no `fanout` scenario (it comes with branch `lt`).
+not run: this loadtest build has no `fanout` scenario (pass a newer one as LOADTEST=).
 ' >>"$OUT/table.md"
 fi
 
