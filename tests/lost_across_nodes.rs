@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::pg::PgSchema;
-use common::redis::PrivateRedis;
+use common::redis::{PrivateRedis, TestRedis};
 use common::{wait_until, TestServer, TestServerRef, WsClient};
 use serde_json::json;
 use tungstenite::Message;
@@ -27,6 +27,16 @@ fn runs(default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// A PostgreSQL schema and a `redis-server` of the test's own (with a key prefix), or `None` (skip,
+/// outside CI).
+fn private_deployment() -> Option<(PgSchema, PrivateRedis, TestRedis)> {
+    let (Some(schema), Some(redis)) = (PgSchema::create(), PrivateRedis::start()) else {
+        return None;
+    };
+    let test_redis = redis.as_test_redis();
+    Some((schema, redis, test_redis))
 }
 
 /// A node on the shared schema and the private Redis, with extra settings.
@@ -250,10 +260,9 @@ fn timing(run: usize) -> Timing {
 /// catches up after the outage is more than one replay page.
 fn redis_restart_run(nodes: usize, run: usize) {
     let t = timing(run);
-    let (Some(schema), Some(mut redis)) = (PgSchema::create(), PrivateRedis::start()) else {
+    let Some((schema, mut redis, test_redis)) = private_deployment() else {
         return;
     };
-    let test_redis = redis.as_test_redis();
     let (url, prefix) = (test_redis.url.clone(), test_redis.prefix.clone());
     let settings = [("MAX_REPLAY", "50")];
     let a = node(&schema, &url, &prefix, &settings);
@@ -316,10 +325,9 @@ fn resume_as(server: &TestServer, user: &str, got_before: &[String]) -> Listener
 /// after resuming is every acknowledged send, once, in id order; so is what a client that stayed got.
 fn resume_run(run: usize) {
     let t = timing(run);
-    let (Some(schema), Some(mut redis)) = (PgSchema::create(), PrivateRedis::start()) else {
+    let Some((schema, mut redis, test_redis)) = private_deployment() else {
         return;
     };
-    let test_redis = redis.as_test_redis();
     let (url, prefix) = (test_redis.url.clone(), test_redis.prefix.clone());
     let settings = [("MAX_REPLAY", "50")];
     let a = node(&schema, &url, &prefix, &settings);
@@ -371,10 +379,9 @@ fn clients_that_resume_on_the_other_node_during_and_after_a_redis_restart_miss_n
 /// commits up from the store: their clients get every acknowledged send, once, in id order.
 #[test]
 fn a_node_killed_with_commits_it_never_published_loses_no_live_delivery_elsewhere() {
-    let (Some(schema), Some(redis)) = (PgSchema::create(), PrivateRedis::start()) else {
+    let Some((schema, redis, test_redis)) = private_deployment() else {
         return;
     };
-    let test_redis = redis.as_test_redis();
     let proxy = common::proxy::CuttableProxy::start(([127, 0, 0, 1], redis.port).into());
     let settings = [("REDIS_NODE_TIMEOUT_MS", "1000")];
     let via_proxy = format!("redis://{}", proxy.addr);
@@ -432,10 +439,9 @@ fn try_send(via: &TestServerRef, body: &serde_json::Value) -> Option<String> {
 /// and started again. Every acknowledged send and every schedule reaches both clients exactly once; a
 /// send that got no answer (A died under it) at most once.
 fn kill_run(run: usize) {
-    let (Some(schema), Some(redis)) = (PgSchema::create(), PrivateRedis::start()) else {
+    let Some((schema, _redis, test_redis)) = private_deployment() else {
         return;
     };
-    let test_redis = redis.as_test_redis();
     let settings = [("REDIS_NODE_TIMEOUT_MS", "1000")];
     let start = || node(&schema, &test_redis.url, &test_redis.prefix, &settings);
     let a = start();

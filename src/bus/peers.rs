@@ -188,6 +188,10 @@ impl PeerWatch {
 mod tests {
     use super::*;
 
+    fn peer(id: Uuid, watermark: Millis) -> GonePeer {
+        GonePeer { id, watermark }
+    }
+
     fn ids() -> (Uuid, Uuid, Uuid) {
         (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3))
     }
@@ -224,13 +228,7 @@ mod tests {
                 (b, PeerState::Alive(21)),
             ],
         );
-        assert_eq!(
-            gone,
-            vec![GonePeer {
-                id: a,
-                watermark: 10
-            }]
-        );
+        assert_eq!(gone, vec![peer(a, 10)]);
         assert_eq!(forget, vec![a]);
         // Another node took it out of the set: it is not gone a second time.
         let (gone, _) = watch.observe(later, [(b, PeerState::Alive(22))]);
@@ -245,13 +243,7 @@ mod tests {
         watch.session_began(start);
         watch.observe(start, [(a, PeerState::Alive(7))]);
         let (gone, _) = watch.observe(start, []);
-        assert_eq!(
-            gone,
-            vec![GonePeer {
-                id: a,
-                watermark: 7
-            }]
-        );
+        assert_eq!(gone, vec![peer(a, 7)]);
     }
 
     #[test]
@@ -276,13 +268,7 @@ mod tests {
         watch.session_began(start);
         watch.observe(start, [(a, PeerState::Alive(7))]);
         let (gone, _) = watch.observe(start + Duration::from_secs(1), [(a, PeerState::Missing)]);
-        assert_eq!(
-            gone,
-            vec![GonePeer {
-                id: a,
-                watermark: 7
-            }]
-        );
+        assert_eq!(gone, vec![peer(a, 7)]);
     }
 
     #[test]
@@ -308,13 +294,7 @@ mod tests {
             start + Duration::from_secs(16),
             [(stale, PeerState::Missing)],
         );
-        assert_eq!(
-            gone,
-            vec![GonePeer {
-                id: a,
-                watermark: 9
-            }]
-        );
+        assert_eq!(gone, vec![peer(a, 9)]);
         assert_eq!(
             forget.len(),
             2,

@@ -448,14 +448,14 @@ impl BusThread {
             return Ended::Lost(e);
         }
         if let Err(e) = self.announce(&mut link).await {
-            return e;
+            return self.ended(e, &mut link).await;
         }
         if let Err(e) = self.sync_subscriptions(&mut link).await {
             return Ended::Lost(e);
         }
         if let Some((since_ms, _)) = self.outage_since {
             if let Err(e) = self.catch_up(&mut link, since_ms, None).await {
-                return e;
+                return self.ended(e, &mut link).await;
             }
             info!(
                 outage_ms = now_millis().saturating_sub(since_ms),
@@ -475,18 +475,12 @@ impl BusThread {
                 cmd = self.queue.recv() => {
                     let Some(cmd) = cmd else { return self.stop(&mut link).await };
                     if let Err(e) = self.apply_batch(cmd, &mut link).await {
-                        return match e {
-                            Ended::Stop => self.stop(&mut link).await,
-                            lost => lost,
-                        };
+                        return self.ended(e, &mut link).await;
                     }
                 }
                 _ = announce.tick() => {
                     if let Err(e) = self.announce(&mut link).await {
-                        return match e {
-                            Ended::Stop => self.stop(&mut link).await,
-                            lost => lost,
-                        };
+                        return self.ended(e, &mut link).await;
                     }
                 }
                 first = link.next() => {
@@ -515,6 +509,14 @@ impl BusThread {
                     self.route_incoming(&batch);
                 }
             }
+        }
+    }
+
+    /// How a session ends: a lost link as it is; a stop through [`BusThread::stop`].
+    async fn ended(&mut self, e: Ended, link: &mut Link) -> Ended {
+        match e {
+            Ended::Stop => self.stop(link).await,
+            lost => lost,
         }
     }
 
