@@ -58,11 +58,12 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
-use crate::bus::link::{Incoming, Link, RedisTarget};
+use crate::bus::link::{Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope};
 use crate::bus::Delivery;
+use crate::config::RedisTarget;
 use crate::model::{now_millis, Millis, Notification};
 use crate::shard::inbox::{ShardInbox, ShardMsg};
 use crate::store::{ReplayQuery, Store, StoreError};
