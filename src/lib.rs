@@ -62,6 +62,8 @@ pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub(crate) mod connection;
+pub mod delivery;
 pub mod http;
 pub mod json_depth;
 pub mod json_input;

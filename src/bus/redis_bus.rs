@@ -62,10 +62,10 @@ use crate::bus::link::{Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope};
-use crate::bus::Delivery;
 use crate::config::RedisTarget;
+use crate::delivery::inbox::{ShardInbox, ShardMsg};
+use crate::delivery::Delivery;
 use crate::model::{now_millis, Millis, Notification};
-use crate::shard::inbox::{ShardInbox, ShardMsg};
 use crate::store::{ReplayQuery, Store, StoreError};
 
 /// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
@@ -802,7 +802,7 @@ impl BusThread {
                     if mask.is_empty() {
                         continue;
                     }
-                    (Delivery::of_notification(&n), mask)
+                    (Delivery::of_notification(n), mask)
                 }
                 Ok(Envelope::Message(payload)) => {
                     let Some(topic @ Topic::Channel(_)) =
@@ -913,7 +913,7 @@ impl BusThread {
                 continue;
             }
             delivered += 1;
-            let delivery = Arc::new(Delivery::of_notification(&n));
+            let delivery = Arc::new(Delivery::of_notification(n));
             for shard in mask.shards() {
                 per_shard[shard].push(delivery.clone());
             }

@@ -447,12 +447,6 @@ pub fn encode_close(code: u16, reason: &str) -> Vec<u8> {
     out
 }
 
-/// Appends a text frame header for a payload of `len` bytes, so a caller can serialize the JSON right
-/// after it in the same buffer instead of copying it into a frame afterwards.
-pub fn write_text_header(len: usize, out: &mut Vec<u8>) {
-    write_header(OpCode::Data(Data::Text), len, out);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1135,8 +1129,10 @@ mod tests {
         }
     }
 
+    /// The header the deliveries' frames are built with (`delivery::frame`) is this codec's.
     #[test]
     fn write_text_header_matches_encode_text() {
+        use crate::delivery::frame::write_text_header;
         for len in [0usize, 125, 126, 65_535, 65_536] {
             let payload = vec![b'j'; len];
             let mut out = b"prefix".to_vec();
