@@ -4,8 +4,8 @@
 //! This is the top of the request path: it is the one module that knows the shard (where the connection
 //! is registered), the API (which answers requests) and the WebSocket session, so none of those three
 //! needs another. The shard's accept loop spawns [`serve`] for every accepted socket: `server` hands the
-//! function to `shard::spawn_shard`, which takes it as a generic parameter, so the call is static and
-//! the connection's future is spawned as is, not boxed.
+//! function to each shard in `ShardSetup::serve`, a generic parameter, so the call is static and the
+//! connection's future is spawned as is, not boxed.
 //!
 //! Timeouts are glommio's per-socket read timeout, set before each wait: the keep-alive timeout while
 //! waiting for a new request, the header timeout (408) once its first byte has arrived. A WebSocket has

@@ -1,8 +1,9 @@
 //! WebSocket frame decoding and encoding (RFC 6455) on the caller's buffers.
 //!
-//! The budget is about 1 KiB per idle connection (DESIGN.md, "Memory per connection"), so a connection
-//! cannot own a tungstenite `WebSocket` with its read and write buffers. Instead the shard reads into a
-//! per-shard scratch buffer and hands it to [`Decoder::decode`], which works in place on those bytes:
+//! The budget is about 1 KiB per idle connection (docs/architecture.md, "Memory per connection"), so a
+//! connection cannot own a tungstenite `WebSocket` with its read and write buffers. Instead the shard
+//! reads into a per-shard scratch buffer and hands it to [`Decoder::decode`], which works in place on
+//! those bytes:
 //!
 //! - A frame is handled only once it is complete in the buffer. A partial frame is left unconsumed and the
 //!   caller keeps just that tail, so between reads a connection holds at most one partial frame and, when
