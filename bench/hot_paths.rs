@@ -13,17 +13,19 @@
 //! short (2 s of measurement per benchmark) because the build machine has two shared cores.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
-use notification_service::bus::Delivery;
+use notification_service::delivery::frame::write_text_header;
+use notification_service::delivery::Delivery;
 use notification_service::http::request::{parse_head, Limits, Parsed};
 use notification_service::model::{format_time, Millis, Notification, SendInput};
-use notification_service::shard::hub::Hub;
-use notification_service::ws::codec::{encode_text, write_text_header, Decoder, Incoming};
+use notification_service::shard::hub::{ConnKind, Hub};
+use notification_service::ws::codec::{encode_text, Decoder, Incoming};
 
 /// The server's allocator (src/main.rs), so allocation costs here are the ones the server pays.
 #[global_allocator]
@@ -377,7 +379,7 @@ fn hub_one_channel() -> Hub {
     let mut hub = Hub::new();
     for i in 0..CONNECTIONS {
         let id = hub.add(-1);
-        hub.upgrade(id, &format!("user-{i}"));
+        hub.upgrade(id, &format!("user-{i}"), ConnKind::WebSocket);
         hub.subscribe(id, "ch", 10).expect("subscribes");
     }
     hub
@@ -388,10 +390,10 @@ fn hub_many_users() -> Hub {
     let mut hub = Hub::new();
     for i in 0..CONNECTIONS {
         let id = hub.add(-1);
-        hub.upgrade(id, &format!("user-{i}"));
+        hub.upgrade(id, &format!("user-{i}"), ConnKind::WebSocket);
     }
     let id = hub.add(-1);
-    hub.upgrade(id, "user-42");
+    hub.upgrade(id, "user-42", ConnKind::WebSocket);
     hub
 }
 
@@ -417,14 +419,15 @@ fn routing(c: &mut Criterion) {
     let mut group = c.benchmark_group("routing");
 
     // Encoding the frames once per notification (plain + one per channel), which routing then shares.
-    let two_channels = notification();
+    // The notification is shared with the store thread's batch (an `Arc`), as in the server.
+    let two_channels = Arc::new(notification());
     group.throughput(Throughput::Elements(1));
     group.bench_function("of_notification_user_2_channels", |b| {
-        b.iter(|| Delivery::of_notification(black_box(&two_channels)))
+        b.iter(|| Delivery::of_notification(black_box(two_channels.clone())))
     });
 
     let mut hub = hub_one_channel();
-    let to_channel = Delivery::of_notification(&notification_to(None, &["ch"]));
+    let to_channel = Delivery::of_notification(Arc::new(notification_to(None, &["ch"])));
     assert_eq!(route(&mut hub, &to_channel), CONNECTIONS as usize);
     group.throughput(Throughput::Elements(CONNECTIONS as u64));
     group.bench_function("channel_10k_subscribers", |b| {
@@ -432,7 +435,7 @@ fn routing(c: &mut Criterion) {
     });
 
     let mut hub = hub_many_users();
-    let to_user = Delivery::of_notification(&notification_to(Some("user-42"), &[]));
+    let to_user = Delivery::of_notification(Arc::new(notification_to(Some("user-42"), &[])));
     assert_eq!(route(&mut hub, &to_user), 2);
     group.throughput(Throughput::Elements(2));
     group.bench_function("user_2_conns_among_10k_users", |b| {
@@ -440,7 +443,8 @@ fn routing(c: &mut Criterion) {
     });
 
     // The common case on a multi-shard node: every shard gets every delivery, most hold no target.
-    let to_absent = Delivery::of_notification(&notification_to(Some("user-absent"), &["nobody"]));
+    let to_absent =
+        Delivery::of_notification(Arc::new(notification_to(Some("user-absent"), &["nobody"])));
     assert_eq!(route(&mut hub, &to_absent), 0);
     group.throughput(Throughput::Elements(1));
     group.bench_function("miss_user_and_channel_not_on_shard", |b| {

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::bus::link::{self, RedisTarget};
 use crate::store::SqliteSynchronous;
+
+/// Most shards a node may run with a Redis bus: the bus keeps the shards that want a topic in one
+/// machine word (`bus::interest::ShardMask`).
+pub const MAX_BUS_SHARDS: usize = 64;
 
 /// Reads `SQLITE_SYNCHRONOUS`; a bad value stops start-up with clap's usage error (exit status 2),
 /// naming the setting and the two accepted values.
@@ -233,12 +236,10 @@ impl Config {
         if self.redis_url.is_some() && self.redis_cluster.is_some() {
             return Err("set REDIS_URL or REDIS_CLUSTER, not both".into());
         }
-        if self.redis_target()?.is_some()
-            && self.shard_count() > crate::bus::interest::MAX_BUS_SHARDS
-        {
+        if self.redis_target()?.is_some() && self.shard_count() > MAX_BUS_SHARDS {
             return Err(format!(
                 "with REDIS_URL or REDIS_CLUSTER, SHARDS must be at most {}",
-                crate::bus::interest::MAX_BUS_SHARDS
+                MAX_BUS_SHARDS
             ));
         }
         if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
@@ -250,12 +251,10 @@ impl Config {
     /// Where the Redis bus connects (`REDIS_URL` or `REDIS_CLUSTER`), or `None` for a single node.
     pub fn redis_target(&self) -> Result<Option<RedisTarget>, String> {
         if let Some(url) = &self.redis_url {
-            return Ok(Some(RedisTarget::Single(link::normalize_url(url)?)));
+            return Ok(Some(RedisTarget::Single(normalize_url(url)?)));
         }
         match &self.redis_cluster {
-            Some(seeds) => Ok(Some(RedisTarget::Cluster(link::parse_cluster_seeds(
-                seeds,
-            )?))),
+            Some(seeds) => Ok(Some(RedisTarget::Cluster(parse_cluster_seeds(seeds)?))),
             None => Ok(None),
         }
     }
@@ -279,6 +278,43 @@ impl Config {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_s)
     }
+}
+
+/// Where the Redis bus finds Redis (`REDIS_URL` or `REDIS_CLUSTER`), checked at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `REDIS_URL`: one Redis, classic Pub/Sub.
+    Single(String),
+    /// `REDIS_CLUSTER`: the seed nodes of a Redis Cluster (each a `redis://` URL), sharded Pub/Sub.
+    Cluster(Vec<String>),
+}
+
+/// Turns `REDIS_URL` (`host:port`, `redis://host:port/db`, `rediss://...`) into a URL the client
+/// accepts, refusing what cannot work (checked at start-up, so a typo fails fast).
+fn normalize_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("redis://{url}")
+    };
+    redis::Client::open(url.as_str()).map_err(|e| format!("REDIS_URL is not usable: {e}"))?;
+    Ok(url)
+}
+
+/// Turns `REDIS_CLUSTER` (`host:port,host:port,...`, each also as a `redis://` URL) into seed URLs,
+/// refusing an empty list or a seed that cannot work.
+fn parse_cluster_seeds(list: &str) -> Result<Vec<String>, String> {
+    let seeds: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| normalize_url(s).map_err(|e| e.replace("REDIS_URL", "REDIS_CLUSTER")))
+        .collect::<Result<_, _>>()?;
+    if seeds.is_empty() {
+        return Err("REDIS_CLUSTER names no node".into());
+    }
+    Ok(seeds)
 }
 
 #[cfg(test)]
@@ -326,5 +362,26 @@ mod tests {
         assert!(both.validate().unwrap_err().contains("not both"));
         let empty = Config::parse_from(["x", "--redis-cluster", ","]);
         assert!(empty.validate().unwrap_err().contains("REDIS_CLUSTER"));
+    }
+
+    #[test]
+    fn urls_are_normalized_and_nonsense_is_refused() {
+        assert_eq!(
+            normalize_url("127.0.0.1:6379").unwrap(),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(normalize_url("redis://h:1/2").unwrap(), "redis://h:1/2");
+        assert!(normalize_url("http://x").is_err());
+    }
+
+    #[test]
+    fn cluster_seeds_are_split_and_normalized() {
+        assert_eq!(
+            parse_cluster_seeds(" 127.0.0.1:7000, redis://h:7001 ,").unwrap(),
+            vec!["redis://127.0.0.1:7000", "redis://h:7001"]
+        );
+        assert!(parse_cluster_seeds(" , ").is_err());
+        let err = parse_cluster_seeds("h:1,http://x").unwrap_err();
+        assert!(err.contains("REDIS_CLUSTER"), "{err}");
     }
 }

@@ -9,15 +9,21 @@
 //!
 //! - [`config`]: every setting, as a CLI flag and an environment variable, validated once.
 //! - [`server`]: start-up (listeners, store, shards, signals) and the ordered shutdown.
+//! - `connection`: one accepted socket's task, the top of the request path: the admission caps, the
+//!   HTTP/1.1 loop (handing requests to [`api`]) and, at `GET /ws`, the upgrade to a session of its
+//!   kind (`connection::websocket`, the native protocol). The shard's accept loop spawns it per socket.
 //! - [`shard`]: one glommio executor per core, with its own `SO_REUSEPORT` listener, connections and
-//!   indexes. [`shard::hub`] holds the connections and the user → connections and channel → connections
-//!   indexes; [`shard::inbox`] is how other threads hand a shard work; [`shard::outbound`] writes frames
-//!   to sockets and enforces the slow-consumer limit; `shard::connection` is one connection's task (the
-//!   HTTP/1.1 loop).
+//!   indexes. [`shard::hub`] holds the connections (each of a [`shard::hub::ConnKind`]) and the
+//!   user → connections and channel → connections indexes; [`shard::outbound`] writes frames to
+//!   sockets and enforces the slow-consumer limit; `shard::socket` is a registered socket's waits and
+//!   writes, shared by the HTTP loop and every session kind.
+//! - [`delivery`]: what crosses threads on its way to a connection: the [`delivery::Delivery`] and its
+//!   frames per encoding, the server text frame ([`delivery::frame`]), and the shard inbox
+//!   ([`delivery::inbox`]) through which other threads hand a shard work. A leaf: only [`model`].
 //! - [`http`]: the hand-rolled HTTP/1.1 request parser (httparse) and response writer, with limits.
-//! - [`ws`]: the WebSocket handshake, frame codec (tungstenite's frame header on our own buffers), the JSON
-//!   protocol of API.md, and the session that runs one upgraded connection.
-//! - [`api`]: one handler per HTTP route.
+//! - [`ws`]: the WebSocket wire: handshake, frame codec (tungstenite's frame header on our own
+//!   buffers) and the JSON protocol of API.md, all pure.
+//! - [`api`]: one handler per HTTP route, on an [`api::ApiContext`] (no shard, no socket).
 //! - [`auth`]: API keys (HTTP), JWTs (WebSocket), rate limits, and the connection caps per node, IP and
 //!   user that hold across shards; checked when a connection is accepted, when a request head is
 //!   parsed, and at the WebSocket upgrade.
@@ -37,15 +43,33 @@
 //!   before simd-json sees them, and one wording for every error, naming the field and the byte.
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
 //!
+//! # Layers
+//!
+//! A top-level module imports only modules on lower rows; `tests/architecture.rs` checks that no
+//! top-level modules import each other in a cycle and that the rules of docs/architecture.md
+//! ("Layers") hold.
+//!
+//! ```text
+//! server
+//! connection
+//! shard        api
+//! bus          auth
+//! config       metrics     ws
+//! store        delivery    json_input
+//! model        http        json_depth
+//! ```
+//!
 //! # One notification's way
 //!
 //! ```text
 //! producer ── POST /api/v1/notifications/send ──► shard N: connection task
 //!     http::request::parse_head ─► api::notifications::send ─► model::SendInput::validate
-//!     ─► store::Store::insert ══ crossbeam queue ══► store thread: group commit (one transaction for
-//!        everything queued), ids assigned in commit order
-//!     ─► bus::Fanout (CommitListener): encode the frame once ══ inbox of every shard ══►
-//!        shard M: Hub::for_each_target (user ∪ channels ∪ broadcast, once per connection)
+//!     ─► store::Store::insert ══ crossbeam queue ══► store thread: group commit (one
+//!        transaction for everything queued), ids assigned in commit order
+//!     ─► bus::Fanout (CommitListener): delivery::Delivery::of_notification encodes the native
+//!        frame once ══ delivery::inbox of every shard ══►
+//!        shard M: Hub::for_each_target (user ∪ channels ∪ broadcast, once per connection,
+//!        the frame of the connection's kind)
 //!        ─► outbound::WriteBatch: the frames of one inbox burst, then one non-blocking
 //!           sendmsg(2) per connection for all of its frames (or queue what the socket refuses)
 //!     ◄── the store thread replies; shard N answers 201 {"id","timestamp"}
@@ -55,13 +79,16 @@
 //! Redis; on the other nodes the bus thread decodes it once and sends it to the inboxes of the shards
 //! that hold an interested connection.
 //!
-//! Client publishes skip the store: `ws::session` puts the shared delivery in every shard's inbox, its
-//! own included (marked with the sender, who is skipped), so publishes are batched like the rest.
+//! Client publishes skip the store: `connection::websocket` puts the shared delivery in every shard's
+//! inbox, its own included (marked with the sender, who is skipped), so publishes are batched like the
+//! rest.
 
 pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub(crate) mod connection;
+pub mod delivery;
 pub mod http;
 pub mod json_depth;
 pub mod json_input;

@@ -17,8 +17,9 @@ use crate::auth::Auth;
 use crate::bus::redis_bus::{self, BusCmd, RedisBus, RedisBusConfig};
 use crate::bus::Fanout;
 use crate::config::Config;
+use crate::connection;
+use crate::delivery::inbox::inbox;
 use crate::metrics::Metrics;
-use crate::shard::inbox::inbox;
 use crate::shard::{spawn_shard, ShardSetup};
 use crate::store::{Store, StoreConfig, StoreUrl};
 
@@ -310,6 +311,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                     None
                 },
                 ready: ready_tx.clone(),
+                serve: connection::serve,
             })
             .map_err(StartupError)?,
         );

@@ -5,17 +5,43 @@
 //! some route under another method gets 405 with `Allow`; one that matches none gets 404. Path segments
 //! are percent-decoded, so a user id may hold any character.
 //!
-//! Handlers get the parsed head and the body bytes (mutable: simd-json parses in place) and return a
-//! [`Response`]; they never see the socket.
+//! Handlers get an [`ApiContext`], the parsed head and the body bytes (mutable: simd-json parses in place)
+//! and return a [`Response`]; they never see the socket or the shard, so they run (and are tested) with
+//! a store and a config alone.
 
 mod notifications;
 mod status;
 
+use crate::bus::Fanout;
+use crate::config::Config;
 use crate::http::query::decode_path_segment;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::Response;
-use crate::shard::Shard;
-use crate::store::StoreError;
+use crate::metrics::{Metrics, ShardCounters};
+use crate::store::{Store, StoreError};
+
+/// What the handlers may use, borrowed from whatever serves the request: in the server, the shard the
+/// connection lives on (`crate::connection` makes one per request, a few references on the stack).
+#[derive(Clone, Copy)]
+pub struct ApiContext<'a> {
+    /// Server settings (body limits, JSON depth).
+    pub config: &'a Config,
+    /// The store handle.
+    pub store: &'a Store,
+    /// The counters this request counts in: those of the shard serving it.
+    pub counters: &'a ShardCounters,
+    /// Every shard's counters, for `/health` and `/metrics`.
+    pub metrics: &'a Metrics,
+    /// The fan-out, for the Redis bus's state (`/health`) and metrics (`/metrics`).
+    pub fanout: &'a Fanout,
+}
+
+impl ApiContext<'_> {
+    /// The counters of the shard serving the request.
+    pub fn stats(&self) -> &ShardCounters {
+        self.counters
+    }
+}
 
 /// One route, with its path parameters decoded.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,7 +109,7 @@ fn path_segments(path: &str) -> Option<Vec<String>> {
 }
 
 /// Answers one request.
-pub async fn handle(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> Response {
     let Some(segments) = path_segments(head.path()) else {
         return Response::error(
             400,
@@ -107,9 +133,9 @@ pub async fn handle(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respo
             );
         }
         let limit = if endpoint == Endpoint::Batch {
-            shard.config.max_batch_body
+            ctx.config.max_batch_body
         } else {
-            shard.config.max_body
+            ctx.config.max_body
         };
         if body.len() > limit {
             return Response::error(
@@ -120,18 +146,18 @@ pub async fn handle(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respo
         }
     }
     match endpoint {
-        Endpoint::Send => notifications::send(shard, head, body).await,
-        Endpoint::Batch => notifications::batch(shard, head, body).await,
-        Endpoint::Schedule => notifications::schedule(shard, head, body).await,
-        Endpoint::GetScheduled(id) => notifications::get_scheduled(shard, &id).await,
-        Endpoint::CancelScheduled(id) => notifications::cancel_scheduled(shard, &id).await,
-        Endpoint::History(user) => notifications::history(shard, user, head.query()).await,
-        Endpoint::HistoryByQuery => notifications::history_by_query(shard, head.query()).await,
-        Endpoint::Read(user, id) => notifications::read(shard, user, &id).await,
-        Endpoint::ReadAll(user) => notifications::read_all(shard, user).await,
-        Endpoint::Delete(user, id) => notifications::delete(shard, user, &id).await,
-        Endpoint::Health => status::health(shard).await,
-        Endpoint::Metrics => status::metrics(shard),
+        Endpoint::Send => notifications::send(ctx, head, body).await,
+        Endpoint::Batch => notifications::batch(ctx, head, body).await,
+        Endpoint::Schedule => notifications::schedule(ctx, head, body).await,
+        Endpoint::GetScheduled(id) => notifications::get_scheduled(ctx, &id).await,
+        Endpoint::CancelScheduled(id) => notifications::cancel_scheduled(ctx, &id).await,
+        Endpoint::History(user) => notifications::history(ctx, user, head.query()).await,
+        Endpoint::HistoryByQuery => notifications::history_by_query(ctx, head.query()).await,
+        Endpoint::Read(user, id) => notifications::read(ctx, user, &id).await,
+        Endpoint::ReadAll(user) => notifications::read_all(ctx, user).await,
+        Endpoint::Delete(user, id) => notifications::delete(ctx, user, &id).await,
+        Endpoint::Health => status::health(ctx).await,
+        Endpoint::Metrics => status::metrics(ctx),
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
@@ -165,6 +191,8 @@ fn store_unavailable(e: StoreError) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{StoreConfig, StoreUrl};
+    use clap::Parser;
 
     fn segs(path: &str) -> Vec<String> {
         path_segments(path).unwrap()
@@ -207,5 +235,58 @@ mod tests {
             .headers
             .iter()
             .any(|(k, v)| *k == "Allow" && v == "GET, POST"));
+    }
+
+    /// The handlers run with a store, a config and counters alone: no shard, no socket, no executor
+    /// of glommio's.
+    #[test]
+    fn a_handler_runs_without_a_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let fanout = Fanout::new(Vec::new(), None);
+        let (store, threads) = Store::open(
+            &StoreConfig {
+                url: StoreUrl::Sqlite(dir.path().join("api.db")),
+                reader_threads: 1,
+                max_batch: 16,
+                retention: None,
+                sqlite_synchronous: Default::default(),
+            },
+            Box::new(fanout.clone()),
+        )
+        .unwrap();
+        let config = Config::parse_from(["notification-service"]);
+        let metrics = Metrics::new(1);
+        let ctx = ApiContext {
+            config: &config,
+            store: &store,
+            counters: metrics.shard(0),
+            metrics: &metrics,
+            fanout: &fanout,
+        };
+        let head = |raw: &[u8]| match crate::http::request::parse_head(
+            raw,
+            &crate::http::request::Limits::default(),
+        ) {
+            Ok(crate::http::request::Parsed::Complete { head, .. }) => head,
+            _ => panic!("a complete head"),
+        };
+        let mut body = br#"{"user_id":"u1","message":"hi"}"#.to_vec();
+        let send = head(
+            format!(
+                "POST /api/v1/notifications/send HTTP/1.1\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let r = futures_executor::block_on(handle(&ctx, &send, &mut body));
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let history = head(b"GET /api/v1/notifications/user/u1 HTTP/1.1\r\n\r\n");
+        let r = futures_executor::block_on(handle(&ctx, &history, &mut []));
+        assert_eq!(r.status, 200);
+        assert!(String::from_utf8_lossy(&r.body).contains("\"message\":\"hi\""));
+        store.close();
+        drop(store);
+        threads.join();
     }
 }

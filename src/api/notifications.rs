@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::store_unavailable;
+use crate::api::ApiContext;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
@@ -25,7 +26,6 @@ use crate::model::{
     format_time, now_millis, validate_user_id, write_json_str, FieldError, NewNotification,
     Notification, SendInput,
 };
-use crate::shard::Shard;
 use crate::store::{Committed, HistoryQuery, IdempotencyKey, StoreError};
 
 /// Most notifications in one batch (API.md).
@@ -158,28 +158,28 @@ fn schedule_answer(n: &Notification) -> (u16, Vec<u8>) {
 
 /// Stores `list` (with its key, if any) and answers with `answer`.
 async fn store_and_answer(
-    shard: &Shard,
+    ctx: &ApiContext<'_>,
     list: Vec<NewNotification>,
     key: Option<IdempotencyKey>,
     answer: crate::store::InsertAnswer,
 ) -> Response {
     let result = match key {
-        Some(key) => shard.store.insert_idempotent(list, key, answer).await,
-        None => shard.store.insert(list).await.map(Committed::Done),
+        Some(key) => ctx.store.insert_idempotent(list, key, answer).await,
+        None => ctx.store.insert(list).await.map(Committed::Done),
     };
     if let Ok(Committed::Done(stored)) = &result {
-        shard.stats().notifications_stored(stored.len());
+        ctx.stats().notifications_stored(stored.len());
     }
     committed_answer(result, |stored| answer(stored))
 }
 
 /// `POST /api/v1/notifications/send` (and `POST /notifications`).
-pub async fn send(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+pub async fn send(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> Response {
     let key = match idempotency_key(head, body) {
         Ok(key) => key,
         Err(r) => return r,
     };
-    let input: SendInput = match parse_body(body, shard.config.max_json_depth) {
+    let input: SendInput = match parse_body(body, ctx.config.max_json_depth) {
         Ok(input) => input,
         Err(r) => return r,
     };
@@ -187,7 +187,7 @@ pub async fn send(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respons
         Ok(n) => n,
         Err(e) => return invalid_field(&e),
     };
-    store_and_answer(shard, vec![notification], key, send_answer).await
+    store_and_answer(ctx, vec![notification], key, send_answer).await
 }
 
 /// The body of a batch.
@@ -225,12 +225,12 @@ fn validate_batch(input: BatchInput) -> Result<Vec<NewNotification>, FieldError>
 }
 
 /// `POST /api/v1/notifications/batch`: all or nothing.
-pub async fn batch(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+pub async fn batch(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> Response {
     let key = match idempotency_key(head, body) {
         Ok(key) => key,
         Err(r) => return r,
     };
-    let input: BatchInput = match parse_body(body, shard.config.max_json_depth) {
+    let input: BatchInput = match parse_body(body, ctx.config.max_json_depth) {
         Ok(input) => input,
         Err(r) => return r,
     };
@@ -238,16 +238,16 @@ pub async fn batch(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Respon
         Ok(list) => list,
         Err(e) => return Response::error(400, "invalid_field", &e.message),
     };
-    store_and_answer(shard, list, key, batch_answer).await
+    store_and_answer(ctx, list, key, batch_answer).await
 }
 
 /// `POST /api/v1/notifications/schedule`.
-pub async fn schedule(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Response {
+pub async fn schedule(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> Response {
     let key = match idempotency_key(head, body) {
         Ok(key) => key,
         Err(r) => return r,
     };
-    let input: SendInput = match parse_body(body, shard.config.max_json_depth) {
+    let input: SendInput = match parse_body(body, ctx.config.max_json_depth) {
         Ok(input) => input,
         Err(r) => return r,
     };
@@ -256,7 +256,7 @@ pub async fn schedule(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Res
         Err(e) => return invalid_field(&e),
     };
     let key = key.map(|k| (k, schedule_answer as crate::store::ScheduleAnswer));
-    let result = shard.store.schedule(notification, key).await;
+    let result = ctx.store.schedule(notification, key).await;
     committed_answer(result, |n| schedule_answer(n))
 }
 
@@ -315,12 +315,12 @@ fn fired_answer(schedule: Uuid, n: &Notification) -> Vec<u8> {
 }
 
 /// `GET /api/v1/notifications/scheduled/:id`: the pending schedule, or where it went once fired.
-pub async fn get_scheduled(shard: &Shard, id: &str) -> Response {
+pub async fn get_scheduled(ctx: &ApiContext<'_>, id: &str) -> Response {
     let id = match schedule_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match shard.store.scheduled(id).await {
+    match ctx.store.scheduled(id).await {
         Ok(Some(n)) if n.schedule_id == Some(id) => Response::json(200, fired_answer(id, &n)),
         Ok(Some(n)) => Response::json(200, pending_answer(&n)),
         Ok(None) => scheduled_not_found(),
@@ -329,12 +329,12 @@ pub async fn get_scheduled(shard: &Shard, id: &str) -> Response {
 }
 
 /// `DELETE /api/v1/notifications/scheduled/:id`.
-pub async fn cancel_scheduled(shard: &Shard, id: &str) -> Response {
+pub async fn cancel_scheduled(ctx: &ApiContext<'_>, id: &str) -> Response {
     let id = match schedule_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match shard.store.cancel_scheduled(id).await {
+    match ctx.store.cancel_scheduled(id).await {
         Ok(true) => Response::empty(204),
         Ok(false) => Response::error(
             404,
@@ -382,13 +382,13 @@ fn history_query(user_id: String, query: &str) -> Result<HistoryQuery, FieldErro
 }
 
 /// `GET /api/v1/notifications/user/:user_id`.
-pub async fn history(shard: &Shard, user_id: String, query: &str) -> Response {
+pub async fn history(ctx: &ApiContext<'_>, user_id: String, query: &str) -> Response {
     let q = match history_query(user_id, query) {
         Ok(q) => q,
         Err(e) => return invalid_field(&e),
     };
     let user_id = q.user_id.clone();
-    match shard.store.history(q).await {
+    match ctx.store.history(q).await {
         Ok(page) => {
             let mut body = Vec::with_capacity(128 + page.notifications.len() * 400);
             body.extend_from_slice(b"{\"user_id\":");
@@ -418,9 +418,9 @@ pub async fn history(shard: &Shard, user_id: String, query: &str) -> Response {
 }
 
 /// `GET /notifications?user_id=…`: the seeds' alias of history.
-pub async fn history_by_query(shard: &Shard, query: &str) -> Response {
+pub async fn history_by_query(ctx: &ApiContext<'_>, query: &str) -> Response {
     match query_param(query, "user_id") {
-        Some(user) => history(shard, user.into_owned(), query).await,
+        Some(user) => history(ctx, user.into_owned(), query).await,
         None => invalid_field(&FieldError::new("user_id", "is required")),
     }
 }
@@ -441,12 +441,12 @@ fn not_found() -> Response {
 }
 
 /// `PUT /api/v1/notifications/:user_id/:notification_id/read`.
-pub async fn read(shard: &Shard, user_id: String, id: &str) -> Response {
+pub async fn read(ctx: &ApiContext<'_>, user_id: String, id: &str) -> Response {
     let id = match notification_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match shard.store.mark_read(user_id, id).await {
+    match ctx.store.mark_read(user_id, id).await {
         Ok(Some(n)) => Response::json(200, n.to_json()),
         Ok(None) => not_found(),
         Err(e) => store_unavailable(e),
@@ -454,20 +454,20 @@ pub async fn read(shard: &Shard, user_id: String, id: &str) -> Response {
 }
 
 /// `PUT /api/v1/notifications/:user_id/read-all`.
-pub async fn read_all(shard: &Shard, user_id: String) -> Response {
-    match shard.store.mark_all_read(user_id).await {
+pub async fn read_all(ctx: &ApiContext<'_>, user_id: String) -> Response {
+    match ctx.store.mark_all_read(user_id).await {
         Ok(n) => Response::json(200, format!("{{\"updated\":{n}}}").into_bytes()),
         Err(e) => store_unavailable(e),
     }
 }
 
 /// `DELETE /api/v1/notifications/:user_id/:notification_id`.
-pub async fn delete(shard: &Shard, user_id: String, id: &str) -> Response {
+pub async fn delete(ctx: &ApiContext<'_>, user_id: String, id: &str) -> Response {
     let id = match notification_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match shard.store.delete(user_id, id).await {
+    match ctx.store.delete(user_id, id).await {
         Ok(true) => Response::empty(204),
         Ok(false) => not_found(),
         Err(e) => store_unavailable(e),

@@ -7,20 +7,20 @@ use std::time::Duration;
 
 use futures_util::future::{select, Either};
 
+use crate::api::ApiContext;
 use crate::http::response::Response;
-use crate::shard::Shard;
 
 /// How long health waits for the store before calling it down.
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /health`.
-pub async fn health(shard: &Shard) -> Response {
-    let ping = std::pin::pin!(shard.store.ping());
+pub async fn health(ctx: &ApiContext<'_>) -> Response {
+    let ping = std::pin::pin!(ctx.store.ping());
     let deadline = std::pin::pin!(glommio::timer::sleep(STORE_PING_TIMEOUT));
     let store_ok = matches!(select(ping, deadline).await, Either::Left((Ok(()), _)));
     // Redis joins the nodes, but only the store decides whether this node can take sends: a node
     // without Redis still commits and delivers locally, so a Redis outage does not fail health.
-    let redis = match shard.fanout.redis_up() {
+    let redis = match ctx.fanout.redis_up() {
         None => "disabled",
         Some(true) => "ok",
         Some(false) => "down",
@@ -33,15 +33,15 @@ pub async fn health(shard: &Shard) -> Response {
     let body = format!(
         "{{\"status\":\"{status}\",\"store\":\"{}\",\"redis\":\"{redis}\",\"connections\":{},\"uptime_s\":{}}}",
         if store_ok { "ok" } else { "down" },
-        shard.metrics.websockets_open(),
-        shard.metrics.uptime_s(),
+        ctx.metrics.websockets_open(),
+        ctx.metrics.uptime_s(),
     );
     Response::json(code, body.into_bytes())
 }
 
 /// `GET /metrics`.
-pub fn metrics(shard: &Shard) -> Response {
-    let mut text = shard.metrics.render(&shard.store.stats());
-    shard.fanout.render_bus_metrics(&mut text);
+pub fn metrics(ctx: &ApiContext<'_>) -> Response {
+    let mut text = ctx.metrics.render(&ctx.store.stats());
+    ctx.fanout.render_bus_metrics(&mut text);
     Response::text(200, "text/plain; version=0.0.4", text.into_bytes())
 }

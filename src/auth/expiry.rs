@@ -1,11 +1,11 @@
 //! When live WebSocket connections' tokens run out: one queue per shard, swept once a second.
 //!
-//! A timer per connection would cost memory on every idle connection (DESIGN.md, the ~1 KiB budget),
-//! so each shard keeps a min-heap of (expiry, connection) and one sweep pops what is due. Entries are
-//! never removed early: a connection that refreshed its token or went away leaves a stale entry, which
-//! the sweep recognizes because the connection's current expiry (kept in the hub) no longer equals the
-//! entry's. A slot reused by a new connection with, by chance, the same expiry second is due at that
-//! very second anyway, so a stale entry can never close a connection early.
+//! A timer per connection would cost memory on every idle connection (docs/architecture.md, "Memory per
+//! connection": the ~1 KiB budget), so each shard keeps a min-heap of (expiry, connection) and one sweep
+//! pops what is due. Entries are never removed early: a connection that refreshed its token or went away
+//! leaves a stale entry, which the sweep recognizes because the connection's current expiry (kept in the
+//! hub) no longer equals the entry's. A slot reused by a new connection with, by chance, the same expiry
+//! second is due at that very second anyway, so a stale entry can never close a connection early.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -16,9 +16,7 @@ use std::collections::{HashMap, HashSet};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::bus::redis_bus::BusCmd;
-
-/// Most shards a node may run with a Redis bus: shard sets are one machine word.
-pub const MAX_BUS_SHARDS: usize = 64;
+use crate::config::MAX_BUS_SHARDS;
 
 /// Something a connection can be interested in, other than broadcasts (every node always listens to
 /// those).

@@ -28,6 +28,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisError};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::config::RedisTarget;
+
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long Redis may take to answer before the link counts as broken.
@@ -35,43 +37,6 @@ const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the cluster connection retries a request (after `MOVED`, `TRYAGAIN` or a lost node)
 /// before the bus treats the session as lost.
 const CLUSTER_RETRIES: u32 = 3;
-
-/// Where the bus finds Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTarget {
-    /// `REDIS_URL`: one Redis, classic Pub/Sub.
-    Single(String),
-    /// `REDIS_CLUSTER`: the seed nodes of a Redis Cluster (each a `redis://` URL), sharded Pub/Sub.
-    Cluster(Vec<String>),
-}
-
-/// Turns `REDIS_URL` (`host:port`, `redis://host:port/db`, `rediss://...`) into a URL the client
-/// accepts, refusing what cannot work (checked at start-up, so a typo fails fast).
-pub fn normalize_url(url: &str) -> Result<String, String> {
-    let url = url.trim();
-    let url = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("redis://{url}")
-    };
-    redis::Client::open(url.as_str()).map_err(|e| format!("REDIS_URL is not usable: {e}"))?;
-    Ok(url)
-}
-
-/// Turns `REDIS_CLUSTER` (`host:port,host:port,...`, each also as a `redis://` URL) into seed URLs,
-/// refusing an empty list or a seed that cannot work.
-pub fn parse_cluster_seeds(list: &str) -> Result<Vec<String>, String> {
-    let seeds: Vec<String> = list
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| normalize_url(s).map_err(|e| e.replace("REDIS_URL", "REDIS_CLUSTER")))
-        .collect::<Result<_, _>>()?;
-    if seeds.is_empty() {
-        return Err("REDIS_CLUSTER names no node".into());
-    }
-    Ok(seeds)
-}
 
 /// What the subscriber side produced.
 pub enum Incoming {
@@ -341,27 +306,6 @@ fn from_push(own: &mut OwnUnsubscribes, push: PushInfo) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_normalized_and_nonsense_is_refused() {
-        assert_eq!(
-            normalize_url("127.0.0.1:6379").unwrap(),
-            "redis://127.0.0.1:6379"
-        );
-        assert_eq!(normalize_url("redis://h:1/2").unwrap(), "redis://h:1/2");
-        assert!(normalize_url("http://x").is_err());
-    }
-
-    #[test]
-    fn cluster_seeds_are_split_and_normalized() {
-        assert_eq!(
-            parse_cluster_seeds(" 127.0.0.1:7000, redis://h:7001 ,").unwrap(),
-            vec!["redis://127.0.0.1:7000", "redis://h:7001"]
-        );
-        assert!(parse_cluster_seeds(" , ").is_err());
-        let err = parse_cluster_seeds("h:1,http://x").unwrap_err();
-        assert!(err.contains("REDIS_CLUSTER"), "{err}");
-    }
 
     #[test]
     fn sharded_pushes_become_messages_and_server_unsubscribes() {

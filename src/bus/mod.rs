@@ -1,10 +1,10 @@
 //! Fan-out: from "this notification is committed" (or "this client published") to every shard that may
 //! hold an interested connection.
 //!
-//! The JSON frame is encoded here, once per notification, into a complete WebSocket text frame held in a
-//! reference-counted [`Bytes`]; every shard and every connection writes that same buffer (a notification
-//! reached through a channel carries a `"channel"` field, so there is one extra frame per target channel).
-//! No connection ever serializes anything.
+//! The JSON frame is encoded here, once per notification ([`Delivery::of_notification`]), into a complete
+//! WebSocket text frame held in a reference-counted `Bytes`; every shard and every connection writes that
+//! same buffer (a notification reached through a channel carries a `"channel"` field, so there is one
+//! extra frame per target channel). No connection ever serializes anything.
 //!
 //! In a single node the bus is in-process: committed notifications arrive from the store thread through
 //! [`CommitListener`], in commit order, and go to every shard's inbox; each shard drops what none of its
@@ -27,106 +27,13 @@ pub mod wire;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use uuid::Uuid;
-
 use crate::bus::interest::InterestSink;
 use crate::bus::redis_bus::{BusCmd, RedisBus};
-use crate::model::{write_json_str, Notification};
-use crate::shard::inbox::{ShardInbox, ShardMsg};
+use crate::delivery::frame::frame_payload;
+use crate::delivery::inbox::{ShardInbox, ShardMsg};
+use crate::delivery::Delivery;
+use crate::model::Notification;
 use crate::store::CommitListener;
-use crate::ws::codec::write_text_header;
-
-/// One thing to deliver, shared by every shard and connection that receives it.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The stored notification's id (ordering and resume dedup); `None` for ephemeral client messages.
-    pub id: Option<Uuid>,
-    /// The targeted user, if any.
-    pub user: Option<String>,
-    /// Targeted channels.
-    pub channels: Vec<String>,
-    /// Every connection.
-    pub broadcast: bool,
-    /// The complete WebSocket frame for connections reached through the user or a broadcast.
-    pub frame: Bytes,
-    /// One complete frame per entry of `channels`, with the `"channel"` field set to it.
-    pub channel_frames: Vec<Bytes>,
-}
-
-/// Builds a complete server text frame around a JSON payload written by `write`.
-pub fn text_frame(payload_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
-    let mut payload = Vec::with_capacity(payload_hint);
-    write(&mut payload);
-    let mut frame = Vec::with_capacity(payload.len() + 10);
-    write_text_header(payload.len(), &mut frame);
-    frame.extend_from_slice(&payload);
-    Bytes::from(frame)
-}
-
-impl Delivery {
-    /// The delivery of a committed notification, with its frames encoded once.
-    pub fn of_notification(n: &Notification) -> Delivery {
-        let hint = 320 + n.message.len() + n.title.len() + n.data.len();
-        let frame = text_frame(hint, |out| n.write_json(out, None));
-        let channel_frames = n
-            .channels
-            .iter()
-            .map(|c| text_frame(hint + c.len(), |out| n.write_json(out, Some(c))))
-            .collect();
-        Delivery {
-            id: Some(n.id),
-            user: n.user_id.clone(),
-            channels: n.channels.clone(),
-            broadcast: n.broadcast,
-            frame,
-            channel_frames,
-        }
-    }
-
-    /// A client's ephemeral publish: `{"event":"message","channel","from","data"}` to one channel.
-    pub fn of_client_message(channel: &str, from: &str, data_json: &str) -> Delivery {
-        let frame = text_frame(64 + channel.len() + from.len() + data_json.len(), |out| {
-            out.extend_from_slice(b"{\"event\":\"message\",\"channel\":");
-            write_json_str(out, channel);
-            out.extend_from_slice(b",\"from\":");
-            write_json_str(out, from);
-            out.extend_from_slice(b",\"data\":");
-            out.extend_from_slice(data_json.as_bytes());
-            out.push(b'}');
-        });
-        Delivery::of_channel_message_frame(channel, frame)
-    }
-
-    /// A client message that arrived from another node: `payload` is its frame's JSON, as sent.
-    pub fn of_client_payload(channel: &str, payload: &[u8]) -> Delivery {
-        let frame = text_frame(payload.len(), |out| out.extend_from_slice(payload));
-        Delivery::of_channel_message_frame(channel, frame)
-    }
-
-    fn of_channel_message_frame(channel: &str, frame: Bytes) -> Delivery {
-        Delivery {
-            id: None,
-            user: None,
-            channels: vec![channel.to_owned()],
-            broadcast: false,
-            // A channel message has the channel in its body already: the same frame either way.
-            channel_frames: vec![frame.clone()],
-            frame,
-        }
-    }
-}
-
-/// The payload of a complete server text frame built by [`text_frame`] (unmasked, so the header is 2, 4
-/// or 10 bytes by the length's size).
-fn frame_payload(frame: &Bytes) -> Bytes {
-    let header = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    frame.slice(header.min(frame.len())..)
-}
 
 /// Routes deliveries to shards, and with a Redis bus to the other nodes. Cheap to clone; one copy per
 /// shard and one on the store thread.
@@ -171,7 +78,7 @@ impl Fanout {
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Message {
                 channel: channel.into(),
-                payload: frame_payload(&delivery.frame),
+                payload: frame_payload(&delivery.native.plain),
             });
         }
         self.send_to_other_shards(Some(from), Arc::from([delivery]));
@@ -208,60 +115,11 @@ impl CommitListener for Fanout {
         }
         let deliveries: Arc<[Arc<Delivery>]> = inserted
             .iter()
-            .map(|n| Arc::new(Delivery::of_notification(n)))
+            .map(|n| Arc::new(Delivery::of_notification(n.clone())))
             .collect();
         self.send_to_other_shards(None, deliveries);
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Committed(inserted.to_vec()));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_notification_frame_is_one_text_frame_of_its_json() {
-        let n = crate::model::SendInput {
-            message: Some("hi".into()),
-            user_id: Some(crate::model::UserIdInput::Text("u1".into())),
-            channels: Some(vec!["news".into()]),
-            ..Default::default()
-        }
-        .validate()
-        .unwrap()
-        .into_notification(Uuid::now_v7(), 0);
-        let d = Delivery::of_notification(&n);
-        let v = payload_json(&d.frame);
-        assert_eq!(v["message"], "hi");
-        assert!(v.get("channel").is_none());
-        let v = payload_json(&d.channel_frames[0]);
-        assert_eq!(v["channel"], "news");
-        assert_eq!(&frame_payload(&d.frame)[..], &n.to_json()[..]);
-    }
-
-    #[test]
-    fn a_client_message_from_another_node_gets_the_same_frame() {
-        let d = Delivery::of_client_message("room", "ann", &format!("\"{}\"", "x".repeat(300)));
-        let again = Delivery::of_client_payload("room", &frame_payload(&d.frame));
-        assert_eq!(again.frame, d.frame, "16-bit length header");
-        assert_eq!(again.channels, d.channels);
-    }
-
-    /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.
-    fn payload_json(frame: &[u8]) -> serde_json::Value {
-        assert_eq!(frame[0], 0x81, "FIN + text opcode");
-        let (len, start) = match frame[1] {
-            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
-            127 => panic!("test frames are small"),
-            n => (n as usize, 2),
-        };
-        assert_eq!(
-            frame.len(),
-            start + len,
-            "the frame is exactly header + payload"
-        );
-        serde_json::from_slice(&frame[start..]).unwrap()
     }
 }

@@ -58,13 +58,14 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
-use crate::bus::link::{Incoming, Link, RedisTarget};
+use crate::bus::link::{Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope};
-use crate::bus::Delivery;
+use crate::config::RedisTarget;
+use crate::delivery::inbox::{ShardInbox, ShardMsg};
+use crate::delivery::Delivery;
 use crate::model::{now_millis, Millis, Notification};
-use crate::shard::inbox::{ShardInbox, ShardMsg};
 use crate::store::{ReplayQuery, Store, StoreError};
 
 /// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
@@ -803,7 +804,7 @@ impl BusThread {
                     if mask.is_empty() {
                         continue;
                     }
-                    (Delivery::of_notification(&n), mask)
+                    (Delivery::of_notification(n), mask)
                 }
                 Ok(Envelope::Message(payload)) => {
                     let Some(topic @ Topic::Channel(_)) =
@@ -914,7 +915,7 @@ impl BusThread {
                 continue;
             }
             delivered += 1;
-            let delivery = Arc::new(Delivery::of_notification(&n));
+            let delivery = Arc::new(Delivery::of_notification(n));
             for shard in mask.shards() {
                 per_shard[shard].push(delivery.clone());
             }

@@ -11,6 +11,8 @@
 //! [`Notification`] and encodes the WebSocket frame once (`Delivery::of_notification`); a client message
 //! is already the frame's payload and is wrapped in a frame header without being parsed.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -26,8 +28,9 @@ const HEADER_LEN: usize = 1 + 16;
 /// A decoded envelope.
 #[derive(Debug)]
 pub enum Envelope<'a> {
-    /// A committed notification (boxed: it is large, and one is made per message anyway).
-    Notification(Box<Notification>),
+    /// A committed notification (in an `Arc`: it is large, one allocation is made per message anyway,
+    /// and the delivery made of it shares it).
+    Notification(Arc<Notification>),
     /// A client message: the payload of its WebSocket text frame.
     Message(&'a [u8]),
 }
@@ -69,7 +72,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
     let payload = &bytes[HEADER_LEN..];
     match bytes[0] {
         KIND_NOTIFICATION => {
-            decode_notification(payload).map(|n| Envelope::Notification(Box::new(n)))
+            decode_notification(payload).map(|n| Envelope::Notification(Arc::new(n)))
         }
         KIND_MESSAGE => Ok(Envelope::Message(payload)),
         other => Err(WireError(format!("unknown envelope kind {other}"))),

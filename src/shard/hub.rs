@@ -3,7 +3,8 @@
 //! Everything here belongs to one shard and is touched by one thread, so there are no locks: the shard
 //! holds the hub in a `RefCell` and never keeps a borrow across an `.await`.
 //!
-//! Memory is the design constraint (DESIGN.md, "about 1 KiB per idle connection"). So:
+//! Memory is the design constraint (docs/architecture.md, "Memory per connection": about 1 KiB per idle
+//! connection). So:
 //! - connections live in a slab and are named by their slot ([`ConnId`], a `u32`), not by pointers;
 //! - user ids and channel names are interned once per shard; a connection holds small integer ids and
 //!   shares the name with every other connection of the same user or channel;
@@ -12,9 +13,13 @@
 //! - nothing per connection is allocated until it is needed (the outbound queue, the resume buffer).
 //!
 //! Targeting ([`Hub::for_each_target`]) walks the user's connections, then each target channel's members,
-//! then (for a broadcast) every WebSocket connection, and stamps each connection it visits with a
-//! per-delivery mark, so a connection reached by several targets gets the notification once, with no
-//! allocation per delivery.
+//! then (for a broadcast) every connection that receives deliveries, and stamps each connection it visits
+//! with a per-delivery mark, so a connection reached by several targets gets the notification once, with
+//! no allocation per delivery.
+//!
+//! Connections are of several kinds ([`ConnKind`]); each kind that receives deliveries names the
+//! [`Encoding`] it is written in, and gets the delivery's frames in that encoding, made once per
+//! delivery (see `crate::delivery`).
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -24,22 +29,38 @@ use std::task::Waker;
 use smallvec::SmallVec;
 
 use crate::bus::interest::{InterestSink, Topic};
-use crate::bus::Delivery;
+use crate::delivery::inbox::ConnId;
+use crate::delivery::{Delivery, Encoding, Via};
 use crate::shard::outbound::Outbox;
-
-/// A connection's slot in its shard's slab. Valid only on that shard, and only until it disconnects.
-pub type ConnId = u32;
 
 /// An interned user or channel on one shard.
 type NameId = u32;
 
-/// What a connection is doing now; only WebSocket connections receive deliveries.
+/// What a connection speaks now. Every connection starts as HTTP; [`Hub::upgrade`] turns it into a kind
+/// that receives deliveries. A new kind (docs/architecture.md, "Connection kinds") adds a variant here,
+/// its encoding in [`ConnKind::encoding`], and its answers in the shard's sweeps, whose `match`es on
+/// the kind are exhaustive so that the compiler lists every decision to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnKind {
-    /// Speaking HTTP/1.1 (requests and responses).
+    /// Speaking HTTP/1.1 (requests and responses); receives no deliveries.
     Http,
-    /// Upgraded to WebSocket and registered for deliveries.
+    /// Upgraded to the native WebSocket protocol (API.md) and registered for deliveries.
     WebSocket,
+}
+
+impl ConnKind {
+    /// The format this kind's deliveries are written in; `None` for a kind that receives none.
+    pub fn encoding(self) -> Option<Encoding> {
+        match self {
+            ConnKind::Http => None,
+            ConnKind::WebSocket => Some(Encoding::NativeWebSocket),
+        }
+    }
+
+    /// Whether connections of this kind are registered for deliveries.
+    pub fn receives_deliveries(self) -> bool {
+        self.encoding().is_some()
+    }
 }
 
 /// One channel subscription of a connection.
@@ -56,7 +77,7 @@ struct Subscription {
 pub struct ConnState {
     /// The socket, for direct non-blocking writes from the delivery path.
     pub fd: RawFd,
-    /// HTTP or WebSocket.
+    /// What the connection speaks, which decides the frames it gets.
     pub kind: ConnKind,
     /// The interned user (WebSocket connections only).
     user: Option<NameId>,
@@ -218,7 +239,7 @@ pub struct Hub {
     conns: slab::Slab<ConnState>,
     users: NameTable,
     channels: NameTable,
-    /// How many connections are WebSockets (the slab also holds HTTP connections).
+    /// How many connections are native WebSockets (the slab also holds HTTP connections).
     websockets: usize,
     /// The stamp of the current delivery; see the module docs.
     delivery_mark: u32,
@@ -300,17 +321,24 @@ impl Hub {
         self.conns.iter_mut().map(|(id, c)| (id as ConnId, c))
     }
 
-    /// Turns an HTTP connection into a WebSocket connection of `user`, indexed for deliveries.
-    pub fn upgrade(&mut self, id: ConnId, user: &str) {
+    /// Turns an HTTP connection into a connection of `kind` (one that receives deliveries) for `user`,
+    /// indexed for deliveries.
+    pub fn upgrade(&mut self, id: ConnId, user: &str, kind: ConnKind) {
+        debug_assert!(
+            kind.receives_deliveries(),
+            "{kind:?} receives no deliveries"
+        );
         let (user_id, new) = self.users.intern(user);
         if new {
             self.interest_changed(|| Topic::User(user.into()), true);
         }
         self.users.add(user_id, id);
         let conn = &mut self.conns[id as usize];
-        conn.kind = ConnKind::WebSocket;
+        conn.kind = kind;
         conn.user = Some(user_id);
-        self.websockets += 1;
+        if kind == ConnKind::WebSocket {
+            self.websockets += 1;
+        }
     }
 
     /// The user of a WebSocket connection.
@@ -414,11 +442,11 @@ impl Hub {
         conn
     }
 
-    /// Calls `deliver` once for every WebSocket connection that `delivery` targets (union of its user,
-    /// its channels and broadcast), with the frame that connection should get: a connection reached
-    /// through its user or a broadcast gets the plain frame; one reached only through a channel gets that
-    /// channel's frame (with the `"channel"` field). `skip` is a connection not to deliver to (the sender
-    /// of a client publish).
+    /// Calls `deliver` once for every connection that `delivery` targets (union of its user, its
+    /// channels and broadcast), with the frame that connection should get, in its kind's encoding: a
+    /// connection reached through its user or a broadcast gets the plain frame; one reached only through a
+    /// channel gets that channel's frame (with the `"channel"` field). `skip` is a connection not to
+    /// deliver to (the sender of a client publish).
     pub fn for_each_target(
         &mut self,
         delivery: &Delivery,
@@ -439,39 +467,50 @@ impl Hub {
                 c.mark = mark;
             }
         }
-        // A broadcast reaches every WebSocket; collect them before the visitor borrows the slab.
+        // A broadcast reaches every connection that receives deliveries; collect them before the
+        // visitor borrows the slab.
         let broadcast_to: Vec<ConnId> = if delivery.broadcast {
             self.conns
                 .iter()
-                .filter(|(_, c)| c.kind == ConnKind::WebSocket)
+                .filter(|(_, c)| c.kind.receives_deliveries())
                 .map(|(id, _)| id as ConnId)
                 .collect()
         } else {
             Vec::new()
         };
         let conns = &mut self.conns;
-        let mut visit = |id: ConnId, frame: &bytes::Bytes| {
+        // `native` is the frame the target chose in the native encoding, picked once per target as
+        // before kinds existed; another kind's frame is fetched (made once per delivery) only for it.
+        let mut visit = |id: ConnId, native: &bytes::Bytes, via: Via| {
             let c = &mut conns[id as usize];
             if c.mark != mark {
                 c.mark = mark;
-                deliver(id, c, frame);
+                let Some(encoding) = c.kind.encoding() else {
+                    return;
+                };
+                if encoding == Encoding::NativeWebSocket {
+                    deliver(id, c, native);
+                } else {
+                    deliver(id, c, delivery.frames(encoding).get(via));
+                }
             }
         };
         if let Some(user) = delivery.user.as_deref().and_then(|u| self.users.lookup(u)) {
             for &id in self.users.members(user) {
-                visit(id, &delivery.frame);
+                visit(id, &delivery.native.plain, Via::Plain);
             }
         }
         for (i, channel) in delivery.channels.iter().enumerate() {
             if let Some(ch) = self.channels.lookup(channel) {
-                let frame = delivery.channel_frames.get(i).unwrap_or(&delivery.frame);
+                let via = Via::Channel(i);
+                let frame = delivery.native.get(via);
                 for &id in self.channels.members(ch) {
-                    visit(id, frame);
+                    visit(id, frame, via);
                 }
             }
         }
         for id in broadcast_to {
-            visit(id, &delivery.frame);
+            visit(id, &delivery.native.plain, Via::Plain);
         }
     }
 }
@@ -479,20 +518,24 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::{Content, Frames};
     use bytes::Bytes;
 
     fn delivery(user: Option<&str>, channels: &[&str], broadcast: bool) -> Delivery {
-        Delivery {
-            id: None,
-            user: user.map(str::to_owned),
-            channels: channels.iter().map(|c| c.to_string()).collect(),
+        Delivery::new(
+            None,
+            user.map(str::to_owned),
+            channels.iter().map(|c| c.to_string()).collect(),
             broadcast,
-            frame: Bytes::from_static(b"plain"),
-            channel_frames: channels
-                .iter()
-                .map(|c| Bytes::from(format!("via {c}")))
-                .collect(),
-        }
+            Content::ClientMessage(Bytes::from_static(b"{}")),
+            Frames {
+                plain: Bytes::from_static(b"plain"),
+                per_channel: channels
+                    .iter()
+                    .map(|c| Bytes::from(format!("via {c}")))
+                    .collect(),
+            },
+        )
     }
 
     fn targets(hub: &mut Hub, d: &Delivery, skip: Option<ConnId>) -> Vec<(ConnId, String)> {
@@ -506,7 +549,7 @@ mod tests {
 
     fn ws(hub: &mut Hub, user: &str) -> ConnId {
         let id = hub.add(-1);
-        hub.upgrade(id, user);
+        hub.upgrade(id, user, ConnKind::WebSocket);
         id
     }
 
@@ -639,7 +682,8 @@ mod tests {
 
     #[test]
     fn connection_state_stays_small() {
-        // The per-connection budget (DESIGN.md) leaves ~150 bytes beside the socket and the task.
+        // The per-connection budget (docs/architecture.md, "Memory per connection") leaves ~150 bytes
+        // beside the socket and the task.
         assert!(
             std::mem::size_of::<ConnState>() <= 96,
             "{}",

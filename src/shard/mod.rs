@@ -1,10 +1,15 @@
 //! Shards: one glommio `LocalExecutor` per core, each with its own `SO_REUSEPORT` listener, its own
 //! connections and its own hub. Shared-nothing (Seastar's model): a shard never touches another shard's
-//! memory; everything that crosses shards is a message in a [`inbox::ShardInbox`], and the functions that
-//! send one say so in their name (`send_to_shard`, `send_to_other_shards`).
+//! memory; everything that crosses shards is a message in a [`ShardInbox`](crate::delivery::inbox::ShardInbox),
+//! and the functions that send one say so in their name (`send_to_shard`, `send_to_other_shards`).
+//!
+//! The shard holds connections and routes deliveries to them; it does not know what a connection speaks.
+//! The task that serves each accepted socket (HTTP, then a session of some connection kind) is the
+//! function given to [`spawn_shard`] in [`ShardSetup::serve`] (`crate::connection::serve`), which sits
+//! above the shard.
 //!
 //! Each shard runs four kinds of task:
-//! - the accept loop, which spawns one task per connection (`connection::serve`);
+//! - the accept loop, which spawns one task per accepted socket (the `serve` given to [`spawn_shard`]);
 //! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
 //! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
 //!   `HEARTBEAT_S` and closes those that missed two pongs;
@@ -16,13 +21,12 @@
 //! with 1001, wakes idle HTTP connections (which then close), and the accept loop stops; the shard exits
 //! once its connections are gone or `SHUTDOWN_TIMEOUT_S` has passed.
 
-pub(crate) mod connection;
 pub mod hub;
-pub mod inbox;
 pub mod outbound;
+pub(crate) mod socket;
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,22 +34,23 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use glommio::net::TcpListener;
+use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
 use crate::auth::expiry::ExpiryQueue;
 use crate::auth::Auth;
-use crate::bus::{Delivery, Fanout};
+use crate::bus::Fanout;
 use crate::config::Config;
+use crate::delivery::inbox::{ConnId, InboxReceiver, ShardMsg};
+use crate::delivery::Delivery;
 use crate::metrics::{Metrics, ShardCounters};
-use crate::shard::hub::{ConnId, ConnKind, Hub};
-use crate::shard::inbox::{InboxReceiver, ShardMsg};
+use crate::shard::hub::{ConnKind, Hub};
 use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::store::Store;
 use crate::ws::codec::{close_code, encode_ping};
 
-/// Bytes of the per-shard read buffer every connection reads into (see `connection`).
+/// Bytes of the per-shard read buffer every connection reads into (see `socket`).
 const READ_SCRATCH_BYTES: usize = 64 * 1024;
 /// glommio reserves this much registered memory for file I/O per executor; we do no file I/O through
 /// glommio, so the minimum it accepts.
@@ -65,8 +70,9 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// Pause after an accept error (EMFILE and the like) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Everything a shard needs to start, moved into its thread.
-pub struct ShardSetup {
+/// Everything a shard needs to start, moved into its thread. `S` is the function that serves each
+/// accepted socket (see [`spawn_shard`]).
+pub struct ShardSetup<S> {
     /// The shard's number, 0-based.
     pub index: usize,
     /// Its `SO_REUSEPORT` listening socket, bound and listening.
@@ -88,6 +94,10 @@ pub struct ShardSetup {
     /// Told the shard's index once its executor runs: start-up waits for every shard before it says
     /// "listening" (an executor can fail to start, e.g. when seccomp blocks io_uring).
     pub ready: std::sync::mpsc::Sender<usize>,
+    /// Serves one accepted socket until it closes, in a task of its own: `crate::connection::serve`.
+    /// A generic parameter (a function item in practice), so each connection's future is spawned as
+    /// is: no box, no dynamic call.
+    pub serve: S,
 }
 
 /// A running shard's thread.
@@ -102,8 +112,13 @@ impl ShardThread {
     }
 }
 
-/// Starts a shard on its own pinned executor thread.
-pub fn spawn_shard(setup: ShardSetup) -> Result<ShardThread, String> {
+/// Starts a shard on its own pinned executor thread; its accept loop runs `setup.serve` on every
+/// accepted socket.
+pub fn spawn_shard<S, F>(setup: ShardSetup<S>) -> Result<ShardThread, String>
+where
+    S: Fn(Rc<Shard>, TcpStream) -> F + Copy + Send + 'static,
+    F: Future<Output = ()> + 'static,
+{
     let placement = match setup.cpu {
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
@@ -205,6 +220,8 @@ impl Shard {
         }
         info!(shard = self.index, "shutting down");
         for (_, conn) in self.hub.borrow_mut().conns_mut() {
+            // A live kind is asked to close (its task says goodbye in its own protocol); an HTTP
+            // connection is woken to finish its request or close between requests.
             match conn.kind {
                 ConnKind::WebSocket => conn.request_close(close_code::GOING_AWAY),
                 ConnKind::Http => conn.wake(),
@@ -230,7 +247,11 @@ impl Shard {
 }
 
 /// The shard's main task.
-async fn run_shard(setup: ShardSetup) {
+async fn run_shard<S, F>(setup: ShardSetup<S>)
+where
+    S: Fn(Rc<Shard>, TcpStream) -> F + Copy,
+    F: Future<Output = ()> + 'static,
+{
     let _ = setup.ready.send(setup.index);
     // SAFETY: the descriptor is a listening TCP socket whose ownership main handed to this shard.
     let listener = unsafe { TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
@@ -257,7 +278,7 @@ async fn run_shard(setup: ShardSetup) {
         .jwt_enabled()
         .then(|| glommio::spawn_local(expiry_sweep(shard.clone())).detach());
     debug!(shard = shard.index, "accepting");
-    accept_loop(&shard, &listener).await;
+    accept_loop(&shard, &listener, setup.serve).await;
     drop(listener);
     let deadline = Instant::now() + Duration::from_secs(shard.config.shutdown_timeout_s);
     while !shard.hub.borrow().is_empty() && Instant::now() < deadline {
@@ -280,14 +301,18 @@ async fn run_shard(setup: ShardSetup) {
     }
 }
 
-/// Accepts connections until shutdown.
-async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+/// Accepts connections until shutdown, each served by `serve` in a task of its own.
+async fn accept_loop<S, F>(shard: &Rc<Shard>, listener: &TcpListener, serve: S)
+where
+    S: Fn(Rc<Shard>, TcpStream) -> F,
+    F: Future<Output = ()> + 'static,
+{
     loop {
         let accept = std::pin::pin!(listener.accept());
         let stop = std::pin::pin!(shard.shutdown_requested());
         match futures_util::future::select(accept, stop).await {
             futures_util::future::Either::Left((Ok(stream), _)) => {
-                glommio::spawn_local(connection::serve(shard.clone(), stream)).detach();
+                glommio::spawn_local(serve(shard.clone(), stream)).detach();
             }
             futures_util::future::Either::Left((Err(e), _)) => {
                 warn!(shard = shard.index, error = %e, "accept failed");
@@ -344,7 +369,7 @@ async fn expiry_sweep(shard: Rc<Shard>) {
         let mut closed = 0;
         while let Some((at, id)) = expiries.pop_due(now) {
             if let Some(conn) = hub.get_mut(id) {
-                if conn.kind == ConnKind::WebSocket && conn.token_expires_at == at {
+                if conn.kind.receives_deliveries() && conn.token_expires_at == at {
                     conn.request_close(close_code::POLICY);
                     closed += 1;
                 }
@@ -371,16 +396,19 @@ async fn heartbeat(shard: Rc<Shard>) {
         let max_outbound = shard.config.max_outbound_bytes;
         let mut dead = 0;
         for (_, conn) in shard.hub.borrow_mut().conns_mut() {
-            if conn.kind != ConnKind::WebSocket {
-                continue;
-            }
+            // Each kind that lives long decides its keep-alive here (docs/architecture.md,
+            // "Connection kinds"); an HTTP connection has its keep-alive timeout instead.
+            let ping = match conn.kind {
+                ConnKind::Http => continue,
+                ConnKind::WebSocket => &shard.ping_frame,
+            };
             if conn.missed_pongs >= MAX_MISSED_PONGS {
                 dead += 1;
                 conn.request_close(0);
                 continue;
             }
             conn.missed_pongs += 1;
-            send_frame(conn, &shard.ping_frame, max_outbound);
+            send_frame(conn, ping, max_outbound);
         }
         if dead > 0 {
             info!(

@@ -26,7 +26,8 @@ use std::os::fd::RawFd;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::shard::hub::{ConnId, ConnState, Hub, LiveMark};
+use crate::delivery::inbox::ConnId;
+use crate::shard::hub::{ConnState, Hub, LiveMark};
 use crate::ws::codec::close_code;
 
 /// Frames waiting for one connection's socket, and its resume buffer.

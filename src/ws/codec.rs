@@ -1,8 +1,9 @@
 //! WebSocket frame decoding and encoding (RFC 6455) on the caller's buffers.
 //!
-//! The budget is about 1 KiB per idle connection (DESIGN.md, "Memory per connection"), so a connection
-//! cannot own a tungstenite `WebSocket` with its read and write buffers. Instead the shard reads into a
-//! per-shard scratch buffer and hands it to [`Decoder::decode`], which works in place on those bytes:
+//! The budget is about 1 KiB per idle connection (docs/architecture.md, "Memory per connection"), so a
+//! connection cannot own a tungstenite `WebSocket` with its read and write buffers. Instead the shard
+//! reads into a per-shard scratch buffer and hands it to [`Decoder::decode`], which works in place on
+//! those bytes:
 //!
 //! - A frame is handled only once it is complete in the buffer. A partial frame is left unconsumed and the
 //!   caller keeps just that tail, so between reads a connection holds at most one partial frame and, when
@@ -445,12 +446,6 @@ pub fn encode_close(code: u16, reason: &str) -> Vec<u8> {
     out.extend_from_slice(&code.to_be_bytes());
     out.extend_from_slice(reason);
     out
-}
-
-/// Appends a text frame header for a payload of `len` bytes, so a caller can serialize the JSON right
-/// after it in the same buffer instead of copying it into a frame afterwards.
-pub fn write_text_header(len: usize, out: &mut Vec<u8>) {
-    write_header(OpCode::Data(Data::Text), len, out);
 }
 
 #[cfg(test)]
@@ -1135,8 +1130,10 @@ mod tests {
         }
     }
 
+    /// The header the deliveries' frames are built with (`delivery::frame`) is this codec's.
     #[test]
     fn write_text_header_matches_encode_text() {
+        use crate::delivery::frame::write_text_header;
         for len in [0usize, 125, 126, 65_535, 65_536] {
             let payload = vec![b'j'; len];
             let mut out = b"prefix".to_vec();

@@ -1,10 +1,10 @@
-//! WebSocket: the upgrade handshake, frame codec, the JSON protocol of API.md, and the per-connection
-//! session that ties them to a shard.
+//! The WebSocket wire: the upgrade handshake, the frame codec and the JSON protocol of API.md.
 //!
-//! `codec`, `handshake` and `protocol` are pure (bytes in, values out) so they are tested and fuzzed
-//! alone; `session` is the only part that touches sockets, the hub and the store.
+//! All three are pure (bytes in, values out), so they are tested and fuzzed alone, and they sit below the
+//! shard: its heartbeat sends [`codec`]'s ping and its close requests carry [`codec::close_code`]s. The
+//! session that ties them to a socket, the hub and the store is a connection kind, in
+//! `connection::websocket`.
 
 pub mod codec;
 pub mod handshake;
 pub mod protocol;
-pub(crate) mod session;

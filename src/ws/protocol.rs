@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::bus::text_frame;
+use crate::delivery::frame::text_frame;
 use crate::json_input::parse_object;
 use crate::model::{validate_channel_list, write_json_str, FieldError};
 

@@ -1,5 +1,6 @@
-//! A shard's inbox: how other threads (the store thread, other shards, the signal thread) hand work to a
-//! shard without locks on the delivery path.
+//! A shard's inbox: how other threads (the store thread, the bus thread, other shards, the signal thread)
+//! hand work to a shard without locks on the delivery path. It lives beside [`Delivery`] rather than in
+//! `shard`, so that the senders (`bus`, `server`) need nothing of the shard.
 //!
 //! A lock-free MPSC queue (crossbeam) carries the messages; an [`AtomicWaker`] wakes the shard's pump
 //! task. `AtomicWaker::wake` takes the registered waker, so a burst of a thousand pushes costs one
@@ -11,8 +12,12 @@ use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 
-use crate::bus::Delivery;
-use crate::shard::hub::ConnId;
+use crate::delivery::Delivery;
+
+/// A connection's slot in its shard's hub (`shard::hub`), which hands it out. Valid only on that
+/// shard, and only until the connection goes away; it is here because a shard's own inbox names the
+/// sender of a client publish ([`ShardMsg::DeliverExcept`]).
+pub type ConnId = u32;
 
 /// Work sent to a shard from another thread.
 #[derive(Debug)]

@@ -1,10 +1,11 @@
-//! A WebSocket session: the handshake, then the frame loop that turns client messages into actions on the
-//! shard's hub, the store and the fan-out, until the connection closes.
+//! A native WebSocket session (the connection kind `ConnKind::WebSocket`): the handshake, then the frame
+//! loop that turns client messages into actions on the shard's hub, the store and the fan-out, until the
+//! connection closes.
 //!
-//! The session is the only place that knows both the protocol ([`super::protocol`], [`super::codec`]) and
-//! the shard; the codec and protocol modules stay pure. Deliveries do not pass through here: the shard's
-//! delivery path writes shared frames straight to the socket (see `shard::outbound`), and the session only
-//! flushes what the socket could not take at once.
+//! The session is the only place that knows both the protocol ([`crate::ws::protocol`],
+//! [`crate::ws::codec`]) and the shard; the `ws` modules stay pure. Deliveries do not pass through here:
+//! the shard's delivery path writes shared frames straight to the socket (see `shard::outbound`), and the
+//! session only flushes what the socket could not take at once.
 //!
 //! Resume is exact on one node: live deliveries are held back while the store replays everything after
 //! `since`, then the held ones the replay already covered are dropped (ids are commit-ordered UUIDv7), so
@@ -22,15 +23,17 @@ use uuid::Uuid;
 use crate::auth::jwt::ChannelGrant;
 use crate::auth::rate_limit::LocalBucket;
 use crate::auth::{forbidden, UpgradeIdentity};
-use crate::bus::Delivery;
+use crate::connection::respond_and_close;
+use crate::delivery::frame::text_frame;
+use crate::delivery::inbox::{ConnId, ShardMsg};
+use crate::delivery::Delivery;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::model::{validate_channel_list, validate_user_id, Notification};
-use crate::shard::connection::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
-use crate::shard::hub::{ConnId, Hub, LiveMark, SubscribeError};
-use crate::shard::inbox::ShardMsg;
+use crate::shard::hub::{ConnKind, Hub, LiveMark, SubscribeError};
 use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
+use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
 use crate::shard::Shard;
 use crate::store::ReplayQuery;
 use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
@@ -112,7 +115,7 @@ enum Event {
 /// calls). So the live session runs in a task of its own, spawned fresh once the handshake is done, and
 /// everything big and rare (the handshake, each action, resume, close) runs as a boxed future allocated
 /// only while it runs. The parked state is the [`Session`] plus the loop's locals, a few hundred bytes
-/// (DESIGN.md, "the ~1 KiB budget").
+/// (docs/architecture.md, "Memory per connection": the ~1 KiB budget).
 pub(crate) async fn run(conn: Connection, head: RequestHead) {
     if let Some(session) = Box::pin(open(conn, head)).await {
         glommio::spawn_local(session.live()).detach();
@@ -134,7 +137,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             if e == handshake::HandshakeError::BadVersion {
                 response = response.with_header("Sec-WebSocket-Version", "13");
             }
-            conn.respond_and_close(response).await;
+            respond_and_close(&mut conn, response).await;
             return None;
         }
     };
@@ -142,7 +145,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     let identity = match shard.auth.authenticate_upgrade(&head) {
         Ok(identity) => identity,
         Err(response) => {
-            conn.respond_and_close(response).await;
+            respond_and_close(&mut conn, response).await;
             return None;
         }
     };
@@ -150,7 +153,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     let params = match connect_params(&head, token_user) {
         Ok(p) => p,
         Err(response) => {
-            conn.respond_and_close(response).await;
+            respond_and_close(&mut conn, response).await;
             return None;
         }
     };
@@ -179,7 +182,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     }
     let user = {
         let mut hub = shard.hub.borrow_mut();
-        hub.upgrade(conn.id, &params.user_id);
+        hub.upgrade(conn.id, &params.user_id, ConnKind::WebSocket);
         if params.since.is_some() {
             // Hold live deliveries from this instant on, so none slips between the replay and live.
             begin_resume(hub.conn_mut(conn.id));
@@ -643,7 +646,7 @@ fn replay_frame(n: &Notification, user: &str, subscribed: &[String]) -> Bytes {
     } else {
         n.channels.iter().find(|c| subscribed.contains(c))
     };
-    crate::bus::text_frame(320 + n.message.len() + n.data.len(), |out| {
+    text_frame(320 + n.message.len() + n.data.len(), |out| {
         n.write_json(out, via_channel.map(String::as_str))
     })
 }
