@@ -67,6 +67,7 @@ pub mod json_depth;
 pub mod json_input;
 pub mod metrics;
 pub mod model;
+pub mod scheduler;
 pub mod server;
 pub mod shard;
 pub mod store;

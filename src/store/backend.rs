@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::idempotency::{IdempotencyRecord, KeyVerdict, Receipt};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
 use crate::model::{IdGenerator, Millis, Notification};
 
@@ -34,8 +35,8 @@ pub(crate) enum WriteRequest {
     /// Store these notifications (ids fresh from the store thread's generator, ascending).
     ///
     /// With an idempotency record: first look the key up (unexpired: created after
-    /// `now - IDEMPOTENCY_TTL_MS`). Same fingerprint: store nothing, answer
-    /// [`WriteOutcome::Replayed`] with the recorded answer. Other fingerprint: store nothing, answer
+    /// `scheduler::idempotency_expired_before(now)`). Same fingerprint: store nothing, answer
+    /// [`WriteOutcome::Replayed`] with the recorded receipt. Other fingerprint: store nothing, answer
     /// [`WriteOutcome::KeyReused`]. Unknown (or expired) key: store the notifications AND the record
     /// (replacing an expired one), answer [`WriteOutcome::Inserted`].
     Insert {
@@ -68,7 +69,7 @@ pub(crate) enum WriteRequest {
         limit: usize,
     },
     /// Retention: delete up to `limit` notifications created before `created_before`, and every
-    /// idempotency record older than `now - IDEMPOTENCY_TTL_MS`. Answers [`WriteOutcome::Purged`] with
+    /// idempotency record older than `scheduler::idempotency_expired_before(now)`. Answers [`WriteOutcome::Purged`] with
     /// the number of notifications deleted.
     Purge {
         /// The cut-off; `None` keeps notifications forever (only idempotency records are purged).
@@ -110,13 +111,8 @@ pub(crate) enum WriteOutcome {
     /// Whether [`WriteRequest::Delete`] found the notification.
     Deleted(bool),
     /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for the same
-    /// request: nothing was written; this is the first answer.
-    Replayed {
-        /// The first answer's HTTP status.
-        status: u16,
-        /// The first answer's body, byte for byte.
-        body: Vec<u8>,
-    },
+    /// request: nothing was written; this is what the first request committed.
+    Replayed(Receipt),
     /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for a different
     /// request: nothing was written.
     KeyReused,
@@ -130,6 +126,15 @@ pub(crate) enum WriteOutcome {
     Purged(u64),
 }
 
+impl From<KeyVerdict> for WriteOutcome {
+    fn from(verdict: KeyVerdict) -> WriteOutcome {
+        match verdict {
+            KeyVerdict::Replayed(receipt) => WriteOutcome::Replayed(receipt),
+            KeyVerdict::KeyReused => WriteOutcome::KeyReused,
+        }
+    }
+}
+
 #[cfg(test)]
 impl WriteRequest {
     /// An insert without an idempotency key (tests).
@@ -139,22 +144,6 @@ impl WriteRequest {
             idempotency: None,
         }
     }
-}
-
-/// How long an `Idempotency-Key` is remembered (API.md: 24 hours).
-pub(crate) const IDEMPOTENCY_TTL_MS: Millis = 24 * 60 * 60 * 1000;
-
-/// An `Idempotency-Key` with the request it was used for and the answer that request got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IdempotencyRecord {
-    /// The producer's key.
-    pub key: String,
-    /// SHA-256 of the route and the body: tells a retry from a different request with the same key.
-    pub fingerprint: [u8; 32],
-    /// The answer's HTTP status.
-    pub status: u16,
-    /// The answer's body, returned byte for byte to a retry.
-    pub body: Vec<u8>,
 }
 
 /// The store thread's connection to a database.

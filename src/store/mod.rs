@@ -29,11 +29,13 @@
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
 
 mod backend;
+mod idempotency;
 mod postgres;
 mod reader;
 mod sqlite;
 mod writer;
 
+pub use idempotency::{IdempotencyKey, Receipt, Stamp};
 pub use sqlite::SqliteSynchronous;
 
 use std::fmt;
@@ -194,34 +196,14 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// An `Idempotency-Key` and the request it came with (API.md, "Idempotency").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyKey {
-    /// The producer's key.
-    pub key: String,
-    /// SHA-256 of the route and the body, so the same key with another body is told apart.
-    pub fingerprint: [u8; 32],
-}
-
-/// Builds the HTTP answer (status, body) of a committed insert; recorded with its `Idempotency-Key`
-/// and returned byte for byte to a retry.
-pub type InsertAnswer = fn(&[Arc<Notification>]) -> (u16, Vec<u8>);
-/// Builds the HTTP answer of a committed schedule (see [`InsertAnswer`]).
-pub type ScheduleAnswer = fn(&Notification) -> (u16, Vec<u8>);
-
 /// The outcome of a write that may carry an `Idempotency-Key`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Committed<T> {
     /// Written now.
-    Done(T),
-    /// A retry: the key was used for the same request within 24 h. Nothing was written; this is the
-    /// first answer, to return byte for byte.
-    Replayed {
-        /// The first answer's HTTP status.
-        status: u16,
-        /// The first answer's body.
-        body: Vec<u8>,
-    },
+    Fresh(T),
+    /// A retry: the key was used for the same request within 24 h. Nothing was written; this is
+    /// what the first request committed, for the API to answer as it answered then.
+    Replayed(Receipt),
     /// The key was used for a different request within 24 h; nothing was written (API: 422).
     KeyReused,
 }
@@ -522,7 +504,7 @@ impl Store {
     ) -> impl Future<Output = Result<Vec<Arc<Notification>>, StoreError>> + 'static {
         // Queued now, not at the first poll (see StoreFuture).
         let committed = if batch.is_empty() {
-            StoreFuture::ready(Ok(Committed::Done(Vec::new())))
+            StoreFuture::ready(Ok(Committed::Fresh(Vec::new())))
         } else {
             self.write(|reply| WriteOp::Insert {
                 batch,
@@ -532,9 +514,9 @@ impl Store {
         };
         async move {
             match committed.await? {
-                Committed::Done(stored) => Ok(stored),
+                Committed::Fresh(stored) => Ok(stored),
                 // Only a keyed insert can be replayed or refused.
-                Committed::Replayed { .. } | Committed::KeyReused => Err(StoreError::Unavailable(
+                Committed::Replayed(_) | Committed::KeyReused => Err(StoreError::Unavailable(
                     "store answered a keyed outcome to an insert without a key".to_owned(),
                 )),
             }
@@ -542,32 +524,32 @@ impl Store {
     }
 
     /// Like [`Store::insert`], with an `Idempotency-Key`: in the same transaction the key is looked up
-    /// and, if new, recorded with the answer `answer` builds from the stored notifications. A retry
-    /// within 24 h resolves to [`Committed::Replayed`] with that answer and stores nothing; the same
-    /// key with another fingerprint resolves to [`Committed::KeyReused`]. Retries racing each other on
-    /// different shards are serialized by the store thread, so exactly one stores.
+    /// and, if new, recorded with a [`Receipt::Inserted`] of the stored notifications. A retry within
+    /// 24 h resolves to [`Committed::Replayed`] with that receipt and stores nothing; the same key with
+    /// another fingerprint resolves to [`Committed::KeyReused`]. Retries racing each other on different
+    /// shards are serialized by the store thread, so exactly one stores.
     pub fn insert_idempotent(
         &self,
         batch: Vec<NewNotification>,
         key: IdempotencyKey,
-        answer: InsertAnswer,
     ) -> StoreFuture<Committed<Vec<Arc<Notification>>>> {
         self.write(|reply| WriteOp::Insert {
             batch,
-            idempotency: Some((key, answer)),
+            idempotency: Some(key),
             reply,
         })
     }
 
     /// Stores a pending scheduled notification (`scheduled_at` set), optionally under an
-    /// `Idempotency-Key` as for [`Store::insert_idempotent`]. Resolves to the pending notification: its
+    /// `Idempotency-Key` as for [`Store::insert_idempotent`] (recorded with a [`Receipt::Scheduled`]).
+    /// Resolves to the pending notification: its
     /// id is the schedule's id (for [`Store::scheduled`] and [`Store::cancel_scheduled`]) and its
     /// `created_at` the time it was scheduled. When due, the store thread stores it as a notification
     /// with a new id (commit order) and delivers it like a send.
     pub fn schedule(
         &self,
         notification: NewNotification,
-        key: Option<(IdempotencyKey, ScheduleAnswer)>,
+        key: Option<IdempotencyKey>,
     ) -> StoreFuture<Committed<Arc<Notification>>> {
         self.write(|reply| WriteOp::Schedule {
             notification,

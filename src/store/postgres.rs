@@ -85,11 +85,13 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
 use super::backend::{
-    fired_notification, first_id_of, BackendError, IdempotencyRecord, ReadBackend, WriteBackend,
-    WriteOutcome, WriteRequest, IDEMPOTENCY_TTL_MS,
+    fired_notification, first_id_of, BackendError, ReadBackend, WriteBackend, WriteOutcome,
+    WriteRequest,
 };
+use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
 use crate::model::{IdGenerator, Millis, Notification};
+use crate::scheduler::idempotency_expired_before;
 
 /// Longest wait for a TCP connection to the server, unless the URL's `connect_timeout` says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1272,29 +1274,12 @@ async fn keyed_verdict(
             }
         }
     };
-    Ok(Some(if found.fingerprint == record.fingerprint {
-        WriteOutcome::Replayed {
-            status: found.status,
-            body: found.body,
-        }
-    } else {
-        WriteOutcome::KeyReused
-    }))
-}
-
-/// An idempotency record as stored: what a later use of its key is compared with and answered.
-struct StoredRecord {
-    /// SHA-256 of the first request's route and body.
-    fingerprint: Vec<u8>,
-    /// The first answer's HTTP status.
-    status: u16,
-    /// The first answer's body.
-    body: Vec<u8>,
+    Ok(Some(verdict(record, found).map_err(Failure::Data)?.into()))
 }
 
 /// Decodes an idempotency record (fingerprint, status, body) from the last three columns of `row`, or
 /// `None` when they are NULL (no record).
-fn decode_record(row: &Row) -> Result<Option<StoredRecord>, Failure> {
+fn decode_record(row: &Row) -> Result<Option<FoundRecord>, Failure> {
     let first = row.len().saturating_sub(3);
     let fingerprint: Option<Vec<u8>> = row.try_get(first).map_err(|e| column_error(first, e))?;
     let Some(fingerprint) = fingerprint else {
@@ -1303,14 +1288,12 @@ fn decode_record(row: &Row) -> Result<Option<StoredRecord>, Failure> {
     let status: i32 = row
         .try_get(first + 1)
         .map_err(|e| column_error(first + 1, e))?;
-    let status = u16::try_from(status)
-        .map_err(|_| Failure::Data(format!("stored HTTP status {status} is out of range")))?;
     let body: Vec<u8> = row
         .try_get(first + 2)
         .map_err(|e| column_error(first + 2, e))?;
-    Ok(Some(StoredRecord {
+    Ok(Some(FoundRecord {
         fingerprint,
-        status,
+        status: i64::from(status),
         body,
     }))
 }
@@ -1469,7 +1452,7 @@ async fn apply_batch_on(
     let tx = client.transaction().await?;
     let clock = BatchClock {
         now: Timestamp(now),
-        expired_before: Timestamp(now.saturating_sub(IDEMPOTENCY_TTL_MS)),
+        expired_before: Timestamp(idempotency_expired_before(now)),
     };
     let mut outcomes = Vec::with_capacity(requests.len());
     // Built but not polled: nothing is sent until the segment is finished.

@@ -47,11 +47,13 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use super::backend::{
-    fired_notification, first_id_of, BackendError, IdempotencyRecord, ReadBackend, WriteBackend,
-    WriteOutcome, WriteRequest, IDEMPOTENCY_TTL_MS,
+    fired_notification, first_id_of, BackendError, ReadBackend, WriteBackend, WriteOutcome,
+    WriteRequest,
 };
+use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
 use crate::model::{now_millis, IdGenerator, Millis, Notification};
+use crate::scheduler::idempotency_expired_before;
 
 /// How long a statement waits for a lock held by another connection (another process, or briefly a
 /// checkpoint) before failing with "database is locked".
@@ -563,21 +565,20 @@ fn claim_key(
     let found = tx
         .prepare_cached(IDEMPOTENCY_LOOKUP)?
         .query_row(
-            params![record.key, now.saturating_sub(IDEMPOTENCY_TTL_MS)],
+            params![record.key, idempotency_expired_before(now)],
             |row| {
-                Ok((
-                    row.get::<_, Vec<u8>>(0)?,
-                    row.get::<_, u16>(1)?,
-                    row.get::<_, Vec<u8>>(2)?,
-                ))
+                Ok(FoundRecord {
+                    fingerprint: row.get(0)?,
+                    status: row.get(1)?,
+                    body: row.get(2)?,
+                })
             },
         )
         .optional()?;
     match found {
-        Some((fingerprint, status, body)) if fingerprint == record.fingerprint => {
-            Ok(Some(WriteOutcome::Replayed { status, body }))
-        }
-        Some(_) => Ok(Some(WriteOutcome::KeyReused)),
+        Some(found) => verdict(record, found)
+            .map(|v| Some(v.into()))
+            .map_err(|why| rusqlite::Error::FromSqlConversionFailure(1, Type::Integer, why.into())),
         None => {
             tx.prepare_cached(IDEMPOTENCY_RECORD)?.execute(params![
                 record.key,
@@ -655,7 +656,7 @@ fn apply_one(
             limit,
         } => {
             tx.prepare_cached(IDEMPOTENCY_EXPIRE)?
-                .execute(params![now.saturating_sub(IDEMPOTENCY_TTL_MS)])?;
+                .execute(params![idempotency_expired_before(now)])?;
             let deleted = match created_before {
                 Some(before) => tx
                     .prepare_cached(PURGE)?
@@ -822,6 +823,8 @@ mod tests {
 
     use super::*;
     use crate::model::NewNotification;
+    use crate::scheduler::IDEMPOTENCY_TTL_MS;
+    use crate::store::Receipt;
 
     fn stored(id_seed: u128, user: Option<&str>, channels: &[&str]) -> Arc<Notification> {
         let n = NewNotification {
@@ -927,10 +930,10 @@ mod tests {
         assert_eq!(out[0], WriteOutcome::Inserted);
         assert_eq!(
             out[1],
-            WriteOutcome::Replayed {
+            WriteOutcome::Replayed(Receipt::Answer {
                 status: 201,
                 body: b"first".to_vec()
-            }
+            })
         );
         assert_eq!(out[2], WriteOutcome::KeyReused);
         assert_eq!(page(&mut r, "u").total, 1);

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use super::testing::{base_url, with_param, ProxyMode, SideConnection, TestProxy, TestSchema};
 use super::*;
 use crate::model::NewNotification;
+use crate::scheduler::IDEMPOTENCY_TTL_MS;
+use crate::store::Receipt;
 
 /// Limits short enough that an outage test takes about a second instead of the production 15.
 const TEST_OPERATION_TIMEOUT: Duration = Duration::from_millis(700);
@@ -663,10 +665,10 @@ fn keyed_insert(seed: u128, fingerprint: u8) -> WriteRequest {
 
 /// What a retry under [`record`]'s key answers.
 fn first_answer() -> WriteOutcome {
-    WriteOutcome::Replayed {
+    WriteOutcome::Replayed(Receipt::Answer {
         status: 201,
         body: b"first".to_vec(),
-    }
+    })
 }
 
 #[test]
