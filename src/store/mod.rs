@@ -22,8 +22,12 @@
 //! they are simply spread over the pool through one shared queue.
 //!
 //! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`, which two
-//! databases implement: SQLite (`sqlite.rs`, embedded, the default) and PostgreSQL (`postgres.rs`, the
-//! shared database of several nodes). One test suite (`tests.rs`) runs against both.
+//! databases implement: SQLite (`sqlite.rs`, embedded, the default) and PostgreSQL (`postgres/`, the
+//! shared database of several nodes); what both must decide alike (history paging, due order, the
+//! migrations list) is written once in `backend.rs`, and the idempotency records and verdict in
+//! `idempotency.rs`. When maintenance runs is the [`crate::scheduler`]'s call; the writer executes it.
+//! One test suite (`tests.rs`) runs against both databases through the public API, and one suite of
+//! backend tests (`backend/tests.rs`) against both backends directly.
 //!
 //! Both queues are bounded and sending never blocks: a full queue answers
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.

@@ -33,7 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{BackendError, WriteBackend, WriteOutcome, WriteRequest};
+use super::backend::{BackendError, BatchClock, WriteBackend, WriteOutcome, WriteRequest};
 use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
 use super::{CommitListener, Committed, Counters, StoreError};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
@@ -445,7 +445,10 @@ impl<B: WriteBackend> Writer<B> {
             return;
         }
 
-        let outcomes = match self.backend.apply_batch(&requests, now, &mut self.ids) {
+        let outcomes = match self
+            .backend
+            .apply_batch(&requests, BatchClock::at(now, &mut self.ids))
+        {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 Counters::add(&self.counters.failed_batches, 1);
@@ -524,6 +527,7 @@ mod tests {
     use futures_executor::block_on;
 
     use super::*;
+    use crate::store::backend::Applied;
     use crate::store::StoreFuture;
 
     /// A backend that records the size of each batch and fails the batches it is told to.
@@ -533,12 +537,7 @@ mod tests {
     }
 
     impl WriteBackend for FakeBackend {
-        fn apply_batch(
-            &mut self,
-            requests: &[WriteRequest],
-            _now: crate::model::Millis,
-            _ids: &mut IdGenerator,
-        ) -> Result<Vec<WriteOutcome>, BackendError> {
+        fn apply_batch(&mut self, requests: &[WriteRequest], _clock: BatchClock<'_>) -> Applied {
             // Only the callers' requests count; the scheduler's and retention's ride along.
             let client = requests
                 .iter()
