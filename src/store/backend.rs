@@ -17,25 +17,15 @@
 //! INSERT or COPY on PostgreSQL). Ids and times are assigned before the backend is called, so every
 //! backend stores exactly what the listener and the callers will be told.
 
-use std::fmt;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
+pub(crate) use super::error::BackendError;
 use super::idempotency::{IdempotencyRecord, KeyVerdict, Receipt};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
 use crate::model::{IdGenerator, Millis, Notification};
 use crate::scheduler::idempotency_expired_before;
-
-/// A failure of the database, as a message for the logs and the 503 answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct BackendError(pub String);
-
-impl fmt::Display for BackendError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// One write of a batch, with ids and timestamps already assigned.
 #[derive(Debug, Clone, PartialEq)]

@@ -33,12 +33,14 @@
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
 
 mod backend;
+mod error;
 mod idempotency;
 mod postgres;
 mod reader;
 mod sqlite;
 mod writer;
 
+pub use error::{BackendError, OpenError, StoreError};
 pub use idempotency::{IdempotencyKey, Receipt, Stamp};
 pub use sqlite::SqliteSynchronous;
 
@@ -178,27 +180,6 @@ pub trait CommitListener: Send + 'static {
     /// a failed batch. It runs on the store thread: it must hand work off (push to queues), not do it.
     fn committed(&self, inserted: &[Arc<Notification>]);
 }
-
-/// Why the store could not do what was asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
-    /// The database could not commit or read, or the store is overloaded (queue full). The API answers
-    /// 503; the message says what failed, for logs.
-    Unavailable(String),
-    /// The store has shut down.
-    Closed,
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
-            StoreError::Closed => f.write_str("store closed"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
 
 /// The outcome of a write that may carry an `Idempotency-Key`.
 #[derive(Debug, Clone, PartialEq)]
@@ -417,20 +398,21 @@ impl Store {
     pub fn open(
         config: &StoreConfig,
         listener: Box<dyn CommitListener>,
-    ) -> Result<(Store, StoreThreads), String> {
+    ) -> Result<(Store, StoreThreads), OpenError> {
         let readers = config.reader_threads.max(1);
+        let max_batch = config.max_batch.max(1);
         match &config.url {
             StoreUrl::Sqlite(path) => {
                 let mut write_backend =
                     sqlite::SqliteWriter::open(path, config.sqlite_synchronous)?;
                 let read_backends = (0..readers)
                     .map(|_| sqlite::SqliteReader::open(path))
-                    .collect::<Result<Vec<_>, String>>()?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 let checkpointer = write_backend.spawn_checkpointer(path)?;
                 // The effective synchronous setting, read back from the connection: what an
                 // operator (and tests/durability.rs) checks to know which durability is in force.
                 let synchronous = write_backend.synchronous();
-                tracing::info!(path = %path.display(), readers, %synchronous, "store opened (sqlite)");
+                tracing::info!(path = %path.display(), readers, max_batch, %synchronous, "store opened (sqlite)");
                 Store::start(
                     write_backend,
                     read_backends,
@@ -445,8 +427,8 @@ impl Store {
                 let write_backend = postgres::PostgresWriter::open(&target)?;
                 let read_backends = (0..readers)
                     .map(|i| postgres::PostgresReader::open(&target, i))
-                    .collect::<Result<Vec<_>, String>>()?;
-                tracing::info!(%target, readers, migrations_applied = applied, "store opened (postgres)");
+                    .collect::<Result<Vec<_>, _>>()?;
+                tracing::info!(%target, readers, max_batch, migrations_applied = applied, "store opened (postgres)");
                 Store::start(write_backend, read_backends, Vec::new(), config, listener)
             }
         }
@@ -461,17 +443,20 @@ impl Store {
         helpers: Vec<JoinHandle<()>>,
         config: &StoreConfig,
         listener: Box<dyn CommitListener>,
-    ) -> Result<(Store, StoreThreads), String> {
+    ) -> Result<(Store, StoreThreads), OpenError> {
         let counters = Arc::new(Counters::default());
         let (write_tx, write_rx) = crossbeam_channel::bounded(WRITE_QUEUE_CAPACITY);
         let (read_tx, read_rx) = crossbeam_channel::bounded(READ_QUEUE_CAPACITY);
-        let spawn_err = |e: std::io::Error| format!("cannot start a store thread: {e}");
+        let spawn_err = |cause: std::io::Error| OpenError::Io {
+            context: "cannot start a store thread".to_owned(),
+            cause,
+        };
         // Readers first: if spawning one fails, dropping the senders (on return) ends the ones started.
         let readers = read_backends
             .into_iter()
             .enumerate()
             .map(|(i, b)| reader::spawn(i, b, read_rx.clone(), counters.clone()).map_err(spawn_err))
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let reader_count = readers.len();
         let writer = writer::spawn(
             write_backend,
@@ -520,8 +505,8 @@ impl Store {
             match committed.await? {
                 Committed::Fresh(stored) => Ok(stored),
                 // Only a keyed insert can be replayed or refused.
-                Committed::Replayed(_) | Committed::KeyReused => Err(StoreError::Unavailable(
-                    "store answered a keyed outcome to an insert without a key".to_owned(),
+                Committed::Replayed(_) | Committed::KeyReused => Err(StoreError::internal(
+                    "store answered a keyed outcome to an insert without a key",
                 )),
             }
         }
@@ -633,8 +618,8 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         match self.writes.try_send(op(tx)) {
             Ok(()) => StoreFuture::waiting(rx),
-            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Unavailable(
-                "write queue full: the store cannot keep up".to_owned(),
+            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Overloaded(
+                "write queue full: the store cannot keep up",
             ))),
             Err(TrySendError::Disconnected(_)) => StoreFuture::ready(Err(StoreError::Closed)),
         }
@@ -648,8 +633,8 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         match self.reads.try_send(op(tx)) {
             Ok(()) => StoreFuture::waiting(rx),
-            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Unavailable(
-                "read queue full: the store cannot keep up".to_owned(),
+            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Overloaded(
+                "read queue full: the store cannot keep up",
             ))),
             Err(TrySendError::Disconnected(_)) => StoreFuture::ready(Err(StoreError::Closed)),
         }

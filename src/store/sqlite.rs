@@ -52,7 +52,7 @@ use super::backend::{
     WriteBackend, WriteOutcome, WriteRequest,
 };
 use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
-use super::{HistoryPage, HistoryQuery, ReplayQuery};
+use super::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
 use crate::model::{now_millis, Notification};
 
 /// How long a statement waits for a lock held by another connection (another process, or briefly a
@@ -259,7 +259,7 @@ const PING: &str = "SELECT COUNT(*) FROM schema_migrations";
 
 /// Every SQLite failure becomes a backend error (a 503 for the caller), with SQLite's own message.
 fn sqlite_error(e: rusqlite::Error) -> BackendError {
-    BackendError(format!("sqlite: {e}"))
+    BackendError::Sqlite(e)
 }
 
 /// Decodes one row selected with [`columns!`].
@@ -345,15 +345,15 @@ impl SqliteWriter {
     pub(crate) fn open(
         path: &Path,
         synchronous: SqliteSynchronous,
-    ) -> Result<SqliteWriter, String> {
-        let context =
-            |e: rusqlite::Error| format!("cannot open sqlite database {}: {e}", path.display());
+    ) -> Result<SqliteWriter, OpenError> {
+        let context = |cause: rusqlite::Error| OpenError::Sqlite {
+            context: format!("cannot open sqlite database {}", path.display()),
+            cause,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                format!(
-                    "cannot create the folder {} of the database: {e}",
-                    dir.display()
-                )
+            std::fs::create_dir_all(dir).map_err(|cause| OpenError::Io {
+                context: format!("cannot create the folder {} of the database", dir.display()),
+                cause,
             })?;
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -368,7 +368,8 @@ impl SqliteWriter {
             return Err(format!(
                 "cannot open sqlite database {}: WAL mode refused (journal_mode is {mode})",
                 path.display()
-            ));
+            )
+            .into());
         }
         // See the module doc for what each setting means on power loss. Read back, since SQLite
         // ignores a setting it does not know instead of failing; the log line of start-up shows the
@@ -382,14 +383,17 @@ impl SqliteWriter {
             return Err(format!(
                 "cannot open sqlite database {}: synchronous={synchronous} refused (it reads back {effective})",
                 path.display()
-            ));
+            )
+            .into());
         }
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
             .map_err(context)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
             .map_err(context)?;
-        migrate(&mut conn)
-            .map_err(|e| format!("cannot migrate sqlite database {}: {e}", path.display()))?;
+        migrate(&mut conn).map_err(|cause| OpenError::Sqlite {
+            context: format!("cannot migrate sqlite database {}", path.display()),
+            cause,
+        })?;
         Ok(SqliteWriter {
             conn,
             synchronous,
@@ -404,7 +408,7 @@ impl SqliteWriter {
 
     /// Starts the checkpointer thread on its own connection to `path`. It runs until this writer is
     /// dropped (the store thread has committed its last batch and exited).
-    pub(crate) fn spawn_checkpointer(&mut self, path: &Path) -> Result<JoinHandle<()>, String> {
+    pub(crate) fn spawn_checkpointer(&mut self, path: &Path) -> Result<JoinHandle<()>, OpenError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
             format!(
@@ -430,7 +434,10 @@ impl SqliteWriter {
                     CHECKPOINT_RESTART_FRAMES,
                 )
             })
-            .map_err(|e| format!("cannot start the checkpointer thread: {e}"))?;
+            .map_err(|cause| OpenError::Io {
+                context: "cannot start the checkpointer thread".to_owned(),
+                cause,
+            })?;
         self._checkpointer = Some(stop);
         Ok(handle)
     }
@@ -671,12 +678,10 @@ pub(crate) struct SqliteReader {
 impl SqliteReader {
     /// Opens the file read-only. The writer must have opened it first (it creates the file, sets WAL
     /// and migrates).
-    pub(crate) fn open(path: &Path) -> Result<SqliteReader, String> {
-        let context = |e: rusqlite::Error| {
-            format!(
-                "cannot open sqlite database {} for reading: {e}",
-                path.display()
-            )
+    pub(crate) fn open(path: &Path) -> Result<SqliteReader, OpenError> {
+        let context = |cause: rusqlite::Error| OpenError::Sqlite {
+            context: format!("cannot open sqlite database {} for reading", path.display()),
+            cause,
         };
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(context)?;
@@ -723,7 +728,7 @@ impl ReadBackend for SqliteReader {
             return Ok(Vec::new());
         }
         let channels = serde_json::to_string(&query.channels)
-            .map_err(|e| BackendError(format!("cannot encode channels: {e}")))?;
+            .map_err(|e| BackendError::Data(format!("cannot encode channels: {e}")))?;
         let mut stmt = self.conn.prepare_cached(REPLAY).map_err(sqlite_error)?;
         let rows = stmt
             .query_map(
@@ -911,7 +916,7 @@ mod tests {
             )
             .unwrap();
         let err = reader.history(&q).unwrap_err();
-        assert!(err.0.starts_with("sqlite:"), "{err}");
+        assert!(err.to_string().starts_with("sqlite:"), "{err}");
     }
 
     #[test]

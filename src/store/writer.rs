@@ -175,8 +175,8 @@ impl Replier {
                 let _ = tx.send(Ok(found));
             }
             // A backend bug, never data: answer rather than panic the only write thread.
-            (replier, _, _) => replier.fail(StoreError::Unavailable(
-                "store backend answered a different request than it was given".to_owned(),
+            (replier, _, _) => replier.fail(StoreError::internal(
+                "store backend answered a different request than it was given",
             )),
         }
     }
@@ -453,8 +453,9 @@ impl<B: WriteBackend> Writer<B> {
             Err(e) => {
                 Counters::add(&self.counters.failed_batches, 1);
                 Outage::failed(&mut self.outage, &e, repliers.len());
+                let e = Arc::new(e);
                 for replier in repliers {
-                    replier.fail(StoreError::Unavailable(e.0.clone()));
+                    replier.fail(StoreError::Unavailable(e.clone()));
                 }
                 return;
             }
@@ -550,7 +551,7 @@ mod tests {
             let index = batches.len();
             batches.push(client);
             if self.fail_batches.contains(&index) {
-                return Err(BackendError("disk on fire".to_owned()));
+                return Err(BackendError::Data("disk on fire".to_owned()));
             }
             Ok(requests
                 .iter()
@@ -683,7 +684,9 @@ mod tests {
         // max_batch 4: [i1 (2), mark, all] fails as one; [i2] commits.
         let (batches, seen) = run_writer(vec![i1, mark, all, i2], 4, vec![0]);
         assert_eq!(batches, vec![3, 1]);
-        assert!(matches!(block_on(f1), Err(StoreError::Unavailable(m)) if m == "disk on fire"));
+        assert!(
+            matches!(block_on(f1), Err(StoreError::Unavailable(e)) if e.to_string() == "disk on fire")
+        );
         assert!(matches!(
             block_on(read_rx).unwrap(),
             Err(StoreError::Unavailable(_))

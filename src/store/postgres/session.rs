@@ -187,6 +187,30 @@ impl fmt::Display for Failure {
     }
 }
 
+/// A failure as the store sees it: the same one-line message, and the client's error as its cause.
+impl From<Failure> for BackendError {
+    fn from(failure: Failure) -> BackendError {
+        let message = failure.to_string();
+        match failure {
+            Failure::Postgres(cause) => BackendError::Postgres {
+                message,
+                cause: Some(cause),
+            },
+            Failure::Data(_) => BackendError::Data(message),
+        }
+    }
+}
+
+impl BackendError {
+    /// A PostgreSQL failure with no client error behind it (a timeout, a backoff).
+    fn postgres(message: String) -> BackendError {
+        BackendError::Postgres {
+            message,
+            cause: None,
+        }
+    }
+}
+
 impl Failure {
     /// Whether the session this happened on can no longer be used. Only the server's own refusals
     /// (a constraint, a timeout it enforced, a trigger's exception) leave the connection in a known good
@@ -410,7 +434,7 @@ impl<S: Statements> Link<S> {
         }
         let now = Instant::now();
         if let Some(wait) = self.backoff.wait_left(now) {
-            return Err(BackendError(format!(
+            return Err(BackendError::postgres(format!(
                 "postgres unreachable ({}); next connection attempt in {} ms",
                 self.last_connect_error,
                 wait.as_millis()
@@ -434,7 +458,7 @@ impl<S: Statements> Link<S> {
                     "postgres connection attempt failed"
                 );
                 self.last_connect_error = e.clone();
-                Err(BackendError(format!("postgres unreachable: {e}")))
+                Err(BackendError::postgres(format!("postgres unreachable: {e}")))
             }
         }
     }
@@ -447,7 +471,7 @@ impl<S: Statements> Link<S> {
     ) -> Result<T, BackendError> {
         self.ensure_session()?;
         let Some(live) = self.session.as_mut() else {
-            return Err(BackendError("postgres: no session".to_owned()));
+            return Err(BackendError::postgres("postgres: no session".to_owned()));
         };
         let limit = self.target.operation_timeout;
         let outcome = self.runtime.block_on(async {
@@ -460,14 +484,14 @@ impl<S: Statements> Link<S> {
                 if lost {
                     tracing::warn!(role = %self.role, error = %failure, "postgres connection lost");
                 }
-                (Err(BackendError(failure.to_string())), lost)
+                (Err(failure.into()), lost)
             }
             Err(_) => {
                 // The state of the connection is unknown (a statement may still be running, its
                 // answer may still arrive): never reuse it.
                 tracing::warn!(role = %self.role, timeout = ?limit, "postgres did not answer; dropping the connection");
                 let why = format!("postgres: no answer within {} ms", limit.as_millis());
-                (Err(BackendError(why)), true)
+                (Err(BackendError::postgres(why)), true)
             }
         };
         if lost {
