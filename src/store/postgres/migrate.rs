@@ -15,7 +15,7 @@ pub(crate) const MIGRATIONS: &[Migration] = migrations!("postgres");
 /// The key of the session advisory lock held while migrating, so several nodes starting at once
 /// migrate one after the other. Any constant works as long as nothing else in the database uses it:
 /// this one is "notify" in ASCII, then migration lock number 1.
-pub(super) const MIGRATION_LOCK_KEY: i64 = 0x6e6f_7469_6679_0001;
+const MIGRATION_LOCK_KEY: i64 = 0x6e6f_7469_6679_0001;
 
 /// Applies the migrations not yet recorded in `schema_migrations`, each in its own transaction together
 /// with its record, while holding a session advisory lock, so several nodes starting at once apply each
@@ -36,7 +36,7 @@ pub(crate) fn migrate(target: &PostgresTarget) -> Result<usize, String> {
 }
 
 /// See [`migrate`]; `client` is closed when this returns.
-pub(super) async fn migrate_on(mut client: Client) -> Result<usize, Failure> {
+async fn migrate_on(mut client: Client) -> Result<usize, Failure> {
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?

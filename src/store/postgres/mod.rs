@@ -37,19 +37,19 @@
 //! one snapshot (what SQLite's read transaction gives) in one round trip. Reader sessions are
 //! `default_transaction_read_only`, so a bug here cannot write.
 //!
-//! **Reconnect with backoff.** A [`Link`] is a connection that outlives its sessions. When a request
+//! **Reconnect with backoff.** A [`Link`](session::Link) is a connection that outlives its sessions. When a request
 //! fails because the connection is gone (server restart, network cut, a `FATAL` from the server, no
-//! answer within [`OPERATION_TIMEOUT`]), that request fails ([`BackendError`], the API's 503) and the
+//! answer within [`OPERATION_TIMEOUT`](session::OPERATION_TIMEOUT)), that request fails ([`BackendError`](crate::store::BackendError), the API's 503) and the
 //! session is dropped; the next request connects again. A failed connection attempt arms a backoff
-//! ([`RECONNECT_BACKOFF_MIN`] doubling up to [`RECONNECT_BACKOFF_MAX`]): until it expires, requests fail
+//! ([`RECONNECT_BACKOFF_MIN`](session::RECONNECT_BACKOFF_MIN) doubling up to [`RECONNECT_BACKOFF_MAX`](session::RECONNECT_BACKOFF_MAX)): until it expires, requests fail
 //! at once with a message saying when the next attempt is, so a down database gets one attempt per
 //! interval per thread instead of one per request, and callers get a fast 503 instead of waiting. The
 //! thread never panics or exits over it. Before each request an idle session is checked for a close the
 //! server announced while it was idle (a restart), so that case reconnects without failing a request.
 //!
-//! **Nothing waits forever.** [`CONNECT_TIMEOUT`] bounds connecting, TCP keepalives and
+//! **Nothing waits forever.** [`CONNECT_TIMEOUT`](session::CONNECT_TIMEOUT) bounds connecting, TCP keepalives and
 //! `tcp_user_timeout` make the kernel give up on a peer that vanished, `statement_timeout` makes the
-//! server give up on a statement, and [`OPERATION_TIMEOUT`] bounds a whole batch or read on the client
+//! server give up on a statement, and [`OPERATION_TIMEOUT`](session::OPERATION_TIMEOUT) bounds a whole batch or read on the client
 //! side, for the case where the network silently drops everything. The price of a client-side timeout is
 //! the usual one of any remote commit: if the answer to COMMIT is what got lost, the batch may have
 //! committed although its callers were told 503. A producer's retry with the same `Idempotency-Key` is
@@ -58,7 +58,7 @@
 //! **Schema** (`migrations/postgres/`): `uuid` ids (byte order is UUIDv7 time order), `jsonb` data,
 //! `text[]` channels plus the `notification_channels` side table that makes replay by channel an index
 //! range scan, and `timestamptz` times. The model counts milliseconds since the epoch; they are written
-//! and read in PostgreSQL's binary timestamp format by [`Timestamp`], which is exact for whole
+//! and read in PostgreSQL's binary timestamp format by [`Timestamp`](rows::Timestamp), which is exact for whole
 //! milliseconds, so a time read back equals the time written. `data` comes back as jsonb's normalized
 //! text: the same JSON value the producer sent, possibly with different spacing and key order.
 //!

@@ -13,7 +13,7 @@ use crate::model::{Millis, Notification};
 /// Milliseconds from the Unix epoch (the model's) to 2000-01-01 UTC (PostgreSQL's timestamp epoch).
 pub(super) const POSTGRES_EPOCH_MILLIS: Millis = 946_684_800_000;
 /// Microseconds per millisecond, for converting between the two epochs' units.
-pub(super) const MICROS_PER_MILLI: i64 = 1_000;
+const MICROS_PER_MILLI: i64 = 1_000;
 
 /// A time in the model's unit (milliseconds since the Unix epoch), in PostgreSQL's binary `timestamptz`
 /// format (microseconds since 2000-01-01 UTC, a big-endian i64). Written by hand rather than through

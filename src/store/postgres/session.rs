@@ -19,27 +19,27 @@ use crate::store::backend::BackendError;
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a whole connection set-up (TCP, authentication, session settings, preparing the
 /// statements); `connect_timeout` only covers the TCP part.
-pub(super) const SESSION_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+const SESSION_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server cancels a statement that runs longer than this. A 4096-row batch takes tens of
 /// milliseconds, so this only fires on a database that is stuck (a lock held by an admin, a full disk).
-pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server ends a session that sits inside a transaction doing nothing for this long, which only
 /// happens when this client vanished mid-batch; it releases the locks that session held.
-pub(super) const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for one batch or read, measured here. Longer than [`STATEMENT_TIMEOUT`], so a slow but
 /// alive server answers with its own timeout error first; this one is for a server or network that no
 /// longer answers at all.
 pub(super) const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
 /// An idle connection starts TCP keepalive probes after this long, so a peer that vanished without a
 /// goodbye (a network cut, a crashed host) is noticed even when nothing is being sent.
-pub(super) const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// Time between keepalive probes.
-pub(super) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// Unanswered keepalive probes before the kernel declares the connection dead.
-pub(super) const KEEPALIVE_RETRIES: u32 = 3;
+const KEEPALIVE_RETRIES: u32 = 3;
 /// The kernel fails the connection when data it sent stays unacknowledged this long: keepalives do not
 /// cover a connection with a request in flight, and the default retransmission give-up is ~15 minutes.
-pub(super) const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Wait after the first failed connection attempt; doubles after each further failure.
 pub(super) const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Most wait between connection attempts while the database stays down: also the longest a recovered
@@ -47,15 +47,15 @@ pub(super) const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub(super) const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Yields to the runtime before using an idle session, so its connection task reads a close that
 /// arrived meanwhile (see [`Link::ensure_session`]).
-pub(super) const IDLE_CHECK_YIELDS: usize = 2;
+const IDLE_CHECK_YIELDS: usize = 2;
 /// How long ending a session waits for its connection to say goodbye to the server.
-pub(super) const CLOSE_GRACE: Duration = Duration::from_millis(100);
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
 /// Shown as `application_name` in `pg_stat_activity`, unless the URL names one.
-pub(super) const APPLICATION_NAME: &str = "notification-service";
+const APPLICATION_NAME: &str = "notification-service";
 
 /// Settings of every session. Set after connecting rather than through the startup `options`, so
 /// connection poolers that refuse startup options still work, and a URL's own `options` stay as given.
-pub(super) fn session_settings(read_only: bool) -> String {
+fn session_settings(read_only: bool) -> String {
     format!(
         "SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}; \
          SET default_transaction_read_only = {}",
@@ -282,7 +282,7 @@ pub(super) trait Statements: Sized {
 }
 
 /// A live connection and its prepared statements.
-pub(super) struct Session<S> {
+struct Session<S> {
     /// The connection; its socket is driven by [`Session::connection`].
     client: Client,
     /// Prepared on this connection (prepared statements belong to one server session).
@@ -332,7 +332,7 @@ pub(super) async fn connect_client(config: &Config) -> Result<(Client, JoinHandl
 }
 
 /// Connects, applies the session settings and prepares the statements: a ready session.
-pub(super) async fn open_session<S: Statements>(config: &Config) -> Result<Session<S>, Failure> {
+async fn open_session<S: Statements>(config: &Config) -> Result<Session<S>, Failure> {
     let (client, connection) = connect_client(config).await?;
     client
         .batch_execute(&session_settings(S::READ_ONLY))
