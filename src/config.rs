@@ -21,6 +21,32 @@ fn parse_sqlite_synchronous(value: &str) -> Result<SqliteSynchronous, String> {
     value.parse()
 }
 
+/// Reads `STORE_READERS`: a whole number from 1 to [`MAX_STORE_READERS`].
+fn parse_store_readers(value: &str) -> Result<usize, String> {
+    parse_bounded(value, 1, MAX_STORE_READERS)
+}
+
+/// Reads `STORE_MAX_BATCH`: a whole number from 1 to [`MAX_STORE_MAX_BATCH`].
+fn parse_store_max_batch(value: &str) -> Result<usize, String> {
+    parse_bounded(value, 1, MAX_STORE_MAX_BATCH)
+}
+
+/// A whole number in `min..=max`; a bad value stops start-up with clap's usage error (exit status 2)
+/// naming the setting and the range.
+fn parse_bounded(value: &str, min: usize, max: usize) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from {min} to {max}")),
+    }
+}
+
+/// Most store reader threads: each holds a database connection and its page cache, and reads are short,
+/// so more than this only costs memory (and PostgreSQL connections).
+pub const MAX_STORE_READERS: usize = 64;
+/// Largest store batch: one transaction of this many rows still commits in well under a second, and a
+/// larger one would hold the write lock (and every waiting producer) for longer than that.
+pub const MAX_STORE_MAX_BATCH: usize = 65_536;
+
 /// The server's settings (API.md, "Configuration"). Run with `--help` for the full list.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "notification-service", version, about = "A thread-per-core real-time notification server", long_about = None)]
@@ -172,6 +198,15 @@ pub struct Config {
     /// Days to keep notifications; older ones are deleted in small batches. Unset: keep forever.
     #[arg(long, env = "RETENTION_DAYS")]
     pub retention_days: Option<u32>,
+
+    /// Store reader threads (history, replay, health), each with its own database connection.
+    #[arg(long, env = "STORE_READERS", default_value_t = crate::store::DEFAULT_READER_THREADS, value_parser = parse_store_readers)]
+    pub store_readers: usize,
+
+    /// Most rows the store writer commits in one transaction (group commit); a single larger request
+    /// still commits whole, alone.
+    #[arg(long, env = "STORE_MAX_BATCH", default_value_t = crate::store::DEFAULT_MAX_BATCH, value_parser = parse_store_max_batch)]
+    pub store_max_batch: usize,
 
     /// What a commit of the embedded SQLite store waits for: `normal` (no fsync per commit; survives
     /// a crash of the process, a power loss may take back about the last 500 ms) or `full` (an fsync
@@ -329,7 +364,27 @@ mod tests {
         assert_eq!(c.max_body, 65536);
         assert_eq!(c.heartbeat_s, 30);
         assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Normal);
+        assert_eq!((c.store_readers, c.store_max_batch), (2, 4096));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn store_readers_and_batch_size_are_bounded() {
+        let c = Config::parse_from(["x", "--store-readers", "64", "--store-max-batch", "1"]);
+        assert_eq!((c.store_readers, c.store_max_batch), (64, 1));
+        for (flag, value) in [
+            ("--store-readers", "0"),
+            ("--store-readers", "65"),
+            ("--store-readers", "two"),
+            ("--store-max-batch", "0"),
+            ("--store-max-batch", "65537"),
+        ] {
+            let e = Config::try_parse_from(["x", flag, value]).unwrap_err();
+            assert!(
+                e.to_string().contains("must be a whole number from 1 to"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -28,7 +28,10 @@
 //!   user that hold across shards; checked when a connection is accepted, when a request head is
 //!   parsed, and at the WebSocket upgrade.
 //! - [`store`]: the `Store` handle, the store thread that commits in groups, the reader threads, and the
-//!   SQLite backend; migrations live in `migrations/`.
+//!   two backends behind one seam, SQLite (embedded) and PostgreSQL (shared by several nodes);
+//!   migrations live in `migrations/`.
+//! - [`scheduler`]: when scheduled notifications fire and retention runs, and how long an
+//!   `Idempotency-Key` is remembered: the policy the store writer executes at the end of its batches.
 //! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
 //!   encoded once and shared; with `REDIS_URL`, [`bus::redis_bus`] joins nodes through Redis Pub/Sub
 //!   (its own thread) over the connections of [`bus::link`] (with `REDIS_CLUSTER`, sharded Pub/Sub on a
@@ -94,6 +97,7 @@ pub mod json_depth;
 pub mod json_input;
 pub mod metrics;
 pub mod model;
+pub mod scheduler;
 pub mod server;
 pub mod shard;
 pub mod store;

@@ -27,22 +27,69 @@ use crate::store::{Store, StoreConfig, StoreUrl};
 const LISTEN_BACKLOG: i32 = 4096;
 /// How long start-up waits for every shard's executor to run.
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reader threads of the store (history, replay, health).
-const STORE_READER_THREADS: usize = 2;
-/// Most write operations the store thread commits in one transaction.
-const STORE_MAX_BATCH: usize = 4096;
 
-/// A start-up failure, with what was being done.
-#[derive(Debug)]
-pub struct StartupError(pub String);
-
-impl std::fmt::Display for StartupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the server did not start (or stopped abnormally), with what was being done and its cause. The
+/// `Display` is the one line `main` logs before exiting 1, cause included; `source()` is the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A listening socket could not be made.
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The system's error.
+        #[source]
+        cause: std::io::Error,
+    },
+    /// Another process already listens on the port (see [`listening_port_owner`]).
+    #[error(
+        "cannot listen on {addr}: Address already in use (port {} is already served by {owner}; \
+         SO_REUSEPORT would split the connections between both)",
+        addr.port()
+    )]
+    PortTaken {
+        /// Our address.
+        addr: SocketAddr,
+        /// `pid N (name)` of the holder, or `another process`.
+        owner: String,
+    },
+    /// A setting that only fails once used (`DATABASE_URL`, the Redis target).
+    #[error("{0}")]
+    Setting(String),
+    /// The store could not be opened.
+    #[error("cannot open the store {url}: {cause}")]
+    Store {
+        /// `DATABASE_URL` as logged (without a password).
+        url: String,
+        /// Why.
+        #[source]
+        cause: crate::store::OpenError,
+    },
+    /// The Redis bus thread could not start.
+    #[error("{0}")]
+    Bus(String),
+    /// A shard could not be spawned.
+    #[error("{0}")]
+    Shard(String),
+    /// A shard's executor did not report running in time.
+    #[error(
+        "a shard failed to start (is io_uring available? Docker's default seccomp profile \
+         blocks it: see tuning.md)"
+    )]
+    ShardStart,
+    /// The signal handlers or their thread could not be installed.
+    #[error("cannot {what}: {cause}")]
+    Signals {
+        /// What was being done.
+        what: &'static str,
+        /// The system's error.
+        #[source]
+        cause: std::io::Error,
+    },
+    /// A shard ended abnormally; the server shut down after it.
+    #[error("stopped after a shard failed")]
+    ShardFailed,
 }
-
-impl std::error::Error for StartupError {}
 
 /// How often start-up binds again when `PORT=0` landed on a port someone else already listens on.
 const PORT_ZERO_ATTEMPTS: usize = 5;
@@ -66,11 +113,7 @@ fn bind_listeners(
         if config.port == 0 && attempt < PORT_ZERO_ATTEMPTS {
             continue;
         }
-        return Err(StartupError(format!(
-            "cannot listen on {addr}: Address already in use (port {} is already served by {owner}; \
-             SO_REUSEPORT would split the connections between both)",
-            addr.port()
-        )));
+        return Err(StartupError::PortTaken { addr, owner });
     }
 }
 
@@ -87,7 +130,7 @@ fn bind_group(config: &Config, count: usize) -> Result<(Vec<OwnedFd>, SocketAddr
                 s.listen(LISTEN_BACKLOG)?;
                 Ok(s)
             })
-            .map_err(|e| StartupError(format!("cannot listen on {addr}: {e}")))?;
+            .map_err(|cause| StartupError::Listen { addr, cause })?;
         if let Some(bound) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
             addr = bound;
         }
@@ -251,12 +294,12 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox()).unzip();
     // The Redis bus's queue exists before the store (whose commits it publishes); its thread starts
     // after the store (which it reads to catch up after an outage).
-    let redis_target = config.redis_target().map_err(StartupError)?;
+    let redis_target = config.redis_target().map_err(StartupError::Setting)?;
     let bus = redis_target.is_some().then(RedisBus::new);
     let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()));
     let metrics = Arc::new(Metrics::new(shards));
 
-    let url = StoreUrl::parse(&config.database_url).map_err(StartupError)?;
+    let url = StoreUrl::parse(&config.database_url).map_err(StartupError::Setting)?;
     if matches!(url, StoreUrl::Postgres(_))
         && config.sqlite_synchronous != crate::store::SqliteSynchronous::default()
     {
@@ -266,13 +309,18 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let shown_url = format!("{url:?}");
     let store_config = StoreConfig {
         url,
-        reader_threads: STORE_READER_THREADS,
-        max_batch: STORE_MAX_BATCH,
+        reader_threads: config.store_readers,
+        max_batch: config.store_max_batch,
         retention: config.retention(),
         sqlite_synchronous: config.sqlite_synchronous,
     };
-    let (store, store_threads) = Store::open(&store_config, Box::new(fanout.clone()))
-        .map_err(|e| StartupError(format!("cannot open the store {shown_url}: {e}")))?;
+    let (store, store_threads) =
+        Store::open(&store_config, Box::new(fanout.clone())).map_err(|cause| {
+            StartupError::Store {
+                url: shown_url.clone(),
+                cause,
+            }
+        })?;
 
     let auth = Arc::new(Auth::from_config(&config));
     let bus_thread = match (bus, redis_target) {
@@ -285,7 +333,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             };
             let thread =
                 redis_bus::spawn_bus_thread(bus_config, &bus, queue, senders, store.clone())
-                    .map_err(StartupError)?;
+                    .map_err(StartupError::Bus)?;
             Some((bus, thread))
         }
         _ => None,
@@ -313,18 +361,14 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 ready: ready_tx.clone(),
                 serve: connection::serve,
             })
-            .map_err(StartupError)?,
+            .map_err(StartupError::Shard)?,
         );
     }
     drop(ready_tx);
     for _ in 0..shards {
         if ready_rx.recv_timeout(SHARD_START_TIMEOUT).is_err() {
             store.close();
-            return Err(StartupError(
-                "a shard failed to start (is io_uring available? Docker's default seccomp profile \
-                 blocks it: see tuning.md)"
-                    .to_owned(),
-            ));
+            return Err(StartupError::ShardStart);
         }
     }
 
@@ -351,7 +395,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])
-    .map_err(|e| StartupError(format!("cannot install signal handlers: {e}")))?;
+    .map_err(|cause| StartupError::Signals {
+        what: "install signal handlers",
+        cause,
+    })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -367,7 +414,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 }
             }
         })
-        .map_err(|e| StartupError(format!("cannot start the signal thread: {e}")))?;
+        .map_err(|cause| StartupError::Signals {
+            what: "start the signal thread",
+            cause,
+        })?;
 
     let mut failed = false;
     for thread in threads {
@@ -386,7 +436,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         let _ = thread.join();
     }
     if failed {
-        return Err(StartupError("stopped after a shard failed".to_owned()));
+        return Err(StartupError::ShardFailed);
     }
     info!("stopped");
     Ok(())

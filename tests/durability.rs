@@ -167,3 +167,55 @@ fn a_bad_sqlite_synchronous_is_refused_before_the_store_is_opened() {
         assert!(!db.exists(), "{value:?}: the store was opened");
     }
 }
+
+#[test]
+fn store_readers_and_batch_size_are_settings_that_take_effect() {
+    let line = store_opened_line(&TestServer::start());
+    assert!(line.contains("readers=2"), "{line}");
+    assert!(line.contains("max_batch=4096"), "{line}");
+    let server = TestServer::start_with(&[("STORE_READERS", "5"), ("STORE_MAX_BATCH", "100")]);
+    let line = store_opened_line(&server);
+    assert!(line.contains("readers=5"), "{line}");
+    assert!(line.contains("max_batch=100"), "{line}");
+    // Five reader threads serve reads; batches of 100 still commit a larger batch request whole.
+    let ids = server.post(
+        "/api/v1/notifications/batch",
+        &serde_json::json!({"notifications": (0..150)
+            .map(|i| serde_json::json!({"user_id": "readers", "message": format!("m{i}")}))
+            .collect::<Vec<_>>()}),
+    );
+    assert_eq!(ids.status, 201);
+    let page = server.get("/api/v1/notifications/user/readers").json();
+    assert_eq!(page["total"], 150);
+}
+
+#[test]
+fn out_of_range_store_readers_or_batch_size_are_refused_before_the_store_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    for (name, value) in [
+        ("STORE_READERS", "0"),
+        ("STORE_READERS", "65"),
+        ("STORE_MAX_BATCH", "0"),
+        ("STORE_MAX_BATCH", "65537"),
+        ("STORE_MAX_BATCH", "lots"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_notification-service"))
+            .env_clear()
+            .env("PORT", "0")
+            .env("HOST", "127.0.0.1")
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // An invalid setting exits 2 (API.md, "Start-up"), like every other one.
+        assert_eq!(out.status.code(), Some(2), "{name}={value}: {out:?}");
+        assert!(stderr.contains(name), "{name}={value}: {stderr}");
+        assert!(
+            stderr.contains("must be a whole number from 1 to"),
+            "{name}={value}: {stderr}"
+        );
+        assert!(!db.exists(), "{name}={value}: the store was opened");
+    }
+}

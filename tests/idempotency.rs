@@ -112,3 +112,43 @@ fn an_unusable_key_is_refused() {
         .unwrap()
         .contains("Idempotency-Key"));
 }
+
+/// A version before this one stored the HTTP answer itself with the key; after an upgrade (within the
+/// key's 24 hours) a retry still gets that answer, byte for byte, and stores nothing.
+#[test]
+fn a_key_recorded_before_an_upgrade_still_replays_its_answer() {
+    use sha2::{Digest, Sha256};
+
+    let mut server = TestServer::start();
+    assert!(server.terminate().success());
+    let path = "/api/v1/notifications/send";
+    let body = json!({"user_id": "upgraded", "message": "pay invoice 8"}).to_string();
+    let mut fingerprint = Sha256::new();
+    fingerprint.update(path.as_bytes());
+    fingerprint.update([0]);
+    fingerprint.update(body.as_bytes());
+    let fingerprint: [u8; 32] = fingerprint.finalize().into();
+    let answer =
+        br#"{"id":"0190a0a0-0000-7000-8000-000000000008","timestamp":"2024-01-29T17:00:00.000Z"}"#;
+    let db = rusqlite::Connection::open(server.dir.path().join("notifications.db")).unwrap();
+    db.execute(
+        "INSERT INTO idempotency_keys (key, fingerprint, status, body, created_at)
+         VALUES ('invoice-8', ?1, 201, ?2, ?3)",
+        rusqlite::params![
+            fingerprint.as_slice(),
+            answer.as_slice(),
+            chrono::Utc::now().timestamp_millis()
+        ],
+    )
+    .unwrap();
+    drop(db);
+
+    let server = TestServer::start_in(server.dir.clone(), &[]);
+    let retry = post_with_key(&server, path, "invoice-8", &body);
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.body, answer.as_slice(), "byte for byte");
+    assert_eq!(
+        server.get("/api/v1/notifications/user/upgraded").json()["total"],
+        0
+    );
+}

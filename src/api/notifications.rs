@@ -4,12 +4,12 @@
 //! happens from the store thread right after the commit, so a 201 never reports something that could
 //! still be lost, and a client never sees a notification the store does not have.
 //!
-//! Idempotency: a send, batch or schedule with an `Idempotency-Key` hands the store the key, a SHA-256
-//! fingerprint of route and body, and the function that builds its answer. The store thread records
-//! the answer in the same transaction as the write, so a retry (even one racing the first request on
-//! another shard) gets the first answer byte for byte and stores nothing.
-
-use std::sync::Arc;
+//! Idempotency: a send, batch or schedule with an `Idempotency-Key` hands the store the key and a
+//! SHA-256 fingerprint of route and body. The store thread records a receipt of what the request
+//! committed (ids and times) in the same transaction as the write, and hands it back to a retry (even
+//! one racing the first request on another shard), which stores nothing. The answer to a retry is
+//! rendered from that receipt by the same function that rendered the first answer from the stored
+//! notifications, so the two are the same bytes.
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -23,10 +23,10 @@ use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::json_input::parse_object;
 use crate::model::{
-    format_time, now_millis, validate_user_id, write_json_str, FieldError, NewNotification,
+    format_time, now_millis, validate_user_id, write_json_str, FieldError, Millis, NewNotification,
     Notification, SendInput,
 };
-use crate::store::{Committed, HistoryQuery, IdempotencyKey, StoreError};
+use crate::store::{Committed, HistoryQuery, IdempotencyKey, Receipt, Stamp, StoreError};
 
 /// Most notifications in one batch (API.md).
 pub const MAX_BATCH: usize = 1000;
@@ -82,17 +82,25 @@ fn idempotency_key(head: &RequestHead, body: &[u8]) -> Result<Option<Idempotency
     }))
 }
 
-/// The answer to a write that may have carried an `Idempotency-Key`.
+/// The answer to a write that may have carried an `Idempotency-Key`: `fresh` renders a write done
+/// now, `replayed` the receipt of the first request (both the same bytes for the same commit).
 fn committed_answer<T>(
     result: Result<Committed<T>, StoreError>,
-    answer: impl FnOnce(&T) -> (u16, Vec<u8>),
+    fresh: impl FnOnce(&T) -> Response,
+    replayed: impl FnOnce(&Receipt) -> Option<Response>,
 ) -> Response {
     match result {
-        Ok(Committed::Done(written)) => {
-            let (status, body) = answer(&written);
-            Response::json(status, body)
-        }
-        Ok(Committed::Replayed { status, body }) => Response::json(status, body),
+        Ok(Committed::Fresh(written)) => fresh(&written),
+        // A record of the version that stored HTTP answers: its answer, as it was.
+        Ok(Committed::Replayed(Receipt::Answer { status, body })) => Response::json(status, body),
+        Ok(Committed::Replayed(receipt)) => replayed(&receipt).unwrap_or_else(|| {
+            // Only if a key's fingerprint matched across routes, which the route in it rules out.
+            Response::error(
+                500,
+                "internal",
+                "the idempotency record does not match this route",
+            )
+        }),
         Ok(Committed::KeyReused) => Response::error(
             422,
             "idempotency_key_reused",
@@ -103,9 +111,9 @@ fn committed_answer<T>(
 }
 
 /// The answer to a committed send: `201 {"id","timestamp"}`.
-fn send_answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
-    match stored.first() {
-        Some(n) => (
+fn send_answer(stored: Option<Stamp>) -> Response {
+    match stored {
+        Some(n) => Response::json(
             201,
             format!(
                 "{{\"id\":\"{}\",\"timestamp\":\"{}\"}}",
@@ -114,7 +122,7 @@ fn send_answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
             )
             .into_bytes(),
         ),
-        None => (
+        None => Response::json(
             500,
             br#"{"error":{"code":"internal","message":"nothing was stored"}}"#.to_vec(),
         ),
@@ -122,55 +130,81 @@ fn send_answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
 }
 
 /// The answer to a committed batch: `201 {"ids":[...]}`.
-fn batch_answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
-    let mut body = String::with_capacity(16 + stored.len() * 39);
+fn batch_answer(ids: impl ExactSizeIterator<Item = Uuid>) -> Response {
+    let mut body = String::with_capacity(16 + ids.len() * 39);
     body.push_str("{\"ids\":[");
-    for (i, n) in stored.iter().enumerate() {
+    for (i, id) in ids.enumerate() {
         if i > 0 {
             body.push(',');
         }
         body.push('"');
-        body.push_str(&n.id.to_string());
+        body.push_str(&id.to_string());
         body.push('"');
     }
     body.push_str("]}");
-    (201, body.into_bytes())
+    Response::json(201, body.into_bytes())
 }
 
 /// The answer to a committed schedule: `201 {"id","user_id","scheduled_at","created_at"}`.
-fn schedule_answer(n: &Notification) -> (u16, Vec<u8>) {
+fn schedule_answer(stamp: Stamp, user_id: Option<&str>, scheduled_at: Millis) -> Response {
     let mut body = Vec::with_capacity(160);
-    body.extend_from_slice(format!("{{\"id\":\"{}\",\"user_id\":", n.id).as_bytes());
-    match &n.user_id {
+    body.extend_from_slice(format!("{{\"id\":\"{}\",\"user_id\":", stamp.id).as_bytes());
+    match user_id {
         Some(user) => write_json_str(&mut body, user),
         None => body.extend_from_slice(b"null"),
     }
     body.extend_from_slice(
         format!(
             ",\"scheduled_at\":\"{}\",\"created_at\":\"{}\"}}",
-            format_time(n.scheduled_at.unwrap_or(n.created_at)),
-            format_time(n.created_at)
+            format_time(scheduled_at),
+            format_time(stamp.created_at)
         )
         .as_bytes(),
     );
-    (201, body)
+    Response::json(201, body)
 }
 
-/// Stores `list` (with its key, if any) and answers with `answer`.
+/// Which answer a stored list gets.
+#[derive(Clone, Copy)]
+enum InsertKind {
+    /// A send: the first (only) notification's id and time.
+    Send,
+    /// A batch: every id.
+    Batch,
+}
+
+impl InsertKind {
+    /// The answer to the insert of notifications stamped `stamps`.
+    fn answer(self, mut stamps: impl ExactSizeIterator<Item = Stamp>) -> Response {
+        match self {
+            InsertKind::Send => send_answer(stamps.next()),
+            InsertKind::Batch => batch_answer(stamps.map(|s| s.id)),
+        }
+    }
+}
+
+/// Stores `list` (with its key, if any) and answers as `kind` says.
 async fn store_and_answer(
     ctx: &ApiContext<'_>,
     list: Vec<NewNotification>,
     key: Option<IdempotencyKey>,
-    answer: crate::store::InsertAnswer,
+    kind: InsertKind,
 ) -> Response {
     let result = match key {
-        Some(key) => ctx.store.insert_idempotent(list, key, answer).await,
-        None => ctx.store.insert(list).await.map(Committed::Done),
+        Some(key) => ctx.store.insert_idempotent(list, key).await,
+        None => ctx.store.insert(list).await.map(Committed::Fresh),
     };
-    if let Ok(Committed::Done(stored)) = &result {
+    if let Ok(Committed::Fresh(stored)) = &result {
         ctx.stats().notifications_stored(stored.len());
     }
-    committed_answer(result, |stored| answer(stored))
+    committed_answer(
+        result,
+        |stored| kind.answer(stored.iter().map(|n| Stamp::of(n))),
+        |receipt| match receipt {
+            Receipt::Inserted(stamps) => Some(kind.answer(stamps.iter().copied())),
+            _ => None,
+        },
+    )
 }
 
 /// `POST /api/v1/notifications/send` (and `POST /notifications`).
@@ -187,7 +221,7 @@ pub async fn send(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> 
         Ok(n) => n,
         Err(e) => return invalid_field(&e),
     };
-    store_and_answer(ctx, vec![notification], key, send_answer).await
+    store_and_answer(ctx, vec![notification], key, InsertKind::Send).await
 }
 
 /// The body of a batch.
@@ -238,7 +272,7 @@ pub async fn batch(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) ->
         Ok(list) => list,
         Err(e) => return Response::error(400, "invalid_field", &e.message),
     };
-    store_and_answer(ctx, list, key, batch_answer).await
+    store_and_answer(ctx, list, key, InsertKind::Batch).await
 }
 
 /// `POST /api/v1/notifications/schedule`.
@@ -255,9 +289,22 @@ pub async fn schedule(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8])
         Ok(n) => n,
         Err(e) => return invalid_field(&e),
     };
-    let key = key.map(|k| (k, schedule_answer as crate::store::ScheduleAnswer));
     let result = ctx.store.schedule(notification, key).await;
-    committed_answer(result, |n| schedule_answer(n))
+    committed_answer(
+        result,
+        |n| {
+            let scheduled_at = n.scheduled_at.unwrap_or(n.created_at);
+            schedule_answer(Stamp::of(n), n.user_id.as_deref(), scheduled_at)
+        },
+        |receipt| match receipt {
+            Receipt::Scheduled {
+                stamp,
+                scheduled_at,
+                user_id,
+            } => Some(schedule_answer(*stamp, user_id.as_deref(), *scheduled_at)),
+            _ => None,
+        },
+    )
 }
 
 /// Parses the `:id` of a scheduled notification.

@@ -1,32 +1,31 @@
-//! The seam between the store's thread plumbing and a database.
+//! The seam between the store's thread plumbing and a database, and the policy every database shares.
 //!
 //! The store thread ([`super::writer`]) and the reader threads ([`super::reader`]) own the queues,
 //! the id generator, the listener and the replies; a backend only turns requests into SQL. Keeping
-//! that split means the PostgreSQL backend a later issue adds implements these two traits and nothing
-//! else: group commit, commit-order delivery, flush on shutdown and error mapping stay written once.
+//! that split means each backend (SQLite in `sqlite.rs`, PostgreSQL in `postgres/`) implements these
+//! two traits and nothing else: group commit, commit-order delivery, flush on shutdown and error
+//! mapping stay written once.
+//!
+//! What the two backends must decide alike is written here once too, so they cannot drift apart: how
+//! a history page is cut and where the next one starts ([`history_page`]), the order due schedules
+//! fire in ([`fire_in_due_order`]), the list of migrations and what a newer schema means
+//! ([`migrations!`], [`warn_if_schema_is_newer`]), and how a count becomes an SQL integer
+//! ([`sql_int`]). The verdict on an idempotency key is in [`super::idempotency`].
 //!
 //! A write backend sees a whole drained batch at once, because what "one transaction" costs and how to
 //! write many rows fast is backend-specific (one prepared statement per row on SQLite, a multi-row
 //! INSERT or COPY on PostgreSQL). Ids and times are assigned before the backend is called, so every
 //! backend stores exactly what the listener and the callers will be told.
 
-use std::fmt;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
+pub(crate) use super::error::BackendError;
+use super::idempotency::{IdempotencyRecord, KeyVerdict, Receipt};
 use super::{HistoryPage, HistoryQuery, ReplayQuery};
 use crate::model::{IdGenerator, Millis, Notification};
-
-/// A failure of the database, as a message for the logs and the 503 answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct BackendError(pub String);
-
-impl fmt::Display for BackendError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+use crate::scheduler::idempotency_expired_before;
 
 /// One write of a batch, with ids and timestamps already assigned.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,8 +33,8 @@ pub(crate) enum WriteRequest {
     /// Store these notifications (ids fresh from the store thread's generator, ascending).
     ///
     /// With an idempotency record: first look the key up (unexpired: created after
-    /// `now - IDEMPOTENCY_TTL_MS`). Same fingerprint: store nothing, answer
-    /// [`WriteOutcome::Replayed`] with the recorded answer. Other fingerprint: store nothing, answer
+    /// `scheduler::idempotency_expired_before(now)`). Same fingerprint: store nothing, answer
+    /// [`WriteOutcome::Replayed`] with the recorded receipt. Other fingerprint: store nothing, answer
     /// [`WriteOutcome::KeyReused`]. Unknown (or expired) key: store the notifications AND the record
     /// (replacing an expired one), answer [`WriteOutcome::Inserted`].
     Insert {
@@ -68,7 +67,7 @@ pub(crate) enum WriteRequest {
         limit: usize,
     },
     /// Retention: delete up to `limit` notifications created before `created_before`, and every
-    /// idempotency record older than `now - IDEMPOTENCY_TTL_MS`. Answers [`WriteOutcome::Purged`] with
+    /// idempotency record older than `scheduler::idempotency_expired_before(now)`. Answers [`WriteOutcome::Purged`] with
     /// the number of notifications deleted.
     Purge {
         /// The cut-off; `None` keeps notifications forever (only idempotency records are purged).
@@ -110,13 +109,8 @@ pub(crate) enum WriteOutcome {
     /// Whether [`WriteRequest::Delete`] found the notification.
     Deleted(bool),
     /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for the same
-    /// request: nothing was written; this is the first answer.
-    Replayed {
-        /// The first answer's HTTP status.
-        status: u16,
-        /// The first answer's body, byte for byte.
-        body: Vec<u8>,
-    },
+    /// request: nothing was written; this is what the first request committed.
+    Replayed(Receipt),
     /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for a different
     /// request: nothing was written.
     KeyReused,
@@ -130,6 +124,15 @@ pub(crate) enum WriteOutcome {
     Purged(u64),
 }
 
+impl From<KeyVerdict> for WriteOutcome {
+    fn from(verdict: KeyVerdict) -> WriteOutcome {
+        match verdict {
+            KeyVerdict::Replayed(receipt) => WriteOutcome::Replayed(receipt),
+            KeyVerdict::KeyReused => WriteOutcome::KeyReused,
+        }
+    }
+}
+
 #[cfg(test)]
 impl WriteRequest {
     /// An insert without an idempotency key (tests).
@@ -141,35 +144,39 @@ impl WriteRequest {
     }
 }
 
-/// How long an `Idempotency-Key` is remembered (API.md: 24 hours).
-pub(crate) const IDEMPOTENCY_TTL_MS: Millis = 24 * 60 * 60 * 1000;
-
-/// An `Idempotency-Key` with the request it was used for and the answer that request got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IdempotencyRecord {
-    /// The producer's key.
-    pub key: String,
-    /// SHA-256 of the route and the body: tells a retry from a different request with the same key.
-    pub fingerprint: [u8; 32],
-    /// The answer's HTTP status.
-    pub status: u16,
-    /// The answer's body, returned byte for byte to a retry.
-    pub body: Vec<u8>,
+/// The clock of one batch, as the store thread hands it to a backend: the time every request of the
+/// batch is applied at, what follows from it, and the generator that numbers what a fire stores.
+pub(crate) struct BatchClock<'a> {
+    /// Written as `read_at` and as the creation of idempotency records; what is due is due by it.
+    pub now: Millis,
+    /// An idempotency record created at or before this has expired (the scheduler's 24 hours).
+    pub keys_expired_before: Millis,
+    /// Numbers the notifications [`WriteRequest::FireDue`] stores.
+    pub ids: &'a mut IdGenerator,
 }
+
+impl<'a> BatchClock<'a> {
+    /// The clock of a batch applied at `now`, numbering with `ids`.
+    pub(crate) fn at(now: Millis, ids: &'a mut IdGenerator) -> BatchClock<'a> {
+        BatchClock {
+            now,
+            keys_expired_before: idempotency_expired_before(now),
+            ids,
+        }
+    }
+}
+
+/// What applying a batch gives: one outcome per request, in order, or the error that rolled it back.
+pub(crate) type Applied = Result<Vec<WriteOutcome>, BackendError>;
 
 /// The store thread's connection to a database.
 pub(crate) trait WriteBackend: Send + 'static {
     /// Applies every request in ONE transaction, in order (a later request sees an earlier one's
     /// effect), and commits. On success returns one outcome per request, in order; on any failure rolls
-    /// everything back and returns the error: all-or-nothing for the whole batch. `now` is the time
-    /// written as `read_at` and the clock of scheduling, retention and idempotency; `ids` numbers the
-    /// notifications [`WriteRequest::FireDue`] stores.
-    fn apply_batch(
-        &mut self,
-        requests: &[WriteRequest],
-        now: Millis,
-        ids: &mut IdGenerator,
-    ) -> Result<Vec<WriteOutcome>, BackendError>;
+    /// everything back and returns the error: all-or-nothing for the whole batch. `clock` is the
+    /// batch's time (scheduling, retention and idempotency go by it) and numbers what
+    /// [`WriteRequest::FireDue`] stores.
+    fn apply_batch(&mut self, requests: &[WriteRequest], clock: BatchClock<'_>) -> Applied;
 }
 
 /// A reader thread's connection to a database. Each method reads from one consistent snapshot.
@@ -190,7 +197,7 @@ pub(crate) trait ReadBackend: Send + 'static {
 /// A due scheduled notification as it is stored when it fires: a new id (commit order) and creation
 /// time, the same content and `scheduled_at`, and the schedule's id in `schedule_id` (what
 /// `GET /scheduled/:id` finds it by once fired).
-pub(crate) fn fired_notification(pending: Notification, ids: &mut IdGenerator) -> Notification {
+fn fired_notification(pending: Notification, ids: &mut IdGenerator) -> Notification {
     let (id, created_at) = ids.next_id();
     Notification {
         id,
@@ -200,8 +207,122 @@ pub(crate) fn fired_notification(pending: Notification, ids: &mut IdGenerator) -
     }
 }
 
+/// The claimed due notifications `due` (in any order: `DELETE … RETURNING` gives none) as they fire:
+/// oldest `scheduled_at` first (ties by schedule id), each with a new id from `ids`, so the order of
+/// their ids is their due order.
+pub(crate) fn fire_in_due_order(
+    mut due: Vec<Notification>,
+    ids: &mut IdGenerator,
+) -> Vec<Arc<Notification>> {
+    due.sort_by_key(|n| (n.scheduled_at, n.id));
+    due.into_iter()
+        .map(|n| Arc::new(fired_notification(n, ids)))
+        .collect()
+}
+
+/// The `before` of a history page's range scan: the query's, or for a first page an id above every
+/// stored id, so the page query is one statement with a plain range condition an index can use.
+pub(crate) fn history_before(query: &HistoryQuery) -> Uuid {
+    query.before.unwrap_or(Uuid::max())
+}
+
+/// How many rows a history page query fetches: one more than asked, because whether that one exists
+/// says whether there is a next page.
+pub(crate) fn history_fetch(query: &HistoryQuery) -> i64 {
+    sql_int(query.limit).saturating_add(1)
+}
+
+/// A history page from the (up to [`history_fetch`]) newest-first rows a backend read and the inbox's
+/// counts: the page holds `query.limit` of them, and `next_before` is set only when a row beyond it
+/// exists, so the last page says so without an extra query.
+pub(crate) fn history_page(
+    query: &HistoryQuery,
+    mut notifications: Vec<Notification>,
+    total: u64,
+    unread: u64,
+) -> HistoryPage {
+    let more = notifications.len() > query.limit;
+    notifications.truncate(query.limit);
+    let next_before = if more {
+        notifications.last().map(|n| n.id)
+    } else {
+        None
+    };
+    HistoryPage {
+        notifications,
+        total,
+        unread,
+        next_before,
+    }
+}
+
+/// A row count or limit as an SQL integer (both databases' are i64); a `usize` beyond `i64` means "no
+/// limit" anyway.
+pub(crate) fn sql_int(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// One numbered schema change, applied once.
+pub(crate) struct Migration {
+    /// Recorded in `schema_migrations.version`; applied in ascending order.
+    pub version: i64,
+    /// The SQL, possibly several statements.
+    pub sql: &'static str,
+}
+
+/// Every migration of the backend whose SQL files are in `migrations/<dialect>/`, in order, embedded
+/// in the binary so a deployment is one file. Both backends have the same numbered steps (a schema
+/// change is made to both), so the list is written once and only the dialect differs.
+macro_rules! migrations {
+    ($dialect:literal) => {
+        &[
+            $crate::store::backend::Migration {
+                version: 1,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0001_init.sql"
+                )),
+            },
+            $crate::store::backend::Migration {
+                version: 2,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0002_scheduling_idempotency.sql"
+                )),
+            },
+            $crate::store::backend::Migration {
+                version: 3,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0003_schedule_id.sql"
+                )),
+            },
+        ]
+    };
+}
+pub(crate) use migrations;
+
+/// After migrating: warns when the database records a migration newer than any of `known`. A newer
+/// binary ran here before (a rollback); its changes are additive by convention, so the store carries
+/// on, but says so: it explains any surprise.
+pub(crate) fn warn_if_schema_is_newer(newest: Option<i64>, known: &[Migration]) {
+    let known = known.last().map_or(0, |m| m.version);
+    if newest.is_some_and(|v| v > known) {
+        tracing::warn!(newest, known, "database schema is newer than this binary");
+    }
+}
+
 /// The smallest UUIDv7 of millisecond `ms`: every id created before `ms` sorts below it.
 pub(crate) fn first_id_of(ms: Millis) -> [u8; 16] {
     let ms = u128::from(ms.max(0) as u64) & ((1 << 48) - 1);
     (ms << 80).to_be_bytes()
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -22,18 +22,26 @@
 //! they are simply spread over the pool through one shared queue.
 //!
 //! The thread loops (`writer.rs`, `reader.rs`) only know the backend traits of `backend.rs`, which two
-//! databases implement: SQLite (`sqlite.rs`, embedded, the default) and PostgreSQL (`postgres.rs`, the
-//! shared database of several nodes). One test suite (`tests.rs`) runs against both.
+//! databases implement: SQLite (`sqlite.rs`, embedded, the default) and PostgreSQL (`postgres/`, the
+//! shared database of several nodes); what both must decide alike (history paging, due order, the
+//! migrations list) is written once in `backend.rs`, and the idempotency records and verdict in
+//! `idempotency.rs`. When maintenance runs is the [`crate::scheduler`]'s call; the writer executes it.
+//! One test suite (`tests.rs`) runs against both databases through the public API, and one suite of
+//! backend tests (`backend/tests.rs`) against both backends directly.
 //!
 //! Both queues are bounded and sending never blocks: a full queue answers
 //! [`StoreError::Unavailable`] (the API's 503, a signal to back off) instead of stalling a shard.
 
 mod backend;
+mod error;
+mod idempotency;
 mod postgres;
 mod reader;
 mod sqlite;
 mod writer;
 
+pub use error::{BackendError, OpenError, StoreError};
+pub use idempotency::{IdempotencyKey, Receipt, Stamp};
 pub use sqlite::SqliteSynchronous;
 
 use std::fmt;
@@ -173,55 +181,14 @@ pub trait CommitListener: Send + 'static {
     fn committed(&self, inserted: &[Arc<Notification>]);
 }
 
-/// Why the store could not do what was asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
-    /// The database could not commit or read, or the store is overloaded (queue full). The API answers
-    /// 503; the message says what failed, for logs.
-    Unavailable(String),
-    /// The store has shut down.
-    Closed,
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
-            StoreError::Closed => f.write_str("store closed"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-/// An `Idempotency-Key` and the request it came with (API.md, "Idempotency").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyKey {
-    /// The producer's key.
-    pub key: String,
-    /// SHA-256 of the route and the body, so the same key with another body is told apart.
-    pub fingerprint: [u8; 32],
-}
-
-/// Builds the HTTP answer (status, body) of a committed insert; recorded with its `Idempotency-Key`
-/// and returned byte for byte to a retry.
-pub type InsertAnswer = fn(&[Arc<Notification>]) -> (u16, Vec<u8>);
-/// Builds the HTTP answer of a committed schedule (see [`InsertAnswer`]).
-pub type ScheduleAnswer = fn(&Notification) -> (u16, Vec<u8>);
-
 /// The outcome of a write that may carry an `Idempotency-Key`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Committed<T> {
     /// Written now.
-    Done(T),
-    /// A retry: the key was used for the same request within 24 h. Nothing was written; this is the
-    /// first answer, to return byte for byte.
-    Replayed {
-        /// The first answer's HTTP status.
-        status: u16,
-        /// The first answer's body.
-        body: Vec<u8>,
-    },
+    Fresh(T),
+    /// A retry: the key was used for the same request within 24 h. Nothing was written; this is
+    /// what the first request committed, for the API to answer as it answered then.
+    Replayed(Receipt),
     /// The key was used for a different request within 24 h; nothing was written (API: 422).
     KeyReused,
 }
@@ -431,20 +398,21 @@ impl Store {
     pub fn open(
         config: &StoreConfig,
         listener: Box<dyn CommitListener>,
-    ) -> Result<(Store, StoreThreads), String> {
+    ) -> Result<(Store, StoreThreads), OpenError> {
         let readers = config.reader_threads.max(1);
+        let max_batch = config.max_batch.max(1);
         match &config.url {
             StoreUrl::Sqlite(path) => {
                 let mut write_backend =
                     sqlite::SqliteWriter::open(path, config.sqlite_synchronous)?;
                 let read_backends = (0..readers)
                     .map(|_| sqlite::SqliteReader::open(path))
-                    .collect::<Result<Vec<_>, String>>()?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 let checkpointer = write_backend.spawn_checkpointer(path)?;
                 // The effective synchronous setting, read back from the connection: what an
                 // operator (and tests/durability.rs) checks to know which durability is in force.
                 let synchronous = write_backend.synchronous();
-                tracing::info!(path = %path.display(), readers, %synchronous, "store opened (sqlite)");
+                tracing::info!(path = %path.display(), readers, max_batch, %synchronous, "store opened (sqlite)");
                 Store::start(
                     write_backend,
                     read_backends,
@@ -459,8 +427,8 @@ impl Store {
                 let write_backend = postgres::PostgresWriter::open(&target)?;
                 let read_backends = (0..readers)
                     .map(|i| postgres::PostgresReader::open(&target, i))
-                    .collect::<Result<Vec<_>, String>>()?;
-                tracing::info!(%target, readers, migrations_applied = applied, "store opened (postgres)");
+                    .collect::<Result<Vec<_>, _>>()?;
+                tracing::info!(%target, readers, max_batch, migrations_applied = applied, "store opened (postgres)");
                 Store::start(write_backend, read_backends, Vec::new(), config, listener)
             }
         }
@@ -475,17 +443,20 @@ impl Store {
         helpers: Vec<JoinHandle<()>>,
         config: &StoreConfig,
         listener: Box<dyn CommitListener>,
-    ) -> Result<(Store, StoreThreads), String> {
+    ) -> Result<(Store, StoreThreads), OpenError> {
         let counters = Arc::new(Counters::default());
         let (write_tx, write_rx) = crossbeam_channel::bounded(WRITE_QUEUE_CAPACITY);
         let (read_tx, read_rx) = crossbeam_channel::bounded(READ_QUEUE_CAPACITY);
-        let spawn_err = |e: std::io::Error| format!("cannot start a store thread: {e}");
+        let spawn_err = |cause: std::io::Error| OpenError::Io {
+            context: "cannot start a store thread".to_owned(),
+            cause,
+        };
         // Readers first: if spawning one fails, dropping the senders (on return) ends the ones started.
         let readers = read_backends
             .into_iter()
             .enumerate()
             .map(|(i, b)| reader::spawn(i, b, read_rx.clone(), counters.clone()).map_err(spawn_err))
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let reader_count = readers.len();
         let writer = writer::spawn(
             write_backend,
@@ -522,7 +493,7 @@ impl Store {
     ) -> impl Future<Output = Result<Vec<Arc<Notification>>, StoreError>> + 'static {
         // Queued now, not at the first poll (see StoreFuture).
         let committed = if batch.is_empty() {
-            StoreFuture::ready(Ok(Committed::Done(Vec::new())))
+            StoreFuture::ready(Ok(Committed::Fresh(Vec::new())))
         } else {
             self.write(|reply| WriteOp::Insert {
                 batch,
@@ -532,42 +503,42 @@ impl Store {
         };
         async move {
             match committed.await? {
-                Committed::Done(stored) => Ok(stored),
+                Committed::Fresh(stored) => Ok(stored),
                 // Only a keyed insert can be replayed or refused.
-                Committed::Replayed { .. } | Committed::KeyReused => Err(StoreError::Unavailable(
-                    "store answered a keyed outcome to an insert without a key".to_owned(),
+                Committed::Replayed(_) | Committed::KeyReused => Err(StoreError::internal(
+                    "store answered a keyed outcome to an insert without a key",
                 )),
             }
         }
     }
 
     /// Like [`Store::insert`], with an `Idempotency-Key`: in the same transaction the key is looked up
-    /// and, if new, recorded with the answer `answer` builds from the stored notifications. A retry
-    /// within 24 h resolves to [`Committed::Replayed`] with that answer and stores nothing; the same
-    /// key with another fingerprint resolves to [`Committed::KeyReused`]. Retries racing each other on
-    /// different shards are serialized by the store thread, so exactly one stores.
+    /// and, if new, recorded with a [`Receipt::Inserted`] of the stored notifications. A retry within
+    /// 24 h resolves to [`Committed::Replayed`] with that receipt and stores nothing; the same key with
+    /// another fingerprint resolves to [`Committed::KeyReused`]. Retries racing each other on different
+    /// shards are serialized by the store thread, so exactly one stores.
     pub fn insert_idempotent(
         &self,
         batch: Vec<NewNotification>,
         key: IdempotencyKey,
-        answer: InsertAnswer,
     ) -> StoreFuture<Committed<Vec<Arc<Notification>>>> {
         self.write(|reply| WriteOp::Insert {
             batch,
-            idempotency: Some((key, answer)),
+            idempotency: Some(key),
             reply,
         })
     }
 
     /// Stores a pending scheduled notification (`scheduled_at` set), optionally under an
-    /// `Idempotency-Key` as for [`Store::insert_idempotent`]. Resolves to the pending notification: its
+    /// `Idempotency-Key` as for [`Store::insert_idempotent`] (recorded with a [`Receipt::Scheduled`]).
+    /// Resolves to the pending notification: its
     /// id is the schedule's id (for [`Store::scheduled`] and [`Store::cancel_scheduled`]) and its
     /// `created_at` the time it was scheduled. When due, the store thread stores it as a notification
     /// with a new id (commit order) and delivers it like a send.
     pub fn schedule(
         &self,
         notification: NewNotification,
-        key: Option<(IdempotencyKey, ScheduleAnswer)>,
+        key: Option<IdempotencyKey>,
     ) -> StoreFuture<Committed<Arc<Notification>>> {
         self.write(|reply| WriteOp::Schedule {
             notification,
@@ -647,8 +618,8 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         match self.writes.try_send(op(tx)) {
             Ok(()) => StoreFuture::waiting(rx),
-            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Unavailable(
-                "write queue full: the store cannot keep up".to_owned(),
+            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Overloaded(
+                "write queue full: the store cannot keep up",
             ))),
             Err(TrySendError::Disconnected(_)) => StoreFuture::ready(Err(StoreError::Closed)),
         }
@@ -662,8 +633,8 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         match self.reads.try_send(op(tx)) {
             Ok(()) => StoreFuture::waiting(rx),
-            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Unavailable(
-                "read queue full: the store cannot keep up".to_owned(),
+            Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Overloaded(
+                "read queue full: the store cannot keep up",
             ))),
             Err(TrySendError::Disconnected(_)) => StoreFuture::ready(Err(StoreError::Closed)),
         }

@@ -117,5 +117,5 @@ fn serve<R: ReadBackend>(backend: &mut R, op: ReadOp, counters: &Counters) {
 /// A failed read is a 503 for its caller; logged here because the caller only sees the message.
 fn unavailable(e: super::backend::BackendError) -> StoreError {
     tracing::warn!(error = %e, "store read failed");
-    StoreError::Unavailable(e.0)
+    StoreError::Unavailable(Arc::new(e))
 }

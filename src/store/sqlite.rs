@@ -47,11 +47,13 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use super::backend::{
-    fired_notification, first_id_of, BackendError, IdempotencyRecord, ReadBackend, WriteBackend,
-    WriteOutcome, WriteRequest, IDEMPOTENCY_TTL_MS,
+    fire_in_due_order, first_id_of, history_before, history_fetch, history_page, migrations,
+    sql_int, warn_if_schema_is_newer, Applied, BackendError, BatchClock, Migration, ReadBackend,
+    WriteBackend, WriteOutcome, WriteRequest,
 };
-use super::{HistoryPage, HistoryQuery, ReplayQuery};
-use crate::model::{now_millis, IdGenerator, Millis, Notification};
+use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
+use super::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
+use crate::model::{now_millis, Notification};
 
 /// How long a statement waits for a lock held by another connection (another process, or briefly a
 /// checkpoint) before failing with "database is locked".
@@ -77,9 +79,6 @@ const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 const WRITER_AUTOCHECKPOINT_PAGES: i64 = 65_536;
 /// The checkpointer thread's name.
 const CHECKPOINTER_THREAD_NAME: &str = "store-checkpoint";
-/// An id above every stored id (memcmp order): the `before` of a first history page, so the page query
-/// is one statement with a plain range condition the index can use.
-const ID_ABOVE_ALL: [u8; 16] = [0xff; 16];
 
 /// The `synchronous` setting of the writer's connection (`SQLITE_SYNCHRONOUS`): what a commit waits
 /// for before the 2xx. Only these two: `OFF` would let a process crash lose commits too, and `EXTRA`
@@ -133,29 +132,8 @@ impl std::fmt::Display for SqliteSynchronous {
     }
 }
 
-/// One numbered schema change, applied once.
-pub(crate) struct Migration {
-    /// Recorded in `schema_migrations.version`; applied in ascending order.
-    pub version: i64,
-    /// The SQL, possibly several statements.
-    pub sql: &'static str,
-}
-
-/// Every migration, in order. Embedded in the binary so a deployment is one file.
-pub(crate) const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        sql: include_str!("../../migrations/sqlite/0001_init.sql"),
-    },
-    Migration {
-        version: 2,
-        sql: include_str!("../../migrations/sqlite/0002_scheduling_idempotency.sql"),
-    },
-    Migration {
-        version: 3,
-        sql: include_str!("../../migrations/sqlite/0003_schedule_id.sql"),
-    },
-];
+/// Every migration, in order (see [`migrations!`]).
+pub(crate) const MIGRATIONS: &[Migration] = migrations!("sqlite");
 
 /// The bookkeeping table of the migration runner.
 const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -281,12 +259,7 @@ const PING: &str = "SELECT COUNT(*) FROM schema_migrations";
 
 /// Every SQLite failure becomes a backend error (a 503 for the caller), with SQLite's own message.
 fn sqlite_error(e: rusqlite::Error) -> BackendError {
-    BackendError(format!("sqlite: {e}"))
-}
-
-/// A row count or limit as SQLite's integer; a `usize` beyond `i64` means "no limit" anyway.
-fn sql_int(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+    BackendError::Sqlite(e)
 }
 
 /// Decodes one row selected with [`columns!`].
@@ -352,12 +325,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
         conn.query_row("SELECT MAX(version) FROM schema_migrations", [], |row| {
             row.get(0)
         })?;
-    let known = MIGRATIONS.last().map_or(0, |m| m.version);
-    if newest.is_some_and(|v| v > known) {
-        // A newer binary ran here before (a rollback). Its changes are additive by convention, so
-        // carry on, but say so: it explains any surprise.
-        tracing::warn!(newest, known, "database schema is newer than this binary");
-    }
+    warn_if_schema_is_newer(newest, MIGRATIONS);
     Ok(applied)
 }
 
@@ -377,15 +345,15 @@ impl SqliteWriter {
     pub(crate) fn open(
         path: &Path,
         synchronous: SqliteSynchronous,
-    ) -> Result<SqliteWriter, String> {
-        let context =
-            |e: rusqlite::Error| format!("cannot open sqlite database {}: {e}", path.display());
+    ) -> Result<SqliteWriter, OpenError> {
+        let context = |cause: rusqlite::Error| OpenError::Sqlite {
+            context: format!("cannot open sqlite database {}", path.display()),
+            cause,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                format!(
-                    "cannot create the folder {} of the database: {e}",
-                    dir.display()
-                )
+            std::fs::create_dir_all(dir).map_err(|cause| OpenError::Io {
+                context: format!("cannot create the folder {} of the database", dir.display()),
+                cause,
             })?;
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -400,7 +368,8 @@ impl SqliteWriter {
             return Err(format!(
                 "cannot open sqlite database {}: WAL mode refused (journal_mode is {mode})",
                 path.display()
-            ));
+            )
+            .into());
         }
         // See the module doc for what each setting means on power loss. Read back, since SQLite
         // ignores a setting it does not know instead of failing; the log line of start-up shows the
@@ -414,14 +383,17 @@ impl SqliteWriter {
             return Err(format!(
                 "cannot open sqlite database {}: synchronous={synchronous} refused (it reads back {effective})",
                 path.display()
-            ));
+            )
+            .into());
         }
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
             .map_err(context)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
             .map_err(context)?;
-        migrate(&mut conn)
-            .map_err(|e| format!("cannot migrate sqlite database {}: {e}", path.display()))?;
+        migrate(&mut conn).map_err(|cause| OpenError::Sqlite {
+            context: format!("cannot migrate sqlite database {}", path.display()),
+            cause,
+        })?;
         Ok(SqliteWriter {
             conn,
             synchronous,
@@ -436,7 +408,7 @@ impl SqliteWriter {
 
     /// Starts the checkpointer thread on its own connection to `path`. It runs until this writer is
     /// dropped (the store thread has committed its last batch and exited).
-    pub(crate) fn spawn_checkpointer(&mut self, path: &Path) -> Result<JoinHandle<()>, String> {
+    pub(crate) fn spawn_checkpointer(&mut self, path: &Path) -> Result<JoinHandle<()>, OpenError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
             format!(
@@ -462,7 +434,10 @@ impl SqliteWriter {
                     CHECKPOINT_RESTART_FRAMES,
                 )
             })
-            .map_err(|e| format!("cannot start the checkpointer thread: {e}"))?;
+            .map_err(|cause| OpenError::Io {
+                context: "cannot start the checkpointer thread".to_owned(),
+                cause,
+            })?;
         self._checkpointer = Some(stop);
         Ok(handle)
     }
@@ -555,36 +530,32 @@ fn insert_notifications(
 fn claim_key(
     tx: &Transaction<'_>,
     record: Option<&IdempotencyRecord>,
-    now: Millis,
+    clock: &BatchClock<'_>,
 ) -> rusqlite::Result<Option<WriteOutcome>> {
     let Some(record) = record else {
         return Ok(None);
     };
     let found = tx
         .prepare_cached(IDEMPOTENCY_LOOKUP)?
-        .query_row(
-            params![record.key, now.saturating_sub(IDEMPOTENCY_TTL_MS)],
-            |row| {
-                Ok((
-                    row.get::<_, Vec<u8>>(0)?,
-                    row.get::<_, u16>(1)?,
-                    row.get::<_, Vec<u8>>(2)?,
-                ))
-            },
-        )
+        .query_row(params![record.key, clock.keys_expired_before], |row| {
+            Ok(FoundRecord {
+                fingerprint: row.get(0)?,
+                status: row.get(1)?,
+                body: row.get(2)?,
+            })
+        })
         .optional()?;
     match found {
-        Some((fingerprint, status, body)) if fingerprint == record.fingerprint => {
-            Ok(Some(WriteOutcome::Replayed { status, body }))
-        }
-        Some(_) => Ok(Some(WriteOutcome::KeyReused)),
+        Some(found) => verdict(record, found)
+            .map(|v| Some(v.into()))
+            .map_err(|why| rusqlite::Error::FromSqlConversionFailure(1, Type::Integer, why.into())),
         None => {
             tx.prepare_cached(IDEMPOTENCY_RECORD)?.execute(params![
                 record.key,
                 record.fingerprint.as_slice(),
                 record.status,
                 record.body,
-                now,
+                clock.now,
             ])?;
             Ok(None)
         }
@@ -595,15 +566,15 @@ fn claim_key(
 fn apply_one(
     tx: &Transaction<'_>,
     request: &WriteRequest,
-    now: Millis,
-    ids: &mut IdGenerator,
+    clock: &mut BatchClock<'_>,
 ) -> rusqlite::Result<WriteOutcome> {
+    let now = clock.now;
     match request {
         WriteRequest::Insert {
             notifications,
             idempotency,
         } => {
-            if let Some(verdict) = claim_key(tx, idempotency.as_ref(), now)? {
+            if let Some(verdict) = claim_key(tx, idempotency.as_ref(), clock)? {
                 return Ok(verdict);
             }
             insert_notifications(tx, notifications)?;
@@ -613,7 +584,7 @@ fn apply_one(
             notification: n,
             idempotency,
         } => {
-            if let Some(verdict) = claim_key(tx, idempotency.as_ref(), now)? {
+            if let Some(verdict) = claim_key(tx, idempotency.as_ref(), clock)? {
                 return Ok(verdict);
             }
             tx.prepare_cached(SCHEDULE)?.execute(params![
@@ -637,16 +608,11 @@ fn apply_one(
             Ok(WriteOutcome::Cancelled(changed > 0))
         }
         WriteRequest::FireDue { limit } => {
-            let mut due = tx
+            let due = tx
                 .prepare_cached(CLAIM_DUE)?
                 .query_map(params![now, sql_int(*limit)], notification_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            // RETURNING gives no order: fire in due order.
-            due.sort_by_key(|n| (n.scheduled_at, n.id));
-            let fired: Vec<Arc<Notification>> = due
-                .into_iter()
-                .map(|n| Arc::new(fired_notification(n, ids)))
-                .collect();
+            let fired = fire_in_due_order(due, clock.ids);
             insert_notifications(tx, &fired)?;
             Ok(WriteOutcome::Fired(fired))
         }
@@ -655,7 +621,7 @@ fn apply_one(
             limit,
         } => {
             tx.prepare_cached(IDEMPOTENCY_EXPIRE)?
-                .execute(params![now.saturating_sub(IDEMPOTENCY_TTL_MS)])?;
+                .execute(params![clock.keys_expired_before])?;
             let deleted = match created_before {
                 Some(before) => tx
                     .prepare_cached(PURGE)?
@@ -687,12 +653,7 @@ fn apply_one(
 }
 
 impl WriteBackend for SqliteWriter {
-    fn apply_batch(
-        &mut self,
-        requests: &[WriteRequest],
-        now: Millis,
-        ids: &mut IdGenerator,
-    ) -> Result<Vec<WriteOutcome>, BackendError> {
+    fn apply_batch(&mut self, requests: &[WriteRequest], mut clock: BatchClock<'_>) -> Applied {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -700,7 +661,7 @@ impl WriteBackend for SqliteWriter {
         let mut outcomes = Vec::with_capacity(requests.len());
         for request in requests {
             // On error, dropping `tx` rolls the whole batch back (rusqlite's default drop behaviour).
-            outcomes.push(apply_one(&tx, request, now, ids).map_err(sqlite_error)?);
+            outcomes.push(apply_one(&tx, request, &mut clock).map_err(sqlite_error)?);
         }
         // A failed COMMIT (e.g. disk full) also rolls back: the Transaction is dropped unfinished.
         tx.commit().map_err(sqlite_error)?;
@@ -717,12 +678,10 @@ pub(crate) struct SqliteReader {
 impl SqliteReader {
     /// Opens the file read-only. The writer must have opened it first (it creates the file, sets WAL
     /// and migrates).
-    pub(crate) fn open(path: &Path) -> Result<SqliteReader, String> {
-        let context = |e: rusqlite::Error| {
-            format!(
-                "cannot open sqlite database {} for reading: {e}",
-                path.display()
-            )
+    pub(crate) fn open(path: &Path) -> Result<SqliteReader, OpenError> {
+        let context = |cause: rusqlite::Error| OpenError::Sqlite {
+            context: format!("cannot open sqlite database {} for reading", path.display()),
+            cause,
         };
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(context)?;
@@ -735,28 +694,22 @@ impl ReadBackend for SqliteReader {
     fn history(&mut self, query: &HistoryQuery) -> Result<HistoryPage, BackendError> {
         // One read transaction: the page and both counts come from the same snapshot, so they agree.
         let tx = self.conn.transaction().map_err(sqlite_error)?;
-        let before = query.before.map_or(ID_ABOVE_ALL, |id| *id.as_bytes());
-        // One more than asked: whether it exists says whether there is a next page.
-        let fetch = sql_int(query.limit).saturating_add(1);
+        let before = history_before(query);
         let sql = if query.unread_only {
             HISTORY_UNREAD
         } else {
             HISTORY
         };
-        let mut notifications = tx
+        let rows = tx
             .prepare_cached(sql)
             .and_then(|mut stmt| {
-                stmt.query_map(params![query.user_id, before, fetch], notification_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                stmt.query_map(
+                    params![query.user_id, before.as_bytes(), history_fetch(query)],
+                    notification_from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(sqlite_error)?;
-        let more = notifications.len() > query.limit;
-        notifications.truncate(query.limit);
-        let next_before = if more {
-            notifications.last().map(|n| n.id)
-        } else {
-            None
-        };
         let count = |sql: &str| -> Result<u64, BackendError> {
             let n: i64 = tx
                 .prepare_cached(sql)
@@ -767,12 +720,7 @@ impl ReadBackend for SqliteReader {
         let total = count(COUNT_TOTAL)?;
         let unread = count(COUNT_UNREAD)?;
         tx.commit().map_err(sqlite_error)?;
-        Ok(HistoryPage {
-            notifications,
-            total,
-            unread,
-            next_before,
-        })
+        Ok(history_page(query, rows, total, unread))
     }
 
     fn replay(&mut self, query: &ReplayQuery) -> Result<Vec<Notification>, BackendError> {
@@ -780,7 +728,7 @@ impl ReadBackend for SqliteReader {
             return Ok(Vec::new());
         }
         let channels = serde_json::to_string(&query.channels)
-            .map_err(|e| BackendError(format!("cannot encode channels: {e}")))?;
+            .map_err(|e| BackendError::Data(format!("cannot encode channels: {e}")))?;
         let mut stmt = self.conn.prepare_cached(REPLAY).map_err(sqlite_error)?;
         let rows = stmt
             .query_map(
@@ -817,197 +765,96 @@ impl ReadBackend for SqliteReader {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
+pub(crate) mod testing {
+    //! The SQLite side of the backend tests both databases share (`backend/tests.rs`).
 
     use super::*;
-    use crate::model::NewNotification;
+    use crate::store::backend::tests::Harness;
 
-    fn stored(id_seed: u128, user: Option<&str>, channels: &[&str]) -> Arc<Notification> {
-        let n = NewNotification {
-            kind: "info".into(),
-            title: "t".into(),
-            message: format!("m{id_seed}"),
-            user_id: user.map(str::to_owned),
-            channels: channels.iter().map(|c| c.to_string()).collect(),
-            broadcast: false,
-            data: r#"{"k":1}"#.into(),
-            scheduled_at: None,
-        };
-        // Ids built by hand: these tests call the backend directly, without the store thread.
-        Arc::new(n.into_notification(Uuid::from_u128(id_seed), 1_000))
+    /// A database file in a temporary folder, and a connection of the test's own to it.
+    pub(crate) struct SqliteHarness {
+        /// For the test's own queries.
+        conn: Connection,
+        /// Removed when the test ends (after the connections, which are dropped first).
+        _dir: tempfile::TempDir,
     }
+
+    impl Harness for SqliteHarness {
+        type Writer = SqliteWriter;
+        type Reader = SqliteReader;
+        const DUPLICATE_KEY: &'static str = "UNIQUE";
+
+        fn open() -> Option<(SqliteHarness, SqliteWriter, SqliteReader)> {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("nested/folder/n.db");
+            let writer = SqliteWriter::open(&path, SqliteSynchronous::Normal).unwrap();
+            let reader = SqliteReader::open(&path).unwrap();
+            let conn = Connection::open(&path).unwrap();
+            Some((SqliteHarness { conn, _dir: dir }, writer, reader))
+        }
+
+        fn count(&self, table: &str) -> i64 {
+            self.conn
+                .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        }
+
+        fn hot_query_plans(&self) -> Vec<(String, &'static [&'static str])> {
+            let plan = |sql: &str| -> String {
+                let mut stmt = self
+                    .conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .unwrap();
+                let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+                let rows: Vec<String> = stmt
+                    .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                rows.join(" | ")
+            };
+            let cases: [(&str, &'static [&'static str]); 8] = [
+                (HISTORY, &["notifications_user"]),
+                (HISTORY_UNREAD, &["notifications_unread"]),
+                // Counts are answered from the index alone, never touching the rows.
+                (COUNT_TOTAL, &["COVERING INDEX notifications_user"]),
+                (COUNT_UNREAD, &["COVERING INDEX notifications_unread"]),
+                (MARK_ALL_READ, &["notifications_unread"]),
+                (
+                    REPLAY,
+                    &[
+                        "notifications_broadcast",
+                        "notifications_user",
+                        "PRIMARY KEY",
+                    ],
+                ),
+                (SCHEDULED, &["notifications_schedule"]),
+                (CLAIM_DUE, &["scheduled_due"]),
+            ];
+            cases
+                .into_iter()
+                .map(|(sql, indexes)| (plan(sql), indexes))
+                .collect()
+        }
+
+        fn scans_a_table(plan: &str) -> bool {
+            plan.split(" | ").any(|step| step == "SCAN notifications")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+    use crate::model::IdGenerator;
+    use crate::store::backend::tests::{insert_one, page, stored};
 
     fn open(dir: &tempfile::TempDir) -> (SqliteWriter, SqliteReader) {
         let path = dir.path().join("nested/folder/n.db");
         let writer = SqliteWriter::open(&path, SqliteSynchronous::Normal).unwrap();
         let reader = SqliteReader::open(&path).unwrap();
         (writer, reader)
-    }
-
-    /// A notification created at `ms` (its UUIDv7 carries that time, as the store thread's would).
-    fn created_at(ms: Millis, seq: u16, user: &str) -> Arc<Notification> {
-        let id =
-            Uuid::from_u128(u128::from_be_bytes(first_id_of(ms)) | (0x7 << 76) | u128::from(seq));
-        let n = stored(0, Some(user), &["c"]);
-        Arc::new(Notification {
-            id,
-            created_at: ms,
-            ..(*n).clone()
-        })
-    }
-
-    #[test]
-    fn retention_deletes_only_older_notifications_in_bounded_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut w, mut r) = open(&dir);
-        let now = now_millis();
-        let day = 24 * 60 * 60 * 1000;
-        let old: Vec<_> = (0..5).map(|i| created_at(now - 3 * day, i, "u")).collect();
-        let new: Vec<_> = (0..2).map(|i| created_at(now - day / 2, i, "u")).collect();
-        let mut ids = IdGenerator::new();
-        w.apply_batch(
-            &[WriteRequest::plain_insert([old, new].concat())],
-            now,
-            &mut ids,
-        )
-        .unwrap();
-        let purge = |w: &mut SqliteWriter, ids: &mut IdGenerator| {
-            let out = w
-                .apply_batch(
-                    &[WriteRequest::Purge {
-                        created_before: Some(now - 2 * day),
-                        limit: 3,
-                    }],
-                    now,
-                    ids,
-                )
-                .unwrap();
-            match out.as_slice() {
-                [WriteOutcome::Purged(n)] => *n,
-                other => panic!("{other:?}"),
-            }
-        };
-        assert_eq!(purge(&mut w, &mut ids), 3, "bounded by the limit");
-        assert_eq!(purge(&mut w, &mut ids), 2);
-        assert_eq!(purge(&mut w, &mut ids), 0);
-        assert_eq!(page(&mut r, "u").total, 2, "the recent ones stay");
-        let channel_rows: i64 = w
-            .conn
-            .query_row("SELECT COUNT(*) FROM notification_channels", [], |row| {
-                row.get(0)
-            })
-            .unwrap();
-        assert_eq!(
-            channel_rows, 2,
-            "channel rows of deleted notifications went with them"
-        );
-    }
-
-    #[test]
-    fn idempotency_records_replay_refuse_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut w, mut r) = open(&dir);
-        let mut ids = IdGenerator::new();
-        let record = |fingerprint: u8| IdempotencyRecord {
-            key: "k".into(),
-            fingerprint: [fingerprint; 32],
-            status: 201,
-            body: b"first".to_vec(),
-        };
-        let insert = |seed: u128, fingerprint: u8| WriteRequest::Insert {
-            notifications: vec![stored(seed, Some("u"), &[])],
-            idempotency: Some(record(fingerprint)),
-        };
-        let now = 10 * IDEMPOTENCY_TTL_MS;
-        // Two requests with one key in one batch: the second is a retry of the first.
-        let out = w
-            .apply_batch(&[insert(1, 1), insert(2, 1), insert(3, 9)], now, &mut ids)
-            .unwrap();
-        assert_eq!(out[0], WriteOutcome::Inserted);
-        assert_eq!(
-            out[1],
-            WriteOutcome::Replayed {
-                status: 201,
-                body: b"first".to_vec()
-            }
-        );
-        assert_eq!(out[2], WriteOutcome::KeyReused);
-        assert_eq!(page(&mut r, "u").total, 1);
-        // After 24 h the key is free again, and the purge removes the old record.
-        let later = now + IDEMPOTENCY_TTL_MS + 1;
-        let out = w.apply_batch(&[insert(4, 9)], later, &mut ids).unwrap();
-        assert_eq!(out[0], WriteOutcome::Inserted);
-        assert_eq!(page(&mut r, "u").total, 2);
-    }
-
-    #[test]
-    fn due_scheduled_notifications_fire_with_new_ids_in_due_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut w, mut r) = open(&dir);
-        let mut ids = IdGenerator::new();
-        let pending = |seed: u128, due: Millis| {
-            let mut n = (*stored(seed, Some("u"), &["ch"])).clone();
-            n.scheduled_at = Some(due);
-            WriteRequest::Schedule {
-                notification: Arc::new(n),
-                idempotency: None,
-            }
-        };
-        w.apply_batch(
-            &[pending(1, 300), pending(2, 100), pending(3, 9_000)],
-            50,
-            &mut ids,
-        )
-        .unwrap();
-        assert!(r.scheduled(Uuid::from_u128(2)).unwrap().is_some());
-        let out = w
-            .apply_batch(&[WriteRequest::FireDue { limit: 10 }], 500, &mut ids)
-            .unwrap();
-        let [WriteOutcome::Fired(fired)] = out.as_slice() else {
-            panic!("{out:?}")
-        };
-        let messages: Vec<&str> = fired.iter().map(|n| n.message.as_str()).collect();
-        assert_eq!(
-            messages,
-            vec!["m2", "m1"],
-            "oldest due first; the future one waits"
-        );
-        assert!(
-            fired[0].id < fired[1].id && fired[0].id > Uuid::from_u128(3),
-            "fresh, ordered ids"
-        );
-        assert_eq!(fired[0].scheduled_at, Some(100));
-        // No longer pending: the lookup finds the notification it fired as.
-        let traced = r.scheduled(Uuid::from_u128(2)).unwrap().unwrap();
-        assert_eq!(
-            (traced.id, traced.schedule_id),
-            (fired[0].id, Some(Uuid::from_u128(2)))
-        );
-        assert_eq!(fired[0].schedule_id, Some(Uuid::from_u128(2)));
-        assert!(r.scheduled(Uuid::from_u128(3)).unwrap().is_some());
-        assert_eq!(page(&mut r, "u").total, 2);
-        let cancelled = w
-            .apply_batch(
-                &[WriteRequest::CancelScheduled {
-                    id: Uuid::from_u128(3),
-                }],
-                600,
-                &mut ids,
-            )
-            .unwrap();
-        assert_eq!(cancelled, vec![WriteOutcome::Cancelled(true)]);
-    }
-
-    fn page(reader: &mut SqliteReader, user: &str) -> HistoryPage {
-        reader
-            .history(&HistoryQuery {
-                user_id: user.into(),
-                limit: 100,
-                before: None,
-                unread_only: false,
-            })
-            .unwrap()
     }
 
     #[test]
@@ -1032,109 +879,9 @@ mod tests {
             MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
         );
         // And the schema works.
-        writer
-            .apply_batch(
-                &[WriteRequest::plain_insert(vec![stored(1, Some("u"), &[])])],
-                5,
-                &mut IdGenerator::new(),
-            )
-            .unwrap();
+        insert_one(&mut writer, 1);
         assert_eq!(page(&mut reader, "u").total, 1);
         reader.ping().unwrap();
-    }
-
-    #[test]
-    fn a_failing_request_rolls_back_the_whole_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut writer, mut reader) = open(&dir);
-        let first = stored(1, Some("u"), &["c"]);
-        writer
-            .apply_batch(
-                &[WriteRequest::plain_insert(vec![first.clone()])],
-                5,
-                &mut IdGenerator::new(),
-            )
-            .unwrap();
-        // Batch: a fresh insert, a read-all, then a duplicate primary key, which fails.
-        let batch = [
-            WriteRequest::plain_insert(vec![stored(2, Some("u"), &["c"])]),
-            WriteRequest::MarkAllRead {
-                user_id: "u".into(),
-            },
-            WriteRequest::plain_insert(vec![stored(3, Some("u"), &[]), first.clone()]),
-        ];
-        let err = writer
-            .apply_batch(&batch, 6, &mut IdGenerator::new())
-            .unwrap_err();
-        assert!(err.0.contains("UNIQUE"), "{err}");
-        let after = page(&mut reader, "u");
-        assert_eq!(
-            after.total, 1,
-            "neither insert of the failed batch is there"
-        );
-        assert_eq!(after.unread, 1, "the read-all was rolled back too");
-        let replay = reader
-            .replay(&ReplayQuery {
-                user_id: None,
-                channels: vec!["c".into()],
-                since: Uuid::nil(),
-                limit: 10,
-            })
-            .unwrap();
-        assert_eq!(replay.len(), 1, "no channel row of the failed batch");
-        // The connection is usable afterwards.
-        writer
-            .apply_batch(
-                &[WriteRequest::plain_insert(vec![stored(4, Some("u"), &[])])],
-                7,
-                &mut IdGenerator::new(),
-            )
-            .unwrap();
-        assert_eq!(page(&mut reader, "u").total, 2);
-    }
-
-    #[test]
-    fn requests_later_in_a_batch_see_earlier_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut writer, _reader) = open(&dir);
-        let n = stored(9, Some("u"), &["c", "c"]);
-        let batch = [
-            WriteRequest::plain_insert(vec![n.clone()]),
-            WriteRequest::MarkRead {
-                user_id: "u".into(),
-                id: n.id,
-            },
-            WriteRequest::MarkRead {
-                user_id: "other".into(),
-                id: n.id,
-            },
-            WriteRequest::Delete {
-                user_id: "u".into(),
-                id: n.id,
-            },
-            WriteRequest::Delete {
-                user_id: "u".into(),
-                id: n.id,
-            },
-        ];
-        let outcomes = writer
-            .apply_batch(&batch, 42, &mut IdGenerator::new())
-            .unwrap();
-        let WriteOutcome::MarkedRead(Some(read)) = &outcomes[1] else {
-            panic!("{outcomes:?}")
-        };
-        assert_eq!(read.read_at, Some(42));
-        assert_eq!(read.channels, vec!["c", "c"], "channels kept as sent");
-        assert_eq!(outcomes[2], WriteOutcome::MarkedRead(None));
-        assert_eq!(outcomes[3], WriteOutcome::Deleted(true));
-        assert_eq!(outcomes[4], WriteOutcome::Deleted(false));
-        let left: i64 = writer
-            .conn
-            .query_row("SELECT COUNT(*) FROM notification_channels", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert_eq!(left, 0, "the delete trigger removed the channel rows");
     }
 
     #[test]
@@ -1169,7 +916,7 @@ mod tests {
             )
             .unwrap();
         let err = reader.history(&q).unwrap_err();
-        assert!(err.0.starts_with("sqlite:"), "{err}");
+        assert!(err.to_string().starts_with("sqlite:"), "{err}");
     }
 
     #[test]
@@ -1185,8 +932,7 @@ mod tests {
         writer
             .apply_batch(
                 &[WriteRequest::plain_insert(rows)],
-                1,
-                &mut IdGenerator::new(),
+                BatchClock::at(1, &mut IdGenerator::new()),
             )
             .unwrap();
         // The writer itself would not checkpoint this little; only the checkpointer grows the file.
@@ -1201,50 +947,5 @@ mod tests {
         }
         drop(writer);
         checkpointer.join().unwrap();
-    }
-
-    /// Every hot query must be an index range scan, never a scan of the whole table: these are the
-    /// queries that must stay fast for a user with 100k notifications.
-    #[test]
-    fn hot_queries_use_the_indexes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (writer, _reader) = open(&dir);
-        let plan = |sql: &str| -> String {
-            let mut stmt = writer
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
-            let n = stmt.parameter_count();
-            let nulls: Vec<rusqlite::types::Null> = vec![rusqlite::types::Null; n];
-            let rows: Vec<String> = stmt
-                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            rows.join(" | ")
-        };
-        let cases = [
-            (HISTORY, "notifications_user"),
-            (HISTORY_UNREAD, "notifications_unread"),
-            // Counts are answered from the index alone, never touching the rows.
-            (COUNT_TOTAL, "COVERING INDEX notifications_user"),
-            (COUNT_UNREAD, "COVERING INDEX notifications_unread"),
-            (MARK_ALL_READ, "notifications_unread"),
-            (REPLAY, "notifications_broadcast"),
-            (REPLAY, "notifications_user"),
-            (REPLAY, "PRIMARY KEY"),
-            (SCHEDULED, "notifications_schedule"),
-        ];
-        for (sql, index) in cases {
-            let plan = plan(sql);
-            assert!(
-                plan.contains(index),
-                "{sql}\n  plan: {plan}\n  expected {index}"
-            );
-            assert!(
-                !plan.split(" | ").any(|step| step == "SCAN notifications"),
-                "full scan in {sql}\n  plan: {plan}"
-            );
-        }
     }
 }

@@ -57,7 +57,8 @@ on_both_stores!(
     concurrent_inserts_share_transactions,
     reads_are_not_blocked_by_an_open_write_transaction,
     scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancelled,
-    an_idempotency_key_stores_once_and_replays_the_first_answer,
+    an_idempotency_key_stores_once_and_replays_what_the_first_request_committed,
+    a_record_of_the_version_that_stored_answers_still_replays_after_an_upgrade,
     idle_scheduler_ticks_are_not_counted_as_commits,
     #[ignore = "timing printout; run explicitly, in release"]
     insert_rates,
@@ -372,7 +373,8 @@ fn an_unreachable_postgres_fails_to_open_with_a_clear_error_and_no_password() {
     );
     let err = Store::open(&config, Box::new(Recorder::default()))
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert!(err.contains("postgres://ns@127.0.0.1:1/n"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
@@ -423,7 +425,7 @@ fn a_failing_insert_stores_nothing_of_its_batch_and_answers_unavailable(database
     let Err(StoreError::Unavailable(why)) = result else {
         panic!("{result:?}")
     };
-    assert!(why.contains("refused by test"), "{why}");
+    assert!(why.to_string().contains("refused by test"), "{why}");
     assert_eq!(
         *f.recorder.calls.lock().unwrap(),
         calls_before,
@@ -758,7 +760,7 @@ fn scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancel
     let f = Fixture::new(database);
     let now = crate::model::now_millis();
     let schedule = |n: NewNotification| match block_on(f.store.schedule(n, None)).unwrap() {
-        Committed::Done(pending) => pending,
+        Committed::Fresh(pending) => pending,
         other => panic!("{other:?}"),
     };
     let soon = schedule(NewNotification {
@@ -824,29 +826,19 @@ fn scheduled_notifications_fire_into_history_survive_a_restart_and_can_be_cancel
     f.close();
 }
 
-fn an_idempotency_key_stores_once_and_replays_the_first_answer(database: Database) {
+fn an_idempotency_key_stores_once_and_replays_what_the_first_request_committed(database: Database) {
     let f = Fixture::new(database);
     let key = |name: &str, body: u8| IdempotencyKey {
         key: name.into(),
         fingerprint: [body; 32],
     };
-    fn answer(stored: &[Arc<Notification>]) -> (u16, Vec<u8>) {
-        (201, stored[0].id.to_string().into_bytes())
-    }
     let send = |key: IdempotencyKey| {
-        block_on(
-            f.store
-                .insert_idempotent(vec![to_user("u1", "once")], key, answer),
-        )
-        .unwrap()
+        block_on(f.store.insert_idempotent(vec![to_user("u1", "once")], key)).unwrap()
     };
-    let Committed::Done(stored) = send(key("k1", 1)) else {
+    let Committed::Fresh(stored) = send(key("k1", 1)) else {
         panic!("the first send stores")
     };
-    let first = Committed::Replayed {
-        status: 201,
-        body: stored[0].id.to_string().into_bytes(),
-    };
+    let first = Committed::Replayed(Receipt::Inserted(vec![Stamp::of(&stored[0])]));
     assert_eq!(send(key("k1", 1)), first, "a retry gets the first answer");
     assert_eq!(send(key("k1", 2)), Committed::KeyReused, "another body");
 
@@ -857,10 +849,46 @@ fn an_idempotency_key_stores_once_and_replays_the_first_answer(database: Databas
     });
     let stored: Vec<_> = outcomes
         .iter()
-        .filter(|o| matches!(o, Committed::Done(_)))
+        .filter(|o| matches!(o, Committed::Fresh(_)))
         .collect();
     assert_eq!(stored.len(), 1, "{outcomes:?}");
     assert_eq!(f.history("u1", 10, None, false).total, 2);
+    f.close();
+}
+
+fn a_record_of_the_version_that_stored_answers_still_replays_after_an_upgrade(database: Database) {
+    let f = Fixture::new(database);
+    // As the previous version recorded a send a moment ago: the HTTP status and body of its answer.
+    let body =
+        r#"{"id":"0190a0a0-0000-7000-8000-000000000001","timestamp":"2024-01-29T17:00:00.000Z"}"#;
+    let fingerprint = "07".repeat(32);
+    f.side().execute(
+        &format!(
+            "INSERT INTO idempotency_keys (key, fingerprint, status, body, created_at)
+             VALUES ('old', x'{fingerprint}', 201, CAST('{body}' AS BLOB), {})",
+            crate::model::now_millis()
+        ),
+        &format!(
+            "INSERT INTO idempotency_keys (key, fingerprint, status, body, created_at)
+             VALUES ('old', '\\x{fingerprint}', 201, convert_to('{body}', 'UTF8'), now())"
+        ),
+    );
+    let retry = block_on(f.store.insert_idempotent(
+        vec![to_user("u1", "again")],
+        IdempotencyKey {
+            key: "old".into(),
+            fingerprint: [7; 32],
+        },
+    ))
+    .unwrap();
+    assert_eq!(
+        retry,
+        Committed::Replayed(Receipt::Answer {
+            status: 201,
+            body: body.as_bytes().to_vec()
+        })
+    );
+    assert_eq!(f.history("u1", 10, None, false).total, 0, "nothing stored");
     f.close();
 }
 

@@ -17,12 +17,12 @@
 //! it, then exits. (The queue also reports "disconnected" once every sender is gone, which ends the loop
 //! the same way.)
 //!
-//! The same thread is the scheduler and the retention job: every [`SCHEDULER_TICK`] (and at the end of
-//! any batch committed after the tick is due) it appends a [`WriteRequest::FireDue`] to the batch, so
-//! due scheduled notifications are stored with fresh ids in commit order and delivered like any send,
-//! and, when `RETENTION_DAYS` is set or idempotency records expire, a small [`WriteRequest::Purge`].
-//! Doing both here keeps one writer per database connection and needs no lock: they are just more
-//! requests in the group commit.
+//! The same thread runs scheduling and retention, as the [`crate::scheduler`] module decides: at the
+//! end of each batch it asks the scheduler what maintenance is due and appends it, a
+//! [`WriteRequest::Purge`] (retention, expiry of idempotency records) and, last, a
+//! [`WriteRequest::FireDue`], so due scheduled notifications are stored with fresh ids in commit order
+//! and delivered like any send. Executing them here keeps one writer per database connection and needs
+//! no lock: they are just more requests in the group commit.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -33,20 +33,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{BackendError, IdempotencyRecord, WriteBackend, WriteOutcome, WriteRequest};
-use super::{
-    CommitListener, Committed, Counters, IdempotencyKey, InsertAnswer, ScheduleAnswer, StoreError,
-};
+use super::backend::{BackendError, BatchClock, WriteBackend, WriteOutcome, WriteRequest};
+use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
+use super::{CommitListener, Committed, Counters, StoreError};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
-
-/// How often due scheduled notifications are claimed (API.md promises firing within 1 s).
-pub(crate) const SCHEDULER_TICK: Duration = Duration::from_millis(100);
-/// Most scheduled notifications fired in one batch.
-const FIRE_BATCH: usize = 1000;
-/// How often retention runs when the previous run found nothing more to delete.
-const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
-/// Most notifications one retention run deletes, so it never holds the write lock long.
-const RETENTION_BATCH: usize = 1000;
+use crate::scheduler::{Maintenance, Scheduler};
 
 /// The name of the store thread, as shown by `top -H` and in panics.
 const THREAD_NAME: &str = "store-writer";
@@ -60,8 +51,8 @@ pub(crate) enum WriteOp {
     Insert {
         /// The notifications, without ids yet.
         batch: Vec<NewNotification>,
-        /// The key, and how to build the answer remembered with it.
-        idempotency: Option<(IdempotencyKey, InsertAnswer)>,
+        /// The key, recorded with a receipt of what the insert stored.
+        idempotency: Option<IdempotencyKey>,
         /// The stored notifications, in batch order, or the verdict on the key.
         reply: Reply<Committed<Vec<Arc<Notification>>>>,
     },
@@ -69,8 +60,8 @@ pub(crate) enum WriteOp {
     Schedule {
         /// The notification, with `scheduled_at` set, without id yet.
         notification: NewNotification,
-        /// The key, and how to build the answer remembered with it.
-        idempotency: Option<(IdempotencyKey, ScheduleAnswer)>,
+        /// The key, recorded with a receipt of what the schedule stored.
+        idempotency: Option<IdempotencyKey>,
         /// The pending notification (id = the schedule's id), or the verdict on the key.
         reply: Reply<Committed<Arc<Notification>>>,
     },
@@ -121,16 +112,6 @@ impl WriteOp {
     }
 }
 
-/// Turns a claimed key into the record stored with the write.
-fn record(key: IdempotencyKey, (status, body): (u16, Vec<u8>)) -> IdempotencyRecord {
-    IdempotencyRecord {
-        key: key.key,
-        fingerprint: key.fingerprint,
-        status,
-        body,
-    }
-}
-
 /// The reply half of a [`WriteOp`], kept while its request is in the backend.
 enum Replier {
     /// Of a [`WriteOp::Insert`].
@@ -159,20 +140,20 @@ impl Replier {
                 WriteRequest::Insert { notifications, .. },
                 Some(WriteOutcome::Inserted),
             ) => {
-                let _ = tx.send(Ok(Committed::Done(notifications)));
+                let _ = tx.send(Ok(Committed::Fresh(notifications)));
             }
             (
                 Replier::Schedule(tx),
                 WriteRequest::Schedule { notification, .. },
                 Some(WriteOutcome::Scheduled),
             ) => {
-                let _ = tx.send(Ok(Committed::Done(notification)));
+                let _ = tx.send(Ok(Committed::Fresh(notification)));
             }
-            (Replier::Insert(tx), _, Some(WriteOutcome::Replayed { status, body })) => {
-                let _ = tx.send(Ok(Committed::Replayed { status, body }));
+            (Replier::Insert(tx), _, Some(WriteOutcome::Replayed(receipt))) => {
+                let _ = tx.send(Ok(Committed::Replayed(receipt)));
             }
-            (Replier::Schedule(tx), _, Some(WriteOutcome::Replayed { status, body })) => {
-                let _ = tx.send(Ok(Committed::Replayed { status, body }));
+            (Replier::Schedule(tx), _, Some(WriteOutcome::Replayed(receipt))) => {
+                let _ = tx.send(Ok(Committed::Replayed(receipt)));
             }
             (Replier::Insert(tx), _, Some(WriteOutcome::KeyReused)) => {
                 let _ = tx.send(Ok(Committed::KeyReused));
@@ -194,8 +175,8 @@ impl Replier {
                 let _ = tx.send(Ok(found));
             }
             // A backend bug, never data: answer rather than panic the only write thread.
-            (replier, _, _) => replier.fail(StoreError::Unavailable(
-                "store backend answered a different request than it was given".to_owned(),
+            (replier, _, _) => replier.fail(StoreError::internal(
+                "store backend answered a different request than it was given",
             )),
         }
     }
@@ -223,7 +204,6 @@ pub(crate) fn spawn<B: WriteBackend>(
     retention: Option<Duration>,
     counters: Arc<Counters>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let now = Instant::now();
     let writer = Writer {
         backend,
         queue,
@@ -233,9 +213,7 @@ pub(crate) fn spawn<B: WriteBackend>(
         counters,
         carried: None,
         closing: false,
-        next_fire: now,
-        retention,
-        next_purge: now,
+        scheduler: Scheduler::new(retention, Instant::now()),
         outage: None,
     };
     std::thread::Builder::new()
@@ -261,12 +239,8 @@ struct Writer<B> {
     carried: Option<WriteOp>,
     /// Set once a [`WriteOp::Close`] was drained: this batch is the last.
     closing: bool,
-    /// When the scheduler next claims due notifications.
-    next_fire: Instant,
-    /// `RETENTION_DAYS`, if set.
-    retention: Option<Duration>,
-    /// When retention (and the expiry of idempotency keys) next runs.
-    next_purge: Instant,
+    /// Decides when scheduled notifications fire and retention runs.
+    scheduler: Scheduler,
     /// Set while batches keep failing, so an outage is logged once and then summarized.
     outage: Option<Outage>,
 }
@@ -348,7 +322,10 @@ impl<B: WriteBackend> Writer<B> {
         let first = match self.carried.take() {
             Some(op) => op,
             None => {
-                let wait = self.next_fire.saturating_duration_since(Instant::now());
+                let wait = self
+                    .scheduler
+                    .next_tick()
+                    .saturating_duration_since(Instant::now());
                 match self.queue.recv_timeout(wait) {
                     Ok(op) => op,
                     Err(RecvTimeoutError::Timeout) => return true,
@@ -378,24 +355,19 @@ impl<B: WriteBackend> Writer<B> {
         true
     }
 
-    /// The scheduler's and retention's requests for this batch, if their time has come.
+    /// The maintenance the scheduler says is due, as requests to append to this batch.
     fn housekeeping(&mut self, now: Millis) -> Vec<WriteRequest> {
+        let Maintenance { purge, fire_due } = self.scheduler.due(Instant::now(), now, self.closing);
         let mut requests = Vec::new();
-        let clock = Instant::now();
-        if clock >= self.next_purge && !self.closing {
-            let created_before = self
-                .retention
-                .map(|keep| now.saturating_sub(keep.as_millis() as Millis));
+        if let Some(purge) = purge {
             requests.push(WriteRequest::Purge {
-                created_before,
-                limit: RETENTION_BATCH,
+                created_before: purge.created_before,
+                limit: purge.limit,
             });
-            self.next_purge = clock + RETENTION_INTERVAL;
         }
-        if clock >= self.next_fire {
+        if let Some(limit) = fire_due {
             // Last in the batch: its ids must be above every other id the batch assigned.
-            requests.push(WriteRequest::FireDue { limit: FIRE_BATCH });
-            self.next_fire = clock + SCHEDULER_TICK;
+            requests.push(WriteRequest::FireDue { limit });
         }
         requests
     }
@@ -419,8 +391,8 @@ impl<B: WriteBackend> Writer<B> {
                             Arc::new(n.into_notification(id, created_at))
                         })
                         .collect();
-                    let idempotency =
-                        idempotency.map(|(key, answer)| record(key, answer(&notifications)));
+                    let idempotency = idempotency
+                        .map(|key| IdempotencyRecord::new(key, &Receipt::inserted(&notifications)));
                     (
                         WriteRequest::Insert {
                             notifications,
@@ -436,8 +408,8 @@ impl<B: WriteBackend> Writer<B> {
                 } => {
                     let (id, created_at) = self.ids.next_id();
                     let notification = Arc::new(notification.into_notification(id, created_at));
-                    let idempotency =
-                        idempotency.map(|(key, answer)| record(key, answer(&notification)));
+                    let idempotency = idempotency
+                        .map(|key| IdempotencyRecord::new(key, &Receipt::scheduled(&notification)));
                     (
                         WriteRequest::Schedule {
                             notification,
@@ -473,13 +445,17 @@ impl<B: WriteBackend> Writer<B> {
             return;
         }
 
-        let outcomes = match self.backend.apply_batch(&requests, now, &mut self.ids) {
+        let outcomes = match self
+            .backend
+            .apply_batch(&requests, BatchClock::at(now, &mut self.ids))
+        {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 Counters::add(&self.counters.failed_batches, 1);
                 Outage::failed(&mut self.outage, &e, repliers.len());
+                let e = Arc::new(e);
                 for replier in repliers {
-                    replier.fail(StoreError::Unavailable(e.0.clone()));
+                    replier.fail(StoreError::Unavailable(e.clone()));
                 }
                 return;
             }
@@ -506,10 +482,7 @@ impl<B: WriteBackend> Writer<B> {
                 }
                 (WriteRequest::Purge { .. }, WriteOutcome::Purged(n)) if *n > 0 => {
                     tracing::info!(deleted = n, "retention deleted old notifications");
-                    if *n as usize >= RETENTION_BATCH {
-                        // More to delete: come back at the next tick rather than in a minute.
-                        self.next_purge = Instant::now() + SCHEDULER_TICK;
-                    }
+                    self.scheduler.purged(*n, Instant::now());
                 }
                 _ => {}
             }
@@ -555,6 +528,7 @@ mod tests {
     use futures_executor::block_on;
 
     use super::*;
+    use crate::store::backend::Applied;
     use crate::store::StoreFuture;
 
     /// A backend that records the size of each batch and fails the batches it is told to.
@@ -564,12 +538,7 @@ mod tests {
     }
 
     impl WriteBackend for FakeBackend {
-        fn apply_batch(
-            &mut self,
-            requests: &[WriteRequest],
-            _now: crate::model::Millis,
-            _ids: &mut IdGenerator,
-        ) -> Result<Vec<WriteOutcome>, BackendError> {
+        fn apply_batch(&mut self, requests: &[WriteRequest], _clock: BatchClock<'_>) -> Applied {
             // Only the callers' requests count; the scheduler's and retention's ride along.
             let client = requests
                 .iter()
@@ -582,7 +551,7 @@ mod tests {
             let index = batches.len();
             batches.push(client);
             if self.fail_batches.contains(&index) {
-                return Err(BackendError("disk on fire".to_owned()));
+                return Err(BackendError::Data("disk on fire".to_owned()));
             }
             Ok(requests
                 .iter()
@@ -637,7 +606,7 @@ mod tests {
         committed: Result<Committed<Vec<Arc<Notification>>>, StoreError>,
     ) -> Result<Vec<Arc<Notification>>, StoreError> {
         match committed? {
-            Committed::Done(stored) => Ok(stored),
+            Committed::Fresh(stored) => Ok(stored),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -715,7 +684,9 @@ mod tests {
         // max_batch 4: [i1 (2), mark, all] fails as one; [i2] commits.
         let (batches, seen) = run_writer(vec![i1, mark, all, i2], 4, vec![0]);
         assert_eq!(batches, vec![3, 1]);
-        assert!(matches!(block_on(f1), Err(StoreError::Unavailable(m)) if m == "disk on fire"));
+        assert!(
+            matches!(block_on(f1), Err(StoreError::Unavailable(e)) if e.to_string() == "disk on fire")
+        );
         assert!(matches!(
             block_on(read_rx).unwrap(),
             Err(StoreError::Unavailable(_))

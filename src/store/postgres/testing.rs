@@ -17,7 +17,11 @@ use std::time::Duration;
 use tokio::runtime::Runtime;
 use tokio_postgres::Client;
 
-use super::{connect_client, new_runtime, PostgresTarget};
+use super::migrate::migrate;
+use super::session::{connect_client, new_runtime, Failure, PostgresTarget};
+use super::sql::{CLAIM_DUE, HISTORY, HISTORY_UNREAD, MARK_ALL_READ, PURGE, REPLAY, SCHEDULED};
+use super::{PostgresReader, PostgresWriter};
+use crate::store::backend::tests::Harness;
 
 /// The variable naming the test server.
 pub(crate) const TEST_URL_VAR: &str = "TEST_POSTGRES_URL";
@@ -67,7 +71,7 @@ impl SideConnection {
     pub(crate) fn execute(&self, sql: &str) -> Result<(), String> {
         self.runtime
             .block_on(self.client.batch_execute(sql))
-            .map_err(|e| super::Failure::from(e).to_string())
+            .map_err(|e| Failure::from(e).to_string())
     }
 
     /// The first column of every row, as text (cast in the SQL if needed).
@@ -75,7 +79,7 @@ impl SideConnection {
         let rows = self
             .runtime
             .block_on(self.client.query(sql, &[]))
-            .unwrap_or_else(|e| panic!("{sql}: {}", super::Failure::from(e)));
+            .unwrap_or_else(|e| panic!("{sql}: {}", Failure::from(e)));
         rows.iter().map(|row| row.get::<_, String>(0)).collect()
     }
 
@@ -84,7 +88,7 @@ impl SideConnection {
         let row = self
             .runtime
             .block_on(self.client.query_one(sql, &[]))
-            .unwrap_or_else(|e| panic!("{sql}: {}", super::Failure::from(e)));
+            .unwrap_or_else(|e| panic!("{sql}: {}", Failure::from(e)));
         row.get(0)
     }
 }
@@ -155,6 +159,101 @@ impl Drop for TestSchema {
         if let Err(e) = self.admin.execute(&sql) {
             eprintln!("note: could not drop test schema {}: {e}", self.name);
         }
+    }
+}
+
+/// The PostgreSQL side of the backend tests both databases share (`backend/tests.rs`): a test schema
+/// and a side connection to it.
+pub(crate) struct PostgresHarness {
+    /// For the test's own queries.
+    side: SideConnection,
+    /// Dropped last, with everything in it.
+    schema: TestSchema,
+}
+
+impl Harness for PostgresHarness {
+    type Writer = PostgresWriter;
+    type Reader = PostgresReader;
+    const DUPLICATE_KEY: &'static str = "duplicate key";
+
+    fn open() -> Option<(PostgresHarness, PostgresWriter, PostgresReader)> {
+        let schema = TestSchema::create()?;
+        let target = PostgresTarget::parse(schema.url()).unwrap();
+        migrate(&target).unwrap();
+        let writer = PostgresWriter::open(&target).unwrap();
+        let reader = PostgresReader::open(&target, 0).unwrap();
+        let side = schema.side();
+        Some((PostgresHarness { side, schema }, writer, reader))
+    }
+
+    fn count(&self, table: &str) -> i64 {
+        self.side.number(&format!("SELECT count(*) FROM {table}"))
+    }
+
+    /// Checked on the generic plan (what a prepared statement settles on) with sequential scans priced
+    /// out, so this proves the indexes are USABLE for each query (the partial-index predicates match);
+    /// with real statistics the planner picks them.
+    fn hot_query_plans(&self) -> Vec<(String, &'static [&'static str])> {
+        let side = self.schema.side();
+        side.execute("SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan")
+            .unwrap();
+        let plan = |name: &str, types: &str, sql: &str, args: &str| -> String {
+            side.execute(&format!("PREPARE {name} ({types}) AS {sql}"))
+                .unwrap();
+            side.strings(&format!("EXPLAIN EXECUTE {name} ({args})"))
+                .join("\n")
+        };
+        let page_args = "'u', 'ffffffff-ffff-ffff-ffff-ffffffffffff', 51";
+        let nil = "'00000000-0000-0000-0000-000000000000'";
+        vec![
+            (
+                plan("history", "text, uuid, bigint", HISTORY, page_args),
+                &["notifications_user", "notifications_unread"],
+            ),
+            (
+                plan("unread", "text, uuid, bigint", HISTORY_UNREAD, page_args),
+                &["notifications_unread"],
+            ),
+            (
+                plan("read_all", "text, timestamptz", MARK_ALL_READ, "'u', now()"),
+                &["notifications_unread"],
+            ),
+            (
+                plan(
+                    "replay",
+                    "text, uuid, bigint, text[]",
+                    REPLAY,
+                    &format!("'u', {nil}, 100, '{{a,b}}'"),
+                ),
+                &[
+                    "notifications_user",
+                    "notifications_broadcast",
+                    "notification_channels_pkey",
+                    "notifications_pkey",
+                ],
+            ),
+            (
+                plan("scheduled", "uuid", SCHEDULED, nil),
+                &["notifications_schedule", "scheduled_notifications_pkey"],
+            ),
+            (
+                plan("claim_due", "timestamptz, bigint", CLAIM_DUE, "now(), 1000"),
+                &["scheduled_due", "scheduled_notifications_pkey"],
+            ),
+            (
+                plan(
+                    "purge",
+                    "timestamptz, uuid, bigint",
+                    PURGE,
+                    &format!("now(), {nil}, 1000"),
+                ),
+                &["idempotency_keys_created", "notifications_pkey"],
+            ),
+        ]
+    }
+
+    fn scans_a_table(plan: &str) -> bool {
+        plan.contains("Seq Scan")
     }
 }
 

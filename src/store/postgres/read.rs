@@ -1,0 +1,128 @@
+//! The readers of the PostgreSQL backend: each read is ONE statement, so a history page and its counts
+//! share one snapshot in one round trip.
+
+use tokio_postgres::{Client, Row, Statement};
+use uuid::Uuid;
+
+use super::rows::{column_error, notification_from_row};
+use super::session::{Failure, Link, PostgresTarget, Statements};
+use super::sql::{HISTORY, HISTORY_COUNT_COLUMNS, HISTORY_UNREAD, PING, REPLAY, SCHEDULED};
+use crate::model::Notification;
+use crate::store::backend::{
+    history_before, history_fetch, history_page, sql_int, BackendError, ReadBackend,
+};
+use crate::store::{HistoryPage, HistoryQuery, ReplayQuery};
+
+/// A reader thread's prepared statements.
+struct ReaderStatements {
+    /// [`HISTORY`].
+    history: Statement,
+    /// [`HISTORY_UNREAD`].
+    history_unread: Statement,
+    /// [`REPLAY`].
+    replay: Statement,
+    /// [`SCHEDULED`].
+    scheduled: Statement,
+    /// [`PING`].
+    ping: Statement,
+}
+
+impl Statements for ReaderStatements {
+    const READ_ONLY: bool = true;
+
+    async fn prepare(client: &Client) -> Result<ReaderStatements, tokio_postgres::Error> {
+        Ok(ReaderStatements {
+            history: client.prepare(HISTORY).await?,
+            history_unread: client.prepare(HISTORY_UNREAD).await?,
+            replay: client.prepare(REPLAY).await?,
+            scheduled: client.prepare(SCHEDULED).await?,
+            ping: client.prepare(PING).await?,
+        })
+    }
+}
+
+/// A reader thread's connection.
+pub(crate) struct PostgresReader {
+    /// The connection (read-only sessions), reconnecting as needed.
+    link: Link<ReaderStatements>,
+}
+
+impl PostgresReader {
+    /// Connects reader number `index` (for logs).
+    pub(crate) fn open(target: &PostgresTarget, index: usize) -> Result<PostgresReader, String> {
+        Ok(PostgresReader {
+            link: Link::open(target, format!("reader {index}"))?,
+        })
+    }
+}
+
+/// Reads a count column as the API's unsigned count.
+fn count(row: &Row, index: usize) -> Result<u64, Failure> {
+    let n: i64 = row.try_get(index).map_err(|e| column_error(index, e))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+impl ReadBackend for PostgresReader {
+    fn history(&mut self, query: &HistoryQuery) -> Result<HistoryPage, BackendError> {
+        let before = history_before(query);
+        let fetch = history_fetch(query);
+        self.link.run(async |client, statements| {
+            let statement = if query.unread_only {
+                &statements.history_unread
+            } else {
+                &statements.history
+            };
+            let rows = client
+                .query(statement, &[&query.user_id, &before, &fetch])
+                .await?;
+            let Some(first) = rows.first() else {
+                return Err(Failure::Data("history returned no row".to_owned()));
+            };
+            let total = count(first, 0)?;
+            let unread = count(first, 1)?;
+            let mut notifications = Vec::with_capacity(rows.len());
+            for row in &rows {
+                // The LEFT JOIN's row for an empty page has no notification.
+                let id: Option<Uuid> = row
+                    .try_get(HISTORY_COUNT_COLUMNS)
+                    .map_err(|e| column_error(HISTORY_COUNT_COLUMNS, e))?;
+                if id.is_some() {
+                    notifications.push(notification_from_row(row, HISTORY_COUNT_COLUMNS)?);
+                }
+            }
+            Ok(history_page(query, notifications, total, unread))
+        })
+    }
+
+    fn replay(&mut self, query: &ReplayQuery) -> Result<Vec<Notification>, BackendError> {
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = sql_int(query.limit);
+        self.link.run(async |client, statements| {
+            let rows = client
+                .query(
+                    &statements.replay,
+                    &[&query.user_id, &query.since, &limit, &query.channels],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| notification_from_row(row, 0))
+                .collect()
+        })
+    }
+
+    fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError> {
+        self.link.run(async |client, statements| {
+            let row = client.query_opt(&statements.scheduled, &[&id]).await?;
+            row.map(|row| notification_from_row(&row, 0)).transpose()
+        })
+    }
+
+    fn ping(&mut self) -> Result<(), BackendError> {
+        self.link.run(async |client, statements| {
+            client.query_one(&statements.ping, &[]).await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,556 @@
+//! The writer of the PostgreSQL backend: a batch planned into statements (each run of inserts merged
+//! into one `INSERT … SELECT FROM UNNEST` of column arrays), pipelined in one transaction.
+
+use std::future::Future;
+
+use futures_util::future::join_all;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement, Transaction};
+use uuid::Uuid;
+
+use super::rows::{column_error, notification_from_row, Timestamp};
+use super::session::{Failure, Link, PostgresTarget, Statements};
+use super::sql::{
+    CANCEL_SCHEDULED, CLAIM_DUE, DELETE, IDEMPOTENCY_LOOKUP, INSERT_NOTIFICATIONS, MARK_ALL_READ,
+    MARK_READ, PURGE, SCHEDULE,
+};
+use crate::model::{IdGenerator, Notification};
+use crate::store::backend::{
+    fire_in_due_order, first_id_of, sql_int, Applied, BatchClock, WriteBackend, WriteOutcome,
+    WriteRequest,
+};
+use crate::store::idempotency::{verdict, FoundRecord, IdempotencyRecord};
+
+/// The store thread's prepared statements.
+struct WriterStatements {
+    /// [`INSERT_NOTIFICATIONS`].
+    insert: Statement,
+    /// [`SCHEDULE`].
+    schedule: Statement,
+    /// [`IDEMPOTENCY_LOOKUP`].
+    idempotency_lookup: Statement,
+    /// [`CANCEL_SCHEDULED`].
+    cancel_scheduled: Statement,
+    /// [`CLAIM_DUE`].
+    claim_due: Statement,
+    /// [`PURGE`].
+    purge: Statement,
+    /// [`MARK_READ`].
+    mark_read: Statement,
+    /// [`MARK_ALL_READ`].
+    mark_all_read: Statement,
+    /// [`DELETE`].
+    delete: Statement,
+}
+
+impl Statements for WriterStatements {
+    const READ_ONLY: bool = false;
+
+    async fn prepare(client: &Client) -> Result<WriterStatements, tokio_postgres::Error> {
+        Ok(WriterStatements {
+            insert: client.prepare(INSERT_NOTIFICATIONS).await?,
+            schedule: client.prepare(SCHEDULE).await?,
+            idempotency_lookup: client.prepare(IDEMPOTENCY_LOOKUP).await?,
+            cancel_scheduled: client.prepare(CANCEL_SCHEDULED).await?,
+            claim_due: client.prepare(CLAIM_DUE).await?,
+            purge: client.prepare(PURGE).await?,
+            mark_read: client.prepare(MARK_READ).await?,
+            mark_all_read: client.prepare(MARK_ALL_READ).await?,
+            delete: client.prepare(DELETE).await?,
+        })
+    }
+}
+
+/// One statement of a batch's pipeline (two for [`Step::FireDue`], which is why it runs alone).
+enum Step<'a> {
+    /// Consecutive [`WriteRequest::Insert`]s without a key (`requests` of them), as one insert.
+    Insert {
+        /// Every notification of the run, in order.
+        rows: Vec<&'a Notification>,
+        /// How many requests the run merges: each gets an [`WriteOutcome::Inserted`].
+        requests: usize,
+    },
+    /// A [`WriteRequest::Insert`] with an `Idempotency-Key`: alone, since its key decides whether
+    /// it writes.
+    KeyedInsert {
+        /// The notifications.
+        rows: Vec<&'a Notification>,
+        /// The key's record.
+        record: &'a IdempotencyRecord,
+    },
+    /// A [`WriteRequest::FireDue`]: claims, then inserts what it claimed, so it waits for the
+    /// statements before it and the ones after it wait for it.
+    FireDue {
+        /// Most to fire.
+        limit: usize,
+    },
+    /// Any other request, one statement.
+    Single(&'a WriteRequest),
+}
+
+/// Groups a batch into the statements that apply it: each run of consecutive inserts without a key
+/// merges into one. Order is kept, so each statement still sees the effect of the requests before it.
+fn plan(requests: &[WriteRequest]) -> Vec<Step<'_>> {
+    let mut steps: Vec<Step<'_>> = Vec::new();
+    for request in requests {
+        match (request, steps.last_mut()) {
+            (
+                WriteRequest::Insert {
+                    notifications,
+                    idempotency: None,
+                },
+                Some(Step::Insert { rows, requests }),
+            ) => {
+                rows.extend(notifications.iter().map(|n| &**n));
+                *requests += 1;
+            }
+            (
+                WriteRequest::Insert {
+                    notifications,
+                    idempotency: None,
+                },
+                _,
+            ) => steps.push(Step::Insert {
+                rows: notifications.iter().map(|n| &**n).collect(),
+                requests: 1,
+            }),
+            (
+                WriteRequest::Insert {
+                    notifications,
+                    idempotency: Some(record),
+                },
+                _,
+            ) => steps.push(Step::KeyedInsert {
+                rows: notifications.iter().map(|n| &**n).collect(),
+                record,
+            }),
+            (WriteRequest::FireDue { limit }, _) => steps.push(Step::FireDue { limit: *limit }),
+            (other, _) => steps.push(Step::Single(other)),
+        }
+    }
+    steps
+}
+
+/// The times of a [`BatchClock`] as statement parameters.
+#[derive(Debug, Clone, Copy)]
+struct StatementClock {
+    /// The batch's time (`read_at`, due times, records' creation).
+    now: Timestamp,
+    /// Idempotency records created at or before this are expired.
+    expired_before: Timestamp,
+}
+
+/// A key's record as the parameters `$1`–`$6` of a statement opening with [`claim_key!`].
+struct KeyParams<'a> {
+    /// `$1`; `None` for a write without a key.
+    key: Option<&'a str>,
+    /// `$2`.
+    fingerprint: Option<&'a [u8]>,
+    /// `$3`.
+    status: Option<i32>,
+    /// `$4`.
+    body: Option<&'a [u8]>,
+    /// `$5` and `$6`.
+    clock: StatementClock,
+}
+
+impl<'a> KeyParams<'a> {
+    /// The parameters of `record`, or the NULLs of "no key".
+    fn new(record: Option<&'a IdempotencyRecord>, clock: StatementClock) -> KeyParams<'a> {
+        KeyParams {
+            key: record.map(|r| r.key.as_str()),
+            fingerprint: record.map(|r| r.fingerprint.as_slice()),
+            status: record.map(|r| i32::from(r.status)),
+            body: record.map(|r| r.body.as_slice()),
+            clock,
+        }
+    }
+
+    /// `$1`–`$6`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.key,
+            &self.fingerprint,
+            &self.status,
+            &self.body,
+            &self.clock.expired_before,
+            &self.clock.now,
+        ]
+    }
+}
+
+/// The notifications of an insert as the columns-as-arrays `$7`–`$21` of [`INSERT_NOTIFICATIONS`].
+struct InsertArrays<'a> {
+    /// `$7`.
+    ids: Vec<Uuid>,
+    /// `$8`.
+    user_ids: Vec<Option<&'a str>>,
+    /// `$9`.
+    kinds: Vec<&'a str>,
+    /// `$10`.
+    titles: Vec<&'a str>,
+    /// `$11`.
+    messages: Vec<&'a str>,
+    /// `$12`: each a JSON array of channel names.
+    channels: Vec<String>,
+    /// `$13`.
+    broadcasts: Vec<bool>,
+    /// `$14`.
+    data: Vec<&'a str>,
+    /// `$15`.
+    created: Vec<Timestamp>,
+    /// `$16`.
+    read: Vec<Option<Timestamp>>,
+    /// `$17`.
+    delivered: Vec<Option<Timestamp>>,
+    /// `$18`.
+    seen: Vec<Option<Timestamp>>,
+    /// `$19`.
+    scheduled: Vec<Option<Timestamp>>,
+    /// `$22`.
+    schedule_ids: Vec<Option<Uuid>>,
+    /// `$20`: the channel of each channel-index row.
+    channel_names: Vec<&'a str>,
+    /// `$21`: the notification of each channel-index row.
+    channel_ids: Vec<Uuid>,
+}
+
+impl<'a> InsertArrays<'a> {
+    /// Transposes the rows into columns.
+    fn new(rows: &[&'a Notification]) -> Result<InsertArrays<'a>, Failure> {
+        let count = rows.len();
+        let mut arrays = InsertArrays {
+            ids: Vec::with_capacity(count),
+            user_ids: Vec::with_capacity(count),
+            kinds: Vec::with_capacity(count),
+            titles: Vec::with_capacity(count),
+            messages: Vec::with_capacity(count),
+            channels: Vec::with_capacity(count),
+            broadcasts: Vec::with_capacity(count),
+            data: Vec::with_capacity(count),
+            created: Vec::with_capacity(count),
+            read: Vec::with_capacity(count),
+            delivered: Vec::with_capacity(count),
+            seen: Vec::with_capacity(count),
+            scheduled: Vec::with_capacity(count),
+            schedule_ids: Vec::with_capacity(count),
+            channel_names: Vec::new(),
+            channel_ids: Vec::new(),
+        };
+        for &n in rows {
+            arrays.ids.push(n.id);
+            arrays.user_ids.push(n.user_id.as_deref());
+            arrays.kinds.push(&n.kind);
+            arrays.titles.push(&n.title);
+            arrays.messages.push(&n.message);
+            arrays.channels.push(
+                serde_json::to_string(&n.channels)
+                    .map_err(|e| Failure::Data(format!("cannot encode channels: {e}")))?,
+            );
+            arrays.broadcasts.push(n.broadcast);
+            arrays.data.push(&n.data);
+            arrays.created.push(Timestamp(n.created_at));
+            arrays.read.push(n.read_at.map(Timestamp));
+            arrays.delivered.push(n.delivered_at.map(Timestamp));
+            arrays.seen.push(n.seen_at.map(Timestamp));
+            arrays.scheduled.push(n.scheduled_at.map(Timestamp));
+            arrays.schedule_ids.push(n.schedule_id);
+            for channel in &n.channels {
+                arrays.channel_names.push(channel);
+                arrays.channel_ids.push(n.id);
+            }
+        }
+        Ok(arrays)
+    }
+
+    /// `$7`–`$22`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+        [
+            &self.ids,
+            &self.user_ids,
+            &self.kinds,
+            &self.titles,
+            &self.messages,
+            &self.channels,
+            &self.broadcasts,
+            &self.data,
+            &self.created,
+            &self.read,
+            &self.delivered,
+            &self.seen,
+            &self.scheduled,
+            &self.channel_names,
+            &self.channel_ids,
+            &self.schedule_ids,
+        ]
+    }
+}
+
+/// Runs [`INSERT_NOTIFICATIONS`] for `rows`; returns the key's verdict when `record` is given and the
+/// key was already used (nothing written), `None` when the rows were written.
+async fn insert_rows(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+    rows: &[&Notification],
+    record: Option<&IdempotencyRecord>,
+    clock: StatementClock,
+) -> Result<Option<WriteOutcome>, Failure> {
+    let key = KeyParams::new(record, clock);
+    let arrays = InsertArrays::new(rows)?;
+    let params: Vec<&(dyn ToSql + Sync)> =
+        key.params().into_iter().chain(arrays.params()).collect();
+    let row = tx.query_one(&statements.insert, &params).await?;
+    keyed_verdict(tx, statements, &row, record, clock).await
+}
+
+/// Reads the end of a statement that opened with [`claim_key!`]: `None` when the write went ahead,
+/// else the verdict on the key ([`WriteOutcome::Replayed`] or [`WriteOutcome::KeyReused`]).
+async fn keyed_verdict(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+    row: &Row,
+    record: Option<&IdempotencyRecord>,
+    clock: StatementClock,
+) -> Result<Option<WriteOutcome>, Failure> {
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let recorded: i64 = row.try_get(0).map_err(|e| column_error(0, e))?;
+    let found = match decode_record(row)? {
+        Some(found) => found,
+        None if recorded > 0 => return Ok(None),
+        None => {
+            // Lost a race for the key to another node, which has committed its record by now (our
+            // insert waited for it): read it. This statement is sent after the rest of the pipeline,
+            // which is harmless: nothing else in a batch reads or writes that fresh record.
+            let winner = tx
+                .query_opt(
+                    &statements.idempotency_lookup,
+                    &[&record.key, &clock.expired_before],
+                )
+                .await?;
+            match winner.as_ref().map(decode_record).transpose()?.flatten() {
+                Some(found) => found,
+                None => {
+                    return Err(Failure::Data(format!(
+                        "idempotency key {:?} was neither recorded nor found",
+                        record.key
+                    )))
+                }
+            }
+        }
+    };
+    Ok(Some(verdict(record, found).map_err(Failure::Data)?.into()))
+}
+
+/// Decodes an idempotency record (fingerprint, status, body) from the last three columns of `row`, or
+/// `None` when they are NULL (no record).
+fn decode_record(row: &Row) -> Result<Option<FoundRecord>, Failure> {
+    let first = row.len().saturating_sub(3);
+    let fingerprint: Option<Vec<u8>> = row.try_get(first).map_err(|e| column_error(first, e))?;
+    let Some(fingerprint) = fingerprint else {
+        return Ok(None);
+    };
+    let status: i32 = row
+        .try_get(first + 1)
+        .map_err(|e| column_error(first + 1, e))?;
+    let body: Vec<u8> = row
+        .try_get(first + 2)
+        .map_err(|e| column_error(first + 2, e))?;
+    Ok(Some(FoundRecord {
+        fingerprint,
+        status: i64::from(status),
+        body,
+    }))
+}
+
+/// Runs one single-statement step and returns the outcomes of the requests it covers. The statement
+/// is sent on the first poll (before the first await), which is what lets [`apply_batch_on`] pipeline
+/// the steps.
+async fn run_step(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+    step: Step<'_>,
+    clock: StatementClock,
+) -> Result<Vec<WriteOutcome>, Failure> {
+    let now = clock.now;
+    let outcome = match step {
+        Step::Insert { rows, requests } => {
+            insert_rows(tx, statements, &rows, None, clock).await?;
+            return Ok(vec![WriteOutcome::Inserted; requests]);
+        }
+        Step::KeyedInsert { rows, record } => {
+            insert_rows(tx, statements, &rows, Some(record), clock)
+                .await?
+                .unwrap_or(WriteOutcome::Inserted)
+        }
+        Step::FireDue { .. } => {
+            return Err(Failure::Data(
+                "a claim of due notifications inside a pipeline (a planning bug)".to_owned(),
+            ))
+        }
+        Step::Single(request) => match request {
+            WriteRequest::Schedule {
+                notification: n,
+                idempotency,
+            } => {
+                let key = KeyParams::new(idempotency.as_ref(), clock);
+                let scheduled_at = Timestamp(n.scheduled_at.unwrap_or(now.0));
+                let created_at = Timestamp(n.created_at);
+                let row: [&(dyn ToSql + Sync); 10] = [
+                    &n.id,
+                    &n.user_id,
+                    &n.kind,
+                    &n.title,
+                    &n.message,
+                    &n.channels,
+                    &n.broadcast,
+                    &n.data,
+                    &created_at,
+                    &scheduled_at,
+                ];
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    key.params().into_iter().chain(row).collect();
+                let found = tx.query_one(&statements.schedule, &params).await?;
+                keyed_verdict(tx, statements, &found, idempotency.as_ref(), clock)
+                    .await?
+                    .unwrap_or(WriteOutcome::Scheduled)
+            }
+            WriteRequest::CancelScheduled { id } => {
+                let changed = tx.execute(&statements.cancel_scheduled, &[id]).await?;
+                WriteOutcome::Cancelled(changed > 0)
+            }
+            WriteRequest::Purge {
+                created_before,
+                limit,
+            } => {
+                // No cut-off: the nil id, below which nothing is.
+                let below =
+                    created_before.map_or(Uuid::nil(), |ms| Uuid::from_bytes(first_id_of(ms)));
+                let deleted = tx
+                    .execute(
+                        &statements.purge,
+                        &[&clock.expired_before, &below, &sql_int(*limit)],
+                    )
+                    .await?;
+                WriteOutcome::Purged(deleted)
+            }
+            WriteRequest::MarkRead { user_id, id } => {
+                let row = tx
+                    .query_opt(&statements.mark_read, &[id, user_id, &now])
+                    .await?;
+                let found = row.map(|row| notification_from_row(&row, 0)).transpose()?;
+                WriteOutcome::MarkedRead(found.map(Box::new))
+            }
+            WriteRequest::MarkAllRead { user_id } => {
+                let changed = tx
+                    .execute(&statements.mark_all_read, &[user_id, &now])
+                    .await?;
+                WriteOutcome::MarkedAllRead(changed)
+            }
+            WriteRequest::Delete { user_id, id } => {
+                let changed = tx.execute(&statements.delete, &[id, user_id]).await?;
+                WriteOutcome::Deleted(changed > 0)
+            }
+            WriteRequest::Insert { .. } | WriteRequest::FireDue { .. } => {
+                return Err(Failure::Data(
+                    "an insert or claim planned as a single statement (a planning bug)".to_owned(),
+                ))
+            }
+        },
+    };
+    Ok(vec![outcome])
+}
+
+/// Claims the due scheduled notifications and stores them with new ids (see
+/// [`WriteRequest::FireDue`]).
+async fn fire_due(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+    limit: usize,
+    clock: StatementClock,
+    ids: &mut IdGenerator,
+) -> Result<WriteOutcome, Failure> {
+    let rows = tx
+        .query(&statements.claim_due, &[&clock.now, &sql_int(limit)])
+        .await?;
+    let due = rows
+        .iter()
+        .map(|row| notification_from_row(row, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let fired = fire_in_due_order(due, ids);
+    if !fired.is_empty() {
+        let rows: Vec<&Notification> = fired.iter().map(|n| &**n).collect();
+        insert_rows(tx, statements, &rows, None, clock).await?;
+    }
+    Ok(WriteOutcome::Fired(fired))
+}
+
+/// Awaits the pipelined steps of one segment and appends their outcomes, in order; the first error
+/// (the cause; the statements after it only say "transaction aborted") ends the batch.
+async fn finish_segment(
+    segment: &mut Vec<impl Future<Output = Result<Vec<WriteOutcome>, Failure>>>,
+    outcomes: &mut Vec<WriteOutcome>,
+) -> Result<(), Failure> {
+    // join_all polls the steps for the first time in order, and each sends its statement on that
+    // first poll, so the statements go out in batch order and the server runs them in that order.
+    for result in join_all(segment.drain(..)).await {
+        outcomes.extend(result?);
+    }
+    Ok(())
+}
+
+/// Applies a batch in one transaction: BEGIN, the steps pipelined (a claim of due notifications
+/// waits for the steps before it), COMMIT. Any error returns early, and dropping the transaction
+/// rolls it back.
+async fn apply_batch_on(
+    client: &mut Client,
+    statements: &WriterStatements,
+    requests: &[WriteRequest],
+    batch: BatchClock<'_>,
+) -> Result<Vec<WriteOutcome>, Failure> {
+    let tx = client.transaction().await?;
+    let clock = StatementClock {
+        now: Timestamp(batch.now),
+        expired_before: Timestamp(batch.keys_expired_before),
+    };
+    let ids = batch.ids;
+    let mut outcomes = Vec::with_capacity(requests.len());
+    // Built but not polled: nothing is sent until the segment is finished.
+    let mut segment = Vec::new();
+    for step in plan(requests) {
+        if let Step::FireDue { limit } = step {
+            finish_segment(&mut segment, &mut outcomes).await?;
+            outcomes.push(fire_due(&tx, statements, limit, clock, ids).await?);
+        } else {
+            segment.push(run_step(&tx, statements, step, clock));
+        }
+    }
+    finish_segment(&mut segment, &mut outcomes).await?;
+    drop(segment); // empty now; it borrowed `tx`
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// The store thread's connection.
+pub(crate) struct PostgresWriter {
+    /// The connection, reconnecting as needed.
+    link: Link<WriterStatements>,
+}
+
+impl PostgresWriter {
+    /// Connects (the migrations must have run: the statements are prepared against the tables).
+    pub(crate) fn open(target: &PostgresTarget) -> Result<PostgresWriter, String> {
+        Ok(PostgresWriter {
+            link: Link::open(target, "writer".to_owned())?,
+        })
+    }
+}
+
+impl WriteBackend for PostgresWriter {
+    fn apply_batch(&mut self, requests: &[WriteRequest], clock: BatchClock<'_>) -> Applied {
+        self.link.run(async |client, statements| {
+            apply_batch_on(client, statements, requests, clock).await
+        })
+    }
+}
