@@ -3,7 +3,7 @@
 //! # What it measures
 //!
 //! The server's headline claim is about 1 KiB of server memory per idle WebSocket connection (see
-//! DESIGN.md, "Memory per connection"). `loadtest idle` checks it from outside: it reads the server's
+//! docs/architecture.md, "Memory per connection"). `loadtest idle` checks it from outside: it reads the server's
 //! `VmRSS` from `/proc/<pid>/status`, opens N WebSocket connections, each as a distinct user
 //! (`GET /ws?user_id=u0`, `u1`, ...), lets the server settle, reads `VmRSS` again and divides the
 //! growth by the connections held. While the connections sit idle it also samples the server's CPU

@@ -10,7 +10,7 @@
 //! 5. tell the workers to quit, then print a summary and one JSON line.
 //!
 //! Bytes per connection is `(rss_after - rss_before) / connections held`, the figure the ~1 KiB budget
-//! of DESIGN.md is stated in.
+//! is stated in (docs/architecture.md, "Memory per connection").
 
 use std::fmt;
 use std::process::ExitCode;
