@@ -59,6 +59,7 @@
 //! bus          auth
 //! config       metrics     ws
 //! store        delivery    json_input
+//! scheduler
 //! model        http        json_depth
 //! ```
 //!
