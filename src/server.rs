@@ -299,7 +299,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()));
     let metrics = Arc::new(Metrics::new(shards));
 
-    let url = StoreUrl::parse(&config.database_url).map_err(StartupError::Setting)?;
+    let url =
+        StoreUrl::parse(&config.database_url).map_err(|e| StartupError::Setting(e.to_string()))?;
     if matches!(url, StoreUrl::Postgres(_))
         && config.sqlite_synchronous != crate::store::SqliteSynchronous::default()
     {

@@ -5,7 +5,9 @@
 //! (the cause's text included), because that one line is what the logs, the start-up failure and the
 //! API's 503 show; `source()` is there for code that needs the cause itself.
 
+use std::error::Error as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A failure of the database, for the logs and the 503 answer.
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +78,50 @@ pub enum OpenError {
         #[source]
         cause: std::io::Error,
     },
-    /// The database is reachable but unusable as configured, or unreachable (PostgreSQL: the message
-    /// names the server without its password, and the cause).
+    /// `DATABASE_URL` cannot work: a wrong scheme, no file, an in-memory SQLite (our own checks, with no
+    /// cause), or a PostgreSQL URL its client library cannot parse (its error is the cause).
+    #[error("{reason}")]
+    Url {
+        /// What is wrong, without echoing the URL (it may hold a password).
+        reason: String,
+        /// The client library's parse error, when it was the one to refuse.
+        #[source]
+        cause: Option<tokio_postgres::Error>,
+    },
+    /// PostgreSQL refused, or the connection to it failed: what was being done (naming the server
+    /// without its password), and the client's error.
+    #[error("{context}: {}", postgres_message(.cause))]
+    Postgres {
+        /// What was being done (`cannot connect the postgres store (writer) to postgres://...`).
+        context: String,
+        /// The client library's error; the server's own words are in it when the server said something.
+        #[source]
+        cause: tokio_postgres::Error,
+    },
+    /// PostgreSQL did not finish a connection set-up in time: nothing refused, so there is no cause.
+    #[error("{context}: no connection within {} ms (is the server reachable?)", .limit.as_millis())]
+    NoConnection {
+        /// What was being done, as for [`OpenError::Postgres`].
+        context: String,
+        /// How long the attempt was given.
+        limit: Duration,
+    },
+    /// The database answered without an error, but not what was asked (SQLite kept another journal
+    /// mode, or another `synchronous`): there is no cause to keep, only what was asked and what came
+    /// back.
     #[error("{0}")]
     Refused(String),
 }
 
-impl From<String> for OpenError {
-    fn from(why: String) -> OpenError {
-        OpenError::Refused(why)
+/// A PostgreSQL client error on one line. tokio-postgres's own message leaves out the server's text and
+/// the I/O error (they are its source), which are what an operator needs to read: say both.
+pub(crate) fn postgres_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("postgres: {db}"),
+        None => match e.source() {
+            Some(cause) => format!("postgres: {e}: {cause}"),
+            None => format!("postgres: {e}"),
+        },
     }
 }
 

@@ -89,28 +89,39 @@ pub enum StoreUrl {
 impl StoreUrl {
     /// Parses a `DATABASE_URL`. A `?query` after an SQLite path (as sqlx-style URLs carry, e.g.
     /// `?mode=rwc`) is ignored: the file is always opened read-write and created if missing.
-    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+    pub fn parse(url: &str) -> Result<StoreUrl, OpenError> {
         let url = url.trim();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(StoreUrl::Postgres(url.to_owned()));
         }
         let Some(rest) = url.strip_prefix("sqlite:") else {
-            return Err("DATABASE_URL must start with sqlite:// or postgres://".to_owned());
+            return Err(bad_url(
+                "DATABASE_URL must start with sqlite:// or postgres://",
+            ));
         };
         let rest = rest.strip_prefix("//").unwrap_or(rest);
         let path = rest.split('?').next().unwrap_or_default();
         if path.is_empty() {
-            return Err(
-                "DATABASE_URL sqlite:// names no file (e.g. sqlite://data/notifications.db)"
-                    .to_owned(),
-            );
+            return Err(bad_url(
+                "DATABASE_URL sqlite:// names no file (e.g. sqlite://data/notifications.db)",
+            ));
         }
         if path == ":memory:" {
             // Reader threads need their own connections to the same data, which a private in-memory
             // database cannot give.
-            return Err("DATABASE_URL sqlite://:memory: is not supported; name a file".to_owned());
+            return Err(bad_url(
+                "DATABASE_URL sqlite://:memory: is not supported; name a file",
+            ));
         }
         Ok(StoreUrl::Sqlite(PathBuf::from(path)))
+    }
+}
+
+/// A `DATABASE_URL` refused by our own checks: there is no cause to keep.
+fn bad_url(reason: &str) -> OpenError {
+    OpenError::Url {
+        reason: reason.to_owned(),
+        cause: None,
     }
 }
 

@@ -365,11 +365,10 @@ impl SqliteWriter {
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(context)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(format!(
+            return Err(OpenError::Refused(format!(
                 "cannot open sqlite database {}: WAL mode refused (journal_mode is {mode})",
                 path.display()
-            )
-            .into());
+            )));
         }
         // See the module doc for what each setting means on power loss. Read back, since SQLite
         // ignores a setting it does not know instead of failing; the log line of start-up shows the
@@ -380,11 +379,10 @@ impl SqliteWriter {
             .pragma_query_value(None, "synchronous", |row| row.get(0))
             .map_err(context)?;
         if effective != synchronous.pragma_number() {
-            return Err(format!(
+            return Err(OpenError::Refused(format!(
                 "cannot open sqlite database {}: synchronous={synchronous} refused (it reads back {effective})",
                 path.display()
-            )
-            .into());
+            )));
         }
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
             .map_err(context)?;
@@ -410,19 +408,22 @@ impl SqliteWriter {
     /// dropped (the store thread has committed its last batch and exited).
     pub(crate) fn spawn_checkpointer(&mut self, path: &Path) -> Result<JoinHandle<()>, OpenError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            format!(
-                "cannot open sqlite database {} to checkpoint: {e}",
+        let conn = Connection::open_with_flags(path, flags).map_err(|cause| OpenError::Sqlite {
+            context: format!(
+                "cannot open sqlite database {} to checkpoint",
                 path.display()
-            )
+            ),
+            cause,
         })?;
         // A RESTART checkpoint waits this long for the writer's current transaction to end.
-        conn.busy_timeout(CHECKPOINT_BUSY_TIMEOUT).map_err(|e| {
-            format!(
-                "cannot configure sqlite database {} to checkpoint: {e}",
-                path.display()
-            )
-        })?;
+        conn.busy_timeout(CHECKPOINT_BUSY_TIMEOUT)
+            .map_err(|cause| OpenError::Sqlite {
+                context: format!(
+                    "cannot configure sqlite database {} to checkpoint",
+                    path.display()
+                ),
+                cause,
+            })?;
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let handle = std::thread::Builder::new()
             .name(CHECKPOINTER_THREAD_NAME.to_owned())

@@ -1,13 +1,12 @@
 //! The migration runner of the PostgreSQL backend: applies `migrations/postgres/` at start-up, under an
 //! advisory lock so that several nodes starting together apply each migration once.
 
-use std::fmt;
-
 use tokio_postgres::Client;
 
-use super::session::{connect_client, new_runtime, Failure, PostgresTarget};
+use super::session::{connect_within, new_runtime, PostgresTarget};
 use super::sql::CREATE_MIGRATIONS_TABLE;
 use crate::store::backend::{migrations, warn_if_schema_is_newer, Migration};
+use crate::store::OpenError;
 
 /// Every migration, in order (see [`migrations!`]).
 pub(crate) const MIGRATIONS: &[Migration] = migrations!("postgres");
@@ -21,22 +20,24 @@ const MIGRATION_LOCK_KEY: i64 = 0x6e6f_7469_6679_0001;
 /// with its record, while holding a session advisory lock, so several nodes starting at once apply each
 /// migration once (the others wait, then find it recorded). Runs on a connection of its own, closed at
 /// the end (which would release the lock even if unlocking failed). Returns how many were applied.
-pub(crate) fn migrate(target: &PostgresTarget) -> Result<usize, String> {
+pub(crate) fn migrate(target: &PostgresTarget) -> Result<usize, OpenError> {
     let runtime = new_runtime()?;
-    let context =
-        |e: &dyn fmt::Display| format!("cannot migrate the postgres database {target}: {e}");
+    let context = || format!("cannot migrate the postgres database {target}");
     runtime.block_on(async {
-        let (client, _connection) =
-            tokio::time::timeout(target.setup_timeout, connect_client(&target.config))
-                .await
-                .map_err(|_| context(&format!("no connection within {:?}", target.setup_timeout)))?
-                .map_err(|e| context(&e))?;
-        migrate_on(client).await.map_err(|e| context(&e))
+        let (client, _connection) = connect_within(&target.config, target.setup_timeout)
+            .await
+            .map_err(|e| e.opening(context()))?;
+        migrate_on(client)
+            .await
+            .map_err(|cause| OpenError::Postgres {
+                context: context(),
+                cause,
+            })
     })
 }
 
 /// See [`migrate`]; `client` is closed when this returns.
-async fn migrate_on(mut client: Client) -> Result<usize, Failure> {
+async fn migrate_on(mut client: Client) -> Result<usize, tokio_postgres::Error> {
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?

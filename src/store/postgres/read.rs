@@ -11,7 +11,7 @@ use crate::model::Notification;
 use crate::store::backend::{
     history_before, history_fetch, history_page, sql_int, BackendError, ReadBackend,
 };
-use crate::store::{HistoryPage, HistoryQuery, ReplayQuery};
+use crate::store::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
 
 /// A reader thread's prepared statements.
 struct ReaderStatements {
@@ -49,7 +49,7 @@ pub(crate) struct PostgresReader {
 
 impl PostgresReader {
     /// Connects reader number `index` (for logs).
-    pub(crate) fn open(target: &PostgresTarget, index: usize) -> Result<PostgresReader, String> {
+    pub(crate) fn open(target: &PostgresTarget, index: usize) -> Result<PostgresReader, OpenError> {
         Ok(PostgresReader {
             link: Link::open(target, format!("reader {index}"))?,
         })

@@ -2,7 +2,6 @@
 //! statements, and the [`Link`] that outlives its sessions, reconnecting with backoff after a failure and
 //! bounding every request with a timeout (see the module doc of `postgres/mod.rs`).
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
@@ -14,6 +13,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::store::backend::BackendError;
+use crate::store::error::postgres_message;
+use crate::store::OpenError;
 
 /// Longest wait for a TCP connection to the server, unless the URL's `connect_timeout` says otherwise.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,9 +80,13 @@ pub(crate) struct PostgresTarget {
 impl PostgresTarget {
     /// Parses a `postgres://` URL (or a libpq `key=value` string) and fills in the timeouts, keepalives
     /// and application name the URL does not set itself.
-    pub(crate) fn parse(url: &str) -> Result<PostgresTarget, String> {
-        // tokio-postgres's own error names the bad part without echoing the URL.
-        let mut config = Config::from_str(url).map_err(|e| format!("invalid DATABASE_URL: {e}"))?;
+    pub(crate) fn parse(url: &str) -> Result<PostgresTarget, OpenError> {
+        // Only the error's own message is shown, never its cause's: that one may quote a piece of the
+        // URL, which may be the password. The cause stays reachable through `source()`.
+        let mut config = Config::from_str(url).map_err(|cause| OpenError::Url {
+            reason: format!("invalid DATABASE_URL: {cause}"),
+            cause: Some(cause),
+        })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -174,14 +179,7 @@ impl From<tokio_postgres::Error> for Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            // tokio-postgres's message omits the server's text (it is the error's source); say both.
-            Failure::Postgres(e) => match e.as_db_error() {
-                Some(db) => write!(f, "postgres: {db}"),
-                None => match e.source() {
-                    Some(cause) => write!(f, "postgres: {e}: {cause}"),
-                    None => write!(f, "postgres: {e}"),
-                },
-            },
+            Failure::Postgres(e) => f.write_str(&postgres_message(e)),
             Failure::Data(why) => write!(f, "postgres: {why}"),
         }
     }
@@ -208,6 +206,51 @@ impl BackendError {
             message,
             cause: None,
         }
+    }
+}
+
+/// Why a connection attempt failed: the client's error, or no answer in time.
+#[derive(Debug)]
+pub(super) enum ConnectFailure {
+    /// The server refused (authentication, a missing table to prepare against) or could not be reached.
+    Refused(tokio_postgres::Error),
+    /// The set-up did not finish within this limit.
+    TimedOut(Duration),
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectFailure::Refused(e) => f.write_str(&postgres_message(e)),
+            ConnectFailure::TimedOut(limit) => write!(
+                f,
+                "no connection within {} ms (is the server reachable?)",
+                limit.as_millis()
+            ),
+        }
+    }
+}
+
+impl ConnectFailure {
+    /// The start-up error for this failure while doing `context`, keeping the client's error as its
+    /// cause.
+    pub(super) fn opening(self, context: String) -> OpenError {
+        match self {
+            ConnectFailure::Refused(cause) => OpenError::Postgres { context, cause },
+            ConnectFailure::TimedOut(limit) => OpenError::NoConnection { context, limit },
+        }
+    }
+}
+
+/// Connects within `limit`, and starts the connection's task on the current runtime. Must run inside
+/// `block_on`.
+pub(super) async fn connect_within(
+    config: &Config,
+    limit: Duration,
+) -> Result<(Client, JoinHandle<()>), ConnectFailure> {
+    match tokio::time::timeout(limit, connect_client(config)).await {
+        Ok(connected) => connected.map_err(ConnectFailure::Refused),
+        Err(_) => Err(ConnectFailure::TimedOut(limit)),
     }
 }
 
@@ -310,16 +353,21 @@ pub(super) struct Link<S> {
 }
 
 /// A current-thread runtime with the I/O and timer drivers tokio-postgres needs.
-pub(super) fn new_runtime() -> Result<Runtime, String> {
+pub(super) fn new_runtime() -> Result<Runtime, OpenError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
-        .map_err(|e| format!("cannot start a runtime for the postgres store: {e}"))
+        .map_err(|cause| OpenError::Io {
+            context: "cannot start a runtime for the postgres store".to_owned(),
+            cause,
+        })
 }
 
 /// Connects and starts the connection's task on the current runtime. Must run inside `block_on`.
-pub(super) async fn connect_client(config: &Config) -> Result<(Client, JoinHandle<()>), Failure> {
+pub(super) async fn connect_client(
+    config: &Config,
+) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     let task = tokio::spawn(async move {
         // Ends when the client is dropped or the socket fails; the failure reaches the caller of the
@@ -332,7 +380,7 @@ pub(super) async fn connect_client(config: &Config) -> Result<(Client, JoinHandl
 }
 
 /// Connects, applies the session settings and prepares the statements: a ready session.
-async fn open_session<S: Statements>(config: &Config) -> Result<Session<S>, Failure> {
+async fn open_session<S: Statements>(config: &Config) -> Result<Session<S>, tokio_postgres::Error> {
     let (client, connection) = connect_client(config).await?;
     client
         .batch_execute(&session_settings(S::READ_ONLY))
@@ -374,7 +422,7 @@ impl<S> Drop for Link<S> {
 impl<S: Statements> Link<S> {
     /// Opens the first session now, so a wrong URL or a missing schema stops the start-up with a clear
     /// error instead of a stream of 503s.
-    pub(super) fn open(target: &PostgresTarget, role: String) -> Result<Link<S>, String> {
+    pub(super) fn open(target: &PostgresTarget, role: String) -> Result<Link<S>, OpenError> {
         let mut link = Link {
             runtime: new_runtime()?,
             target: target.clone(),
@@ -384,16 +432,16 @@ impl<S: Statements> Link<S> {
             last_connect_error: String::new(),
         };
         link.connect().map_err(|e| {
-            format!(
-                "cannot connect the postgres store ({}) to {target}: {e}",
+            e.opening(format!(
+                "cannot connect the postgres store ({}) to {target}",
                 link.role
-            )
+            ))
         })?;
         Ok(link)
     }
 
     /// One connection attempt, bounded by the target's set-up timeout.
-    fn connect(&mut self) -> Result<(), String> {
+    fn connect(&mut self) -> Result<(), ConnectFailure> {
         let config = &self.target.config;
         let limit = self.target.setup_timeout;
         let attempt = self
@@ -404,11 +452,8 @@ impl<S: Statements> Link<S> {
                 self.session = Some(session);
                 Ok(())
             }
-            Ok(Err(failure)) => Err(failure.to_string()),
-            Err(_) => Err(format!(
-                "no connection within {} ms (is the server reachable?)",
-                limit.as_millis()
-            )),
+            Ok(Err(e)) => Err(ConnectFailure::Refused(e)),
+            Err(_) => Err(ConnectFailure::TimedOut(limit)),
         }
     }
 
@@ -457,8 +502,15 @@ impl<S: Statements> Link<S> {
                     retry_in_ms = self.backoff.wait_left(Instant::now()).map_or(0, |w| w.as_millis()),
                     "postgres connection attempt failed"
                 );
-                self.last_connect_error = e.clone();
-                Err(BackendError::postgres(format!("postgres unreachable: {e}")))
+                self.last_connect_error = e.to_string();
+                let message = format!("postgres unreachable: {e}");
+                Err(match e {
+                    ConnectFailure::Refused(cause) => BackendError::Postgres {
+                        message,
+                        cause: Some(cause),
+                    },
+                    ConnectFailure::TimedOut(_) => BackendError::postgres(message),
+                })
             }
         }
     }

@@ -59,11 +59,11 @@ pub(crate) struct SideConnection {
 impl SideConnection {
     /// Connects to `url`.
     pub(crate) fn connect(url: &str) -> Result<SideConnection, String> {
-        let target = PostgresTarget::parse(url)?;
-        let runtime = new_runtime()?;
+        let target = PostgresTarget::parse(url).map_err(|e| e.to_string())?;
+        let runtime = new_runtime().map_err(|e| e.to_string())?;
         let (client, _connection) = runtime
             .block_on(connect_client(&target.config))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::from(e).to_string())?;
         Ok(SideConnection { runtime, client })
     }
 
@@ -112,7 +112,7 @@ impl TestSchema {
             Ok(admin) => admin,
             Err(e) if in_ci() => panic!(
                 "PostgreSQL at {} is unreachable and CI=true requires it: {e}",
-                PostgresTarget::parse(&base).map_or_else(|e| e, |t| t.to_string())
+                PostgresTarget::parse(&base).map_or_else(|e| e.to_string(), |t| t.to_string())
             ),
             Err(e) => {
                 eprintln!(

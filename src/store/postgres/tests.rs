@@ -535,3 +535,47 @@ fn data_reads_back_as_jsonb_normalized_text() {
         "jsonb's normalized text"
     );
 }
+
+#[test]
+fn open_errors_keep_the_client_error_as_their_cause_and_hide_the_password() {
+    use std::error::Error as _;
+
+    use crate::store::OpenError;
+
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once, no server needed.
+    let target =
+        PostgresTarget::parse("postgres://ns:hunter2@127.0.0.1:1/n?connect_timeout=2").unwrap();
+    let errors = [
+        PostgresWriter::open(&target).err().unwrap(),
+        PostgresReader::open(&target, 3).err().unwrap(),
+        migrate(&target).unwrap_err(),
+    ];
+    let contexts = [
+        "cannot connect the postgres store (writer) to postgres://ns@127.0.0.1:1/n: postgres: ",
+        "cannot connect the postgres store (reader 3) to postgres://ns@127.0.0.1:1/n: postgres: ",
+        "cannot migrate the postgres database postgres://ns@127.0.0.1:1/n: postgres: ",
+    ];
+    for (err, context) in errors.iter().zip(contexts) {
+        assert!(matches!(err, OpenError::Postgres { .. }), "{err:?}");
+        let shown = err.to_string();
+        assert!(shown.starts_with(context), "{shown}");
+        assert!(!shown.contains('\n'), "one line: {shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let cause = err.source().expect("a cause");
+        let client = cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .expect("the cause is the client's error");
+        // The operating system's refusal is further down the chain, and in the one line too.
+        let os = client.source().expect("the I/O error behind the client's");
+        assert!(shown.ends_with(&os.to_string()), "{shown}");
+    }
+
+    let bad = PostgresTarget::parse("postgres://ns:hunter2@db:notaport/n").unwrap_err();
+    assert!(matches!(bad, OpenError::Url { .. }), "{bad:?}");
+    assert!(
+        bad.to_string().starts_with("invalid DATABASE_URL: "),
+        "{bad}"
+    );
+    assert!(!bad.to_string().contains("hunter2"), "{bad}");
+    assert!(bad.source().unwrap().is::<tokio_postgres::Error>());
+}

@@ -20,6 +20,7 @@ use crate::store::backend::{
     WriteRequest,
 };
 use crate::store::idempotency::{verdict, FoundRecord, IdempotencyRecord};
+use crate::store::OpenError;
 
 /// The store thread's prepared statements.
 struct WriterStatements {
@@ -540,7 +541,7 @@ pub(crate) struct PostgresWriter {
 
 impl PostgresWriter {
     /// Connects (the migrations must have run: the statements are prepared against the tables).
-    pub(crate) fn open(target: &PostgresTarget) -> Result<PostgresWriter, String> {
+    pub(crate) fn open(target: &PostgresTarget) -> Result<PostgresWriter, OpenError> {
         Ok(PostgresWriter {
             link: Link::open(target, "writer".to_owned())?,
         })
