@@ -52,171 +52,214 @@ pub const MAX_STORE_MAX_BATCH: usize = 65_536;
 #[command(name = "notification-service", version, about = "A thread-per-core real-time notification server", long_about = None)]
 pub struct Config {
     /// Listen port. 0 picks a free port (the chosen one is printed at start-up).
-    #[arg(long, env = "PORT", default_value_t = 8080)]
+    #[arg(long, global = true, env = "PORT", default_value_t = 8080)]
     pub port: u16,
 
     /// Listen address.
-    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    #[arg(long, global = true, env = "HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
 
     /// `sqlite://path` (embedded, the default) or `postgres://...`.
     #[arg(
         long,
+        global = true,
         env = "DATABASE_URL",
         default_value = "sqlite://data/notifications.db"
     )]
     pub database_url: String,
 
     /// Redis that joins several nodes (`host:port` or `redis://host:port/db`). Unset: single node.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, global = true, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
     /// Redis Cluster that joins several nodes through sharded Pub/Sub (Redis 7): seed nodes as
     /// `host:port,host:port,...`. Not with REDIS_URL.
-    #[arg(long, env = "REDIS_CLUSTER")]
+    #[arg(long, global = true, env = "REDIS_CLUSTER")]
     pub redis_cluster: Option<String>,
 
     /// Start of every Redis channel name, so several deployments can share one Redis.
-    #[arg(long, env = "REDIS_PREFIX", default_value = "notif:")]
+    #[arg(long, global = true, env = "REDIS_PREFIX", default_value = "notif:")]
     pub redis_prefix: String,
 
     /// Milliseconds a node of a multi-node deployment may go without announcing itself on Redis
     /// before the others take it for gone and catch up from the store what it may not have published.
-    #[arg(long, env = "REDIS_NODE_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_NODE_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
     pub redis_node_timeout_ms: u64,
 
     /// Executors, one per core. Default: the number of CPUs.
-    #[arg(long, env = "SHARDS")]
+    #[arg(long, global = true, env = "SHARDS")]
     pub shards: Option<usize>,
 
     /// If set, every `/api/*` route and the `/notifications` alias want `Authorization: Bearer <key>`
     /// or `X-API-Key: <key>` (401 otherwise). Several keys, comma-separated, so a key can be rotated.
-    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// If set, `/metrics` wants `Authorization: Bearer <token>` (401 otherwise). Unset: open.
-    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
     /// If set, `/ws` wants an HS256 JWT signed with this secret (`?token=`, `Authorization: Bearer`
     /// or `Sec-WebSocket-Protocol: bearer, <jwt>`); its `sub` is the user and `channels` the channel
     /// patterns it may join. A bare `user_id` is refused (401).
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
     /// Seconds of clock skew allowed when checking a JWT's `exp` and `nbf`.
-    #[arg(long, env = "JWT_LEEWAY_S", default_value_t = 30)]
+    #[arg(long, global = true, env = "JWT_LEEWAY_S", default_value_t = 30)]
     pub jwt_leeway_s: u64,
 
     /// Seconds between server WebSocket pings; a connection that misses two pongs is closed.
-    #[arg(long, env = "HEARTBEAT_S", default_value_t = 30)]
+    #[arg(long, global = true, env = "HEARTBEAT_S", default_value_t = 30)]
     pub heartbeat_s: u64,
 
     /// Largest accepted HTTP request body, in bytes (413 above it).
-    #[arg(long, env = "MAX_BODY", default_value_t = 64 * 1024)]
+    #[arg(long, global = true, env = "MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
 
     /// Largest accepted body of `POST /api/v1/notifications/batch` (up to 1,000 notifications), in bytes.
-    #[arg(long, env = "MAX_BATCH_BODY", default_value_t = 1024 * 1024)]
+    #[arg(long, global = true, env = "MAX_BATCH_BODY", default_value_t = 1024 * 1024)]
     pub max_batch_body: usize,
 
     /// Largest accepted HTTP request head, in bytes (431 above it).
-    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 8 * 1024)]
+    #[arg(long, global = true, env = "MAX_HEADER_BYTES", default_value_t = 8 * 1024)]
     pub max_header_bytes: usize,
 
     /// Largest accepted WebSocket message, in bytes (close 1009 above it).
-    #[arg(long, env = "MAX_FRAME", default_value_t = 64 * 1024)]
+    #[arg(long, global = true, env = "MAX_FRAME", default_value_t = 64 * 1024)]
     pub max_frame: usize,
 
     /// Deepest nesting of JSON arrays and objects accepted in a request body or WebSocket message
     /// (400 `invalid_json`, or an `error` event, above it). At most 128.
-    #[arg(long, env = "MAX_JSON_DEPTH", default_value_t = crate::json_depth::DEFAULT_MAX_JSON_DEPTH)]
+    #[arg(long, global = true, env = "MAX_JSON_DEPTH", default_value_t = crate::json_depth::DEFAULT_MAX_JSON_DEPTH)]
     pub max_json_depth: usize,
 
     /// Most bytes queued for one slow connection before it is closed with 1013.
-    #[arg(long, env = "MAX_OUTBOUND_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, global = true, env = "MAX_OUTBOUND_BYTES", default_value_t = 1024 * 1024)]
     pub max_outbound_bytes: usize,
 
     /// Most channels one WebSocket connection may subscribe to.
-    #[arg(long, env = "MAX_CHANNELS_PER_CONNECTION", default_value_t = 100)]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_CHANNELS_PER_CONNECTION",
+        default_value_t = 100
+    )]
     pub max_channels_per_connection: usize,
 
     /// Most connections (HTTP and WebSocket) one shard holds; over it new ones get 503.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_SHARD", default_value_t = 500_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_CONNECTIONS_PER_SHARD",
+        default_value_t = 500_000
+    )]
     pub max_connections_per_shard: usize,
 
     /// Most connections (HTTP and WebSocket) the node holds over all shards; over it new ones get
     /// 503. 0: no limit beyond MAX_CONNECTIONS_PER_SHARD.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 0)]
+    #[arg(long, global = true, env = "MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
     /// Most connections from one client IP address over all shards; over it new ones get 503.
     /// 0: no limit.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_CONNECTIONS_PER_IP",
+        default_value_t = 0
+    )]
     pub max_connections_per_ip: usize,
 
     /// Most WebSocket connections of one user over all shards; over it a new one is closed with 1013
     /// right after the upgrade. 0: no limit.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_CONNECTIONS_PER_USER",
+        default_value_t = 0
+    )]
     pub max_connections_per_user: usize,
 
     /// HTTP API requests per second allowed to one API key over the whole node (429 with
     /// `Retry-After` over it). 0: no limit. Applies only with API_KEY set.
-    #[arg(long, env = "RATE_LIMIT_API", default_value_t = 0)]
+    #[arg(long, global = true, env = "RATE_LIMIT_API", default_value_t = 0)]
     pub rate_limit_api: u32,
 
     /// How many API requests one key may make at once above RATE_LIMIT_API. 0: one second's worth.
-    #[arg(long, env = "RATE_LIMIT_API_BURST", default_value_t = 0)]
+    #[arg(long, global = true, env = "RATE_LIMIT_API_BURST", default_value_t = 0)]
     pub rate_limit_api_burst: u32,
 
     /// WebSocket messages per second allowed to one connection (an `error` event `rate_limited` over
     /// it; close 1008 when the client keeps going). 0: no limit.
-    #[arg(long, env = "RATE_LIMIT_WS", default_value_t = 0)]
+    #[arg(long, global = true, env = "RATE_LIMIT_WS", default_value_t = 0)]
     pub rate_limit_ws: u32,
 
     /// How many WebSocket messages one connection may send at once above RATE_LIMIT_WS; also how many
     /// refused messages in a row close it with 1008. 0: one second's worth.
-    #[arg(long, env = "RATE_LIMIT_WS_BURST", default_value_t = 0)]
+    #[arg(long, global = true, env = "RATE_LIMIT_WS_BURST", default_value_t = 0)]
     pub rate_limit_ws_burst: u32,
 
     /// Seconds a client has to send a complete request head (408 after).
-    #[arg(long, env = "HEADER_TIMEOUT_S", default_value_t = 10)]
+    #[arg(long, global = true, env = "HEADER_TIMEOUT_S", default_value_t = 10)]
     pub header_timeout_s: u64,
 
     /// Seconds an idle keep-alive HTTP connection is kept open.
-    #[arg(long, env = "KEEPALIVE_TIMEOUT_S", default_value_t = 75)]
+    #[arg(long, global = true, env = "KEEPALIVE_TIMEOUT_S", default_value_t = 75)]
     pub keepalive_timeout_s: u64,
 
     /// Most stored notifications replayed by one `resume` (`complete: false` when cut).
-    #[arg(long, env = "MAX_REPLAY", default_value_t = 1000)]
+    #[arg(long, global = true, env = "MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: usize,
 
     /// Seconds a graceful shutdown waits for in-flight requests before closing anyway.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    #[arg(long, global = true, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
 
     /// Days to keep notifications; older ones are deleted in small batches. Unset: keep forever.
-    #[arg(long, env = "RETENTION_DAYS")]
+    #[arg(long, global = true, env = "RETENTION_DAYS")]
     pub retention_days: Option<u32>,
 
     /// Store reader threads (history, replay, health), each with its own database connection.
-    #[arg(long, env = "STORE_READERS", default_value_t = crate::store::DEFAULT_READER_THREADS, value_parser = parse_store_readers)]
+    #[arg(long, global = true, env = "STORE_READERS", default_value_t = crate::store::DEFAULT_READER_THREADS, value_parser = parse_store_readers)]
     pub store_readers: usize,
 
     /// Most rows the store writer commits in one transaction (group commit); a single larger request
     /// still commits whole, alone.
-    #[arg(long, env = "STORE_MAX_BATCH", default_value_t = crate::store::DEFAULT_MAX_BATCH, value_parser = parse_store_max_batch)]
+    #[arg(long, global = true, env = "STORE_MAX_BATCH", default_value_t = crate::store::DEFAULT_MAX_BATCH, value_parser = parse_store_max_batch)]
     pub store_max_batch: usize,
 
     /// What a commit of the embedded SQLite store waits for: `normal` (no fsync per commit; survives
     /// a crash of the process, a power loss may take back about the last 500 ms) or `full` (an fsync
     /// per committed batch; survives a power loss too). Ignored with PostgreSQL.
-    #[arg(long, env = "SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = parse_sqlite_synchronous)]
+    #[arg(long, global = true, env = "SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = parse_sqlite_synchronous)]
     pub sqlite_synchronous: SqliteSynchronous,
 
     /// Log format: `text` or `json`. The level comes from `RUST_LOG` (default `info`).
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// What to do instead of serving (`migrate`, `check-config`); none runs the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The one-off jobs of the binary besides serving (API.md, "Command line"). Every setting above is
+/// read for them too, from the environment or as a flag before or after the subcommand's name, so the
+/// job sees exactly what a node started with the same environment would.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Apply the store's migrations (as start-up does), print what was applied, and exit: 0 when the
+    /// schema is current, 1 when the store cannot be reached or migrated.
+    Migrate,
+    /// Validate every setting as start-up does, then try to reach the store and Redis without changing
+    /// anything; print one line per check, and exit 0 when all is well, 2 when anything is wrong.
+    CheckConfig,
 }
 
 impl Config {
@@ -227,60 +270,86 @@ impl Config {
         Ok(config)
     }
 
-    /// Rejects settings that would make the server misbehave rather than fail to start.
+    /// Rejects settings that would make the server misbehave rather than fail to start: the first
+    /// of [`Config::problems`].
     pub fn validate(&self) -> Result<(), String> {
-        if self.shards == Some(0) {
-            return Err("SHARDS must be at least 1".into());
+        match self.problems().into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
         }
-        if self.heartbeat_s == 0 {
-            return Err("HEARTBEAT_S must be at least 1".into());
-        }
-        if self.max_header_bytes < 256 {
-            return Err("MAX_HEADER_BYTES must be at least 256".into());
-        }
-        if self.max_frame < 128 {
-            return Err("MAX_FRAME must be at least 128".into());
-        }
-        if self.max_json_depth < 2 || self.max_json_depth > crate::json_depth::MAX_MAX_JSON_DEPTH {
-            return Err(format!(
-                "MAX_JSON_DEPTH must be between 2 and {} (a send's envelope and its data are two levels)",
-                crate::json_depth::MAX_MAX_JSON_DEPTH
-            ));
-        }
-        if self.retention_days == Some(0) {
-            return Err(
-                "RETENTION_DAYS must be at least 1 (unset keeps notifications forever)".into(),
-            );
-        }
-        if self
-            .api_key
-            .as_deref()
-            .is_some_and(|keys| keys.split(',').all(|k| k.trim().is_empty()))
-        {
-            return Err("API_KEY must hold at least one non-empty key (comma-separated)".into());
-        }
-        if self.metrics_token.as_deref().is_some_and(str::is_empty) {
-            return Err("METRICS_TOKEN must not be empty (unset it to leave /metrics open)".into());
-        }
-        if self.jwt_secret.as_deref().is_some_and(str::is_empty) {
-            return Err("JWT_SECRET must not be empty".into());
-        }
-        if self.redis_node_timeout_ms < 300 {
-            return Err("REDIS_NODE_TIMEOUT_MS must be at least 300".into());
-        }
+    }
+
+    /// Every setting that would make the server misbehave, one sentence each, in the order of
+    /// `--help`. All of them rather than the first, so `check-config` can list everything to fix at
+    /// once; start-up ([`Config::validate`]) stops at the first.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = Vec::new();
+        let mut check = |bad: bool, problem: &dyn Fn() -> String| {
+            if bad {
+                problems.push(problem());
+            }
+        };
+        check(self.shards == Some(0), &|| {
+            "SHARDS must be at least 1".into()
+        });
+        check(self.heartbeat_s == 0, &|| {
+            "HEARTBEAT_S must be at least 1".into()
+        });
+        check(self.max_header_bytes < 256, &|| {
+            "MAX_HEADER_BYTES must be at least 256".into()
+        });
+        check(self.max_frame < 128, &|| {
+            "MAX_FRAME must be at least 128".into()
+        });
+        check(
+            self.max_json_depth < 2 || self.max_json_depth > crate::json_depth::MAX_MAX_JSON_DEPTH,
+            &|| {
+                format!(
+                    "MAX_JSON_DEPTH must be between 2 and {} (a send's envelope and its data are two levels)",
+                    crate::json_depth::MAX_MAX_JSON_DEPTH
+                )
+            },
+        );
+        check(self.retention_days == Some(0), &|| {
+            "RETENTION_DAYS must be at least 1 (unset keeps notifications forever)".into()
+        });
+        check(
+            self.api_key
+                .as_deref()
+                .is_some_and(|keys| keys.split(',').all(|k| k.trim().is_empty())),
+            &|| "API_KEY must hold at least one non-empty key (comma-separated)".into(),
+        );
+        check(
+            self.metrics_token.as_deref().is_some_and(str::is_empty),
+            &|| "METRICS_TOKEN must not be empty (unset it to leave /metrics open)".into(),
+        );
+        check(
+            self.jwt_secret.as_deref().is_some_and(str::is_empty),
+            &|| "JWT_SECRET must not be empty".into(),
+        );
+        check(self.redis_node_timeout_ms < 300, &|| {
+            "REDIS_NODE_TIMEOUT_MS must be at least 300".into()
+        });
         if self.redis_url.is_some() && self.redis_cluster.is_some() {
-            return Err("set REDIS_URL or REDIS_CLUSTER, not both".into());
+            check(true, &|| "set REDIS_URL or REDIS_CLUSTER, not both".into());
+        } else {
+            match self.redis_target() {
+                Err(problem) => check(true, &|| problem.clone()),
+                Ok(target) => check(
+                    target.is_some() && self.shard_count() > MAX_BUS_SHARDS,
+                    &|| {
+                        format!(
+                            "with REDIS_URL or REDIS_CLUSTER, SHARDS must be at most {MAX_BUS_SHARDS}"
+                        )
+                    },
+                ),
+            }
         }
-        if self.redis_target()?.is_some() && self.shard_count() > MAX_BUS_SHARDS {
-            return Err(format!(
-                "with REDIS_URL or REDIS_CLUSTER, SHARDS must be at most {}",
-                MAX_BUS_SHARDS
-            ));
-        }
-        if self.header_timeout_s == 0 || self.keepalive_timeout_s == 0 {
-            return Err("HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into());
-        }
-        Ok(())
+        check(
+            self.header_timeout_s == 0 || self.keepalive_timeout_s == 0,
+            &|| "HEADER_TIMEOUT_S and KEEPALIVE_TIMEOUT_S must be at least 1".into(),
+        );
+        problems
     }
 
     /// Where the Redis bus connects (`REDIS_URL` or `REDIS_CLUSTER`), or `None` for a single node.

@@ -9,6 +9,8 @@
 //!
 //! - [`config`]: every setting, as a CLI flag and an environment variable, validated once.
 //! - [`server`]: start-up (listeners, store, shards, signals) and the ordered shutdown.
+//! - [`ops`]: the one-off jobs besides serving, `migrate` and `check-config`, on the same settings
+//!   and the same store code as start-up.
 //! - `connection`: one accepted socket's task, the top of the request path: the admission caps, the
 //!   HTTP/1.1 loop (handing requests to [`api`]) and, at `GET /ws`, the upgrade to a session of its
 //!   kind (`connection::websocket`, the native protocol). The shard's accept loop spawns it per socket.
@@ -53,7 +55,7 @@
 //! ("Layers") hold.
 //!
 //! ```text
-//! server
+//! server       ops
 //! connection
 //! shard        api
 //! bus          auth
@@ -98,6 +100,7 @@ pub mod json_depth;
 pub mod json_input;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod scheduler;
 pub mod server;
 pub mod shard;

@@ -326,3 +326,23 @@ pub(crate) fn first_id_of(ms: Millis) -> [u8; 16] {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// One line on a schema's version against the migrations this binary carries (shared by both
+/// backends' probes).
+pub(crate) fn describe_version(
+    store: &str,
+    version: Option<i64>,
+    migrations: &[Migration],
+) -> String {
+    let known = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+    match version {
+        None => format!("{store} is reachable and not migrated yet (start-up or `migrate` will migrate it)"),
+        Some(v) if v < known => format!(
+            "{store} is at schema version {v}; this binary would migrate it to {known}"
+        ),
+        Some(v) if v > known => format!(
+            "{store} is at schema version {v}, newer than this binary's {known} (a newer node migrated it)"
+        ),
+        Some(v) => format!("{store} is reachable, schema version {v} (current)"),
+    }
+}

@@ -183,6 +183,62 @@ impl StoreConfig {
     }
 }
 
+/// What [`migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// How many migrations were applied now (0: the schema was already current).
+    pub applied: usize,
+    /// The newest schema version this binary carries, which the store is now at (or past).
+    pub version: i64,
+    /// The store as it may be shown (a PostgreSQL URL without its password).
+    pub store: String,
+}
+
+/// Applies the store's migrations exactly as [`Store::open`] does (SQLite: creates the folder and
+/// the file, WAL mode, each migration in an `IMMEDIATE` transaction; PostgreSQL: under the advisory
+/// lock, so nodes starting meanwhile wait), then closes every connection. For `notification-service
+/// migrate`, run once before nodes of a new version roll out.
+pub fn migrate(
+    url: &StoreUrl,
+    sqlite_synchronous: SqliteSynchronous,
+) -> Result<Migrated, OpenError> {
+    match url {
+        StoreUrl::Sqlite(path) => {
+            let writer = sqlite::SqliteWriter::open(path, sqlite_synchronous)?;
+            Ok(Migrated {
+                applied: writer.migrations_applied(),
+                version: newest_version(sqlite::MIGRATIONS),
+                store: format!("{url:?}"),
+            })
+        }
+        StoreUrl::Postgres(raw) => {
+            let target = postgres::PostgresTarget::parse(raw)?;
+            let applied = postgres::migrate(&target)?;
+            Ok(Migrated {
+                applied,
+                version: newest_version(postgres::MIGRATIONS),
+                store: target.to_string(),
+            })
+        }
+    }
+}
+
+/// Checks that the store can be used, changing nothing (no file, no folder, no table is created):
+/// SQLite's file is opened read-only when it exists, else its folder must be writable; PostgreSQL is
+/// connected to and asked for its schema version. Returns one line saying what was found. For
+/// `notification-service check-config`.
+pub fn probe(url: &StoreUrl) -> Result<String, String> {
+    match url {
+        StoreUrl::Sqlite(path) => sqlite::probe(path),
+        StoreUrl::Postgres(raw) => postgres::probe(&postgres::PostgresTarget::parse(raw)?),
+    }
+}
+
+/// The newest version among `migrations`.
+fn newest_version(migrations: &[backend::Migration]) -> i64 {
+    migrations.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 /// Told about every successful commit that inserted notifications.
 pub trait CommitListener: Send + 'static {
     /// Called on the store thread after each successful commit with the notifications that commit

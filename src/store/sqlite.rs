@@ -329,6 +329,105 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(applied)
 }
 
+/// Whether the database at `path` can be used, without creating or changing anything: an existing
+/// file is opened read-only and its schema version read, and it and its folder must be writable
+/// (WAL mode writes `-wal` and `-shm` files beside it); a missing file needs its nearest existing
+/// folder to be writable, since start-up creates the missing folders and the file. Returns what was
+/// found, as one line for `check-config`.
+pub(crate) fn probe(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(format!("{shown} exists but is not a file")),
+        Ok(_) => {
+            writable(path).map_err(|e| format!("{shown} is not writable: {e}"))?;
+            let dir = folder_of(path);
+            writable(dir).map_err(|e| {
+                format!(
+                    "the folder {} of {shown} is not writable (WAL mode writes files beside the database): {e}",
+                    dir.display()
+                )
+            })?;
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = Connection::open_with_flags(path, flags)
+                .map_err(|e| format!("cannot open {shown}: {e}"))?;
+            let has_table: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations')",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(|e| format!("cannot read {shown}: {e}"))?;
+            if !has_table {
+                return Ok(format!(
+                    "{shown} is writable and not migrated yet (start-up or `migrate` will migrate it)"
+                ));
+            }
+            let version: Option<i64> = conn
+                .query_row("SELECT MAX(version) FROM schema_migrations", [], |row| {
+                    row.get(0)
+                })
+                .map_err(|e| format!("cannot read {shown}: {e}"))?;
+            Ok(super::backend::describe_version(
+                &shown.to_string(),
+                version,
+                MIGRATIONS,
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // The nearest folder that exists is where start-up's create_dir_all begins.
+            let mut dir = folder_of(path);
+            while !dir.exists() {
+                match dir.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+                    _ => {
+                        dir = Path::new(".");
+                        break;
+                    }
+                }
+            }
+            if !dir.is_dir() {
+                return Err(format!(
+                    "{shown} cannot be created: {} is not a folder",
+                    dir.display()
+                ));
+            }
+            writable(dir).map_err(|e| {
+                format!(
+                    "{shown} cannot be created: {} is not writable: {e}",
+                    dir.display()
+                )
+            })?;
+            Ok(format!(
+                "{shown} does not exist yet; {} is writable, so start-up or `migrate` will create it",
+                dir.display()
+            ))
+        }
+        Err(e) => Err(format!("cannot look at {shown}: {e}")),
+    }
+}
+
+/// The folder a database file lives in (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Whether this process may write `path` (a file, or a folder to create files in), as the kernel
+/// decides it (owner, mode, a read-only mount), asked without writing anything.
+fn writable(path: &Path) -> Result<(), std::io::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte in the path")
+    })?;
+    // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::access(c_path.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The store thread's connection.
 pub(crate) struct SqliteWriter {
     /// The only read-write connection that writes rows.
@@ -337,6 +436,8 @@ pub(crate) struct SqliteWriter {
     synchronous: SqliteSynchronous,
     /// Dropped with the writer, when the store thread exits: that is what stops the checkpointer.
     _checkpointer: Option<Sender<()>>,
+    /// How many migrations this open applied (0 on every later start), for `migrate` to report.
+    migrations_applied: usize,
 }
 
 impl SqliteWriter {
@@ -388,7 +489,7 @@ impl SqliteWriter {
             .map_err(context)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
             .map_err(context)?;
-        migrate(&mut conn).map_err(|cause| OpenError::Sqlite {
+        let migrations_applied = migrate(&mut conn).map_err(|cause| OpenError::Sqlite {
             context: format!("cannot migrate sqlite database {}", path.display()),
             cause,
         })?;
@@ -396,7 +497,13 @@ impl SqliteWriter {
             conn,
             synchronous,
             _checkpointer: None,
+            migrations_applied,
         })
+    }
+
+    /// How many migrations [`SqliteWriter::open`] applied.
+    pub(crate) fn migrations_applied(&self) -> usize {
+        self.migrations_applied
     }
 
     /// The `synchronous` setting in force on the write connection (read back from SQLite at open).

@@ -82,3 +82,42 @@ async fn migrate_on(mut client: Client) -> Result<usize, tokio_postgres::Error> 
         .await?;
     Ok(applied)
 }
+
+/// Whether the database of `target` can be reached, without changing anything: connects (within the
+/// set-up timeout) and reads the schema version. Returns what was found, as one line for
+/// `check-config`.
+pub(crate) fn probe(target: &PostgresTarget) -> Result<String, String> {
+    let runtime = new_runtime()?;
+    let context =
+        |e: &dyn fmt::Display| format!("cannot reach the postgres database {target}: {e}");
+    runtime.block_on(async {
+        let (client, _connection) =
+            tokio::time::timeout(target.setup_timeout, connect_client(&target.config))
+                .await
+                .map_err(|_| context(&format!("no connection within {:?}", target.setup_timeout)))?
+                .map_err(|e| context(&e))?;
+        let probe = async {
+            let has_table: bool = client
+                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+                .await?
+                .try_get(0)?;
+            if !has_table {
+                return Ok(None);
+            }
+            let version: Option<i64> = client
+                .query_one("SELECT max(version) FROM schema_migrations", &[])
+                .await?
+                .try_get(0)?;
+            Ok::<_, Failure>(version)
+        };
+        let version = tokio::time::timeout(target.setup_timeout, probe)
+            .await
+            .map_err(|_| context(&format!("no answer within {:?}", target.setup_timeout)))?
+            .map_err(|e| context(&e))?;
+        Ok(crate::store::backend::describe_version(
+            &target.to_string(),
+            version,
+            MIGRATIONS,
+        ))
+    })
+}

@@ -79,7 +79,7 @@ mod session;
 mod sql;
 mod write;
 
-pub(crate) use migrate::migrate;
+pub(crate) use migrate::{migrate, probe, MIGRATIONS};
 pub(crate) use read::PostgresReader;
 pub(crate) use session::PostgresTarget;
 pub(crate) use write::PostgresWriter;
