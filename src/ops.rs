@@ -37,7 +37,8 @@ impl MigrateError {
 /// does (PostgreSQL under its advisory lock), and returns the one line to print.
 pub fn migrate(config: &Config) -> Result<String, MigrateError> {
     config.validate().map_err(MigrateError::Setting)?;
-    let url = StoreUrl::parse(&config.database_url).map_err(MigrateError::Setting)?;
+    let url =
+        StoreUrl::parse(&config.database_url).map_err(|e| MigrateError::Setting(e.to_string()))?;
     let done = store::migrate(&url, config.sqlite_synchronous).map_err(MigrateError::Store)?;
     Ok(match done.applied {
         0 => format!(
@@ -91,7 +92,7 @@ pub fn check_config(config: &Config) -> Vec<Check> {
     report.extend(problems.into_iter().map(Check::Problem));
 
     match StoreUrl::parse(&config.database_url) {
-        Err(problem) => report.push(Check::Problem(problem)),
+        Err(problem) => report.push(Check::Problem(problem.to_string())),
         Ok(url) => report.push(match store::probe(&url) {
             Ok(found) => Check::Ok(format!("store: {found}")),
             Err(problem) => Check::Problem(format!("store: {problem}")),

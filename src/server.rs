@@ -389,7 +389,6 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     if config.rate_limit_api > 0 && config.api_key.is_none() {
         warn!("RATE_LIMIT_API is set without API_KEY: it limits per key, so it has no effect");
     }
-    info!(%addr, shards, store = %shown_url, "notification-service listening");
 
     let signal_fanout = fanout.clone();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -419,6 +418,9 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             what: "start the signal thread",
             cause,
         })?;
+    // Only now: whoever waits for this line (a supervisor, a test) may send SIGTERM at once, and it must
+    // find the handlers installed, not the default action that kills the process.
+    info!(%addr, shards, store = %shown_url, "notification-service listening");
 
     let mut failed = false;
     for thread in threads {

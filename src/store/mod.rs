@@ -230,7 +230,9 @@ pub fn migrate(
 pub fn probe(url: &StoreUrl) -> Result<String, String> {
     match url {
         StoreUrl::Sqlite(path) => sqlite::probe(path),
-        StoreUrl::Postgres(raw) => postgres::probe(&postgres::PostgresTarget::parse(raw)?),
+        StoreUrl::Postgres(raw) => {
+            postgres::probe(&postgres::PostgresTarget::parse(raw).map_err(|e| e.to_string())?)
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 use super::session::{connect_within, new_runtime, PostgresTarget};
 use super::sql::CREATE_MIGRATIONS_TABLE;
 use crate::store::backend::{migrations, warn_if_schema_is_newer, Migration};
+use crate::store::error::postgres_message;
 use crate::store::OpenError;
 
 /// Every migration, in order (see [`migrations!`]).
@@ -87,15 +88,13 @@ async fn migrate_on(mut client: Client) -> Result<usize, tokio_postgres::Error> 
 /// set-up timeout) and reads the schema version. Returns what was found, as one line for
 /// `check-config`.
 pub(crate) fn probe(target: &PostgresTarget) -> Result<String, String> {
-    let runtime = new_runtime()?;
+    let runtime = new_runtime().map_err(|e| e.to_string())?;
     let context =
-        |e: &dyn fmt::Display| format!("cannot reach the postgres database {target}: {e}");
+        |e: &dyn std::fmt::Display| format!("cannot reach the postgres database {target}: {e}");
     runtime.block_on(async {
-        let (client, _connection) =
-            tokio::time::timeout(target.setup_timeout, connect_client(&target.config))
-                .await
-                .map_err(|_| context(&format!("no connection within {:?}", target.setup_timeout)))?
-                .map_err(|e| context(&e))?;
+        let (client, _connection) = connect_within(&target.config, target.setup_timeout)
+            .await
+            .map_err(|e| context(&e))?;
         let probe = async {
             let has_table: bool = client
                 .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
@@ -108,12 +107,12 @@ pub(crate) fn probe(target: &PostgresTarget) -> Result<String, String> {
                 .query_one("SELECT max(version) FROM schema_migrations", &[])
                 .await?
                 .try_get(0)?;
-            Ok::<_, Failure>(version)
+            Ok::<_, tokio_postgres::Error>(version)
         };
         let version = tokio::time::timeout(target.setup_timeout, probe)
             .await
             .map_err(|_| context(&format!("no answer within {:?}", target.setup_timeout)))?
-            .map_err(|e| context(&e))?;
+            .map_err(|e| context(&postgres_message(&e)))?;
         Ok(crate::store::backend::describe_version(
             &target.to_string(),
             version,
