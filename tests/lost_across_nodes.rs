@@ -531,3 +531,34 @@ fn a_node_killed_under_sends_and_scheduled_fires_loses_no_live_delivery_elsewher
         kill_run(run);
     }
 }
+
+/// A node stopped gracefully (SIGTERM) publishes everything and says so: the others do not take it
+/// for gone, and read nothing from the store for it; one killed (-9) is taken for gone.
+#[test]
+fn a_graceful_stop_is_not_taken_for_a_death_and_a_kill_is() {
+    let Some((schema, _redis, test_redis)) = private_deployment() else {
+        return;
+    };
+    let settings = [("REDIS_NODE_TIMEOUT_MS", "600")];
+    let start = || node(&schema, &test_redis.url, &test_redis.prefix, &settings);
+    let (mut a, b, c) = (start(), start(), start());
+    let client = Listener::start(b.ws("user_id=gs"));
+    test_redis.wait_numsub("u:gs", 1);
+    let sent = vec![a.send(json!({"user_id": "gs", "message": "before the stop"}))];
+    wait_until("the send to arrive", Duration::from_secs(10), || {
+        client.count() == 1
+    });
+    assert!(a.terminate().success());
+    std::thread::sleep(Duration::from_secs(3)); // five times the timeout
+    assert_eq!(b.metric("notif_redis_peers_gone_total"), 0);
+    assert_eq!(b.metric("notif_redis_caught_up_total"), 0);
+
+    drop(c);
+    wait_until(
+        "node C to be taken for gone",
+        Duration::from_secs(10),
+        || b.metric("notif_redis_peers_gone_total") == 1,
+    );
+    let got = client.finish(sent.len(), Duration::from_secs(1));
+    assert_exactly_once("client on node B", &sent, &got, true);
+}
