@@ -7,21 +7,22 @@
 //! function to each shard in `ShardSetup::serve`, a generic parameter, so the call is static and the
 //! connection's future is spawned as is, not boxed.
 //!
-//! Timeouts are glommio's per-socket read timeout, set before each wait: the keep-alive timeout while
-//! waiting for a new request, the header timeout (408) once its first byte has arrived. A WebSocket has
-//! no timer at all: its liveness is the shard's heartbeat sweep.
+//! Timeouts are the connection's deadline in the shard's timeout queue (`shard::timeouts`), set only
+//! when a wait has to wait: the keep-alive timeout while waiting for a new request, the header timeout
+//! (408) once its first byte has arrived, and while a response cannot be written. A WebSocket has no
+//! deadline at all: its liveness is the shard's heartbeat sweep.
 //!
 //! Requests on one connection are answered in order, which is all HTTP/1.1 pipelining asks: the loop
 //! parses the next head from whatever is already buffered before it reads again.
 
 pub(crate) mod websocket;
 
-use std::io;
+use std::io::{self, Write};
+use std::net::{IpAddr, TcpStream};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_util::io::AsyncWriteExt;
-use glommio::net::TcpStream;
+use tracing::warn;
 
 use crate::api::{self, ApiContext};
 use crate::auth::admission::Refused;
@@ -29,9 +30,6 @@ use crate::http::request::{parse_head, Limits, Method, Parsed, RequestHead};
 use crate::http::response::Response;
 use crate::shard::socket::{Connection, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
 use crate::shard::Shard;
-
-/// Shortest read timeout glommio is given (it refuses zero).
-const MIN_READ_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// What the HTTP loop ended with.
 enum HttpOutcome {
@@ -41,26 +39,31 @@ enum HttpOutcome {
     Upgrade(RequestHead),
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+/// Serves one accepted (non-blocking) connection from `peer` until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<IpAddr>) {
     let _ = stream.set_nodelay(true);
     if shard.hub.borrow().len() >= shard.config.max_connections_per_shard {
-        refuse_over_capacity(stream, "the server is at its connection limit").await;
+        refuse_over_capacity(stream, "the server is at its connection limit");
         return;
     }
-    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let permit = match shard.auth.connections.admit(peer) {
         Ok(permit) => permit,
         Err(Refused::Node) => {
-            refuse_over_capacity(stream, "the server is at its connection limit").await;
+            refuse_over_capacity(stream, "the server is at its connection limit");
             return;
         }
         Err(Refused::Ip) => {
-            refuse_over_capacity(stream, "too many connections from this address").await;
+            refuse_over_capacity(stream, "too many connections from this address");
             return;
         }
     };
-    let mut conn = Connection::register(shard, stream, permit);
+    let mut conn = match Connection::register(shard, stream, permit) {
+        Ok(conn) => conn,
+        Err(e) => {
+            warn!(error = %e, "cannot watch an accepted socket");
+            return;
+        }
+    };
     // Boxed: the HTTP loop's state (parser, response buffers) is freed before a WebSocket settles in
     // for hours, instead of reserving room in every connection's future (see `websocket`).
     let outcome = Box::pin(http_loop(&mut conn)).await;
@@ -70,22 +73,21 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     }
 }
 
-/// Answers 503 to a connection over a connection cap, without registering it.
-async fn refuse_over_capacity(mut stream: TcpStream, message: &str) {
+/// Answers 503 to a connection over a connection cap, without registering it: one non-blocking write
+/// (a fresh socket has room for a short response), then the close.
+fn refuse_over_capacity(mut stream: TcpStream, message: &str) {
     let mut out = Vec::new();
     Response::error(503, "too_many_connections", message).write_to(&mut out, false, false);
-    let _ = stream.set_write_timeout(Some(CLOSE_FLUSH_TIMEOUT));
-    let _ = stream.write_all(&out).await;
-    let _ = stream.close().await;
+    let _ = stream.write(&out);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 /// Writes a response with `Connection: close` and closes.
 pub(crate) async fn respond_and_close(conn: &mut Connection, response: Response) {
     let mut out = Vec::new();
     response.write_to(&mut out, false, false);
-    let _ = conn.stream.set_write_timeout(Some(CLOSE_FLUSH_TIMEOUT));
-    let _ = conn.write_all(&out).await;
-    let _ = conn.stream.close().await;
+    let _ = conn.write_all(&out, Some(CLOSE_FLUSH_TIMEOUT)).await;
+    conn.close();
 }
 
 /// Reads more of a request under a timeout.
@@ -94,14 +96,11 @@ async fn read_request_bytes(
     timeout: Duration,
     stop_on_shutdown: bool,
 ) -> ReadResult {
-    let _ = conn
-        .stream
-        .set_read_timeout(Some(timeout.max(MIN_READ_TIMEOUT)));
     let signals = Signals {
         outbox: false,
         shutdown: stop_on_shutdown,
     };
-    match conn.read_or_signal(signals).await {
+    match conn.read_or_signal(signals, Some(timeout)).await {
         Ok(Wake::Data) => ReadResult::Data,
         Ok(Wake::Eof) | Ok(Wake::Signal) => ReadResult::Closed,
         Err(e) if e.kind() == io::ErrorKind::TimedOut => ReadResult::TimedOut,
@@ -170,7 +169,8 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
         conn.shard.stats().http_request();
         if head.path() == "/ws" && head.method == Method::Get {
             conn.inbuf.drain(..total);
-            let _ = conn.stream.set_read_timeout(None);
+            // A live session has no deadline: the heartbeat sweep watches it.
+            conn.set_deadline(None);
             return HttpOutcome::Upgrade(head);
         }
         let keep_alive = head.keep_alive && !conn.shard.is_shutting_down();
@@ -186,9 +186,8 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
         if conn.inbuf.is_empty() {
             conn.inbuf = Vec::new();
         }
-        let _ = conn.stream.set_write_timeout(Some(header_timeout));
-        if conn.write_all(&out).await.is_err() || !keep_alive {
-            let _ = conn.stream.close().await;
+        if conn.write_all(&out, Some(header_timeout)).await.is_err() || !keep_alive {
+            conn.close();
             return HttpOutcome::Close;
         }
     }

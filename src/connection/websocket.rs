@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::io::AsyncWriteExt;
 use tracing::{debug, info};
 use uuid::Uuid;
 
@@ -165,8 +164,8 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             close_code::TRY_AGAIN_LATER,
             "too many connections for this user",
         ));
-        let _ = conn.write_all(&out).await;
-        let _ = conn.stream.close().await;
+        let _ = conn.write_all(&out, Some(CLOSE_FLUSH_TIMEOUT)).await;
+        conn.close();
         return None;
     }
     let connection_seq = shard.next_connection_seq();
@@ -176,7 +175,8 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         &params.user_id,
         shard.config.heartbeat_s,
     ));
-    if conn.write_all(&out).await.is_err() {
+    let handshake_timeout = std::time::Duration::from_secs(shard.config.header_timeout_s);
+    if conn.write_all(&out, Some(handshake_timeout)).await.is_err() {
         shard.auth.connections.release_user(&params.user_id);
         return None;
     }
@@ -287,7 +287,7 @@ impl Session {
             shutdown: false,
         };
         loop {
-            match self.conn.read_or_signal(signals).await {
+            match self.conn.read_or_signal(signals, None).await {
                 Err(_) | Ok(Wake::Eof) => return Ending::Gone,
                 Ok(Wake::Signal) => {
                     if let Some(code) = self.close_requested() {
@@ -619,13 +619,10 @@ impl Session {
                     Bytes::from(encode_close(code, reason)),
                 );
             }
-            let _ = self
-                .conn
-                .stream
-                .set_write_timeout(Some(CLOSE_FLUSH_TIMEOUT));
+            self.conn.set_deadline(Some(CLOSE_FLUSH_TIMEOUT));
             let _ = self.conn.flush_outbox(true).await;
         }
-        let _ = self.conn.stream.close().await;
+        self.conn.close();
         info!(
             user = %self.user,
             shard = self.conn.shard.index,

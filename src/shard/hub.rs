@@ -22,6 +22,7 @@
 //! delivery (see `crate::delivery`).
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::Waker;
@@ -32,6 +33,7 @@ use crate::bus::interest::{InterestSink, Topic};
 use crate::delivery::inbox::ConnId;
 use crate::delivery::{Delivery, Encoding, Via};
 use crate::shard::outbound::Outbox;
+use crate::shard::timeouts::Tick;
 
 /// An interned user or channel on one shard.
 type NameId = u32;
@@ -79,8 +81,9 @@ pub struct ConnState {
     pub fd: RawFd,
     /// What the connection speaks, which decides the frames it gets.
     pub kind: ConnKind,
-    /// The interned user (WebSocket connections only).
-    user: Option<NameId>,
+    /// The interned user plus one (WebSocket connections only): `NonZeroU32` keeps the `Option` in four
+    /// bytes, which keeps the entry within its budget (see the size test).
+    user: Option<NonZeroU32>,
     /// Channel subscriptions; inline for the common case of a few channels.
     subscriptions: SmallVec<[Subscription; 2]>,
     /// The delivery stamp of the last delivery that reached this connection (dedup across targets).
@@ -98,6 +101,15 @@ pub struct ConnState {
     /// When the connection's token expires (seconds since the epoch; 0: no token). The shard's expiry
     /// sweep closes the connection at this time unless a `refresh` moved it.
     pub token_expires_at: u64,
+    /// When the connection's current wait times out (see `shard::timeouts`; 0: never).
+    pub(crate) deadline: Tick,
+    /// The deadline the shard's timeout queue holds an entry for (0: none).
+    pub(crate) deadline_queued: Tick,
+    /// The socket had data (or EOF) at its last event and no read has found it empty since (see
+    /// `shard::reactor`).
+    pub(crate) readable: bool,
+    /// The socket had room at its last event and no write has been refused since.
+    pub(crate) writable: bool,
 }
 
 /// Where a connection's live delivery stands against replay from the store.
@@ -134,6 +146,11 @@ impl ConnState {
             close_code: None,
             live_mark: LiveMark::Nothing,
             token_expires_at: 0,
+            deadline: 0,
+            deadline_queued: 0,
+            // A socket just accepted may already hold the request: try it before waiting for an edge.
+            readable: true,
+            writable: true,
         }
     }
 
@@ -335,7 +352,7 @@ impl Hub {
         self.users.add(user_id, id);
         let conn = &mut self.conns[id as usize];
         conn.kind = kind;
-        conn.user = Some(user_id);
+        conn.user = NonZeroU32::new(user_id + 1);
         if kind == ConnKind::WebSocket {
             self.websockets += 1;
         }
@@ -343,7 +360,9 @@ impl Hub {
 
     /// The user of a WebSocket connection.
     pub fn user_of(&self, id: ConnId) -> Option<&Rc<str>> {
-        self.conns[id as usize].user.map(|u| self.users.name(u))
+        self.conns[id as usize]
+            .user
+            .map(|u| self.users.name(u.get() - 1))
     }
 
     /// Whether the connection is subscribed to `channel`.
@@ -428,7 +447,7 @@ impl Hub {
         for sub in &conn.subscriptions {
             self.remove_member(sub.channel, sub.position);
         }
-        if let Some(user) = conn.user {
+        if let Some(user) = conn.user.map(|u| u.get() - 1) {
             let members = self.users.members(user);
             if let Some(pos) = members.iter().position(|&c| c == id) {
                 if let (_, Some(name)) = self.users.remove_at(user, pos as u32) {
@@ -683,9 +702,10 @@ mod tests {
     #[test]
     fn connection_state_stays_small() {
         // The per-connection budget (docs/architecture.md, "Memory per connection") leaves ~150 bytes
-        // beside the socket and the task.
+        // beside the socket and the task. 104 since the readiness flags and deadlines moved here from
+        // glommio's per-socket source (~870 bytes).
         assert!(
-            std::mem::size_of::<ConnState>() <= 96,
+            std::mem::size_of::<ConnState>() <= 104,
             "{}",
             std::mem::size_of::<ConnState>()
         );

@@ -23,20 +23,23 @@
 
 pub mod hub;
 pub mod outbound;
+pub(crate) mod reactor;
 pub(crate) mod socket;
+pub(crate) mod timeouts;
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::io;
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::expiry::ExpiryQueue;
 use crate::auth::Auth;
@@ -47,6 +50,8 @@ use crate::delivery::Delivery;
 use crate::metrics::{Metrics, ShardCounters};
 use crate::shard::hub::{ConnKind, Hub};
 use crate::shard::outbound::{send_frame, Sent, WriteBatch};
+use crate::shard::reactor::{Reactor, LISTENER};
+use crate::shard::timeouts::{Timeouts, TICK};
 use crate::store::Store;
 use crate::ws::codec::{close_code, encode_ping};
 
@@ -69,6 +74,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// Pause after an accept error (EMFILE and the like) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// Connections accepted per turn of the accept loop before it lets the others run (the listener is
+/// level-triggered: what is left is reported again).
+const ACCEPT_BATCH: usize = 64;
 
 /// Everything a shard needs to start, moved into its thread. `S` is the function that serves each
 /// accepted socket (see [`spawn_shard`]).
@@ -116,7 +124,7 @@ impl ShardThread {
 /// accepted socket.
 pub fn spawn_shard<S, F>(setup: ShardSetup<S>) -> Result<ShardThread, String>
 where
-    S: Fn(Rc<Shard>, TcpStream) -> F + Copy + Send + 'static,
+    S: Fn(Rc<Shard>, TcpStream, Option<IpAddr>) -> F + Copy + Send + 'static,
     F: Future<Output = ()> + 'static,
 {
     let placement = match setup.cpu {
@@ -152,9 +160,15 @@ pub struct Shard {
     pub expiries: RefCell<ExpiryQueue<ConnId>>,
     /// The read buffer every connection of this shard reads into, borrowed only inside `poll`.
     pub(crate) scratch: RefCell<Box<[u8]>>,
+    /// The epoll set of the shard's sockets (see `reactor`).
+    pub(crate) reactor: RefCell<Reactor>,
+    /// The deadlines of the shard's connections (see `timeouts`).
+    pub(crate) timeouts: RefCell<Timeouts>,
     /// Set once a shutdown began.
     shutting_down: Cell<bool>,
-    /// The accept loop's waker, woken at shutdown.
+    /// The listener had connections waiting at the last event.
+    listener_ready: Cell<bool>,
+    /// The accept loop's waker, woken when connections wait and at shutdown.
     accept_waker: RefCell<Option<Waker>>,
     /// Numbers connection ids (`<shard>-<n>`).
     connection_seq: Cell<u64>,
@@ -232,11 +246,13 @@ impl Shard {
         }
     }
 
-    /// Resolves once a shutdown began.
-    async fn shutdown_requested(&self) {
+    /// Resolves with `true` once the listener has connections waiting, `false` once a shutdown began.
+    async fn connections_waiting(&self) -> bool {
         poll_fn(|cx| {
             if self.is_shutting_down() {
-                Poll::Ready(())
+                Poll::Ready(false)
+            } else if self.listener_ready.replace(false) {
+                Poll::Ready(true)
             } else {
                 *self.accept_waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
@@ -249,12 +265,23 @@ impl Shard {
 /// The shard's main task.
 async fn run_shard<S, F>(setup: ShardSetup<S>)
 where
-    S: Fn(Rc<Shard>, TcpStream) -> F + Copy,
+    S: Fn(Rc<Shard>, TcpStream, Option<IpAddr>) -> F + Copy,
     F: Future<Output = ()> + 'static,
 {
+    let listener = TcpListener::from(setup.listener);
+    let reactor = match Reactor::new().and_then(|r| {
+        listener.set_nonblocking(true)?;
+        r.register_listener(listener.as_raw_fd())?;
+        Ok(r)
+    }) {
+        Ok(reactor) => reactor,
+        Err(e) => {
+            // Start-up sees this shard never report ready, and fails.
+            error!(shard = setup.index, error = %e, "cannot set up the shard's epoll set");
+            return;
+        }
+    };
     let _ = setup.ready.send(setup.index);
-    // SAFETY: the descriptor is a listening TCP socket whose ownership main handed to this shard.
-    let listener = unsafe { TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
     let shard = Rc::new(Shard {
         index: setup.index,
         config: setup.config,
@@ -265,12 +292,17 @@ where
         auth: setup.auth,
         expiries: RefCell::new(ExpiryQueue::new()),
         scratch: RefCell::new(vec![0u8; READ_SCRATCH_BYTES].into_boxed_slice()),
+        reactor: RefCell::new(reactor),
+        timeouts: RefCell::new(Timeouts::new()),
         shutting_down: Cell::new(false),
+        listener_ready: Cell::new(false),
         accept_waker: RefCell::new(None),
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
         write_batch: RefCell::new(WriteBatch::default()),
     });
+    let readiness = glommio::spawn_local(readiness(shard.clone())).detach();
+    let sweep = glommio::spawn_local(timeout_sweep(shard.clone())).detach();
     let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
     let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
     let expiry = shard
@@ -296,6 +328,8 @@ where
     // shard's own tasks so nothing of the shard outlives it.
     pump.cancel();
     heartbeat.cancel();
+    sweep.cancel();
+    readiness.cancel();
     if let Some(expiry) = expiry {
         expiry.cancel();
     }
@@ -304,21 +338,107 @@ where
 /// Accepts connections until shutdown, each served by `serve` in a task of its own.
 async fn accept_loop<S, F>(shard: &Rc<Shard>, listener: &TcpListener, serve: S)
 where
-    S: Fn(Rc<Shard>, TcpStream) -> F,
+    S: Fn(Rc<Shard>, TcpStream, Option<IpAddr>) -> F,
     F: Future<Output = ()> + 'static,
 {
+    while shard.connections_waiting().await {
+        for _ in 0..ACCEPT_BATCH {
+            match accept(listener) {
+                Ok((stream, peer)) => {
+                    glommio::spawn_local(serve(shard.clone(), stream, peer)).detach();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(shard = shard.index, error = %e, "accept failed");
+                    glommio::timer::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    break;
+                }
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// One `accept4(2)`: the connection comes non-blocking, with its peer's address, in one call.
+fn accept(listener: &TcpListener) -> io::Result<(TcpStream, Option<IpAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage; the kernel writes at most `len` bytes into it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the listener is open; storage and len are valid for the call.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh connected socket that nothing else owns.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    // SAFETY: the kernel initialized `len` bytes of a sockaddr_storage.
+    let peer = unsafe { socket2::SockAddr::new(storage, len) }
+        .as_socket()
+        .map(|a| a.ip());
+    Ok((stream, peer))
+}
+
+/// Hands the events of the shard's epoll set to the connections (their readiness flags and wakers) and
+/// to the accept loop (see `reactor`).
+async fn readiness(shard: Rc<Shard>) {
     loop {
-        let accept = std::pin::pin!(listener.accept());
-        let stop = std::pin::pin!(shard.shutdown_requested());
-        match futures_util::future::select(accept, stop).await {
-            futures_util::future::Either::Left((Ok(stream), _)) => {
-                glommio::spawn_local(serve(shard.clone(), stream)).detach();
+        let ready = shard.reactor.borrow().ready();
+        ready.await;
+        let mut listener = false;
+        {
+            let mut hub = shard.hub.borrow_mut();
+            shard.reactor.borrow_mut().drain(|token, ready| {
+                if token == LISTENER {
+                    listener = true;
+                    return;
+                }
+                // A slot whose connection is gone has no socket in the set any more; a stale event
+                // from the same drain only wakes a task that finds nothing to do.
+                if let Some(conn) = hub.get_mut(token as ConnId) {
+                    conn.readable |= ready.readable;
+                    conn.writable |= ready.writable;
+                    conn.wake();
+                }
+            });
+        }
+        if listener {
+            shard.listener_ready.set(true);
+            if let Some(w) = shard.accept_waker.borrow_mut().take() {
+                w.wake();
             }
-            futures_util::future::Either::Left((Err(e), _)) => {
-                warn!(shard = shard.index, error = %e, "accept failed");
-                glommio::timer::sleep(ACCEPT_ERROR_BACKOFF).await;
+        }
+    }
+}
+
+/// Wakes the connections whose deadline passed (see `timeouts`): every tick while any deadline is set,
+/// parked while none is.
+async fn timeout_sweep(shard: Rc<Shard>) {
+    loop {
+        poll_fn(|cx| {
+            if shard.timeouts.borrow_mut().park_sweep(cx.waker()) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
             }
-            futures_util::future::Either::Right(_) => return,
+        })
+        .await;
+        loop {
+            glommio::timer::sleep(TICK).await;
+            let more = shard
+                .timeouts
+                .borrow_mut()
+                .sweep(&mut shard.hub.borrow_mut());
+            if !more {
+                break;
+            }
         }
     }
 }

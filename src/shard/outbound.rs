@@ -145,7 +145,7 @@ pub fn send_frame(conn: &mut ConnState, frame: &Bytes, max_outbound_bytes: usize
         match send_now(conn.fd, frame) {
             Ok(n) if n == frame.len() => return Sent::Accepted,
             Ok(n) => written = n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.writable = false,
             Err(_) => {
                 // The peer is gone (reset, broken pipe): close without a close frame.
                 conn.request_close(0);
@@ -355,7 +355,10 @@ fn send_group(
         }
         let mut n = match send_vectored_now(conn.fd, iovecs) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.writable = false;
+                0
+            }
             Err(_) => {
                 // The peer is gone (reset, broken pipe): close without a close frame.
                 conn.request_close(0);

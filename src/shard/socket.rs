@@ -5,27 +5,25 @@
 //! Memory first (docs/architecture.md, "Memory per connection"): an idle connection owns no read
 //! buffer. Reads land in the shard's scratch buffer, borrowed only inside `poll` (never across an
 //! `.await`), and only the bytes of an unfinished request or frame are copied into the connection's own
-//! `inbuf`, which is freed again once consumed. Waiting for the socket is glommio's readiness poll, which
-//! pins no buffer either.
+//! `inbuf`, which is freed again once consumed. The socket is a plain non-blocking descriptor: the
+//! shard's epoll set says when it can be read or written (`shard::reactor`), and its deadlines are the
+//! shard's timeout queue (`shard::timeouts`), so waiting pins no buffer, no poll and no timer.
 //!
-//! A wait ends on data, on the peer's EOF, or on a signal from the shard (frames queued in the outbox,
-//! a close request, a shutdown), which is how the delivery path and the sweeps reach a connection's
-//! task without a timer or a channel per connection.
+//! A wait ends on data, on the peer's EOF, on the connection's deadline, or on a signal from the shard
+//! (frames queued in the outbox, a close request, a shutdown), which is how the delivery path and the
+//! sweeps reach a connection's task without a timer or a channel per connection.
 
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
-
-use futures_util::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use crate::auth::admission::ConnectionPermit;
 use crate::delivery::inbox::ConnId;
-use crate::shard::hub::ConnKind;
+use crate::shard::hub::{ConnKind, Hub};
 use crate::shard::outbound::release_if_idle;
 use crate::shard::Shard;
 
@@ -65,7 +63,7 @@ pub(crate) struct Signals {
 pub(crate) struct Connection {
     /// The shard that owns the connection.
     pub shard: Rc<Shard>,
-    /// The socket.
+    /// The socket, non-blocking and registered in the shard's epoll set.
     pub stream: TcpStream,
     /// The connection's slot in the shard's hub.
     pub id: ConnId,
@@ -86,56 +84,92 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    /// Registers an accepted socket in the shard's hub, as an HTTP connection holding `permit`.
+    /// Registers an accepted (non-blocking) socket in the shard's hub and epoll set, as an HTTP
+    /// connection holding `permit`.
     pub(crate) fn register(
         shard: Rc<Shard>,
         stream: TcpStream,
         permit: ConnectionPermit,
-    ) -> Connection {
-        let id = shard.hub.borrow_mut().add(stream.as_raw_fd());
-        Connection {
+    ) -> io::Result<Connection> {
+        let fd = stream.as_raw_fd();
+        let id = shard.hub.borrow_mut().add(fd);
+        if let Err(e) = shard.reactor.borrow().register(fd, id) {
+            shard.hub.borrow_mut().remove(id);
+            return Err(e);
+        }
+        Ok(Connection {
             shard,
             stream,
             id,
             inbuf: Vec::new(),
             _permit: permit,
-        }
+        })
     }
 
-    /// Waits for bytes (appended to `inbuf`) or for one of `signals`.
-    pub(crate) async fn read_or_signal(&mut self, signals: Signals) -> io::Result<Wake> {
+    /// Sets (or with `None` clears) the deadline of the connection's waits from now on: a wait that
+    /// reaches it fails with `TimedOut`.
+    pub(crate) fn set_deadline(&mut self, after: Option<Duration>) {
+        let mut timeouts = self.shard.timeouts.borrow_mut();
+        let at = after.map_or(0, |d| timeouts.tick_after(d));
+        timeouts.set(&mut self.shard.hub.borrow_mut(), self.id, at);
+    }
+
+    /// Waits for bytes (appended to `inbuf`) or for one of `signals`; with `timeout`, gives up with
+    /// `TimedOut` that long after it first has to wait. The deadline is set only then (a request already
+    /// in the socket costs no timer) and cleared at the end: it belongs to this wait alone.
+    pub(crate) async fn read_or_signal(
+        &mut self,
+        signals: Signals,
+        timeout: Option<Duration>,
+    ) -> io::Result<Wake> {
         let shard = self.shard.clone();
         let id = self.id;
-        let stream = &mut self.stream;
+        let stream = &self.stream;
         let inbuf = &mut self.inbuf;
-        poll_fn(|cx| {
+        let mut armed = false;
+        let result = poll_fn(|cx| {
+            let mut hub = shard.hub.borrow_mut();
+            let conn = hub.conn_mut(id);
+            let outbox_ready =
+                signals.outbox && conn.outbox.as_ref().is_some_and(|o| o.front().is_some());
+            if conn.close_code.is_some()
+                || outbox_ready
+                || (signals.shutdown && shard.is_shutting_down())
             {
-                let mut hub = shard.hub.borrow_mut();
-                let conn = hub.conn_mut(id);
-                let outbox_ready =
-                    signals.outbox && conn.outbox.as_ref().is_some_and(|o| o.front().is_some());
-                if conn.close_code.is_some()
-                    || outbox_ready
-                    || (signals.shutdown && shard.is_shutting_down())
-                {
-                    return Poll::Ready(Ok(Wake::Signal));
-                }
-                if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    conn.waker = Some(cx.waker().clone());
+                return Poll::Ready(Ok(Wake::Signal));
+            }
+            while conn.readable {
+                let mut scratch = shard.scratch.borrow_mut();
+                match (&mut &*stream).read(&mut scratch[..]) {
+                    Ok(0) => return Poll::Ready(Ok(Wake::Eof)),
+                    Ok(n) => {
+                        // A TCP read shorter than asked emptied the queue: the next data is an edge.
+                        if n < scratch.len() {
+                            conn.readable = false;
+                        }
+                        inbuf.extend_from_slice(&scratch[..n]);
+                        return Poll::Ready(Ok(Wake::Data));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
-            let mut scratch = shard.scratch.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-                Poll::Ready(Ok(0)) => Poll::Ready(Ok(Wake::Eof)),
-                Poll::Ready(Ok(n)) => {
-                    inbuf.extend_from_slice(&scratch[..n]);
-                    Poll::Ready(Ok(Wake::Data))
+            if let Some(timeout) = timeout {
+                if !armed {
+                    armed = true;
+                    let mut timeouts = shard.timeouts.borrow_mut();
+                    let at = timeouts.tick_after(timeout);
+                    timeouts.set(&mut hub, id, at);
                 }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
             }
+            park(&shard, &mut hub, id, cx)
         })
-        .await
+        .await;
+        if armed {
+            self.set_deadline(None);
+        }
+        result
     }
 
     /// Writes the connection's queued frames until the queue is empty, or until a close is requested
@@ -143,7 +177,7 @@ impl Connection {
     pub(crate) async fn flush_outbox(&mut self, ignore_close: bool) -> io::Result<Flushed> {
         let shard = self.shard.clone();
         let id = self.id;
-        let stream = &mut self.stream;
+        let stream = &self.stream;
         let result = poll_fn(|cx| loop {
             let mut hub = shard.hub.borrow_mut();
             let conn = hub.conn_mut(id);
@@ -153,20 +187,21 @@ impl Connection {
             let Some(front) = conn.outbox.as_ref().and_then(|o| o.front()) else {
                 return Poll::Ready(Ok(Flushed::Drained));
             };
-            if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                conn.waker = Some(cx.waker().clone());
+            if !conn.writable {
+                return park(&shard, &mut hub, id, cx);
             }
-            // poll_write either writes now (and we account for it before anyone else runs) or writes
-            // nothing and waits, so the queue never disagrees with what reached the socket.
-            match Pin::new(&mut *stream).poll_write(cx, &front) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
+            // A write either takes bytes now (accounted for before anyone else runs) or none, so the
+            // queue never disagrees with what reached the socket.
+            match (&mut &*stream).write(&front) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
                     if let Some(o) = conn.outbox.as_mut() {
                         o.advance(n);
                     }
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
         })
         .await;
@@ -174,8 +209,64 @@ impl Connection {
         result
     }
 
-    /// Writes a whole buffer (HTTP responses, the WebSocket handshake).
-    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes).await
+    /// Writes a whole buffer (HTTP responses, the WebSocket handshake); with `timeout`, gives up with
+    /// `TimedOut` that long after the socket first refuses bytes (a deadline of this write alone, as in
+    /// [`Connection::read_or_signal`]).
+    pub(crate) async fn write_all(
+        &mut self,
+        mut bytes: &[u8],
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let shard = self.shard.clone();
+        let id = self.id;
+        let stream = &self.stream;
+        let mut armed = false;
+        let result = poll_fn(|cx| loop {
+            if bytes.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut hub = shard.hub.borrow_mut();
+            let conn = hub.conn_mut(id);
+            if !conn.writable {
+                if let (Some(timeout), false) = (timeout, armed) {
+                    armed = true;
+                    let mut timeouts = shard.timeouts.borrow_mut();
+                    let at = timeouts.tick_after(timeout);
+                    timeouts.set(&mut hub, id, at);
+                }
+                return park(&shard, &mut hub, id, cx);
+            }
+            match (&mut &*stream).write(bytes) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        })
+        .await;
+        if armed {
+            self.set_deadline(None);
+        }
+        result
     }
+
+    /// Ends the connection's side of the TCP stream at once (the descriptor itself is closed when the
+    /// connection is dropped).
+    pub(crate) fn close(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// The end of every wait: `TimedOut` if the connection's deadline passed, otherwise the task's waker
+/// is left where the reactor, the sweeps and the delivery path will find it.
+fn park<T>(shard: &Shard, hub: &mut Hub, id: ConnId, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    let conn = hub.conn_mut(id);
+    if conn.deadline != 0 && shard.timeouts.borrow().now() >= conn.deadline {
+        return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+    }
+    if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        conn.waker = Some(cx.waker().clone());
+    }
+    Poll::Pending
 }
