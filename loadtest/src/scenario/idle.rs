@@ -4,10 +4,12 @@
 //! 1. find the server's process(es) and read their `VmRSS` (the baseline);
 //! 2. start the workers, which open every connection as a distinct user, at no more than
 //!    `--connect-rate` per second in total, showing progress on stderr;
-//! 3. wait [`SETTLE`] for the server to finish whatever connecting triggered, read `VmRSS` again;
+//! 3. wait `--settle-s` for the server to finish whatever connecting triggered, read `VmRSS` again;
 //! 4. hold for `--hold-s` seconds, measuring the server's CPU time over that period: the cost of idle
 //!    connections (heartbeats, timers) that should be near zero;
-//! 5. tell the workers to quit, then print a summary and one JSON line.
+//! 5. tell the workers to quit, wait `--settle-s` again and read `VmRSS` a last time: whether the server
+//!    gave the memory of the connections back;
+//! 6. print a summary and one JSON line.
 //!
 //! Bytes per connection is `(rss_after - rss_before) / connections held`, the figure the ~1 KiB budget
 //! is stated in (docs/architecture.md, "Memory per connection").
@@ -26,9 +28,9 @@ use crate::server_probe::{self, ServerProcesses};
 /// Longest `--hold-s`, so every run ends within hours at worst.
 pub const MAX_PHASE_S: u64 = 3_600;
 
-/// Pause between the last connection and the "after" RSS reading, for the server to finish the work
-/// connecting caused (first frames, allocator settling).
-pub const SETTLE: Duration = Duration::from_secs(2);
+/// Default pause between the last connection and the "after" RSS reading (and between the close and
+/// the last reading), for the server to finish the work connecting caused and the allocator to settle.
+pub const DEFAULT_SETTLE_S: u64 = 5;
 
 /// Share of connections that may fail (or be dropped) before the run exits non-zero.
 pub const MAX_FAILED_FRACTION: f64 = 0.01;
@@ -48,6 +50,11 @@ pub struct IdleArgs {
     /// server's CPU use while idle. Hold past the server's HEARTBEAT_S to include a heartbeat round.
     #[arg(long, default_value_t = 10)]
     pub hold_s: u64,
+
+    /// Seconds to wait after the last connection before the "after" RSS reading, and after the
+    /// connections close before the last one.
+    #[arg(long, default_value_t = DEFAULT_SETTLE_S)]
+    pub settle_s: u64,
 
     /// How the connections are opened.
     #[command(flatten)]
@@ -87,6 +94,8 @@ pub struct IdleReport {
     pub rss_before_kb: Option<u64>,
     /// Server RSS after connecting and settling, KiB.
     pub rss_after_kb: Option<u64>,
+    /// Server RSS after the connections closed and the server settled, KiB.
+    pub rss_closed_kb: Option<u64>,
     /// Server CPU over the hold, as a percentage of one core.
     pub cpu_pct_idle: Option<f64>,
     /// Seconds held.
@@ -121,6 +130,7 @@ impl IdleReport {
             ("rss_before_kb", json!(self.rss_before_kb)),
             ("rss_after_kb", json!(self.rss_after_kb)),
             ("bytes_per_connection", json!(self.bytes_per_connection())),
+            ("rss_closed_kb", json!(self.rss_closed_kb)),
             (
                 "server_cpu_pct_idle",
                 json!(self.cpu_pct_idle.map(|p| round_to(p, 2))),
@@ -148,9 +158,10 @@ impl IdleReport {
             ),
             format!("  connect time    {:.2} s", self.connect_s),
             format!(
-                "  server RSS      {} before, {} after",
+                "  server RSS      {} before, {} after, {} once closed",
                 kib(self.rss_before_kb),
-                kib(self.rss_after_kb)
+                kib(self.rss_after_kb),
+                kib(self.rss_closed_kb)
             ),
         ];
         lines.push(match self.bytes_per_connection() {
@@ -214,7 +225,8 @@ pub fn run(args: IdleArgs) -> Result<ExitCode, IdleError> {
     let connect_s = receivers::connect_all(&mut fleet, conn, args.connections);
 
     // Settle, still following worker reports so drops are seen.
-    fleet.poll(SETTLE);
+    let settle = Duration::from_secs(args.settle_s);
+    fleet.poll(settle);
     let rss_after_kb = server
         .as_ref()
         .and_then(|s| read_rss(s, "after connecting"));
@@ -243,6 +255,10 @@ pub fn run(args: IdleArgs) -> Result<ExitCode, IdleError> {
     };
 
     fleet.stop(STOP_GRACE);
+    std::thread::sleep(settle);
+    let rss_closed_kb = server
+        .as_ref()
+        .and_then(|s| read_rss(s, "after the connections closed"));
     for msg in fleet.fatal_messages() {
         eprintln!("worker failed: {msg}");
     }
@@ -255,6 +271,7 @@ pub fn run(args: IdleArgs) -> Result<ExitCode, IdleError> {
         held_at_measure,
         rss_before_kb,
         rss_after_kb,
+        rss_closed_kb,
         cpu_pct_idle,
         hold_s: args.hold_s,
         connect_s,
@@ -293,6 +310,7 @@ mod tests {
             held_at_measure: ok - dropped,
             rss_before_kb: Some(2_000),
             rss_after_kb: Some(22_000),
+            rss_closed_kb: Some(2_100),
             cpu_pct_idle: Some(0.4567),
             hold_s: 10,
             connect_s: 4.01234,
