@@ -458,16 +458,17 @@ mod tests {
     #[test]
     fn the_audit_log_is_off_stdout_or_a_file_with_a_bounded_queue() {
         let c = Config::parse_from(["x", "--audit-log", "/tmp/a.log", "--audit-queue", "1"]);
-        assert_eq!(
-            c.audit_log,
-            crate::audit::Target::File("/tmp/a.log".into())
-        );
+        assert_eq!(c.audit_log, crate::audit::Target::File("/tmp/a.log".into()));
         assert_eq!(c.audit_queue, 1);
         let c = Config::parse_from(["x", "--audit-log", "stdout"]);
         assert_eq!(c.audit_log, crate::audit::Target::Stdout);
         for value in ["0", "1048577", "lots"] {
             let e = Config::try_parse_from(["x", "--audit-queue", value]).unwrap_err();
-            assert!(e.to_string().contains("must be a whole number from 1 to 1048576"), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("must be a whole number from 1 to 1048576"),
+                "{e}"
+            );
         }
         assert!(Config::try_parse_from(["x", "--audit-log", ""]).is_err());
     }

@@ -529,12 +529,7 @@ fn not_found() -> Response {
 }
 
 /// `PUT /api/v1/notifications/:user_id/:notification_id/read`.
-pub async fn read(
-    ctx: &ApiContext<'_>,
-    head: &RequestHead,
-    user_id: String,
-    id: &str,
-) -> Response {
+pub async fn read(ctx: &ApiContext<'_>, head: &RequestHead, user_id: String, id: &str) -> Response {
     let id = match notification_id(id) {
         Ok(id) => id,
         Err(r) => return r,

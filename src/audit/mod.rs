@@ -387,7 +387,11 @@ struct Shared {
 
 impl fmt::Debug for Audit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_on() { "Audit(on)" } else { "Audit(off)" })
+        f.write_str(if self.is_on() {
+            "Audit(on)"
+        } else {
+            "Audit(off)"
+        })
     }
 }
 
@@ -477,7 +481,9 @@ impl Shared {
         };
         match self.queue.try_send(Msg::Record(record)) {
             Ok(()) => {}
-            Err(TrySendError::Full(Msg::Record(r)) | TrySendError::Disconnected(Msg::Record(r))) => {
+            Err(
+                TrySendError::Full(Msg::Record(r)) | TrySendError::Disconnected(Msg::Record(r)),
+            ) => {
                 let mut counts = LineCounts::default();
                 r.event.count_lines(&mut counts);
                 self.counters.drop_lines(&counts);

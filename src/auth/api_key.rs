@@ -107,7 +107,10 @@ mod tests {
     use super::*;
 
     fn hex8(key: &[u8]) -> String {
-        digest(key)[..4].iter().map(|b| format!("{b:02x}")).collect()
+        digest(key)[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     #[test]
