@@ -49,7 +49,7 @@ impl ApiContext<'_> {
 
     /// Records in the audit log the event `make` builds from the request's origin (who sent `head`,
     /// how). Nothing runs when the log is off.
-    fn record(&self, head: &RequestHead, make: impl FnOnce(Origin) -> Event) {
+    fn record(&self, head: &RequestHead, make: impl FnOnce(Box<Origin>) -> Event) {
         self.audit
             .emit(|| make(self.caller.origin(head.method.as_str(), head.path())));
     }

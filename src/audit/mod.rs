@@ -21,7 +21,7 @@ pub use writer::AuditThread;
 
 use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -31,10 +31,12 @@ use uuid::Uuid;
 
 use crate::model::{now_millis, Millis, Notification};
 
-/// Events the queue holds when `AUDIT_QUEUE` is not set: a burst of several thousand requests, each a
-/// few lines, fits; a stuck disk turns into counted drops within a second rather than into memory.
+/// Events the queue holds when `AUDIT_QUEUE` is not set (about 5 MB of slots, reserved at start-up):
+/// a burst of several thousand requests, each a few lines, fits; a stuck disk turns into counted drops
+/// within a second rather than into memory.
 pub const DEFAULT_QUEUE: usize = 65_536;
-/// Largest `AUDIT_QUEUE`: about 150 MB of queued events at worst, more than any burst needs.
+/// Largest `AUDIT_QUEUE`: its slots (about 80 bytes each, reserved at start-up) take 80 MB, and a
+/// full queue's strings more; more than any burst needs.
 pub const MAX_QUEUE: usize = 1 << 20;
 
 /// Where the lines go (`AUDIT_LOG`).
@@ -71,6 +73,46 @@ impl fmt::Display for Target {
             Target::File(path) => write!(f, "{}", path.display()),
         }
     }
+}
+
+/// What `check-config` says of the target, without creating or changing anything: a file must be
+/// appendable if it exists, else its folder must exist and be writable. `Ok` describes the target.
+pub fn probe(target: &Target) -> Result<String, String> {
+    let Target::File(path) = target else {
+        return Ok(format!("AUDIT_LOG={target}"));
+    };
+    let shown = path.display();
+    if path.exists() {
+        // Opening for appending writes nothing.
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(|_| format!("AUDIT_LOG {shown} can be appended to"))
+            .map_err(|e| format!("AUDIT_LOG {shown} cannot be opened for appending: {e}"));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(format!(
+            "AUDIT_LOG {shown}: the folder {} does not exist",
+            folder.display()
+        ));
+    }
+    let folder_c = std::ffi::CString::new(folder.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("AUDIT_LOG {shown}: the path holds a NUL byte"))?;
+    // SAFETY: a valid NUL-terminated path; access(2) only reads it.
+    if unsafe { libc::access(folder_c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(format!(
+            "AUDIT_LOG {shown}: the folder {} is not writable: {}",
+            folder.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(format!(
+        "AUDIT_LOG {shown} does not exist yet; start-up will create it"
+    ))
 }
 
 /// Names an API key without revealing it: the first 4 bytes (8 hex digits) of its SHA-256, which
@@ -118,15 +160,15 @@ pub struct Caller {
 
 impl Caller {
     /// The origin of an event caused by this caller's `method path` request.
-    pub fn origin(&self, method: &'static str, path: &str) -> Origin {
-        Origin {
+    pub fn origin(&self, method: &'static str, path: &str) -> Box<Origin> {
+        Box::new(Origin {
             via: Via::Http {
                 method,
                 path: path.to_owned(),
             },
             credential: self.credential.clone(),
             ip: self.ip,
-        }
+        })
     }
 }
 
@@ -144,7 +186,8 @@ pub enum Via {
     WebSocket,
 }
 
-/// Who caused an event, and how.
+/// Who caused an event, and how. Boxed in an [`Event`], which keeps the queue's slots (reserved
+/// at start-up, `AUDIT_QUEUE` of them) small.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     /// HTTP or WebSocket.
@@ -157,12 +200,12 @@ pub struct Origin {
 
 impl Origin {
     /// An event on a WebSocket of `credential` from `ip`.
-    pub fn websocket(credential: Credential, ip: Option<IpAddr>) -> Origin {
-        Origin {
+    pub fn websocket(credential: Credential, ip: Option<IpAddr>) -> Box<Origin> {
+        Box::new(Origin {
             via: Via::WebSocket,
             credential,
             ip,
-        }
+        })
     }
 }
 
@@ -176,7 +219,7 @@ pub enum Event {
         /// True for a retry with an `Idempotency-Key` answered from the first request's receipt.
         replayed: bool,
         /// Who sent it.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A commit stored these notifications: a `stored` line each, or `fired` for a schedule's.
     Committed(Vec<Arc<Notification>>),
@@ -196,7 +239,7 @@ pub enum Event {
         /// Whose inbox.
         user_id: String,
         /// Who asked.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A user's inbox was marked read.
     ReadAll {
@@ -205,7 +248,7 @@ pub enum Event {
         /// How many were unread.
         updated: u64,
         /// Who asked.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A notification was deleted.
     Deleted {
@@ -214,7 +257,7 @@ pub enum Event {
         /// Whose inbox.
         user_id: String,
         /// Who asked.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A notification was scheduled.
     Scheduled {
@@ -227,14 +270,14 @@ pub enum Event {
         /// True for a retry answered from the first request's receipt.
         replayed: bool,
         /// Who scheduled it.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A pending schedule was cancelled.
     Cancelled {
         /// The schedule's id.
         id: Uuid,
         /// Who cancelled it.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A credential was refused (401).
     AuthRefused {
@@ -243,14 +286,14 @@ pub enum Event {
         /// The id of a refused API key (so a client with a stale or mistyped key can be found).
         key_id: Option<KeyId>,
         /// Where it came from.
-        by: Origin,
+        by: Box<Origin>,
     },
     /// A rate limit refused a request (429) or a WebSocket message.
     RateLimited {
         /// Which limit: `api_key` or `ws_messages`.
         limit: &'static str,
         /// Whose.
-        by: Origin,
+        by: Box<Origin>,
     },
 }
 
@@ -510,10 +553,36 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_creates_nothing_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.log");
+        let said = probe(&Target::File(file.clone())).unwrap();
+        assert!(said.contains("will create it"), "{said}");
+        assert!(!file.exists());
+        std::fs::write(&file, "").unwrap();
+        assert!(probe(&Target::File(file))
+            .unwrap()
+            .contains("can be appended to"));
+        let missing = probe(&Target::File(dir.path().join("no/such/audit.log"))).unwrap_err();
+        assert!(missing.contains("does not exist"), "{missing}");
+        assert_eq!(probe(&Target::Off).unwrap(), "AUDIT_LOG=off");
+    }
+
+    #[test]
     fn key_ids_are_eight_hex_digits_of_the_digest() {
         let mut digest = [0u8; 32];
         digest[..5].copy_from_slice(&[0x0a, 0xbc, 0xde, 0xf0, 0x99]);
         assert_eq!(KeyId::of_digest(&digest).to_string(), "0abcdef0");
+    }
+
+    #[test]
+    fn a_queue_slot_stays_small() {
+        // docs/audit.md promises about 80 bytes a slot (the channel adds an 8-byte stamp).
+        assert!(
+            std::mem::size_of::<Msg>() <= 72,
+            "{}",
+            std::mem::size_of::<Msg>()
+        );
     }
 
     #[test]

@@ -280,7 +280,7 @@ impl Auth {
     pub fn verify_token(
         &self,
         token: &str,
-        origin: impl FnOnce() -> Origin,
+        origin: impl FnOnce() -> Box<Origin>,
     ) -> Option<Result<Claims, jwt::TokenError>> {
         let verified = self.jwt.as_ref().map(|v| v.verify(token))?;
         if let Err(e) = &verified {
@@ -295,15 +295,15 @@ impl Auth {
 }
 
 /// The origin of an audit event about an HTTP request.
-fn http_origin(head: &RequestHead, credential: Credential, ip: Option<IpAddr>) -> Origin {
-    Origin {
+fn http_origin(head: &RequestHead, credential: Credential, ip: Option<IpAddr>) -> Box<Origin> {
+    Box::new(Origin {
         via: Via::Http {
             method: head.method.as_str(),
             path: head.path().to_owned(),
         },
         credential,
         ip,
-    }
+    })
 }
 
 /// `Retry-After` is whole seconds (RFC 9110): round up, and never say 0.

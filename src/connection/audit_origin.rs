@@ -20,7 +20,7 @@ pub(crate) fn peer_ip(conn: &Connection) -> Option<IpAddr> {
 
 /// The origin of an event on the WebSocket session of `user`; `jwt`: the session was opened with a
 /// token, whose `sub` is `user`.
-pub(crate) fn session_origin(conn: &Connection, user: &str, jwt: bool) -> Origin {
+pub(crate) fn session_origin(conn: &Connection, user: &str, jwt: bool) -> Box<Origin> {
     let credential = if jwt {
         Credential::Jwt(user.to_owned())
     } else {
