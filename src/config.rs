@@ -40,6 +40,11 @@ fn parse_bounded(value: &str, min: usize, max: usize) -> Result<usize, String> {
     }
 }
 
+/// Reads `AUDIT_QUEUE`: a whole number from 1 to [`crate::audit::MAX_QUEUE`].
+fn parse_audit_queue(value: &str) -> Result<usize, String> {
+    parse_bounded(value, 1, crate::audit::MAX_QUEUE)
+}
+
 /// Most store reader threads: each holds a database connection and its page cache, and reads are short,
 /// so more than this only costs memory (and PostgreSQL connections).
 pub const MAX_STORE_READERS: usize = 64;
@@ -240,6 +245,17 @@ pub struct Config {
     #[arg(long, global = true, env = "SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = parse_sqlite_synchronous)]
     pub sqlite_synchronous: SqliteSynchronous,
 
+    /// The audit log (docs/audit.md): `off`, `stdout`, or a file path (appended to, reopened on
+    /// SIGHUP). One JSON line per step of a notification's life and per refused credential or rate
+    /// limit.
+    #[arg(long, global = true, env = "AUDIT_LOG", default_value = "off")]
+    pub audit_log: crate::audit::Target,
+
+    /// Audit events waiting for the audit writer; past it, events are dropped and counted
+    /// (`notif_audit_dropped_total`), never waited for.
+    #[arg(long, global = true, env = "AUDIT_QUEUE", default_value_t = crate::audit::DEFAULT_QUEUE, value_parser = parse_audit_queue)]
+    pub audit_queue: usize,
+
     /// Log format: `text` or `json`. The level comes from `RUST_LOG` (default `info`).
     #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -435,6 +451,26 @@ mod tests {
         assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Normal);
         assert_eq!((c.store_readers, c.store_max_batch), (2, 4096));
         assert!(c.validate().is_ok());
+        assert_eq!(c.audit_log, crate::audit::Target::Off);
+        assert_eq!(c.audit_queue, crate::audit::DEFAULT_QUEUE);
+    }
+
+    #[test]
+    fn the_audit_log_is_off_stdout_or_a_file_with_a_bounded_queue() {
+        let c = Config::parse_from(["x", "--audit-log", "/tmp/a.log", "--audit-queue", "1"]);
+        assert_eq!(c.audit_log, crate::audit::Target::File("/tmp/a.log".into()));
+        assert_eq!(c.audit_queue, 1);
+        let c = Config::parse_from(["x", "--audit-log", "stdout"]);
+        assert_eq!(c.audit_log, crate::audit::Target::Stdout);
+        for value in ["0", "1048577", "lots"] {
+            let e = Config::try_parse_from(["x", "--audit-queue", value]).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("must be a whole number from 1 to 1048576"),
+                "{e}"
+            );
+        }
+        assert!(Config::try_parse_from(["x", "--audit-log", ""]).is_err());
     }
 
     #[test]

@@ -47,6 +47,9 @@
 //! - [`json_input`]: the parse of client JSON (request bodies, WebSocket messages): escapes checked
 //!   before simd-json sees them, and one wording for every error, naming the field and the byte.
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
+//! - [`audit`]: the audit log (`AUDIT_LOG`): one JSON line per step of a notification's life and per
+//!   refused credential or rate limit, handed by any thread to one writer thread through a bounded
+//!   queue that never blocks (what overflows is counted). A leaf: only [`model`].
 //!
 //! # Layers
 //!
@@ -61,7 +64,7 @@
 //! bus          auth
 //! config       metrics     ws
 //! store        delivery    json_input
-//! scheduler
+//! scheduler    audit
 //! model        http        json_depth
 //! ```
 //!
@@ -90,6 +93,7 @@
 //! rest.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod config;

@@ -96,8 +96,8 @@ impl Metrics {
         self.started.elapsed().as_secs()
     }
 
-    /// The Prometheus text exposition of every counter, with the store's.
-    pub fn render(&self, store: &crate::store::StoreStats) -> String {
+    /// The Prometheus text exposition of every counter, with the store's and the audit log's.
+    pub fn render(&self, store: &crate::store::StoreStats, audit: &crate::audit::Audit) -> String {
         let mut out = String::with_capacity(1024);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -177,6 +177,18 @@ impl Metrics {
         for (name, help, value) in store_counters {
             metric(name, "counter", help, value);
         }
+        metric(
+            "notif_audit_lines_total",
+            "counter",
+            "Lines written to the audit log (AUDIT_LOG), drop reports included.",
+            audit.lines_written(),
+        );
+        metric(
+            "notif_audit_dropped_total",
+            "counter",
+            "Audit log lines dropped because the queue (AUDIT_QUEUE) was full or a write failed.",
+            audit.lines_dropped(),
+        );
         out
     }
 }
@@ -198,9 +210,10 @@ mod tests {
             commits: 3,
             ..Default::default()
         };
-        let text = m.render(&store);
+        let text = m.render(&store, &crate::audit::Audit::off());
         assert!(text.contains("notif_deliveries_total 12"), "{text}");
         assert!(text.contains("notif_store_commits_total 3"), "{text}");
         assert!(text.contains("notif_websocket_connections_total 2"));
+        assert!(text.contains("notif_audit_dropped_total 0"), "{text}");
     }
 }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::audit;
 use crate::config::{Config, RedisTarget};
 use crate::store::{self, StoreUrl};
 
@@ -98,6 +99,11 @@ pub fn check_config(config: &Config) -> Vec<Check> {
             Err(problem) => Check::Problem(format!("store: {problem}")),
         }),
     }
+
+    report.push(match audit::probe(&config.audit_log) {
+        Ok(found) => Check::Ok(format!("audit log: {found}")),
+        Err(problem) => Check::Problem(format!("audit log: {problem}")),
+    });
 
     // A bad Redis setting is already a problem above; only a usable one is worth reaching for.
     let redis_nodes = match config.redis_target() {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
+use crate::audit::Audit;
 use crate::auth::Auth;
 use crate::bus::redis_bus::{self, BusCmd, RedisBus, RedisBusConfig};
 use crate::bus::Fanout;
@@ -86,6 +87,9 @@ pub enum StartupError {
         #[source]
         cause: std::io::Error,
     },
+    /// The audit log's file could not be opened, or its thread started.
+    #[error("{0}")]
+    Audit(std::io::Error),
     /// A shard ended abnormally; the server shut down after it.
     #[error("stopped after a shard failed")]
     ShardFailed,
@@ -296,7 +300,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     // after the store (which it reads to catch up after an outage).
     let redis_target = config.redis_target().map_err(StartupError::Setting)?;
     let bus = redis_target.is_some().then(RedisBus::new);
-    let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()));
+    let (audit, audit_thread) =
+        Audit::start(&config.audit_log, config.audit_queue).map_err(StartupError::Audit)?;
+    let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()))
+        .with_audit(audit.clone());
     let metrics = Arc::new(Metrics::new(shards));
 
     let url =
@@ -323,7 +330,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             }
         })?;
 
-    let auth = Arc::new(Auth::from_config(&config));
+    let auth = Arc::new(Auth::from_config(&config, audit));
     let bus_thread = match (bus, redis_target) {
         (Some((bus, queue)), Some(target)) => {
             let bus_config = RedisBusConfig {
@@ -438,6 +445,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         bus.send_to_bus(BusCmd::Stop);
         let _ = thread.join();
     }
+    audit_thread.finish();
     if failed {
         return Err(StartupError::ShardFailed);
     }

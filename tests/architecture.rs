@@ -31,6 +31,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         &["model"],
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",
     ),
+    (
+        "audit",
+        &["model"],
+        "the audit log is a sink that every layer (api, auth, bus, shard) writes to, so it sits below them",
+    ),
 ];
 
 /// Imports that break a layer: `(module, forbidden imports, why)`.

@@ -12,6 +12,7 @@
 mod notifications;
 mod status;
 
+use crate::audit::{Audit, Caller, Event, Origin};
 use crate::bus::Fanout;
 use crate::config::Config;
 use crate::http::query::decode_path_segment;
@@ -34,12 +35,23 @@ pub struct ApiContext<'a> {
     pub metrics: &'a Metrics,
     /// The fan-out, for the Redis bus's state (`/health`) and metrics (`/metrics`).
     pub fanout: &'a Fanout,
+    /// The audit log, where handlers record what they changed and for whom.
+    pub audit: &'a Audit,
+    /// Who sent the request (its credential and address), for the audit log.
+    pub caller: &'a Caller,
 }
 
 impl ApiContext<'_> {
     /// The counters of the shard serving the request.
     pub fn stats(&self) -> &ShardCounters {
         self.counters
+    }
+
+    /// Records in the audit log the event `make` builds from the request's origin (who sent `head`,
+    /// how). Nothing runs when the log is off.
+    fn record(&self, head: &RequestHead, make: impl FnOnce(Box<Origin>) -> Event) {
+        self.audit
+            .emit(|| make(self.caller.origin(head.method.as_str(), head.path())));
     }
 }
 
@@ -150,12 +162,12 @@ pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -
         Endpoint::Batch => notifications::batch(ctx, head, body).await,
         Endpoint::Schedule => notifications::schedule(ctx, head, body).await,
         Endpoint::GetScheduled(id) => notifications::get_scheduled(ctx, &id).await,
-        Endpoint::CancelScheduled(id) => notifications::cancel_scheduled(ctx, &id).await,
+        Endpoint::CancelScheduled(id) => notifications::cancel_scheduled(ctx, head, &id).await,
         Endpoint::History(user) => notifications::history(ctx, user, head.query()).await,
         Endpoint::HistoryByQuery => notifications::history_by_query(ctx, head.query()).await,
-        Endpoint::Read(user, id) => notifications::read(ctx, user, &id).await,
-        Endpoint::ReadAll(user) => notifications::read_all(ctx, user).await,
-        Endpoint::Delete(user, id) => notifications::delete(ctx, user, &id).await,
+        Endpoint::Read(user, id) => notifications::read(ctx, head, user, &id).await,
+        Endpoint::ReadAll(user) => notifications::read_all(ctx, head, user).await,
+        Endpoint::Delete(user, id) => notifications::delete(ctx, head, user, &id).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx),
         Endpoint::WebSocket => {
@@ -262,6 +274,8 @@ mod tests {
             counters: metrics.shard(0),
             metrics: &metrics,
             fanout: &fanout,
+            audit: &Audit::off(),
+            caller: &Caller::default(),
         };
         let head = |raw: &[u8]| match crate::http::request::parse_head(
             raw,

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::store_unavailable;
 use crate::api::ApiContext;
+use crate::audit::Event;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
@@ -186,6 +187,7 @@ impl InsertKind {
 /// Stores `list` (with its key, if any) and answers as `kind` says.
 async fn store_and_answer(
     ctx: &ApiContext<'_>,
+    head: &RequestHead,
     list: Vec<NewNotification>,
     key: Option<IdempotencyKey>,
     kind: InsertKind,
@@ -194,8 +196,23 @@ async fn store_and_answer(
         Some(key) => ctx.store.insert_idempotent(list, key).await,
         None => ctx.store.insert(list).await.map(Committed::Fresh),
     };
-    if let Ok(Committed::Fresh(stored)) = &result {
-        ctx.stats().notifications_stored(stored.len());
+    match &result {
+        Ok(Committed::Fresh(stored)) => {
+            ctx.stats().notifications_stored(stored.len());
+            ctx.record(head, |by| Event::Accepted {
+                ids: stored.iter().map(|n| n.id).collect(),
+                replayed: false,
+                by,
+            });
+        }
+        Ok(Committed::Replayed(Receipt::Inserted(stamps))) => {
+            ctx.record(head, |by| Event::Accepted {
+                ids: stamps.iter().map(|s| s.id).collect(),
+                replayed: true,
+                by,
+            });
+        }
+        _ => {}
     }
     committed_answer(
         result,
@@ -221,7 +238,7 @@ pub async fn send(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> 
         Ok(n) => n,
         Err(e) => return invalid_field(&e),
     };
-    store_and_answer(ctx, vec![notification], key, InsertKind::Send).await
+    store_and_answer(ctx, head, vec![notification], key, InsertKind::Send).await
 }
 
 /// The body of a batch.
@@ -272,7 +289,7 @@ pub async fn batch(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) ->
         Ok(list) => list,
         Err(e) => return Response::error(400, "invalid_field", &e.message),
     };
-    store_and_answer(ctx, list, key, InsertKind::Batch).await
+    store_and_answer(ctx, head, list, key, InsertKind::Batch).await
 }
 
 /// `POST /api/v1/notifications/schedule`.
@@ -290,6 +307,27 @@ pub async fn schedule(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8])
         Err(e) => return invalid_field(&e),
     };
     let result = ctx.store.schedule(notification, key).await;
+    match &result {
+        Ok(Committed::Fresh(n)) => ctx.record(head, |by| Event::Scheduled {
+            id: n.id,
+            user_id: n.user_id.clone(),
+            scheduled_at: n.scheduled_at.unwrap_or(n.created_at),
+            replayed: false,
+            by,
+        }),
+        Ok(Committed::Replayed(Receipt::Scheduled {
+            stamp,
+            scheduled_at,
+            user_id,
+        })) => ctx.record(head, |by| Event::Scheduled {
+            id: stamp.id,
+            user_id: user_id.clone(),
+            scheduled_at: *scheduled_at,
+            replayed: true,
+            by,
+        }),
+        _ => {}
+    }
     committed_answer(
         result,
         |n| {
@@ -376,13 +414,16 @@ pub async fn get_scheduled(ctx: &ApiContext<'_>, id: &str) -> Response {
 }
 
 /// `DELETE /api/v1/notifications/scheduled/:id`.
-pub async fn cancel_scheduled(ctx: &ApiContext<'_>, id: &str) -> Response {
+pub async fn cancel_scheduled(ctx: &ApiContext<'_>, head: &RequestHead, id: &str) -> Response {
     let id = match schedule_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
     match ctx.store.cancel_scheduled(id).await {
-        Ok(true) => Response::empty(204),
+        Ok(true) => {
+            ctx.record(head, |by| Event::Cancelled { id, by });
+            Response::empty(204)
+        }
         Ok(false) => Response::error(
             404,
             "not_found",
@@ -488,34 +529,63 @@ fn not_found() -> Response {
 }
 
 /// `PUT /api/v1/notifications/:user_id/:notification_id/read`.
-pub async fn read(ctx: &ApiContext<'_>, user_id: String, id: &str) -> Response {
+pub async fn read(ctx: &ApiContext<'_>, head: &RequestHead, user_id: String, id: &str) -> Response {
     let id = match notification_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
     match ctx.store.mark_read(user_id, id).await {
-        Ok(Some(n)) => Response::json(200, n.to_json()),
+        Ok(Some(n)) => {
+            ctx.record(head, |by| Event::Read {
+                id,
+                user_id: n.user_id.clone().unwrap_or_default(),
+                by,
+            });
+            Response::json(200, n.to_json())
+        }
         Ok(None) => not_found(),
         Err(e) => store_unavailable(e),
     }
 }
 
 /// `PUT /api/v1/notifications/:user_id/read-all`.
-pub async fn read_all(ctx: &ApiContext<'_>, user_id: String) -> Response {
+pub async fn read_all(ctx: &ApiContext<'_>, head: &RequestHead, user_id: String) -> Response {
+    // Kept for the audit line only when the log is on (the store takes the string).
+    let audited_user = ctx.audit.is_on().then(|| user_id.clone());
     match ctx.store.mark_all_read(user_id).await {
-        Ok(n) => Response::json(200, format!("{{\"updated\":{n}}}").into_bytes()),
+        Ok(n) => {
+            if let Some(user_id) = audited_user {
+                ctx.record(head, |by| Event::ReadAll {
+                    user_id,
+                    updated: n,
+                    by,
+                });
+            }
+            Response::json(200, format!("{{\"updated\":{n}}}").into_bytes())
+        }
         Err(e) => store_unavailable(e),
     }
 }
 
 /// `DELETE /api/v1/notifications/:user_id/:notification_id`.
-pub async fn delete(ctx: &ApiContext<'_>, user_id: String, id: &str) -> Response {
+pub async fn delete(
+    ctx: &ApiContext<'_>,
+    head: &RequestHead,
+    user_id: String,
+    id: &str,
+) -> Response {
     let id = match notification_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
+    let audited_user = ctx.audit.is_on().then(|| user_id.clone());
     match ctx.store.delete(user_id, id).await {
-        Ok(true) => Response::empty(204),
+        Ok(true) => {
+            if let Some(user_id) = audited_user {
+                ctx.record(head, |by| Event::Deleted { id, user_id, by });
+            }
+            Response::empty(204)
+        }
         Ok(false) => not_found(),
         Err(e) => store_unavailable(e),
     }

@@ -41,7 +41,7 @@ pub async fn health(ctx: &ApiContext<'_>) -> Response {
 
 /// `GET /metrics`.
 pub fn metrics(ctx: &ApiContext<'_>) -> Response {
-    let mut text = ctx.metrics.render(&ctx.store.stats());
+    let mut text = ctx.metrics.render(&ctx.store.stats(), ctx.audit);
     ctx.fanout.render_bus_metrics(&mut text);
     Response::text(200, "text/plain; version=0.0.4", text.into_bytes())
 }

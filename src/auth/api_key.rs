@@ -11,6 +11,7 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::audit::KeyId;
 use crate::http::request::RequestHead;
 
 /// The scheme of an `Authorization` header that carries a key or a token (RFC 6750).
@@ -65,6 +66,12 @@ impl KeySet {
 
     /// The index of the key `presented` is, in constant time over every key of the set.
     pub fn find(&self, presented: &[u8]) -> Option<usize> {
+        self.lookup(presented).0
+    }
+
+    /// Like [`KeySet::find`], with the audit log's id of the presented key (valid or not), taken
+    /// from the digest the comparison computes anyway.
+    pub fn lookup(&self, presented: &[u8]) -> (Option<usize>, KeyId) {
         let presented = digest(presented);
         let mut found = None;
         for (i, d) in self.digests.iter().enumerate() {
@@ -72,7 +79,7 @@ impl KeySet {
                 found = Some(i);
             }
         }
-        found
+        (found, KeyId::of_digest(&presented))
     }
 }
 
@@ -99,6 +106,13 @@ pub fn presented_key(head: &RequestHead) -> Option<&str> {
 mod tests {
     use super::*;
 
+    fn hex8(key: &[u8]) -> String {
+        digest(key)[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     #[test]
     fn every_listed_key_matches_and_nothing_else() {
         let keys = KeySet::from_list(" new-key , ,old-key");
@@ -110,5 +124,10 @@ mod tests {
         assert_eq!(keys.find(b""), None);
         assert_eq!(KeySet::single("a,b").find(b"a,b"), Some(0));
         assert!(!format!("{keys:?}").contains("new-key"));
+        // The audit log's id: 8 hex digits of the SHA-256 (`printf %s new-key | sha256sum`).
+        let (index, id) = keys.lookup(b"new-key");
+        assert_eq!(index, Some(0));
+        assert_eq!(id.to_string(), hex8(b"new-key"));
+        assert_eq!(keys.lookup(b"nope").1.to_string(), hex8(b"nope"));
     }
 }

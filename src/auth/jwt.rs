@@ -54,7 +54,9 @@ pub enum TokenError {
     NotYetValid,
     /// The header names an algorithm other than HS256.
     WrongAlgorithm,
-    /// Malformed, badly signed, or missing a required claim.
+    /// Signed with another secret (the header and claims are well-formed HS256).
+    BadSignature,
+    /// Malformed, or missing a required claim.
     Invalid,
     /// `sub` is not a valid user id.
     BadSubject,
@@ -70,8 +72,24 @@ impl TokenError {
             TokenError::Expired => "the token has expired",
             TokenError::NotYetValid => "the token is not valid yet (nbf)",
             TokenError::WrongAlgorithm => "the token must be signed with HS256",
-            TokenError::Invalid => "the token is malformed, badly signed, or lacks sub or exp",
+            // One sentence for both: a client learns nothing from which part failed.
+            TokenError::BadSignature | TokenError::Invalid => {
+                "the token is malformed, badly signed, or lacks sub or exp"
+            }
             TokenError::BadSubject => "the token's sub is not a valid user id",
+        }
+    }
+
+    /// The `reason` of the audit log's `auth_refused` line (docs/audit.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::Missing => "missing_token",
+            TokenError::Expired => "expired_token",
+            TokenError::NotYetValid => "token_not_yet_valid",
+            TokenError::WrongAlgorithm => "wrong_algorithm",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::Invalid => "invalid_token",
+            TokenError::BadSubject => "bad_subject",
         }
     }
 }
@@ -111,6 +129,7 @@ impl JwtVerifier {
             jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::InvalidSignature => TokenError::BadSignature,
                     ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                         TokenError::WrongAlgorithm
@@ -268,7 +287,7 @@ mod tests {
             "other",
             serde_json::json!({"sub": "u1", "exp": exp}),
         );
-        assert_eq!(v.verify(&other_secret), Err(TokenError::Invalid));
+        assert_eq!(v.verify(&other_secret), Err(TokenError::BadSignature));
         let hs512 = token(
             Algorithm::HS512,
             "s3cret",

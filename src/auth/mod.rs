@@ -13,6 +13,10 @@
 //! before its body is read, so an unauthenticated client cannot make the server buffer a body; a
 //! WebSocket upgrade is checked ([`Auth::authenticate_upgrade`]) before the 101; what a live session
 //! may do (channels, message rate, expiry) is checked by the session with the pieces above.
+//!
+//! Every refusal of a credential and of a rate limit is also an audit event (`auth_refused`,
+//! `rate_limited`: docs/audit.md), recorded here where the reason is known; the node's [`Audit`]
+//! handle lives in [`Auth`], which every shard holds.
 
 pub mod admission;
 pub mod api_key;
@@ -20,9 +24,11 @@ pub mod expiry;
 pub mod jwt;
 pub mod rate_limit;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::{Audit, Credential, Event, KeyId, Origin, Via};
 use crate::config::Config;
 use crate::http::query::decode_path_segment;
 use crate::http::request::RequestHead;
@@ -87,6 +93,8 @@ pub struct Auth {
     leeway_s: u64,
     /// The connection caps.
     pub connections: Arc<ConnectionCounts>,
+    /// The audit log (off unless `AUDIT_LOG` is set).
+    audit: Audit,
 }
 
 /// `401 unauthorized`, with the `WWW-Authenticate` challenge RFC 6750 asks for.
@@ -100,12 +108,14 @@ pub fn forbidden(message: &str) -> Response {
 }
 
 impl Auth {
-    /// The node's auth from its settings (validated already by `Config::validate`).
-    pub fn from_config(config: &Config) -> Auth {
+    /// The node's auth from its settings (validated already by `Config::validate`), recording its
+    /// refusals in `audit`.
+    pub fn from_config(config: &Config, audit: Audit) -> Auth {
         let api_keys = config.api_key.as_deref().map(KeySet::from_list);
         let api_buckets = (0..api_keys.as_ref().map_or(0, KeySet::len))
             .map(|_| SharedBucket::default())
             .collect();
+
         Auth {
             api_keys,
             metrics_token: config.metrics_token.as_deref().map(KeySet::single),
@@ -123,7 +133,13 @@ impl Auth {
                 config.max_connections_per_ip,
                 config.max_connections_per_user,
             )),
+            audit,
         }
+    }
+
+    /// The node's audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     /// True when WebSockets need a token.
@@ -148,33 +164,69 @@ impl Auth {
     }
 
     /// Checks an HTTP request from its head: the credential its path needs, then the key's rate.
-    /// `Err` is the answer to send instead (401 or 429).
-    pub fn check_request(&self, head: &RequestHead) -> Result<(), Response> {
+    /// `Ok` is the credential the request passed with (for the audit log); `Err` is the answer to
+    /// send instead (401 or 429), already recorded in the audit log with `ip`, the peer's address.
+    pub fn check_request(
+        &self,
+        head: &RequestHead,
+        ip: Option<IpAddr>,
+    ) -> Result<Credential, Response> {
+        let refused = |reason: &'static str, key_id: Option<KeyId>, message: &str| {
+            self.audit.emit(|| Event::AuthRefused {
+                reason,
+                key_id,
+                by: http_origin(head, Credential::None, ip),
+            });
+            unauthorized(message)
+        };
         match guard_of(head.path()) {
-            Guard::Open | Guard::WebSocket => Ok(()),
+            Guard::Open | Guard::WebSocket => Ok(Credential::None),
             Guard::Metrics => match &self.metrics_token {
-                None => Ok(()),
+                None => Ok(Credential::None),
                 Some(token) => match api_key::bearer_token(head) {
-                    Some(t) if token.find(t.as_bytes()).is_some() => Ok(()),
-                    Some(_) => Err(unauthorized("the metrics token is not valid")),
-                    None => Err(unauthorized(
+                    Some(t) if token.find(t.as_bytes()).is_some() => Ok(Credential::None),
+                    Some(_) => Err(refused(
+                        "invalid_metrics_token",
+                        None,
+                        "the metrics token is not valid",
+                    )),
+                    None => Err(refused(
+                        "missing_metrics_token",
+                        None,
                         "this route wants Authorization: Bearer <METRICS_TOKEN>",
                     )),
                 },
             },
             Guard::Api => {
                 let Some(keys) = &self.api_keys else {
-                    return Ok(());
+                    return Ok(Credential::None);
                 };
                 let Some(presented) = presented_key(head) else {
-                    return Err(unauthorized(
+                    return Err(refused(
+                        "missing_api_key",
+                        None,
                         "an API key is required: Authorization: Bearer <key> or X-API-Key: <key>",
                     ));
                 };
-                let Some(index) = keys.find(presented.as_bytes()) else {
-                    return Err(unauthorized("the API key is not valid"));
+                let (found, key_id) = keys.lookup(presented.as_bytes());
+                let Some(index) = found else {
+                    return Err(refused(
+                        "invalid_api_key",
+                        Some(key_id),
+                        "the API key is not valid",
+                    ));
                 };
-                self.take_api_token(index)
+                let credential = Credential::ApiKey(key_id);
+                match self.take_api_token(index) {
+                    Ok(()) => Ok(credential),
+                    Err(response) => {
+                        self.audit.emit(|| Event::RateLimited {
+                            limit: "api_key",
+                            by: http_origin(head, credential, ip),
+                        });
+                        Err(response)
+                    }
+                }
             }
         }
     }
@@ -196,29 +248,62 @@ impl Auth {
             })
     }
 
-    /// Checks a WebSocket upgrade's token. `Ok(None)` when `JWT_SECRET` is not set (open mode).
+    /// Checks a WebSocket upgrade's token. `Ok(None)` when `JWT_SECRET` is not set (open mode). A
+    /// refusal is recorded in the audit log with `ip`, the peer's address.
     pub fn authenticate_upgrade(
         &self,
         head: &RequestHead,
+        ip: Option<IpAddr>,
     ) -> Result<Option<UpgradeIdentity>, Response> {
         let Some(verifier) = &self.jwt else {
             return Ok(None);
         };
-        let presented = presented_token(head)
-            .ok_or_else(|| unauthorized(jwt::TokenError::Missing.message()))?;
-        let claims = verifier
-            .verify(&presented.token)
-            .map_err(|e| unauthorized(e.message()))?;
+        let refused = |e: jwt::TokenError| {
+            self.audit.emit(|| Event::AuthRefused {
+                reason: e.code(),
+                key_id: None,
+                by: Origin::websocket(Credential::None, ip),
+            });
+            unauthorized(e.message())
+        };
+        let presented = presented_token(head).ok_or_else(|| refused(jwt::TokenError::Missing))?;
+        let claims = verifier.verify(&presented.token).map_err(refused)?;
         Ok(Some(UpgradeIdentity {
             claims,
             protocol: presented.via_subprotocol.then_some(jwt::BEARER_PROTOCOL),
         }))
     }
 
-    /// Verifies the token of a `refresh` action. `None` when `JWT_SECRET` is not set.
-    pub fn verify_token(&self, token: &str) -> Option<Result<Claims, jwt::TokenError>> {
-        self.jwt.as_ref().map(|v| v.verify(token))
+    /// Verifies the token of a `refresh` action. `None` when `JWT_SECRET` is not set. A refusal is
+    /// recorded in the audit log as coming from `origin` (called only then, and only when the log is
+    /// on).
+    pub fn verify_token(
+        &self,
+        token: &str,
+        origin: impl FnOnce() -> Box<Origin>,
+    ) -> Option<Result<Claims, jwt::TokenError>> {
+        let verified = self.jwt.as_ref().map(|v| v.verify(token))?;
+        if let Err(e) = &verified {
+            self.audit.emit(|| Event::AuthRefused {
+                reason: e.code(),
+                key_id: None,
+                by: origin(),
+            });
+        }
+        Some(verified)
     }
+}
+
+/// The origin of an audit event about an HTTP request.
+fn http_origin(head: &RequestHead, credential: Credential, ip: Option<IpAddr>) -> Box<Origin> {
+    Box::new(Origin {
+        via: Via::Http {
+            method: head.method.as_str(),
+            path: head.path().to_owned(),
+        },
+        credential,
+        ip,
+    })
 }
 
 /// `Retry-After` is whole seconds (RFC 9110): round up, and never say 0.

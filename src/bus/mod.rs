@@ -27,6 +27,7 @@ pub mod wire;
 
 use std::sync::Arc;
 
+use crate::audit::Audit;
 use crate::bus::interest::InterestSink;
 use crate::bus::redis_bus::{BusCmd, RedisBus};
 use crate::delivery::frame::frame_payload;
@@ -42,6 +43,8 @@ pub struct Fanout {
     shards: Arc<[ShardInbox]>,
     /// The Redis bus of a multi-node deployment; `None` for a single node.
     bus: Option<RedisBus>,
+    /// Told of every commit (`stored` and `fired` lines), on the store thread before delivery.
+    audit: Audit,
 }
 
 impl Fanout {
@@ -50,7 +53,14 @@ impl Fanout {
         Fanout {
             shards: shards.into(),
             bus,
+            audit: Audit::off(),
         }
+    }
+
+    /// The same fan-out, recording every commit it is told of in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Fanout {
+        self.audit = audit;
+        self
     }
 
     /// Appends the Redis bus's metrics (nothing on a single node).
@@ -113,6 +123,8 @@ impl CommitListener for Fanout {
         if inserted.is_empty() {
             return;
         }
+        // Before the shards get it, so a notification's `stored` line comes before its `delivered`.
+        self.audit.committed(inserted);
         let deliveries: Arc<[Arc<Delivery>]> = inserted
             .iter()
             .map(|n| Arc::new(Delivery::of_notification(n.clone())))

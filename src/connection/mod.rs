@@ -15,6 +15,7 @@
 //! Requests on one connection are answered in order, which is all HTTP/1.1 pipelining asks: the loop
 //! parses the next head from whatever is already buffered before it reads again.
 
+mod audit_origin;
 pub(crate) mod websocket;
 
 use std::io::{self, Write};
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::api::{self, ApiContext};
+use crate::audit::Caller;
 use crate::auth::admission::Refused;
 use crate::http::request::{parse_head, Limits, Method, Parsed, RequestHead};
 use crate::http::response::Response;
@@ -117,6 +119,7 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
     };
     let header_timeout = Duration::from_secs(config.header_timeout_s);
     let keepalive_timeout = Duration::from_secs(config.keepalive_timeout_s);
+    let ip = audit_origin::peer_ip(conn);
     loop {
         let mut header_deadline: Option<Instant> = None;
         let (head, head_len) = loop {
@@ -150,11 +153,14 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
             }
         };
         // Before the body is read: an unauthenticated or rate-limited client gets no buffer.
-        if let Err(refusal) = conn.shard.auth.check_request(&head) {
-            conn.shard.stats().http_request();
-            respond_and_close(conn, refusal).await;
-            return HttpOutcome::Close;
-        }
+        let credential = match conn.shard.auth.check_request(&head, ip) {
+            Ok(credential) => credential,
+            Err(refusal) => {
+                conn.shard.stats().http_request();
+                respond_and_close(conn, refusal).await;
+                return HttpOutcome::Close;
+            }
+        };
         let total = head_len + head.content_length;
         while conn.inbuf.len() < total {
             match read_request_bytes(conn, header_timeout, false).await {
@@ -174,8 +180,9 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
             return HttpOutcome::Upgrade(head);
         }
         let keep_alive = head.keep_alive && !conn.shard.is_shutting_down();
+        let caller = Caller { credential, ip };
         let response = api::handle(
-            &api_context(&conn.shard),
+            &api_context(&conn.shard, &caller),
             &head,
             &mut conn.inbuf[head_len..total],
         )
@@ -195,8 +202,10 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
 
 /// What the API's handlers may use of the shard that serves the request (a few references, made per
 /// request on the stack).
-fn api_context(shard: &Shard) -> ApiContext<'_> {
+fn api_context<'a>(shard: &'a Shard, caller: &'a Caller) -> ApiContext<'a> {
     ApiContext {
+        audit: shard.auth.audit(),
+        caller,
         config: &shard.config,
         store: &shard.store,
         counters: shard.stats(),

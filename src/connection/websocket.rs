@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::auth::jwt::ChannelGrant;
 use crate::auth::rate_limit::LocalBucket;
 use crate::auth::{forbidden, UpgradeIdentity};
-use crate::connection::respond_and_close;
+use crate::connection::{audit_origin, respond_and_close};
 use crate::delivery::frame::text_frame;
 use crate::delivery::inbox::{ConnId, ShardMsg};
 use crate::delivery::Delivery;
@@ -141,7 +141,10 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         }
     };
     let shard = conn.shard.clone();
-    let identity = match shard.auth.authenticate_upgrade(&head) {
+    let identity = match shard
+        .auth
+        .authenticate_upgrade(&head, audit_origin::peer_ip(&conn))
+    {
         Ok(identity) => identity,
         Err(response) => {
             respond_and_close(&mut conn, response).await;
@@ -363,6 +366,7 @@ impl Session {
         }
         self.rate_strikes += 1;
         if self.rate_strikes == 1 {
+            audit_origin::rate_limited(&self.conn, &self.user, self.grant.is_some());
             self.send_error(
                 "rate_limited",
                 "too many messages: slow down, or the connection is closed with 1008",
@@ -402,7 +406,9 @@ impl Session {
             Action::Read(id) => {
                 let store = self.conn.shard.store.clone();
                 match store.mark_read(self.user.to_string(), id).await {
-                    Ok(Some(_)) => {}
+                    Ok(Some(_)) => {
+                        audit_origin::read(&self.conn, &self.user, self.grant.is_some(), id)
+                    }
                     Ok(None) => self.send_error("not_found", "no such notification for this user"),
                     Err(e) => self.send_error("store_unavailable", &e.to_string()),
                 }
@@ -419,7 +425,9 @@ impl Session {
     /// no longer allows are unsubscribed). A bad token changes nothing; the old one still runs out.
     fn refresh(&mut self, token: &str) {
         let shard = self.conn.shard.clone();
-        let claims = match shard.auth.verify_token(token) {
+        let claims = match shard.auth.verify_token(token, || {
+            audit_origin::session_origin(&self.conn, &self.user, true)
+        }) {
             None => {
                 return self.send_error(
                     "invalid_field",

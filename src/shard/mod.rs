@@ -211,6 +211,9 @@ impl Shard {
             });
         if delivered > 0 {
             self.stats().deliveries(delivered);
+            self.auth
+                .audit()
+                .delivered(delivery.id, delivered, self.index);
         }
         let full = batch.len() >= WRITE_BATCH_FRAMES;
         drop(batch);
