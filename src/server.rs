@@ -323,7 +323,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             }
         })?;
 
-    let auth = Arc::new(Auth::from_config(&config));
+    let auth = Arc::new(Auth::from_config(&config, metrics.refusals().clone()));
     let bus_thread = match (bus, redis_target) {
         (Some((bus, queue)), Some(target)) => {
             let bus_config = RedisBusConfig {

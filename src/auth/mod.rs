@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::http::query::decode_path_segment;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
+use crate::metrics::{Refusal, Refusals};
 
 use admission::ConnectionCounts;
 use api_key::{presented_key, KeySet};
@@ -87,6 +88,8 @@ pub struct Auth {
     leeway_s: u64,
     /// The connection caps.
     pub connections: Arc<ConnectionCounts>,
+    /// Where refusals are counted (the node's, rendered at `/metrics`).
+    refusals: Arc<Refusals>,
 }
 
 /// `401 unauthorized`, with the `WWW-Authenticate` challenge RFC 6750 asks for.
@@ -100,8 +103,9 @@ pub fn forbidden(message: &str) -> Response {
 }
 
 impl Auth {
-    /// The node's auth from its settings (validated already by `Config::validate`).
-    pub fn from_config(config: &Config) -> Auth {
+    /// The node's auth from its settings (validated already by `Config::validate`), counting what it
+    /// refuses in `refusals`.
+    pub fn from_config(config: &Config, refusals: Arc<Refusals>) -> Auth {
         let api_keys = config.api_key.as_deref().map(KeySet::from_list);
         let api_buckets = (0..api_keys.as_ref().map_or(0, KeySet::len))
             .map(|_| SharedBucket::default())
@@ -118,11 +122,15 @@ impl Auth {
             ws_rate: Rate::new(config.rate_limit_ws, config.rate_limit_ws_burst),
             clock: Clock::new(),
             leeway_s: config.jwt_leeway_s,
-            connections: Arc::new(ConnectionCounts::new(
-                config.max_connections,
-                config.max_connections_per_ip,
-                config.max_connections_per_user,
-            )),
+            connections: Arc::new(
+                ConnectionCounts::new(
+                    config.max_connections,
+                    config.max_connections_per_ip,
+                    config.max_connections_per_user,
+                )
+                .counting_refusals_in(refusals.clone()),
+            ),
+            refusals,
         }
     }
 
@@ -147,9 +155,27 @@ impl Auth {
         self.leeway_s
     }
 
+    /// Where refusals are counted: the caller counts the ones it decides itself (the per-shard cap,
+    /// a WebSocket message over its rate).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
     /// Checks an HTTP request from its head: the credential its path needs, then the key's rate.
-    /// `Err` is the answer to send instead (401 or 429).
+    /// `Err` is the answer to send instead (401 or 429), counted as a refusal.
     pub fn check_request(&self, head: &RequestHead) -> Result<(), Response> {
+        let checked = self.check_credentials_and_rate(head);
+        if let Err(refusal) = &checked {
+            self.refusals.count(if refusal.status == 429 {
+                Refusal::RateLimited
+            } else {
+                Refusal::Unauthorized
+            });
+        }
+        checked
+    }
+
+    fn check_credentials_and_rate(&self, head: &RequestHead) -> Result<(), Response> {
         match guard_of(head.path()) {
             Guard::Open | Guard::WebSocket => Ok(()),
             Guard::Metrics => match &self.metrics_token {
@@ -204,11 +230,15 @@ impl Auth {
         let Some(verifier) = &self.jwt else {
             return Ok(None);
         };
-        let presented = presented_token(head)
-            .ok_or_else(|| unauthorized(jwt::TokenError::Missing.message()))?;
+        let refused = |message: &str| {
+            self.refusals.count(Refusal::Unauthorized);
+            unauthorized(message)
+        };
+        let presented =
+            presented_token(head).ok_or_else(|| refused(jwt::TokenError::Missing.message()))?;
         let claims = verifier
             .verify(&presented.token)
-            .map_err(|e| unauthorized(e.message()))?;
+            .map_err(|e| refused(e.message()))?;
         Ok(Some(UpgradeIdentity {
             claims,
             protocol: presented.via_subprotocol.then_some(jwt::BEARER_PROTOCOL),

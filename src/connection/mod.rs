@@ -27,6 +27,7 @@ use crate::api::{self, ApiContext};
 use crate::auth::admission::Refused;
 use crate::http::request::{parse_head, Limits, Method, Parsed, RequestHead};
 use crate::http::response::Response;
+use crate::metrics::{Refusal, Route};
 use crate::shard::socket::{Connection, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
 use crate::shard::Shard;
 
@@ -45,6 +46,7 @@ enum HttpOutcome {
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     if shard.hub.borrow().len() >= shard.config.max_connections_per_shard {
+        shard.auth.refusals().count(Refusal::MaxConnectionsPerShard);
         refuse_over_capacity(stream, "the server is at its connection limit").await;
         return;
     }
@@ -144,6 +146,7 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
                 }
                 Err(e) => {
                     conn.shard.stats().http_request();
+                    conn.shard.stats().http_response(Route::None, e.status());
                     respond_and_close(conn, Response::error(e.status(), e.code(), &e.message()))
                         .await;
                     return HttpOutcome::Close;
@@ -153,6 +156,9 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
         // Before the body is read: an unauthenticated or rate-limited client gets no buffer.
         if let Err(refusal) = conn.shard.auth.check_request(&head) {
             conn.shard.stats().http_request();
+            conn.shard
+                .stats()
+                .http_response(api::route_of(&head), refusal.status);
             respond_and_close(conn, refusal).await;
             return HttpOutcome::Close;
         }

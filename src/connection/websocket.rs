@@ -30,6 +30,7 @@ use crate::delivery::Delivery;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
+use crate::metrics::{Refusal, Route};
 use crate::model::{validate_channel_list, validate_user_id, Notification};
 use crate::shard::hub::{ConnKind, Hub, LiveMark, SubscribeError};
 use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
@@ -137,6 +138,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             if e == handshake::HandshakeError::BadVersion {
                 response = response.with_header("Sec-WebSocket-Version", "13");
             }
+            conn.shard
+                .stats()
+                .http_response(Route::WebSocket, response.status);
             respond_and_close(&mut conn, response).await;
             return None;
         }
@@ -145,6 +149,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     let identity = match shard.auth.authenticate_upgrade(&head) {
         Ok(identity) => identity,
         Err(response) => {
+            shard
+                .stats()
+                .http_response(Route::WebSocket, response.status);
             respond_and_close(&mut conn, response).await;
             return None;
         }
@@ -153,6 +160,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     let params = match connect_params(&head, token_user) {
         Ok(p) => p,
         Err(response) => {
+            shard
+                .stats()
+                .http_response(Route::WebSocket, response.status);
             respond_and_close(&mut conn, response).await;
             return None;
         }
@@ -165,6 +175,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             close_code::TRY_AGAIN_LATER,
             "too many connections for this user",
         ));
+        shard
+            .stats()
+            .websocket_close_code(close_code::TRY_AGAIN_LATER);
         let _ = conn.write_all(&out).await;
         let _ = conn.stream.close().await;
         return None;
@@ -362,6 +375,7 @@ impl Session {
             return true;
         }
         self.rate_strikes += 1;
+        auth.refusals().count(Refusal::MessageRateLimited);
         if self.rate_strikes == 1 {
             self.send_error(
                 "rate_limited",
@@ -604,6 +618,7 @@ impl Session {
             Ending::Server(code) => code,
             Ending::Client(code) => code.unwrap_or(close_code::NORMAL),
         };
+        self.conn.shard.stats().websocket_close_code(code);
         if code != 0 {
             let reason = match code {
                 close_code::GOING_AWAY => "server shutting down",
