@@ -428,6 +428,13 @@ impl ShardCounters {
         self.websockets_open.fetch_sub(1, Relaxed);
     }
 
+    /// A WebSocket upgrade was answered with a 101 and closed at once with `code` (a user over their
+    /// connection cap gets 1013 this way: browsers see close codes, never HTTP statuses).
+    pub fn websocket_upgraded_then_closed(&self, code: u16) {
+        self.http_response(Route::WebSocket, 101);
+        self.websocket_close_code(code);
+    }
+
     /// A WebSocket was closed with `code` (0: without a close frame).
     pub fn websocket_close_code(&self, code: u16) {
         Self::bump(&self.websocket_closes[close_slot(code)], 1);

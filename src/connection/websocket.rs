@@ -177,7 +177,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         ));
         shard
             .stats()
-            .websocket_close_code(close_code::TRY_AGAIN_LATER);
+            .websocket_upgraded_then_closed(close_code::TRY_AGAIN_LATER);
         let _ = conn.write_all(&out).await;
         let _ = conn.stream.close().await;
         return None;
