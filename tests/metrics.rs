@@ -287,6 +287,18 @@ fn every_family_is_exposed_with_its_type_and_moves_with_its_event() {
     );
 }
 
+/// A connection that got a 200 to a kept-alive request (so it holds its slot), or `None` if the
+/// server refused it.
+fn admitted_connection(server: &TestServer) -> Option<std::net::TcpStream> {
+    let mut stream = server.tcp();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .ok()?;
+    let mut buf = [0u8; 512];
+    let n = std::io::Read::read(&mut stream, &mut buf).ok()?;
+    buf[..n].starts_with(b"HTTP/1.1 200").then_some(stream)
+}
+
 /// Refusals that need an API key and small limits: a key over its rate (429), a connection over the
 /// per-IP cap (503), and WebSocket messages over their rate.
 #[test]
@@ -333,8 +345,15 @@ fn refusals_are_counted_by_reason() {
     }
     assert_eq!(client.expect_close(), Some(1008));
 
-    // Three idle connections fill this address's cap; a fourth is refused.
-    let held: Vec<_> = (0..3).map(|_| server.tcp()).collect();
+    // Three kept-alive connections fill this address's cap (each proven admitted by a 200: a
+    // connection of an earlier step may still be closing); a fourth is refused.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            wait_for("an admitted connection", WAIT, || {
+                admitted_connection(&server)
+            })
+        })
+        .collect();
     let refused_answer = wait_for("a connection over the per-IP cap", WAIT, || {
         let r = server.get("/health");
         (r.status == 503).then_some(r)
