@@ -114,7 +114,10 @@ fn the_stack_has_its_five_services_each_waiting_for_what_it_needs() {
             let source = volume.split(':').next().unwrap();
             if let Some(relative) = source.strip_prefix("./") {
                 let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
-                assert!(path.exists(), "{name} mounts {source}, which does not exist");
+                assert!(
+                    path.exists(),
+                    "{name} mounts {source}, which does not exist"
+                );
             } else {
                 assert!(
                     declared.contains_key(source),

@@ -94,7 +94,10 @@ fn the_scanner_finds_every_selector_and_refuses_bad_promql() {
             .as_str(),
     )
     .unwrap();
-    assert_eq!(names, BTreeSet::from(["a_bucket".into(), "b".into(), "c".into()]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["a_bucket".into(), "b".into(), "c".into()])
+    );
     assert!(selected_metrics("sum(rate(x[1m])").is_err(), "unbalanced");
     assert!(selected_metrics(r#"{job="x"}"#).is_err(), "no metric name");
     let histograms = BTreeSet::from(["h".to_owned()]);
@@ -132,13 +135,19 @@ fn every_metric_the_dashboard_queries_is_exposed_by_a_live_server() {
     assert!(panels.len() >= 10, "{} panels", panels.len());
     for panel in &panels {
         let title = panel["title"].as_str().unwrap_or("(untitled)");
-        let targets = panel["targets"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let targets = panel["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         if targets.is_empty() {
             failures.push(format!("panel {title:?} has no query"));
         }
         for target in targets {
             // Grafana replaces `$job` before Prometheus sees the query.
-            let expr = target["expr"].as_str().unwrap_or_default().replace("$job", "j");
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_default()
+                .replace("$job", "j");
             match selected_metrics(&expr) {
                 Ok(names) if names.is_empty() => {
                     failures.push(format!("{title:?}: selects no metric: {expr}"))
@@ -149,7 +158,11 @@ fn every_metric_the_dashboard_queries_is_exposed_by_a_live_server() {
         }
     }
     // The `job` variable's query, `label_values(<metric>, job)`.
-    for variable in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let query = variable["query"]["query"].as_str().unwrap_or_default();
         if let Some(metric) = query
             .strip_prefix("label_values(")
@@ -163,10 +176,7 @@ fn every_metric_the_dashboard_queries_is_exposed_by_a_live_server() {
             failures.push(format!("{name} is queried but not exposed"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{failures:#?}\nexposed: {exposed:#?}"
-    );
+    assert!(failures.is_empty(), "{failures:#?}\nexposed: {exposed:#?}");
     // And the dashboard shows the operator's first questions: at least these families.
     for family in [
         "notif_websocket_connections",
@@ -179,7 +189,10 @@ fn every_metric_the_dashboard_queries_is_exposed_by_a_live_server() {
         "notif_refused_total",
         "notif_http_responses_total",
     ] {
-        assert!(queried.contains(family), "the dashboard does not show {family}");
+        assert!(
+            queried.contains(family),
+            "the dashboard does not show {family}"
+        );
     }
 }
 
@@ -211,7 +224,8 @@ fn the_deploy_files_agree_with_each_other() {
         .as_str()
         .unwrap();
     assert!(
-        grafana_volumes.contains(&format!("./deploy/grafana/dashboards:{dashboards_path}:ro").as_str()),
+        grafana_volumes
+            .contains(&format!("./deploy/grafana/dashboards:{dashboards_path}:ro").as_str()),
         "{grafana_volumes:?}"
     );
     assert!(grafana_volumes.contains(&"./deploy/grafana/provisioning:/etc/grafana/provisioning:ro"));
