@@ -261,7 +261,7 @@ pub enum Route {
 }
 
 impl Route {
-    /// Every route, in the order of their counters.
+    /// Every route, in declaration order (the order of their counters).
     pub const ALL: [Route; 13] = [
         Route::Send,
         Route::Batch,
@@ -447,7 +447,8 @@ impl ShardCounters {
 
     /// An HTTP response with `status` was given on `route`.
     pub fn http_response(&self, route: Route, status: u16) {
-        let route = Route::ALL.iter().position(|&r| r == route).unwrap_or(0);
+        // `Route::ALL` lists the routes in declaration order, so the discriminant is the index.
+        let route = route as usize;
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         Self::bump(&self.http_responses[route][class], 1);
     }
@@ -865,6 +866,22 @@ mod tests {
         assert!(text.contains("notif_websocket_closes_total{code=\"other\"} 1"));
         assert!(text.contains("notif_websocket_closes_total{code=\"none\"} 1"));
         assert!(text.contains("notif_refused_total{reason=\"rate_limited\"} 1"));
+    }
+
+    #[test]
+    fn every_route_and_reason_has_its_own_counter() {
+        for (i, route) in Route::ALL.iter().enumerate() {
+            assert_eq!(*route as usize, i, "{route:?}");
+        }
+        for (i, why) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, i, "{why:?}");
+        }
+        for (i, kind) in DeliveryKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i, "{kind:?}");
+        }
+        assert_eq!(close_slot(1013), 8);
+        assert_eq!(CLOSE_LABELS[close_slot(4000)], "other");
+        assert_eq!(CLOSE_LABELS[close_slot(0)], "none");
     }
 
     #[test]
