@@ -46,7 +46,8 @@
 //!   otherwise overflow a shard's stack).
 //! - [`json_input`]: the parse of client JSON (request bodies, WebSocket messages): escapes checked
 //!   before simd-json sees them, and one wording for every error, naming the field and the byte.
-//! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
+//! - [`metrics`]: per-shard counters and histograms summed on read, the node's refusals, the process's
+//!   figures, and the Prometheus text writer every part renders its families into. A leaf.
 //! - [`audit`]: the audit log (`AUDIT_LOG`): one JSON line per step of a notification's life and per
 //!   refused credential or rate limit, handed by any thread to one writer thread through a bounded
 //!   queue that never blocks (what overflows is counted). A leaf: only [`model`].
@@ -62,10 +63,10 @@
 //! connection
 //! shard        api
 //! bus          auth
-//! config       metrics     ws
+//! config       ws
 //! store        delivery    json_input
 //! scheduler    audit
-//! model        http        json_depth
+//! model        http        json_depth   metrics
 //! ```
 //!
 //! # One notification's way

@@ -330,7 +330,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             }
         })?;
 
-    let auth = Arc::new(Auth::from_config(&config, audit));
+    let auth = Arc::new(Auth::from_config(
+        &config,
+        audit,
+        metrics.refusals().clone(),
+    ));
     let bus_thread = match (bus, redis_target) {
         (Some((bus, queue)), Some(target)) => {
             let bus_config = RedisBusConfig {

@@ -27,6 +27,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "the HTTP/1.1 parser and writer are generic: they know no notification module",
     ),
     (
+        "metrics",
+        &[],
+        "counters and the Prometheus writer are used by every layer, so they depend on none",
+    ),
+    (
         "delivery",
         &["model"],
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",

@@ -1,7 +1,9 @@
 //! `docker-compose.yml` against the Compose Specification's JSON schema, vendored in
 //! `deploy/compose-spec.json` (see deploy/README.md for where it came from), so the check needs neither
-//! Docker nor the network. Also what the file must say beyond the schema: every service has a health
-//! check, and the server waits for its dependencies to be healthy.
+//! Docker nor the network. Also what the file must say beyond the schema: the five services are there
+//! (the server, PostgreSQL, Redis, Prometheus, Grafana), every one has a health check, each waits for
+//! what it needs to be healthy, the files it mounts exist in the repository, and its ports are
+//! published on the loopback address only.
 
 use std::path::Path;
 
@@ -78,5 +80,76 @@ fn every_service_is_health_checked_and_the_server_waits_for_healthy_dependencies
             depends[dependency]["condition"], "service_healthy",
             "notification-service must wait for {dependency} to be healthy"
         );
+    }
+}
+
+#[test]
+fn the_stack_has_its_five_services_each_waiting_for_what_it_needs() {
+    let document = yaml_to_json(&read("docker-compose.yml")).expect("docker-compose.yml");
+    let services = document["services"].as_object().expect("services");
+    let names: Vec<&str> = services.keys().map(String::as_str).collect();
+    for wanted in [
+        "notification-service",
+        "postgres",
+        "redis",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(names.contains(&wanted), "no {wanted} service: {names:?}");
+    }
+    for (service, dependency) in [
+        ("prometheus", "notification-service"),
+        ("grafana", "prometheus"),
+    ] {
+        assert_eq!(
+            services[service]["depends_on"][dependency]["condition"], "service_healthy",
+            "{service} must wait for {dependency} to be healthy"
+        );
+    }
+    // Every bind mount names a file or folder of the repository; every named volume is declared.
+    let declared = document["volumes"].as_object().expect("top-level volumes");
+    for (name, service) in services {
+        for volume in service["volumes"].as_array().into_iter().flatten() {
+            let volume = volume.as_str().expect("short volume syntax");
+            let source = volume.split(':').next().unwrap();
+            if let Some(relative) = source.strip_prefix("./") {
+                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+                assert!(
+                    path.exists(),
+                    "{name} mounts {source}, which does not exist"
+                );
+            } else {
+                assert!(
+                    declared.contains_key(source),
+                    "{name} uses the undeclared volume {source}"
+                );
+            }
+        }
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let port = port.as_str().expect("short port syntax");
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} beyond the loopback address"
+            );
+        }
+    }
+    // Secrets are passed through only when set: an empty API_KEY would be refused at start-up.
+    let env = &services["notification-service"]["environment"];
+    for secret in ["API_KEY", "JWT_SECRET", "METRICS_TOKEN"] {
+        assert!(
+            env.get(secret).is_some_and(Value::is_null),
+            "{secret} must be passed through (no value), not set"
+        );
+    }
+}
+
+/// The comments say what the file does today: no "not built" or "not yet" left from earlier stages.
+#[test]
+fn the_compose_file_and_its_page_have_no_stale_claims() {
+    for file in ["docker-compose.yml", "docs/docker.md"] {
+        let text = read(file).to_lowercase();
+        for stale in ["not built", "not yet", "to be added", "todo"] {
+            assert!(!text.contains(stale), "{file} says {stale:?}");
+        }
     }
 }

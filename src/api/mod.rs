@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::http::query::decode_path_segment;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::Response;
-use crate::metrics::{Metrics, ShardCounters};
+use crate::metrics::{Metrics, Route, ShardCounters};
 use crate::store::{Store, StoreError};
 
 /// What the handlers may use, borrowed from whatever serves the request: in the server, the shard the
@@ -120,29 +120,67 @@ fn path_segments(path: &str) -> Option<Vec<String>> {
         .collect()
 }
 
-/// Answers one request.
+impl Endpoint {
+    /// The `route` label of `notif_http_responses_total`.
+    fn route(&self) -> Route {
+        match self {
+            Endpoint::Send => Route::Send,
+            Endpoint::Batch => Route::Batch,
+            Endpoint::Schedule => Route::Schedule,
+            Endpoint::GetScheduled(_) => Route::ScheduledGet,
+            Endpoint::CancelScheduled(_) => Route::ScheduledCancel,
+            Endpoint::History(_) | Endpoint::HistoryByQuery => Route::History,
+            Endpoint::Read(..) => Route::Read,
+            Endpoint::ReadAll(_) => Route::ReadAll,
+            Endpoint::Delete(..) => Route::Delete,
+            Endpoint::Health => Route::Health,
+            Endpoint::Metrics => Route::Metrics,
+            Endpoint::WebSocket => Route::WebSocket,
+        }
+    }
+}
+
+/// The route a request head names (`Route::None` when none), for counting answers given before the
+/// API sees the request (a refused credential or rate).
+pub fn route_of(head: &RequestHead) -> Route {
+    path_segments(head.path())
+        .and_then(|segments| resolve(head.method, &segments))
+        .map_or(Route::None, |endpoint| endpoint.route())
+}
+
+/// Answers one request, and counts the answer by route and status class.
 pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> Response {
+    let (route, response) = answer(ctx, head, body).await;
+    ctx.counters.http_response(route, response.status);
+    response
+}
+
+/// Routes a request and runs its handler.
+async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (Route, Response) {
     let Some(segments) = path_segments(head.path()) else {
-        return Response::error(
+        let bad_path = Response::error(
             400,
             "bad_request",
             "the path is not valid UTF-8 once decoded",
         );
+        return (Route::None, bad_path);
     };
     let Some(endpoint) = resolve(head.method, &segments) else {
-        return not_routed(head.method, &segments);
+        return (Route::None, not_routed(head.method, &segments));
     };
+    let route = endpoint.route();
     let json_body = matches!(
         endpoint,
         Endpoint::Send | Endpoint::Batch | Endpoint::Schedule
     );
     if json_body {
         if head.header("content-type").is_some() && !head.content_type_is_json() {
-            return Response::error(
+            let refused = Response::error(
                 415,
                 "unsupported_media_type",
                 "the body must be application/json",
             );
+            return (route, refused);
         }
         let limit = if endpoint == Endpoint::Batch {
             ctx.config.max_batch_body
@@ -150,14 +188,15 @@ pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -
             ctx.config.max_body
         };
         if body.len() > limit {
-            return Response::error(
+            let refused = Response::error(
                 413,
                 "body_too_large",
                 &format!("the body is larger than the limit of {limit} bytes"),
             );
+            return (route, refused);
         }
     }
-    match endpoint {
+    let response = match endpoint {
         Endpoint::Send => notifications::send(ctx, head, body).await,
         Endpoint::Batch => notifications::batch(ctx, head, body).await,
         Endpoint::Schedule => notifications::schedule(ctx, head, body).await,
@@ -169,11 +208,12 @@ pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -
         Endpoint::ReadAll(user) => notifications::read_all(ctx, head, user).await,
         Endpoint::Delete(user, id) => notifications::delete(ctx, head, user, &id).await,
         Endpoint::Health => status::health(ctx).await,
-        Endpoint::Metrics => status::metrics(ctx),
+        Endpoint::Metrics => status::metrics(ctx).await,
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
-    }
+    };
+    (route, response)
 }
 
 /// 405 with `Allow` when the path exists under other methods, else 404.

@@ -9,6 +9,7 @@ use futures_util::future::{select, Either};
 
 use crate::api::ApiContext;
 use crate::http::response::Response;
+use crate::metrics::{render_process, Exposition, Kind};
 
 /// How long health waits for the store before calling it down.
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,9 +40,49 @@ pub async fn health(ctx: &ApiContext<'_>) -> Response {
     Response::json(code, body.into_bytes())
 }
 
-/// `GET /metrics`.
-pub fn metrics(ctx: &ApiContext<'_>) -> Response {
-    let mut text = ctx.metrics.render(&ctx.store.stats(), ctx.audit);
-    ctx.fanout.render_bus_metrics(&mut text);
-    Response::text(200, "text/plain; version=0.0.4", text.into_bytes())
+/// How long a scrape waits for the store's count of pending scheduled notifications; without an
+/// answer the gauge is left out of that scrape (Prometheus then shows a gap, not a wrong zero).
+const PENDING_COUNT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `GET /metrics`: the shards' families, the store's, the Redis bus's, and the process's.
+pub async fn metrics(ctx: &ApiContext<'_>) -> Response {
+    let pending = std::pin::pin!(ctx.store.scheduled_pending());
+    let deadline = std::pin::pin!(glommio::timer::sleep(PENDING_COUNT_TIMEOUT));
+    let pending = match select(pending, deadline).await {
+        Either::Left((Ok(n), _)) => Some(n),
+        _ => None,
+    };
+    let mut out = Exposition::new();
+    ctx.metrics.render(&mut out);
+    ctx.store.render_metrics(&mut out);
+    if let Some(n) = pending {
+        out.single(
+            "notif_scheduled_pending",
+            Kind::Gauge,
+            "Scheduled notifications waiting to fire, in the whole database (every node's).",
+            n,
+        );
+    }
+    let audit = ctx.audit;
+    out.single(
+        "notif_audit_lines_total",
+        Kind::Counter,
+        "Lines written to the audit log (AUDIT_LOG), drop reports included.",
+        audit.lines_written(),
+    );
+    out.single(
+        "notif_audit_dropped_total",
+        Kind::Counter,
+        "Audit log lines dropped because the queue (AUDIT_QUEUE) was full or a write failed.",
+        audit.lines_dropped(),
+    );
+    let mut bus = String::new();
+    ctx.fanout.render_bus_metrics(&mut bus);
+    out.push_raw(&bus);
+    render_process(&mut out);
+    Response::text(
+        200,
+        "text/plain; version=0.0.4",
+        out.into_string().into_bytes(),
+    )
 }

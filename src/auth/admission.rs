@@ -17,6 +17,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::metrics::{Refusal, Refusals};
+
 /// Stripes of each map: enough that a few shards opening connections at once rarely collide.
 const STRIPES: usize = 16;
 
@@ -92,6 +94,8 @@ pub struct ConnectionCounts {
     total: AtomicUsize,
     per_ip: StripedCounts<IpAddr>,
     per_user: StripedCounts<Box<str>>,
+    /// Where each refusal is counted, for `/metrics`.
+    refusals: Arc<Refusals>,
 }
 
 impl ConnectionCounts {
@@ -104,7 +108,13 @@ impl ConnectionCounts {
             total: AtomicUsize::new(0),
             per_ip: StripedCounts::new(),
             per_user: StripedCounts::new(),
+            refusals: Arc::default(),
         }
+    }
+
+    /// The same counts, counting their refusals in `refusals` (the node's, rendered at `/metrics`).
+    pub fn counting_refusals_in(self, refusals: Arc<Refusals>) -> ConnectionCounts {
+        ConnectionCounts { refusals, ..self }
     }
 
     /// Admits a new connection from `peer`, or says which cap it hit.
@@ -118,6 +128,7 @@ impl ConnectionCounts {
                 })
                 .is_ok();
             if !admitted {
+                self.refusals.count(Refusal::MaxConnections);
                 return Err(Refused::Node);
             }
         }
@@ -128,6 +139,7 @@ impl ConnectionCounts {
                     if counted_total {
                         self.total.fetch_sub(1, Ordering::AcqRel);
                     }
+                    self.refusals.count(Refusal::MaxConnectionsPerIp);
                     return Err(Refused::Ip);
                 }
                 ip = Some(addr);
@@ -144,10 +156,14 @@ impl ConnectionCounts {
     /// `MAX_CONNECTIONS_PER_USER`. A slot taken must be given back with [`Self::release_user`] (the
     /// session does it when it ends: a permit object would cost every idle connection its size).
     pub fn admit_user(&self, user: &str) -> bool {
-        self.max_per_user == 0
+        let admitted = self.max_per_user == 0
             || self
                 .per_user
-                .try_acquire(Box::from(user), self.max_per_user)
+                .try_acquire(Box::from(user), self.max_per_user);
+        if !admitted {
+            self.refusals.count(Refusal::MaxConnectionsPerUser);
+        }
+        admitted
     }
 
     /// Gives back a slot taken by [`Self::admit_user`].

@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::http::query::decode_path_segment;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
+use crate::metrics::{Refusal, Refusals};
 
 use admission::ConnectionCounts;
 use api_key::{presented_key, KeySet};
@@ -95,6 +96,8 @@ pub struct Auth {
     pub connections: Arc<ConnectionCounts>,
     /// The audit log (off unless `AUDIT_LOG` is set).
     audit: Audit,
+    /// Where refusals are counted (the node's, rendered at `/metrics`).
+    refusals: Arc<Refusals>,
 }
 
 /// `401 unauthorized`, with the `WWW-Authenticate` challenge RFC 6750 asks for.
@@ -109,8 +112,8 @@ pub fn forbidden(message: &str) -> Response {
 
 impl Auth {
     /// The node's auth from its settings (validated already by `Config::validate`), recording its
-    /// refusals in `audit`.
-    pub fn from_config(config: &Config, audit: Audit) -> Auth {
+    /// refusals in `audit` and counting them in `refusals`.
+    pub fn from_config(config: &Config, audit: Audit, refusals: Arc<Refusals>) -> Auth {
         let api_keys = config.api_key.as_deref().map(KeySet::from_list);
         let api_buckets = (0..api_keys.as_ref().map_or(0, KeySet::len))
             .map(|_| SharedBucket::default())
@@ -128,11 +131,15 @@ impl Auth {
             ws_rate: Rate::new(config.rate_limit_ws, config.rate_limit_ws_burst),
             clock: Clock::new(),
             leeway_s: config.jwt_leeway_s,
-            connections: Arc::new(ConnectionCounts::new(
-                config.max_connections,
-                config.max_connections_per_ip,
-                config.max_connections_per_user,
-            )),
+            connections: Arc::new(
+                ConnectionCounts::new(
+                    config.max_connections,
+                    config.max_connections_per_ip,
+                    config.max_connections_per_user,
+                )
+                .counting_refusals_in(refusals.clone()),
+            ),
+            refusals,
             audit,
         }
     }
@@ -163,10 +170,33 @@ impl Auth {
         self.leeway_s
     }
 
+    /// Where refusals are counted: the caller counts the ones it decides itself (the per-shard cap,
+    /// a WebSocket message over its rate).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
     /// Checks an HTTP request from its head: the credential its path needs, then the key's rate.
     /// `Ok` is the credential the request passed with (for the audit log); `Err` is the answer to
-    /// send instead (401 or 429), already recorded in the audit log with `ip`, the peer's address.
+    /// send instead (401 or 429), counted as a refusal and recorded in the audit log with `ip`, the
+    /// peer's address.
     pub fn check_request(
+        &self,
+        head: &RequestHead,
+        ip: Option<IpAddr>,
+    ) -> Result<Credential, Response> {
+        let checked = self.check_credentials_and_rate(head, ip);
+        if let Err(refusal) = &checked {
+            self.refusals.count(if refusal.status == 429 {
+                Refusal::RateLimited
+            } else {
+                Refusal::Unauthorized
+            });
+        }
+        checked
+    }
+
+    fn check_credentials_and_rate(
         &self,
         head: &RequestHead,
         ip: Option<IpAddr>,
@@ -259,6 +289,7 @@ impl Auth {
             return Ok(None);
         };
         let refused = |e: jwt::TokenError| {
+            self.refusals.count(Refusal::Unauthorized);
             self.audit.emit(|| Event::AuthRefused {
                 reason: e.code(),
                 key_id: None,

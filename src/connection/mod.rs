@@ -30,6 +30,7 @@ use crate::audit::Caller;
 use crate::auth::admission::Refused;
 use crate::http::request::{parse_head, Limits, Method, Parsed, RequestHead};
 use crate::http::response::Response;
+use crate::metrics::{Refusal, Route};
 use crate::shard::socket::{Connection, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
 use crate::shard::Shard;
 
@@ -45,6 +46,7 @@ enum HttpOutcome {
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<IpAddr>) {
     let _ = stream.set_nodelay(true);
     if shard.hub.borrow().len() >= shard.config.max_connections_per_shard {
+        shard.auth.refusals().count(Refusal::MaxConnectionsPerShard);
         refuse_over_capacity(stream, "the server is at its connection limit");
         return;
     }
@@ -146,6 +148,7 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
                 }
                 Err(e) => {
                     conn.shard.stats().http_request();
+                    conn.shard.stats().http_response(Route::None, e.status());
                     respond_and_close(conn, Response::error(e.status(), e.code(), &e.message()))
                         .await;
                     return HttpOutcome::Close;
@@ -157,6 +160,9 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
             Ok(credential) => credential,
             Err(refusal) => {
                 conn.shard.stats().http_request();
+                conn.shard
+                    .stats()
+                    .http_response(api::route_of(&head), refusal.status);
                 respond_and_close(conn, refusal).await;
                 return HttpOutcome::Close;
             }

@@ -29,6 +29,7 @@ use crate::delivery::Delivery;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
+use crate::metrics::{Refusal, Route};
 use crate::model::{validate_channel_list, validate_user_id, Notification};
 use crate::shard::hub::{ConnKind, Hub, LiveMark, SubscribeError};
 use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
@@ -136,6 +137,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             if e == handshake::HandshakeError::BadVersion {
                 response = response.with_header("Sec-WebSocket-Version", "13");
             }
+            conn.shard
+                .stats()
+                .http_response(Route::WebSocket, response.status);
             respond_and_close(&mut conn, response).await;
             return None;
         }
@@ -147,6 +151,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     {
         Ok(identity) => identity,
         Err(response) => {
+            shard
+                .stats()
+                .http_response(Route::WebSocket, response.status);
             respond_and_close(&mut conn, response).await;
             return None;
         }
@@ -155,6 +162,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
     let params = match connect_params(&head, token_user) {
         Ok(p) => p,
         Err(response) => {
+            shard
+                .stats()
+                .http_response(Route::WebSocket, response.status);
             respond_and_close(&mut conn, response).await;
             return None;
         }
@@ -167,6 +177,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
             close_code::TRY_AGAIN_LATER,
             "too many connections for this user",
         ));
+        shard
+            .stats()
+            .websocket_upgraded_then_closed(close_code::TRY_AGAIN_LATER);
         let _ = conn.write_all(&out, Some(CLOSE_FLUSH_TIMEOUT)).await;
         conn.close();
         return None;
@@ -365,6 +378,7 @@ impl Session {
             return true;
         }
         self.rate_strikes += 1;
+        auth.refusals().count(Refusal::MessageRateLimited);
         if self.rate_strikes == 1 {
             audit_origin::rate_limited(&self.conn, &self.user, self.grant.is_some());
             self.send_error(
@@ -612,6 +626,7 @@ impl Session {
             Ending::Server(code) => code,
             Ending::Client(code) => code.unwrap_or(close_code::NORMAL),
         };
+        self.conn.shard.stats().websocket_close_code(code);
         if code != 0 {
             let reason = match code {
                 close_code::GOING_AWAY => "server shutting down",

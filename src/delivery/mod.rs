@@ -20,6 +20,7 @@ pub mod frame;
 pub mod inbox;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use uuid::Uuid;
@@ -143,6 +144,9 @@ pub struct Delivery {
     pub native: Frames,
     /// The other encodings' frames, each made by the first connection that needs it.
     lazy: [OnceLock<Frames>; LAZY_ENCODINGS],
+    /// When the delivery was made: right after its commit (or on arrival from Redis, or at a client's
+    /// publish). Shards time their first write from it (`notif_commit_to_write_seconds`).
+    pub made_at: Instant,
 }
 
 impl Delivery {
@@ -163,6 +167,7 @@ impl Delivery {
             content,
             native,
             lazy: Default::default(),
+            made_at: Instant::now(),
         }
     }
 

@@ -47,7 +47,7 @@ use crate::bus::Fanout;
 use crate::config::Config;
 use crate::delivery::inbox::{ConnId, InboxReceiver, ShardMsg};
 use crate::delivery::Delivery;
-use crate::metrics::{Metrics, ShardCounters};
+use crate::metrics::{Delivered, Metrics, ShardCounters};
 use crate::shard::hub::{ConnKind, Hub};
 use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::shard::reactor::{Reactor, LISTENER};
@@ -200,20 +200,25 @@ impl Shard {
     /// message), collecting the frames in the shard's write batch; they are written by [`Shard::flush_deliveries`], which must run before the caller yields.
     fn deliver_batched(&self, delivery: &Delivery, skip: Option<ConnId>) {
         let max_outbound = self.config.max_outbound_bytes;
-        let mut delivered = 0;
+        let mut delivered = [0, 0]; // [plain frame, a channel's frame], for the kinds in /metrics
         let mut batch = self.write_batch.borrow_mut();
         self.hub
             .borrow_mut()
             .for_each_target(delivery, skip, |id, conn, frame| {
                 if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
-                    delivered += 1;
+                    delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
                 }
             });
-        if delivered > 0 {
-            self.stats().deliveries(delivered);
-            self.auth
-                .audit()
-                .delivered(delivery.id, delivered, self.index);
+        self.stats().delivered(Delivered {
+            stored: delivery.id.is_some(),
+            broadcast: delivery.broadcast,
+            plain: delivered[0],
+            via_channel: delivered[1],
+            made_at: delivery.made_at,
+        });
+        let total = delivered[0] + delivered[1];
+        if total > 0 {
+            self.auth.audit().delivered(delivery.id, total, self.index);
         }
         let full = batch.len() >= WRITE_BATCH_FRAMES;
         drop(batch);
@@ -285,6 +290,7 @@ where
         }
     };
     let _ = setup.ready.send(setup.index);
+    crate::metrics::bind_shard_thread(setup.metrics.clone(), setup.index);
     let shard = Rc::new(Shard {
         index: setup.index,
         config: setup.config,

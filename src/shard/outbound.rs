@@ -56,6 +56,7 @@ impl Outbox {
 
     /// Records that `n` bytes of the front were written.
     pub fn advance(&mut self, mut n: usize) {
+        crate::metrics::outbound_queue_changed(-(n.min(self.queued_bytes) as i64));
         self.queued_bytes = self.queued_bytes.saturating_sub(n);
         while n > 0 {
             let Some(front) = self.frames.front() else {
@@ -88,12 +89,14 @@ impl Outbox {
             self.front_written = already_written;
         }
         self.queued_bytes += frame.len() - already_written;
+        crate::metrics::outbound_queue_changed((frame.len() - already_written) as i64);
         self.frames.push_back(frame);
     }
 
     /// Drops every queued frame except the rest of a partly written one, so a close frame can follow
     /// without corrupting the stream.
     fn drop_unsent(&mut self) {
+        crate::metrics::outbound_queue_changed(-(self.queued_bytes as i64));
         if self.front_written > 0 {
             self.frames.truncate(1);
             self.queued_bytes = self.frames[0].len() - self.front_written;
@@ -101,6 +104,14 @@ impl Outbox {
             self.frames.clear();
             self.queued_bytes = 0;
         }
+        crate::metrics::outbound_queue_changed(self.queued_bytes as i64);
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // A connection that ends with frames unsent takes them out of the shard's queued bytes.
+        crate::metrics::outbound_queue_changed(-(self.queued_bytes as i64));
     }
 }
 

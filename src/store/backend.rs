@@ -192,6 +192,8 @@ pub(crate) trait ReadBackend: Send + 'static {
     fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError>;
     /// A trivial query, to prove the connection works.
     fn ping(&mut self) -> Result<(), BackendError>;
+    /// How many scheduled notifications are pending (for `/metrics`).
+    fn scheduled_pending(&mut self) -> Result<u64, BackendError>;
 }
 
 /// A due scheduled notification as it is stored when it fires: a new id (commit order) and creation

@@ -52,11 +52,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
+use crate::metrics::{Exposition, Histogram, Kind, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS};
 use crate::model::{NewNotification, Notification};
 
 use reader::ReadOp;
@@ -317,8 +319,10 @@ pub struct StoreStats {
     pub reads: u64,
 }
 
-/// The live counters behind [`StoreStats`], shared by the store threads and every [`Store`] clone.
-#[derive(Debug, Default)]
+/// The live counters behind [`StoreStats`] and the store's histograms, shared by the store threads
+/// and every [`Store`] clone. Only the store thread writes most of them, so their atomics are never
+/// contended.
+#[derive(Debug)]
 pub(crate) struct Counters {
     /// See [`StoreStats::commits`].
     commits: AtomicU64,
@@ -330,6 +334,27 @@ pub(crate) struct Counters {
     inserted: AtomicU64,
     /// See [`StoreStats::reads`].
     reads: AtomicU64,
+    /// Scheduled notifications this node's store thread fired.
+    scheduled_fired: AtomicU64,
+    /// Write requests per committed transaction (only the transactions that carried any).
+    batch_size: Histogram,
+    /// From a send or batch being queued (`Store::insert*`) to its transaction's commit.
+    send_to_commit: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            commits: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            write_ops: AtomicU64::new(0),
+            inserted: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            scheduled_fired: AtomicU64::new(0),
+            batch_size: Histogram::new(BATCH_SIZE_BOUNDS),
+            send_to_commit: Histogram::new(LATENCY_BOUNDS_NS),
+        }
+    }
 }
 
 impl Counters {
@@ -567,6 +592,7 @@ impl Store {
             self.write(|reply| WriteOp::Insert {
                 batch,
                 idempotency: None,
+                queued_at: Instant::now(),
                 reply,
             })
         };
@@ -594,6 +620,7 @@ impl Store {
         self.write(|reply| WriteOp::Insert {
             batch,
             idempotency: Some(key),
+            queued_at: Instant::now(),
             reply,
         })
     }
@@ -677,6 +704,64 @@ impl Store {
     /// concurrent writes share transactions.
     pub fn stats(&self) -> StoreStats {
         self.counters.snapshot()
+    }
+
+    /// How many scheduled notifications wait to fire, over the whole database (every node's), read on
+    /// a reader connection. Not counted in `reads`: Prometheus asks it at every scrape.
+    pub fn scheduled_pending(&self) -> StoreFuture<u64> {
+        self.read(|reply| ReadOp::PendingScheduled { reply })
+    }
+
+    /// Appends the store's families to a `/metrics` exposition: its counters and its histograms.
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        let s = self.stats();
+        let counters: [(&str, &str, u64); 6] = [
+            (
+                "notif_store_commits_total",
+                "Store transactions committed (group commits).",
+                s.commits,
+            ),
+            (
+                "notif_store_failed_batches_total",
+                "Store batches rolled back.",
+                s.failed_batches,
+            ),
+            (
+                "notif_store_write_requests_total",
+                "Write requests committed.",
+                s.write_ops,
+            ),
+            (
+                "notif_store_inserted_total",
+                "Notifications inserted, fired schedules included.",
+                s.inserted,
+            ),
+            (
+                "notif_store_reads_total",
+                "Read requests answered.",
+                s.reads,
+            ),
+            (
+                "notif_scheduled_fired_total",
+                "Scheduled notifications fired (stored and delivered) by this node.",
+                self.counters.scheduled_fired.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            out.single(name, Kind::Counter, help, value);
+        }
+        out.histogram(
+            "notif_store_batch_size",
+            "Write requests per committed store transaction (group commit).",
+            &self.counters.batch_size.snapshot(),
+            1.0,
+        );
+        out.histogram(
+            "notif_send_to_commit_seconds",
+            "From a send or batch request being queued for the store to its transaction's commit.",
+            &self.counters.send_to_commit.snapshot(),
+            1e9,
+        );
     }
 
     /// Queues a write request built around a fresh reply channel.

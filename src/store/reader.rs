@@ -54,6 +54,11 @@ pub(crate) enum ReadOp {
         /// Whether the query worked.
         reply: Reply<()>,
     },
+    /// See [`super::Store::scheduled_pending`].
+    PendingScheduled {
+        /// How many are pending.
+        reply: Reply<u64>,
+    },
     /// See [`super::Store::close`]: this reader stops.
     Close,
 }
@@ -107,6 +112,11 @@ fn serve<R: ReadBackend>(backend: &mut R, op: ReadOp, counters: &Counters) {
             if !reply.is_canceled() {
                 Counters::add(&counters.reads, 1);
                 let _ = reply.send(backend.ping().map_err(unavailable));
+            }
+        }
+        ReadOp::PendingScheduled { reply } => {
+            if !reply.is_canceled() {
+                let _ = reply.send(backend.scheduled_pending().map_err(unavailable));
             }
         }
         // Handled by the loop, which stops.

@@ -256,6 +256,8 @@ const REPLAY: &str = concat!(
 );
 /// Touches the database file (not just the connection), so a vanished or unreadable file shows.
 const PING: &str = "SELECT COUNT(*) FROM schema_migrations";
+/// Pending scheduled notifications: a fired one leaves the table.
+const SCHEDULED_PENDING: &str = "SELECT COUNT(*) FROM scheduled_notifications";
 
 /// Every SQLite failure becomes a backend error (a 503 for the caller), with SQLite's own message.
 fn sqlite_error(e: rusqlite::Error) -> BackendError {
@@ -868,6 +870,14 @@ impl ReadBackend for SqliteReader {
             .prepare_cached(PING)
             .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)))
             .map(|_| ())
+            .map_err(sqlite_error)
+    }
+
+    fn scheduled_pending(&mut self) -> Result<u64, BackendError> {
+        self.conn
+            .prepare_cached(SCHEDULED_PENDING)
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)))
+            .map(|n| n.max(0) as u64)
             .map_err(sqlite_error)
     }
 }

@@ -53,6 +53,8 @@ pub(crate) enum WriteOp {
         batch: Vec<NewNotification>,
         /// The key, recorded with a receipt of what the insert stored.
         idempotency: Option<IdempotencyKey>,
+        /// When the request was queued, for the send → commit latency histogram.
+        queued_at: Instant,
         /// The stored notifications, in batch order, or the verdict on the key.
         reply: Reply<Committed<Vec<Arc<Notification>>>>,
     },
@@ -377,13 +379,16 @@ impl<B: WriteBackend> Writer<B> {
         let now = now_millis();
         let mut requests = Vec::with_capacity(ops.len());
         let mut repliers = Vec::with_capacity(ops.len());
+        let mut sends_queued_at = Vec::new();
         for op in ops {
             let (request, replier) = match op {
                 WriteOp::Insert {
                     batch,
                     idempotency,
+                    queued_at,
                     reply,
                 } => {
+                    sends_queued_at.push(queued_at);
                     let notifications: Vec<Arc<Notification>> = batch
                         .into_iter()
                         .map(|n| {
@@ -475,9 +480,16 @@ impl<B: WriteBackend> Writer<B> {
             })
             .cloned()
             .collect();
+        let committed_at = Instant::now();
+        for queued_at in sends_queued_at {
+            self.counters
+                .send_to_commit
+                .observe_duration(committed_at.saturating_duration_since(queued_at));
+        }
         for (request, outcome) in requests.iter().zip(&outcomes) {
             match (request, outcome) {
                 (_, WriteOutcome::Fired(fired)) if !fired.is_empty() => {
+                    Counters::add(&self.counters.scheduled_fired, fired.len() as u64);
                     tracing::debug!(count = fired.len(), "scheduled notifications fired");
                 }
                 (WriteRequest::Purge { .. }, WriteOutcome::Purged(n)) if *n > 0 => {
@@ -500,6 +512,9 @@ impl<B: WriteBackend> Writer<B> {
                 .any(|o| matches!(o, WriteOutcome::Purged(n) if *n > 0));
         if client_requests > 0 || stored_or_deleted {
             Counters::add(&self.counters.commits, 1);
+        }
+        if client_requests > 0 {
+            self.counters.batch_size.observe(client_requests as u64);
         }
         Counters::add(&self.counters.write_ops, client_requests as u64);
         Counters::add(&self.counters.inserted, inserted.len() as u64);
@@ -596,6 +611,7 @@ mod tests {
         let op = WriteOp::Insert {
             batch,
             idempotency: None,
+            queued_at: Instant::now(),
             reply,
         };
         (op, StoreFuture::waiting(rx))

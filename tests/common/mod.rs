@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod pg;
+pub mod prometheus;
 pub mod proxy;
 pub mod redis;
 pub mod redis_cluster;

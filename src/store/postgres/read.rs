@@ -6,7 +6,9 @@ use uuid::Uuid;
 
 use super::rows::{column_error, notification_from_row};
 use super::session::{Failure, Link, PostgresTarget, Statements};
-use super::sql::{HISTORY, HISTORY_COUNT_COLUMNS, HISTORY_UNREAD, PING, REPLAY, SCHEDULED};
+use super::sql::{
+    HISTORY, HISTORY_COUNT_COLUMNS, HISTORY_UNREAD, PING, REPLAY, SCHEDULED, SCHEDULED_PENDING,
+};
 use crate::model::Notification;
 use crate::store::backend::{
     history_before, history_fetch, history_page, sql_int, BackendError, ReadBackend,
@@ -25,6 +27,8 @@ struct ReaderStatements {
     scheduled: Statement,
     /// [`PING`].
     ping: Statement,
+    /// [`SCHEDULED_PENDING`].
+    scheduled_pending: Statement,
 }
 
 impl Statements for ReaderStatements {
@@ -37,6 +41,7 @@ impl Statements for ReaderStatements {
             replay: client.prepare(REPLAY).await?,
             scheduled: client.prepare(SCHEDULED).await?,
             ping: client.prepare(PING).await?,
+            scheduled_pending: client.prepare(SCHEDULED_PENDING).await?,
         })
     }
 }
@@ -123,6 +128,13 @@ impl ReadBackend for PostgresReader {
         self.link.run(async |client, statements| {
             client.query_one(&statements.ping, &[]).await?;
             Ok(())
+        })
+    }
+
+    fn scheduled_pending(&mut self) -> Result<u64, BackendError> {
+        self.link.run(async |client, statements| {
+            let row = client.query_one(&statements.scheduled_pending, &[]).await?;
+            count(&row, 0)
         })
     }
 }

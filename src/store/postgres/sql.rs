@@ -213,3 +213,5 @@ pub(super) const REPLAY: &str = concat!(
 );
 /// Touches the schema (not just the connection), so a dropped table or a wrong `search_path` shows.
 pub(super) const PING: &str = "SELECT count(*) FROM schema_migrations";
+/// Pending scheduled notifications, every node's: a fired one leaves the table.
+pub(super) const SCHEDULED_PENDING: &str = "SELECT count(*) FROM scheduled_notifications";
