@@ -9,6 +9,7 @@
 //! and return a [`Response`]; they never see the socket or the shard, so they run (and are tested) with
 //! a store and a config alone.
 
+mod assets;
 mod notifications;
 mod status;
 
@@ -58,6 +59,10 @@ enum Endpoint {
     Delete(String, String),
     Health,
     Metrics,
+    /// `GET /`: the monitor and demo page.
+    Page,
+    /// `GET /assets/:name`: a file of the page.
+    Asset(String),
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
@@ -95,6 +100,8 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["health"]) => Endpoint::Health,
         (Get, ["metrics"]) => Endpoint::Metrics,
         (Get, ["ws"]) => Endpoint::WebSocket,
+        (Get, []) => Endpoint::Page,
+        (Get, ["assets", name]) => Endpoint::Asset(name.to_string()),
         _ => return None,
     };
     Some(endpoint)
@@ -158,6 +165,8 @@ pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -
         Endpoint::Delete(user, id) => notifications::delete(ctx, user, &id).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx),
+        Endpoint::Page => assets::index(),
+        Endpoint::Asset(name) => assets::asset(&name),
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
@@ -221,6 +230,11 @@ mod tests {
             Some(Endpoint::Health)
         );
         assert_eq!(resolve(Method::Get, &segs("/nope")), None);
+        assert_eq!(resolve(Method::Get, &segs("/")), Some(Endpoint::Page));
+        assert_eq!(
+            resolve(Method::Head, &segs("/assets/monitor.js")),
+            Some(Endpoint::Asset("monitor.js".into()))
+        );
     }
 
     #[test]

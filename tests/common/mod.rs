@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod node;
 pub mod pg;
 pub mod proxy;
 pub mod redis;

@@ -86,6 +86,9 @@ test('the server killed and restarted mid-stream: no notification lost or duplic
     userId: 'streamer',
     channels: ['feed'],
     ...FAST_RECONNECT,
+    // Slower back than the producer, so that sends land while the client is away (up to 1 s).
+    initialDelayMs: 1_000,
+    maxDelayMs: 2_000,
   }));
   const received = [];
   const closes = [];
