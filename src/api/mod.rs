@@ -1,4 +1,5 @@
-//! The HTTP API of API.md: the route table and one handler per route.
+//! The HTTP API of API.md: the route table and one handler per route, the monitor page's static files
+//! ([`assets`]) included.
 //!
 //! Routing matches the method and the path's segments together, so two routes may share a shape with
 //! different methods (`GET …/user/:id` and `DELETE …/:user_id/:notification_id`). A path that matches
