@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import puppeteer from 'puppeteer-core';
 
 import { RestClient } from '../index.js';
-import { TestServer, waitFor } from '../test/server.mjs';
+import { TestServer, signJwt, waitFor } from '../test/server.mjs';
 
 const API_KEY = 'monitor-key';
 const METRICS_TOKEN = 'monitor-metrics';
@@ -150,4 +150,35 @@ test('the monitor page: credentials, counts, live inbox with badge, mark read, h
     await page.screenshot({ path });
   }
   assert.deepEqual(problems, []);
+});
+
+test('with JWT_SECRET the page asks for a token, and connects the inbox with it', async (t) => {
+  const secret = 'monitor-secret';
+  const jwtServer = await TestServer.start({ env: { JWT_SECRET: secret } });
+  t.after(() => jwtServer.dispose());
+  const tab = await browser.newPage();
+  t.after(() => tab.close());
+  await tab.goto(jwtServer.httpUrl, { waitUntil: 'domcontentloaded' });
+  await tab.$eval('#inbox-token', (e) => {
+    e.value = '';
+  });
+  await tab.$eval('#inbox-user', (e) => {
+    e.value = 'bea';
+  });
+  await tab.click('#connect-button');
+  // The upgrade is refused (401), which a browser sees only as a close: the page asks for a token.
+  await tab.waitForSelector('#inbox-token.needs');
+  await tab.click('#connect-button'); // disconnect
+  const token = signJwt(secret, { sub: 'bea', exp: Math.floor(Date.now() / 1000) + 600 });
+  await tab.$eval('#inbox-user', (e) => {
+    e.value = '';
+  });
+  await tab.type('#inbox-token', token);
+  await tab.click('#connect-button');
+  await tab.waitForSelector('#inbox-state[data-state="open"]');
+  await tab.waitForFunction(() => !document.getElementById('inbox-token').classList.contains('needs'));
+  // The user comes from the token's sub; a send (no API_KEY here) arrives live.
+  const { id } = await new RestClient(jwtServer.httpUrl).send({ user_id: 'bea', message: 'con token' });
+  await tab.waitForSelector(`.notification[data-id="${id}"]`);
+  assert.equal(await tab.$eval('#inbox-badge', (e) => e.dataset.count), '1');
 });

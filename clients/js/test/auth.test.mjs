@@ -81,19 +81,19 @@ describe('with JWT_SECRET and API_KEY', () => {
     let minted = 0;
     const c = track(new NotificationClient(server.wsUrl, {
       WebSocket,
-      // Tokens of 3 s, refreshed 1 s ahead of their exp: the first one alone would be closed with
-      // 1008 at about 3 s (JWT_LEEWAY_S=0).
+      // Tokens of 5 s, refreshed 2 s ahead of their exp: the first one alone would be closed with
+      // 1008 at about 5 s (JWT_LEEWAY_S=0).
       getToken: async () => {
         minted += 1;
-        return token('refresher', 3);
+        return token('refresher', 5);
       },
-      refreshBeforeS: 1,
+      refreshBeforeS: 2,
       pingIntervalMs: 0,
     }));
     const disconnects = [];
     c.on('disconnected', (d) => disconnects.push(d));
     await c.connect();
-    await new Promise((r) => setTimeout(r, 6_500));
+    await new Promise((r) => setTimeout(r, 8_000));
     assert.deepEqual(disconnects, []);
     assert.ok(c.stats.refreshes >= 2, `refreshed ${c.stats.refreshes} times`);
     assert.ok(minted >= 3);
