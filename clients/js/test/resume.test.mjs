@@ -105,7 +105,12 @@ test('the server killed and restarted mid-stream: no notification lost or duplic
     acked.push(await sendAcknowledged(rest, body, `stream-${i}`));
     // The restarts run beside the sends, so some sends meet a dead port or a closing server.
     if (i === 40) restarts = server.restart('SIGKILL');
-    if (i === 95) restarts = restarts.then(() => server.restart('SIGTERM'));
+    // Once the client is back (else it would meet the stop while still away), a graceful stop: 1001.
+    if (i === 95) {
+      restarts = restarts
+        .then(() => waitFor('the client back after the kill', () => client.state === 'open'))
+        .then(() => server.restart('SIGTERM'));
+    }
     await new Promise((r) => setTimeout(r, 5));
   }
   await restarts;
@@ -116,6 +121,7 @@ test('the server killed and restarted mid-stream: no notification lost or duplic
   assert.equal(new Set(acked).size, TOTAL, 'each send stored once');
   assert.deepEqual(received, acked, 'every acknowledged notification, once, in the order sent');
   assert.deepEqual([...received].sort(), received, 'in id order');
+  assert.equal(closes[0], CloseCode.ABNORMAL, `a kill is a close without a close frame; closes: ${closes}`);
   assert.ok(closes.includes(CloseCode.GOING_AWAY), `a SIGTERM closes with 1001; closes: ${closes}`);
   assert.ok(client.stats.reconnects >= 2, `reconnected ${client.stats.reconnects} times`);
   assert.equal(client.stats.notifications, TOTAL);
