@@ -189,3 +189,18 @@ describe('pure helpers', () => {
     );
   });
 });
+
+describe('the hand-written types', () => {
+  test('index.d.ts declares exactly what index.js exports', async () => {
+    const { readFile } = await import('node:fs/promises');
+    const dts = await readFile(new URL('../index.d.ts', import.meta.url), 'utf8');
+    const declared = [...dts.matchAll(/^export declare (?:class|function|const) (\w+)/gm)].map((m) => m[1]).sort();
+    const exported = Object.keys(await import('../index.js')).sort();
+    assert.deepEqual(declared, exported);
+    // Every option the client reads has a type.
+    const { NotificationClient: Client } = await import('../index.js');
+    const options = Object.keys(new Client('ws://x/ws', { WebSocket, userId: 'u' }).options);
+    const typed = dts.slice(dts.indexOf('export interface ClientOptions'), dts.indexOf('export declare const CloseCode'));
+    for (const name of options) assert.match(typed, new RegExp(`\\b${name}\\?:`), `ClientOptions.${name}`);
+  });
+});
