@@ -25,7 +25,8 @@
 //! - [`http`]: the hand-rolled HTTP/1.1 request parser (httparse) and response writer, with limits.
 //! - [`ws`]: the WebSocket wire: handshake, frame codec (tungstenite's frame header on our own
 //!   buffers) and the JSON protocol of API.md, all pure.
-//! - [`api`]: one handler per HTTP route, on an [`api::ApiContext`] (no shard, no socket).
+//! - [`api`]: one handler per HTTP route, on an [`api::ApiContext`] (no shard, no socket), and the
+//!   monitor page at `/` with its files, embedded from `web/` and `clients/js/` at build time.
 //! - [`auth`]: API keys (HTTP), JWTs (WebSocket), rate limits, and the connection caps per node, IP and
 //!   user that hold across shards; checked when a connection is accepted, when a request head is
 //!   parsed, and at the WebSocket upgrade.

@@ -256,13 +256,15 @@ pub enum Route {
     Metrics,
     /// `GET /ws`: the upgrade (101) or its refusal.
     WebSocket,
+    /// `GET /` and `/assets/*`: the monitor page and its files.
+    Page,
     /// No route: 404, 405, or a request that could not be parsed.
     None,
 }
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 13] = [
+    pub const ALL: [Route; 14] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -275,6 +277,7 @@ impl Route {
         Route::Health,
         Route::Metrics,
         Route::WebSocket,
+        Route::Page,
         Route::None,
     ];
 
@@ -293,6 +296,7 @@ impl Route {
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::WebSocket => "ws",
+            Route::Page => "page",
             Route::None => "none",
         }
     }

@@ -1,4 +1,5 @@
-//! The HTTP API of API.md: the route table and one handler per route.
+//! The HTTP API of API.md: the route table and one handler per route, the monitor page's static files
+//! ([`assets`]) included.
 //!
 //! Routing matches the method and the path's segments together, so two routes may share a shape with
 //! different methods (`GET …/user/:id` and `DELETE …/:user_id/:notification_id`). A path that matches
@@ -9,6 +10,7 @@
 //! and return a [`Response`]; they never see the socket or the shard, so they run (and are tested) with
 //! a store and a config alone.
 
+mod assets;
 mod notifications;
 mod status;
 
@@ -70,6 +72,10 @@ enum Endpoint {
     Delete(String, String),
     Health,
     Metrics,
+    /// `GET /`: the monitor and demo page.
+    Page,
+    /// `GET /assets/:name`: a file of the page.
+    Asset(String),
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
@@ -107,6 +113,8 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["health"]) => Endpoint::Health,
         (Get, ["metrics"]) => Endpoint::Metrics,
         (Get, ["ws"]) => Endpoint::WebSocket,
+        (Get, []) => Endpoint::Page,
+        (Get, ["assets", name]) => Endpoint::Asset(name.to_string()),
         _ => return None,
     };
     Some(endpoint)
@@ -136,6 +144,7 @@ impl Endpoint {
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
             Endpoint::WebSocket => Route::WebSocket,
+            Endpoint::Page | Endpoint::Asset(_) => Route::Page,
         }
     }
 }
@@ -209,6 +218,8 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::Delete(user, id) => notifications::delete(ctx, head, user, &id).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx).await,
+        Endpoint::Page => assets::index(),
+        Endpoint::Asset(name) => assets::asset(&name),
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
@@ -273,6 +284,11 @@ mod tests {
             Some(Endpoint::Health)
         );
         assert_eq!(resolve(Method::Get, &segs("/nope")), None);
+        assert_eq!(resolve(Method::Get, &segs("/")), Some(Endpoint::Page));
+        assert_eq!(
+            resolve(Method::Head, &segs("/assets/monitor.js")),
+            Some(Endpoint::Asset("monitor.js".into()))
+        );
     }
 
     #[test]

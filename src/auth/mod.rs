@@ -43,7 +43,8 @@ use rate_limit::{Clock, Rate, SharedBucket};
 /// What a path needs, by its decoded segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Guard {
-    /// `/health`: open, so load balancers need no secret.
+    /// `/health` (load balancers need no secret), and the monitor page `/` with its `/assets/*` files
+    /// (they hold no data; the page asks for a key itself).
     Open,
     /// `/metrics`: `METRICS_TOKEN`, when set.
     Metrics,
@@ -54,19 +55,18 @@ enum Guard {
 }
 
 fn guard_of(path: &str) -> Guard {
-    // Decoded like the router decodes, so `/%61pi/...` cannot slip past as something else.
-    let mut segments = path
+    // Decoded like the router decodes, so `/%61pi/...` cannot slip past as something else. A segment
+    // that does not decode is `None`, which matches no open route.
+    let segments: Vec<_> = path
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(decode_path_segment);
-    let first = segments.next();
-    if segments.next().is_some() {
-        return Guard::Api;
-    }
-    match first.flatten().as_deref() {
-        Some("health") => Guard::Open,
-        Some("metrics") => Guard::Metrics,
-        Some("ws") => Guard::WebSocket,
+        .map(decode_path_segment)
+        .collect();
+    let segments: Vec<Option<&str>> = segments.iter().map(|s| s.as_deref()).collect();
+    match segments.as_slice() {
+        [] | [Some("health")] | [Some("assets"), Some(_)] => Guard::Open,
+        [Some("metrics")] => Guard::Metrics,
+        [Some("ws")] => Guard::WebSocket,
         _ => Guard::Api,
     }
 }
@@ -359,7 +359,12 @@ mod tests {
         assert_eq!(guard_of("/notifications"), Guard::Api);
         assert_eq!(guard_of("/health/x"), Guard::Api);
         assert_eq!(guard_of("/nope"), Guard::Api);
-        assert_eq!(guard_of("/"), Guard::Api);
+        assert_eq!(guard_of("/"), Guard::Open);
+        assert_eq!(guard_of("/assets/monitor.js"), Guard::Open);
+        assert_eq!(guard_of("/%61ssets/monitor.js"), Guard::Open);
+        assert_eq!(guard_of("/assets"), Guard::Api);
+        assert_eq!(guard_of("/assets/a/b"), Guard::Api);
+        assert_eq!(guard_of("/index.html"), Guard::Api);
     }
 
     #[test]

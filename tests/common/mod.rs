@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod node;
 pub mod pg;
 pub mod prometheus;
 pub mod proxy;
