@@ -469,6 +469,14 @@ impl PhaseTable<'_> {
             .collect()
     }
 
+    /// The ratio furthest from 1, either way.
+    pub fn furthest(&self) -> Option<f64> {
+        self.ratios()
+            .into_iter()
+            .flatten()
+            .max_by(|a, b| (a - 1.0).abs().total_cmp(&(b - 1.0).abs()))
+    }
+
     /// The phase's verdict.
     pub fn verdict(&self) -> Verdict {
         verdict(&self.ratios())
@@ -510,11 +518,7 @@ impl PhaseTable<'_> {
                 opt(row.idle_cpu_pct, 2),
             ));
         }
-        let worst = self
-            .ratios()
-            .into_iter()
-            .flatten()
-            .max_by(|a, b| (a - 1.0).abs().total_cmp(&(b - 1.0).abs()));
+        let worst = self.furthest();
         for row in self.rows.iter().filter(|r| r.fell_behind()) {
             lines.push(format!(
                 "  note: at idle {} the sends took {:.2} s instead of {:.2} s: the client fell behind the \
@@ -533,11 +537,7 @@ impl PhaseTable<'_> {
 
     /// The phase's verdict as a JSON line.
     pub fn verdict_line(&self) -> String {
-        let worst = self
-            .ratios()
-            .into_iter()
-            .flatten()
-            .max_by(|a, b| (a - 1.0).abs().total_cmp(&(b - 1.0).abs()));
+        let worst = self.furthest();
         scenario::json_line(&[
             ("scenario", json!("flat")),
             ("phase", json!(self.phase.key())),
