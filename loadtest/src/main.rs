@@ -32,10 +32,13 @@
 //! - [`scenario`]: one module per scenario; [`scenario::idle`] drives the run described above,
 //!   [`scenario::ingest`] measures REST send/batch throughput and latency, [`scenario::history`]
 //!   history page latency for a user with a large inbox, [`scenario::crossnode`] delivery from one
-//!   node to WebSockets on another; [`scenario::fanout`],
+//!   node to WebSockets on another; [`scenario::flat`] whether a send costs the same with many idle
+//!   connections open as with none; [`scenario::fanout`],
 //!   [`scenario::targeted`] and [`scenario::chat`] delivery latency and cost, through
 //!   [`scenario::delivery`].
 //! - [`publisher`]: the parent's WebSocket and REST publishers, open-loop at a set rate.
+//! - [`subscriber`]: one WebSocket the parent holds for a single user, timing what it receives
+//!   (`flat`).
 //! - [`stamp`]: the send-time stamp in `data` and the clock it is read from.
 //! - [`plan`]: which worker and which source address each connection index gets.
 //! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
@@ -56,6 +59,7 @@ pub mod publisher;
 pub mod scenario;
 pub mod server_probe;
 pub mod stamp;
+pub mod subscriber;
 pub mod target;
 pub mod worker;
 pub mod ws;
@@ -95,6 +99,9 @@ pub enum Command {
     Targeted(scenario::targeted::TargetedArgs),
     /// Clients in rooms publishing to each other over WebSocket: delivery latency and cost.
     Chat(scenario::chat::ChatArgs),
+    /// Whether a lone send, a new-connection request and a cross-node delivery cost the server the
+    /// same with many idle connections open as with none.
+    Flat(scenario::flat::FlatArgs),
     /// Internal: one worker process of a run, started by the parent. Not for direct use.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -129,6 +136,10 @@ fn main() -> ExitCode {
         }),
         Command::Chat(args) => scenario::chat::run(args).unwrap_or_else(|e| {
             eprintln!("loadtest chat: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR)
+        }),
+        Command::Flat(args) => scenario::flat::run(args).unwrap_or_else(|e| {
+            eprintln!("loadtest flat: {e}");
             ExitCode::from(EXIT_SETUP_ERROR)
         }),
         Command::Worker(args) => match worker::run(args) {

@@ -136,10 +136,17 @@ pub fn check_spread(spread: &SourceSpread, total: u64, ports: u64) -> Result<(),
 /// Splits `total` connections over as few workers as hold at most `per_process` each, with shares that
 /// differ by at most one, so every worker finishes connecting at about the same time.
 pub fn split_over_workers(total: u64, per_process: u64) -> Vec<WorkerShare> {
+    split_range_over_workers(0..total, per_process)
+}
+
+/// [`split_over_workers`] for the connections `indexes` only: the workers a run starts when it adds
+/// connections to those it already holds (`loadtest flat` raising its idle level).
+pub fn split_range_over_workers(indexes: Range<u64>, per_process: u64) -> Vec<WorkerShare> {
+    let total = indexes.end.saturating_sub(indexes.start);
     let per_process = per_process.max(1);
     let workers = total.div_ceil(per_process);
     let mut shares = Vec::with_capacity(workers as usize);
-    let mut first = 0;
+    let mut first = indexes.start;
     for w in 0..workers {
         let count = total / workers + u64::from(w < total % workers);
         shares.push(WorkerShare { first, count });
@@ -220,6 +227,25 @@ mod tests {
             assert_eq!(next, total);
         }
         assert!(split_over_workers(0, 9_000).is_empty());
+    }
+
+    #[test]
+    fn a_range_is_split_like_a_run_starting_at_its_first_index() {
+        let shares = split_range_over_workers(5_000..23_000, 9_000);
+        assert_eq!(
+            shares,
+            vec![
+                WorkerShare {
+                    first: 5_000,
+                    count: 9_000
+                },
+                WorkerShare {
+                    first: 14_000,
+                    count: 9_000
+                },
+            ]
+        );
+        assert!(split_range_over_workers(7..7, 9_000).is_empty());
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Publishers the parent process runs in the delivery scenarios: one WebSocket connection publishing to
 //! a channel, or a few keep-alive connections sending durable notifications over REST.
 //!
+//! The REST publisher either keeps its connections alive or opens a fresh one per request
+//! ([`RestClient::connection_per_request`]), the cost of a client that does not reuse connections.
+//!
 //! Both are open-loop at a set rate: message `i` is due at `start + i / rate` and carries that due time
 //! as its stamp, so a publisher or server that falls behind shows up as latency instead of quietly
 //! lowering the rate (no coordinated omission). A rate of 0 publishes as fast as possible, stamping the
@@ -19,7 +22,7 @@ use crate::http::ResponseReader;
 use crate::stamp::{self, now_ns};
 use crate::target::WsTarget;
 use crate::worker::holder::{new_latency_histogram, MAX_LATENCY_US};
-use crate::worker::HANDSHAKE_TIMEOUT;
+use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::ws::{self, KeyGen};
 
 /// Salt of the publisher's key generator, apart from the workers'.
@@ -171,24 +174,81 @@ fn count_error_events(stream: &mut TcpStream, stop: &AtomicBool) -> (u64, Option
 /// Writes the JSON body of REST send `i`, stamped `stamp_ns`, into the buffer.
 pub type BodyWriter = dyn Fn(u64, u64, &mut Vec<u8>) + Send + Sync;
 
-/// Sends `count` durable notifications with `POST /api/v1/notifications/send` over `connections`
-/// keep-alive connections, bodies from `body`; `progress` counts answers.
+/// How the REST publisher talks to the server.
+#[derive(Debug, Clone)]
+pub struct RestClient {
+    /// The server's HTTP address.
+    pub addr: SocketAddrV4,
+    /// Sending threads, each with its own connection (or its own series of connections).
+    pub connections: u32,
+    /// Sent as `Authorization: Bearer <key>` when the server wants an API key.
+    pub api_key: Option<String>,
+    /// Open a fresh TCP connection for every request and send it with `Connection: close`, instead
+    /// of keeping one connection per thread alive: what a client without connection reuse costs.
+    pub connection_per_request: bool,
+}
+
+impl RestClient {
+    /// `connections` keep-alive connections to `addr`, without an API key.
+    pub fn keep_alive(addr: SocketAddrV4, connections: u32) -> RestClient {
+        RestClient {
+            addr,
+            connections,
+            api_key: None,
+            connection_per_request: false,
+        }
+    }
+
+    /// The request head of a send whose body is `body_len` bytes long.
+    fn write_head(&self, request: &mut Vec<u8>, body_len: usize) {
+        let _ = write!(
+            request,
+            "POST /api/v1/notifications/send HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n",
+            self.addr
+        );
+        if let Some(key) = &self.api_key {
+            let _ = write!(request, "Authorization: Bearer {key}\r\n");
+        }
+        if self.connection_per_request {
+            request.extend_from_slice(b"Connection: close\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+    }
+
+    /// A connection ready for requests: connected within [`CONNECT_TIMEOUT`], no Nagle delay, answers
+    /// awaited at most [`REST_ANSWER_TIMEOUT`].
+    fn connect(&self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect_timeout(&self.addr.into(), CONNECT_TIMEOUT)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(REST_ANSWER_TIMEOUT))?;
+        Ok(stream)
+    }
+}
+
+/// Sends `count` durable notifications with `POST /api/v1/notifications/send` as `client` says, bodies
+/// from `body`; `progress` counts answers.
 pub fn publish_over_rest(
-    addr: SocketAddrV4,
+    client: &RestClient,
     count: u64,
     rate: f64,
-    connections: u32,
     body: Arc<BodyWriter>,
     progress: Arc<AtomicU64>,
 ) -> io::Result<Published> {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let start_ns = now_ns();
-    let threads: Vec<_> = (0..connections.max(1))
+    let threads: Vec<_> = (0..client.connections.max(1))
         .map(|_| {
             let (next, body, progress) = (next.clone(), body.clone(), progress.clone());
+            let client = client.clone();
             thread::spawn(move || {
-                rest_sender(addr, count, rate, start, start_ns, &next, &*body, &progress)
+                let schedule = Schedule {
+                    count,
+                    rate,
+                    start,
+                    start_ns,
+                };
+                rest_sender(&client, &schedule, &next, &*body, &progress)
             })
         })
         .collect();
@@ -212,14 +272,23 @@ pub fn publish_over_rest(
     Ok(total)
 }
 
-/// One REST connection: claims message numbers until `count`, sends each when due.
-#[allow(clippy::too_many_arguments)]
-fn rest_sender(
-    addr: SocketAddrV4,
+/// When the messages of a run are due.
+struct Schedule {
+    /// Messages in all.
     count: u64,
+    /// Messages per second; 0 for as fast as possible.
     rate: f64,
+    /// When message 0 was due.
     start: Instant,
+    /// The same moment as a stamp.
     start_ns: u64,
+}
+
+/// One sending thread: claims message numbers until `count`, sends each when due, on its keep-alive
+/// connection or on a fresh one per message.
+fn rest_sender(
+    client: &RestClient,
+    schedule: &Schedule,
     next: &AtomicU64,
     body_of: &BodyWriter,
     progress: &AtomicU64,
@@ -234,38 +303,41 @@ fn rest_sender(
         out.errors += n;
         out.first_error.get_or_insert(what);
     };
-    let connected = TcpStream::connect(addr).and_then(|s| {
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(REST_ANSWER_TIMEOUT))?;
-        Ok(s)
-    });
-    let mut stream = match connected {
-        Ok(s) => s,
-        Err(e) => {
-            fail(&mut out, 0, format!("connect {addr}: {e}"));
-            return out;
+    let addr = client.addr;
+    let mut kept = None;
+    if !client.connection_per_request {
+        match client.connect() {
+            Ok(s) => kept = Some(s),
+            Err(e) => {
+                fail(&mut out, 0, format!("connect {addr}: {e}"));
+                return out;
+            }
         }
-    };
+    }
     let mut reader = ResponseReader::default();
     let (mut body, mut request) = (Vec::with_capacity(512), Vec::with_capacity(1024));
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= count {
+        if i >= schedule.count {
             return out;
         }
-        let stamp_ns = wait_for_turn(i, rate, start, start_ns);
+        let stamp_ns = wait_for_turn(i, schedule.rate, schedule.start, schedule.start_ns);
         body.clear();
         body_of(i, stamp_ns, &mut body);
         request.clear();
-        let _ = write!(
-            request,
-            "POST /api/v1/notifications/send HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
+        client.write_head(&mut request, body.len());
         request.extend_from_slice(&body);
-        let answer = stream
-            .write_all(&request)
-            .and_then(|()| reader.read_response(&mut stream, None));
+        let answer = match kept.as_mut() {
+            Some(stream) => stream
+                .write_all(&request)
+                .and_then(|()| reader.read_response(stream, None)),
+            None => client.connect().and_then(|mut stream| {
+                // Whatever a previous connection left unread belongs to nobody now.
+                reader = ResponseReader::default();
+                stream.write_all(&request)?;
+                reader.read_response(&mut stream, None)
+            }),
+        };
         progress.fetch_add(1, Ordering::Relaxed);
         match answer {
             Ok(status) if (200..300).contains(&status) => {
@@ -276,8 +348,9 @@ fn rest_sender(
                 }
             }
             Ok(status) => fail(&mut out, 1, format!("send {i}: HTTP {status}")),
+            Err(e) if kept.is_none() => fail(&mut out, 1, format!("send {i}: {e}")),
             Err(e) => {
-                // The connection is unusable: the rest of this thread's share is lost.
+                // The kept connection is unusable: the rest of this thread's share is lost.
                 fail(&mut out, 1, format!("send {i}: {e}"));
                 return out;
             }
@@ -288,6 +361,30 @@ fn rest_sender(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_heads_carry_the_key_and_the_close_when_asked() {
+        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8080);
+        let mut head = Vec::new();
+        RestClient::keep_alive(addr, 1).write_head(&mut head, 12);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "POST /api/v1/notifications/send HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\
+             Content-Type: application/json\r\nContent-Length: 12\r\n\r\n"
+        );
+        let client = RestClient {
+            api_key: Some("k1".into()),
+            connection_per_request: true,
+            ..RestClient::keep_alive(addr, 1)
+        };
+        let mut head = Vec::new();
+        client.write_head(&mut head, 0);
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.ends_with("Authorization: Bearer k1\r\nConnection: close\r\n\r\n"),
+            "{head}"
+        );
+    }
 
     #[test]
     fn messages_are_due_evenly_over_the_second() {

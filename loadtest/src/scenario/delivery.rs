@@ -33,6 +33,7 @@ use crate::fleet::Fleet;
 use crate::plan;
 use crate::progress::ProgressLine;
 use crate::publisher::Published;
+use crate::scenario;
 use crate::scenario::receivers::{self, Layout, ReceiverArgs};
 use crate::server_probe::{clock_ticks_per_second, ServerProcesses};
 
@@ -315,7 +316,7 @@ fn rss_interval(measure: &MeasureArgs) -> Duration {
 }
 
 /// The 1-minute load average, to note how busy the shared machine was.
-fn load_average() -> Option<f64> {
+pub fn load_average() -> Option<f64> {
     fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_ascii_whitespace()
@@ -524,7 +525,7 @@ impl DeliveryReport {
     pub fn json_line(&self) -> String {
         let q = Self::quantiles(&self.latency_us);
         let a = self.answer_latency_us.as_ref().map(Self::quantiles);
-        let round = |v: Option<f64>, d: i32| v.map(|v| (v * 10f64.powi(d)).round() / 10f64.powi(d));
+        let round = |v: Option<f64>, d: i32| v.map(|v| scenario::round_to(v, d));
         let mut fields: Vec<(&str, Value)> = vec![("scenario", json!(self.scenario))];
         fields.extend(self.params.iter().cloned());
         fields.extend([
@@ -584,12 +585,7 @@ impl DeliveryReport {
             ("load_before", json!(self.load.0)),
             ("load_after", json!(self.load.1)),
         ]);
-        // Written by hand to keep the field order; serde_json's map would sort the keys.
-        let body: Vec<String> = fields
-            .iter()
-            .map(|(key, value)| format!("{}:{value}", json!(key)))
-            .collect();
-        format!("{{{}}}", body.join(","))
+        scenario::json_line(&fields)
     }
 }
 

@@ -23,6 +23,7 @@ use serde_json::json;
 
 use crate::fleet::{Fleet, FleetTotals};
 use crate::scenario::receivers::{self, ReceiverArgs};
+use crate::scenario::{self, round_to};
 use crate::server_probe::{self, ServerProcesses};
 
 /// Longest `--hold-s`, so every run ends within hours at worst.
@@ -139,12 +140,7 @@ impl IdleReport {
             ("connect_s", json!(round_to(self.connect_s, 3))),
             ("dropped", json!(self.totals.dropped)),
         ];
-        // Written by hand because serde_json's map sorts keys unless another feature is pulled in.
-        let body: Vec<String> = fields
-            .iter()
-            .map(|(key, value)| format!("{}:{value}", json!(key)))
-            .collect();
-        format!("{{{}}}", body.join(","))
+        scenario::json_line(&fields)
     }
 
     /// The human summary, several lines.
@@ -180,11 +176,6 @@ impl IdleReport {
         });
         lines.join("\n")
     }
-}
-
-fn round_to(value: f64, decimals: i32) -> f64 {
-    let scale = 10f64.powi(decimals);
-    (value * scale).round() / scale
 }
 
 /// Runs the idle scenario; the exit code says whether too many connections failed.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::Args;
 use serde_json::json;
 
-use crate::publisher::{self, BodyWriter};
+use crate::publisher::{self, BodyWriter, RestClient};
 use crate::scenario::delivery::{self, DeliveryRun, MeasureArgs, Publisher};
 use crate::scenario::receivers::ReceiverArgs;
 use crate::stamp;
@@ -66,9 +66,9 @@ pub fn run(args: TargetedArgs) -> Result<ExitCode, String> {
     });
     let connections = args.rest_connections;
     let publisher = Publisher::Parent(Box::new(move |_held, progress| {
-        let p =
-            publisher::publish_over_rest(target.addr, messages, rate, connections, body, progress)
-                .map_err(|e| format!("publisher: {e}"))?;
+        let client = RestClient::keep_alive(target.addr, connections);
+        let p = publisher::publish_over_rest(&client, messages, rate, body, progress)
+            .map_err(|e| format!("publisher: {e}"))?;
         let expected = p.ok;
         Ok((p, expected))
     }));
