@@ -241,6 +241,12 @@ impl NameTable {
     fn len(&self) -> usize {
         self.entries.len()
     }
+
+    /// Shrinks the tables to what is in use (the slab only up to its last used slot).
+    fn shrink(&mut self) {
+        self.by_name.shrink_to_fit();
+        self.entries.shrink_to_fit();
+    }
 }
 
 /// Why a subscription was refused.
@@ -263,6 +269,8 @@ pub struct Hub {
     /// Told when the shard's first connection of a user or channel arrives and its last one leaves
     /// (the Redis bus subscribes to exactly those); `None` on a single node.
     interest: Option<InterestSink>,
+    /// Below this many connections the tables are shrunk (see [`Hub::shrink_if_sparse`]).
+    shrink_below: usize,
 }
 
 impl Hub {
@@ -289,7 +297,26 @@ impl Hub {
 
     /// Registers a new (HTTP) connection.
     pub fn add(&mut self, fd: RawFd) -> ConnId {
-        self.conns.insert(ConnState::new(fd)) as ConnId
+        let id = self.conns.insert(ConnState::new(fd)) as ConnId;
+        self.shrink_below = self.shrink_below.max(self.conns.capacity() / 4);
+        id
+    }
+
+    /// Gives back the room of the connection tables once they are mostly empty (after a burst of
+    /// connections closed): the slab up to its last used slot, and the name tables. Tables grow by
+    /// doubling and never shrink by themselves, so without this a node keeps the peak's memory forever.
+    /// Tried again only after the count halves once more, so the cost is amortized whatever the slab's
+    /// last slot holds. Returns whether it shrank anything, for the caller to tell the allocator.
+    pub fn shrink_if_sparse(&mut self) -> bool {
+        const SMALLEST: usize = 1024;
+        if self.conns.len() >= self.shrink_below || self.conns.capacity() < SMALLEST {
+            return false;
+        }
+        self.shrink_below = self.conns.len() / 2;
+        self.conns.shrink_to_fit();
+        self.users.shrink();
+        self.channels.shrink();
+        true
     }
 
     /// All connections, HTTP and WebSocket.

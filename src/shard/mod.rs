@@ -21,6 +21,7 @@
 //! with 1001, wakes idle HTTP connections (which then close), and the accept loop stops; the shard exits
 //! once its connections are gone or `SHUTDOWN_TIMEOUT_S` has passed.
 
+pub(crate) mod allocator;
 pub mod hub;
 pub mod outbound;
 pub(crate) mod reactor;

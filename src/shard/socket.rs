@@ -76,7 +76,14 @@ pub(crate) struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         // Unregister before the socket closes, so no delivery writes to a recycled descriptor.
-        let state = self.shard.hub.borrow_mut().remove(self.id);
+        let (state, shrank) = {
+            let mut hub = self.shard.hub.borrow_mut();
+            let state = hub.remove(self.id);
+            (state, hub.shrink_if_sparse())
+        };
+        if shrank {
+            crate::shard::allocator::return_free_memory();
+        }
         if state.kind == ConnKind::WebSocket {
             self.shard.stats().websocket_closed();
         }
