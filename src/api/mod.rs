@@ -10,6 +10,7 @@
 //! a store and a config alone.
 
 mod notifications;
+mod openapi;
 mod status;
 
 use crate::bus::Fanout;
@@ -45,7 +46,7 @@ impl ApiContext<'_> {
 
 /// One route, with its path parameters decoded.
 #[derive(Debug, PartialEq, Eq)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     Send,
     Batch,
     Schedule,
@@ -58,13 +59,14 @@ enum Endpoint {
     Delete(String, String),
     Health,
     Metrics,
+    OpenApi,
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
 }
 
 /// Matches a method and decoded path segments to an endpoint.
-fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
+pub(crate) fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
     use Method::{Delete, Get, Post, Put};
     let method = if method == Method::Head { Get } else { method };
     let s: Vec<&str> = segments.iter().map(String::as_str).collect();
@@ -94,6 +96,7 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["notifications"]) => Endpoint::HistoryByQuery,
         (Get, ["health"]) => Endpoint::Health,
         (Get, ["metrics"]) => Endpoint::Metrics,
+        (Get, ["openapi.yaml"]) => Endpoint::OpenApi,
         (Get, ["ws"]) => Endpoint::WebSocket,
         _ => return None,
     };
@@ -101,7 +104,7 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
 }
 
 /// Splits and decodes a path; `None` if a segment is not valid UTF-8 once decoded.
-fn path_segments(path: &str) -> Option<Vec<String>> {
+pub(crate) fn path_segments(path: &str) -> Option<Vec<String>> {
     path.split('/')
         .filter(|s| !s.is_empty())
         .map(|s| decode_path_segment(s).map(|c| c.into_owned()))
@@ -158,6 +161,7 @@ pub async fn handle(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -
         Endpoint::Delete(user, id) => notifications::delete(ctx, user, &id).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx),
+        Endpoint::OpenApi => openapi::openapi(),
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }

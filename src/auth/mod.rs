@@ -36,7 +36,7 @@ use rate_limit::{Clock, Rate, SharedBucket};
 /// What a path needs, by its decoded segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Guard {
-    /// `/health`: open, so load balancers need no secret.
+    /// `/health` and `/openapi.yaml`: open, so load balancers and API tools need no secret.
     Open,
     /// `/metrics`: `METRICS_TOKEN`, when set.
     Metrics,
@@ -57,7 +57,7 @@ fn guard_of(path: &str) -> Guard {
         return Guard::Api;
     }
     match first.flatten().as_deref() {
-        Some("health") => Guard::Open,
+        Some("health" | "openapi.yaml") => Guard::Open,
         Some("metrics") => Guard::Metrics,
         Some("ws") => Guard::WebSocket,
         _ => Guard::Api,
@@ -236,6 +236,7 @@ mod tests {
         assert_eq!(guard_of("/health"), Guard::Open);
         assert_eq!(guard_of("/health/"), Guard::Open);
         assert_eq!(guard_of("/%68ealth"), Guard::Open);
+        assert_eq!(guard_of("/openapi.yaml"), Guard::Open);
         assert_eq!(guard_of("/metrics"), Guard::Metrics);
         assert_eq!(guard_of("/ws"), Guard::WebSocket);
         assert_eq!(guard_of("/api/v1/notifications/send"), Guard::Api);
