@@ -46,7 +46,7 @@ impl ApiContext<'_> {
 
 /// One route, with its path parameters decoded.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Endpoint {
+enum Endpoint {
     Send,
     Batch,
     Schedule,
@@ -66,7 +66,7 @@ pub(crate) enum Endpoint {
 }
 
 /// Matches a method and decoded path segments to an endpoint.
-pub(crate) fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
+fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
     use Method::{Delete, Get, Post, Put};
     let method = if method == Method::Head { Get } else { method };
     let s: Vec<&str> = segments.iter().map(String::as_str).collect();
@@ -104,7 +104,7 @@ pub(crate) fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
 }
 
 /// Splits and decodes a path; `None` if a segment is not valid UTF-8 once decoded.
-pub(crate) fn path_segments(path: &str) -> Option<Vec<String>> {
+fn path_segments(path: &str) -> Option<Vec<String>> {
     path.split('/')
         .filter(|s| !s.is_empty())
         .map(|s| decode_path_segment(s).map(|c| c.into_owned()))
