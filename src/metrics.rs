@@ -258,13 +258,15 @@ pub enum Route {
     WebSocket,
     /// `GET /` and `/assets/*`: the monitor page and its files.
     Page,
+    /// `GET /openapi.yaml`.
+    OpenApi,
     /// No route: 404, 405, or a request that could not be parsed.
     None,
 }
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 14] = [
+    pub const ALL: [Route; 15] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -278,6 +280,7 @@ impl Route {
         Route::Metrics,
         Route::WebSocket,
         Route::Page,
+        Route::OpenApi,
         Route::None,
     ];
 
@@ -297,6 +300,7 @@ impl Route {
             Route::Metrics => "metrics",
             Route::WebSocket => "ws",
             Route::Page => "page",
+            Route::OpenApi => "openapi",
             Route::None => "none",
         }
     }

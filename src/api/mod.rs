@@ -12,6 +12,7 @@
 
 mod assets;
 mod notifications;
+mod openapi;
 mod status;
 
 use crate::audit::{Audit, Caller, Event, Origin};
@@ -76,6 +77,8 @@ enum Endpoint {
     Page,
     /// `GET /assets/:name`: a file of the page.
     Asset(String),
+    /// `GET /openapi.yaml`: the OpenAPI description of this API.
+    OpenApi,
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
@@ -112,6 +115,7 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["notifications"]) => Endpoint::HistoryByQuery,
         (Get, ["health"]) => Endpoint::Health,
         (Get, ["metrics"]) => Endpoint::Metrics,
+        (Get, ["openapi.yaml"]) => Endpoint::OpenApi,
         (Get, ["ws"]) => Endpoint::WebSocket,
         (Get, []) => Endpoint::Page,
         (Get, ["assets", name]) => Endpoint::Asset(name.to_string()),
@@ -145,6 +149,7 @@ impl Endpoint {
             Endpoint::Metrics => Route::Metrics,
             Endpoint::WebSocket => Route::WebSocket,
             Endpoint::Page | Endpoint::Asset(_) => Route::Page,
+            Endpoint::OpenApi => Route::OpenApi,
         }
     }
 }
@@ -220,6 +225,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::Metrics => status::metrics(ctx).await,
         Endpoint::Page => assets::index(),
         Endpoint::Asset(name) => assets::asset(&name),
+        Endpoint::OpenApi => openapi::openapi(),
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }

@@ -43,8 +43,8 @@ use rate_limit::{Clock, Rate, SharedBucket};
 /// What a path needs, by its decoded segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Guard {
-    /// `/health` (load balancers need no secret), and the monitor page `/` with its `/assets/*` files
-    /// (they hold no data; the page asks for a key itself).
+    /// `/health` (load balancers need no secret), `/openapi.yaml` (API tools need none either), and the
+    /// monitor page `/` with its `/assets/*` files (they hold no data; the page asks for a key itself).
     Open,
     /// `/metrics`: `METRICS_TOKEN`, when set.
     Metrics,
@@ -64,7 +64,7 @@ fn guard_of(path: &str) -> Guard {
         .collect();
     let segments: Vec<Option<&str>> = segments.iter().map(|s| s.as_deref()).collect();
     match segments.as_slice() {
-        [] | [Some("health")] | [Some("assets"), Some(_)] => Guard::Open,
+        [] | [Some("health" | "openapi.yaml")] | [Some("assets"), Some(_)] => Guard::Open,
         [Some("metrics")] => Guard::Metrics,
         [Some("ws")] => Guard::WebSocket,
         _ => Guard::Api,
@@ -352,6 +352,7 @@ mod tests {
         assert_eq!(guard_of("/health"), Guard::Open);
         assert_eq!(guard_of("/health/"), Guard::Open);
         assert_eq!(guard_of("/%68ealth"), Guard::Open);
+        assert_eq!(guard_of("/openapi.yaml"), Guard::Open);
         assert_eq!(guard_of("/metrics"), Guard::Metrics);
         assert_eq!(guard_of("/ws"), Guard::WebSocket);
         assert_eq!(guard_of("/api/v1/notifications/send"), Guard::Api);
