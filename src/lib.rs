@@ -47,6 +47,8 @@
 //! - [`json_input`]: the parse of client JSON (request bodies, WebSocket messages): escapes checked
 //!   before simd-json sees them, and one wording for every error, naming the field and the byte.
 //! - [`metrics`]: per-shard counters summed on read, rendered for Prometheus.
+//! - [`tls`]: TLS for the connections the server opens (PostgreSQL, Redis): rustls, trust roots, how a
+//!   server's certificate is checked, and the explanation of a refused one. A leaf.
 //!
 //! # Layers
 //!
@@ -62,7 +64,7 @@
 //! config       metrics     ws
 //! store        delivery    json_input
 //! scheduler
-//! model        http        json_depth
+//! model        http        json_depth  tls
 //! ```
 //!
 //! # One notification's way
@@ -105,4 +107,5 @@ pub mod scheduler;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod ws;

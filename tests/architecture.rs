@@ -27,6 +27,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "the HTTP/1.1 parser and writer are generic: they know no notification module",
     ),
     (
+        "tls",
+        &[],
+        "TLS set-up for outgoing connections is generic: the store and the bus map their settings onto it",
+    ),
+    (
         "delivery",
         &["model"],
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",
