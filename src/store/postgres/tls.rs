@@ -364,7 +364,7 @@ mod tests {
                 (Param::SslRootCert, "/a b/c's.pem".to_owned())
             ]
         );
-        assert_eq!(rest, "host=db   dbname=n");
+        assert_eq!(rest, "host=db    dbname=n");
         assert!(rest.parse::<Config>().is_ok());
     }
 
