@@ -202,6 +202,11 @@ fn require_needs_no_ca_and_verify_full_checks_the_host_name() {
         TestServer::start_with(&[("DATABASE_URL", &pg.url("127.0.0.1", "sslmode=require"))]);
     let id = server.send(json!({"user_id": "carol", "message": "encrypted"}));
     assert!(!id.is_empty());
+    // `prefer` uses TLS when the server offers it (this one takes nothing else).
+    let server =
+        TestServer::start_with(&[("DATABASE_URL", &pg.url("127.0.0.1", "sslmode=prefer"))]);
+    let history = server.get("/api/v1/notifications/user/carol").json();
+    assert!(history.to_string().contains(&id), "{history}");
     // `verify-ca` checks the chain only: the right CA under another host name is accepted.
     let ca = certs.ca_path();
     let verify_ca = format!(
