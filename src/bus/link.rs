@@ -17,6 +17,9 @@
 //! Either way the bus treats the session as lost ([`Incoming::Lost`]): it reconnects, reads the new slot
 //! map, subscribes everything on the new owners and catches up from the store what fell in the gap, the
 //! same path as a Redis outage.
+//!
+//! **TLS.** `rediss://` URLs connect through rustls (`crate::tls`), trusting `REDIS_CA_FILE` when it is
+//! set and the system's CAs otherwise; a cluster reaches every node of its slot map the seeds' way.
 
 use std::collections::HashMap;
 
