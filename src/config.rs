@@ -5,6 +5,7 @@
 //! finds every knob in `--help` and in docs/configuration.md, and a test can set any of them.
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -73,14 +74,21 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// Redis that joins several nodes (`host:port` or `redis://host:port/db`). Unset: single node.
+    /// Redis that joins several nodes (`host:port`, `redis://host:port/db`, or `rediss://...` for
+    /// TLS). Unset: single node.
     #[arg(long, global = true, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
     /// Redis Cluster that joins several nodes through sharded Pub/Sub (Redis 7): seed nodes as
-    /// `host:port,host:port,...`. Not with REDIS_URL.
+    /// `host:port,host:port,...` (each may be a `redis://` or, all of them for TLS, a `rediss://`
+    /// URL). Not with REDIS_URL.
     #[arg(long, global = true, env = "REDIS_CLUSTER")]
     pub redis_cluster: Option<String>,
+
+    /// PEM file of the CA certificate(s) that sign the Redis servers' certificates, for `rediss://`
+    /// (REDIS_URL or REDIS_CLUSTER). Unset: the system's trusted CAs.
+    #[arg(long, global = true, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Start of every Redis channel name, so several deployments can share one Redis.
     #[arg(long, global = true, env = "REDIS_PREFIX", default_value = "notif:")]
@@ -368,15 +376,27 @@ impl Config {
         problems
     }
 
-    /// Where the Redis bus connects (`REDIS_URL` or `REDIS_CLUSTER`), or `None` for a single node.
+    /// Where the Redis bus connects (`REDIS_URL` or `REDIS_CLUSTER`, with `REDIS_CA_FILE`), or `None`
+    /// for a single node. The CA file is read here, so one that cannot be used stops the start-up.
     pub fn redis_target(&self) -> Result<Option<RedisTarget>, String> {
-        if let Some(url) = &self.redis_url {
-            return Ok(Some(RedisTarget::Single(normalize_url(url)?)));
-        }
-        match &self.redis_cluster {
-            Some(seeds) => Ok(Some(RedisTarget::Cluster(parse_cluster_seeds(seeds)?))),
-            None => Ok(None),
-        }
+        let nodes = match (&self.redis_url, &self.redis_cluster) {
+            (Some(url), _) => RedisNodes::Single(normalize_url(url)?),
+            (None, Some(seeds)) => RedisNodes::Cluster(parse_cluster_seeds(seeds)?),
+            (None, None) => {
+                return match &self.redis_ca_file {
+                    Some(_) => {
+                        Err("REDIS_CA_FILE is set, but neither REDIS_URL nor REDIS_CLUSTER".into())
+                    }
+                    None => Ok(None),
+                };
+            }
+        };
+        let target = RedisTarget {
+            nodes,
+            ca_file: self.redis_ca_file.clone(),
+        };
+        target.check_tls()?;
+        Ok(Some(target))
     }
 
     /// The number of shards to run: `SHARDS`, or one per CPU.
@@ -400,13 +420,111 @@ impl Config {
     }
 }
 
-/// Where the Redis bus finds Redis (`REDIS_URL` or `REDIS_CLUSTER`), checked at start-up.
+/// Where the Redis bus finds Redis (`REDIS_URL` or `REDIS_CLUSTER`, and `REDIS_CA_FILE` for TLS),
+/// checked at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTarget {
+pub struct RedisTarget {
+    /// One Redis or a cluster's seeds.
+    pub nodes: RedisNodes,
+    /// `REDIS_CA_FILE`: the CA(s) a `rediss://` server's certificate must chain to, instead of the
+    /// system's trusted CAs.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// One Redis or a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisNodes {
     /// `REDIS_URL`: one Redis, classic Pub/Sub.
     Single(String),
-    /// `REDIS_CLUSTER`: the seed nodes of a Redis Cluster (each a `redis://` URL), sharded Pub/Sub.
+    /// `REDIS_CLUSTER`: the seed nodes of a Redis Cluster (each a `redis://` or `rediss://` URL),
+    /// sharded Pub/Sub.
     Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Every URL given: the one Redis, or each seed.
+    pub fn urls(&self) -> &[String] {
+        match &self.nodes {
+            RedisNodes::Single(url) => std::slice::from_ref(url),
+            RedisNodes::Cluster(seeds) => seeds,
+        }
+    }
+
+    /// Whether the connections use TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.urls().iter().any(|u| is_tls(u))
+    }
+
+    /// The setting that names the nodes, for messages.
+    pub fn setting(&self) -> &'static str {
+        match self.nodes {
+            RedisNodes::Single(_) => "REDIS_URL",
+            RedisNodes::Cluster(_) => "REDIS_CLUSTER",
+        }
+    }
+
+    /// Refuses TLS settings that cannot mean what they say: seeds that mix `redis://` and
+    /// `rediss://`, a `REDIS_CA_FILE` no `rediss://` URL uses (or that `#insecure` would ignore), a
+    /// CA file that cannot be read or holds no certificate.
+    fn check_tls(&self) -> Result<(), String> {
+        let setting = self.setting();
+        let tls = self.urls().iter().filter(|u| is_tls(u)).count();
+        if tls != 0 && tls != self.urls().len() {
+            return Err(format!(
+                "{setting} mixes redis:// and rediss:// nodes: use rediss:// for all or none"
+            ));
+        }
+        let Some(file) = &self.ca_file else {
+            return Ok(());
+        };
+        if tls == 0 {
+            return Err(format!(
+                "REDIS_CA_FILE is set, but {setting} is not rediss:// (TLS)"
+            ));
+        }
+        if self.urls().iter().any(|u| u.ends_with("#insecure")) {
+            return Err(format!(
+                "REDIS_CA_FILE is set, but {setting} ends with #insecure, which checks no certificate"
+            ));
+        }
+        read_ca(file).map(drop)
+    }
+
+    /// The `redis` crate's TLS material: the CA file's certificates, read now (so a CA file replaced
+    /// on disk is used from the next connection on); `None` for the system's roots or plain TCP.
+    pub fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, String> {
+        match &self.ca_file {
+            Some(file) if self.tls() => Ok(Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(read_ca(file)?),
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// A client of one node (`url` is one of [`RedisTarget::urls`]), trusting the CA file if given.
+    pub fn client(&self, url: &str) -> Result<redis::Client, redis::RedisError> {
+        crate::tls::install_default_provider();
+        match self.tls_certificates() {
+            Ok(Some(certs)) => redis::Client::build_with_tls(url, certs),
+            Ok(None) => redis::Client::open(url),
+            Err(why) => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "REDIS_CA_FILE",
+                why,
+            ))),
+        }
+    }
+}
+
+/// Whether a Redis URL asks for TLS.
+fn is_tls(url: &str) -> bool {
+    url.starts_with("rediss://")
+}
+
+/// Reads `REDIS_CA_FILE`.
+fn read_ca(file: &Path) -> Result<Vec<u8>, String> {
+    crate::tls::read_ca_file(file).map_err(|e| format!("REDIS_CA_FILE: {e}"))
 }
 
 /// Turns `REDIS_URL` (`host:port`, `redis://host:port/db`, `rediss://...`) into a URL the client
@@ -513,10 +631,13 @@ mod tests {
         assert!(c.validate().is_ok());
         assert_eq!(
             c.redis_target().unwrap(),
-            Some(RedisTarget::Cluster(vec![
-                "redis://10.0.0.1:7000".into(),
-                "redis://10.0.0.2:7000".into()
-            ]))
+            Some(RedisTarget {
+                nodes: RedisNodes::Cluster(vec![
+                    "redis://10.0.0.1:7000".into(),
+                    "redis://10.0.0.2:7000".into()
+                ]),
+                ca_file: None
+            })
         );
         let both = Config::parse_from(["x", "--redis-cluster", "h:1", "--redis-url", "h:2"]);
         assert!(both.validate().unwrap_err().contains("not both"));
@@ -543,5 +664,48 @@ mod tests {
         assert!(parse_cluster_seeds(" , ").is_err());
         let err = parse_cluster_seeds("h:1,http://x").unwrap_err();
         assert!(err.contains("REDIS_CLUSTER"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_settings_that_cannot_work_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "no certificate here").unwrap();
+        let junk = junk.to_str().unwrap();
+        let problem = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            Config::parse_from(all).validate().unwrap_err()
+        };
+        assert!(problem(&["--redis-cluster", "rediss://h:1,redis://h:2"]).contains("mixes"));
+        assert!(
+            problem(&["--redis-url", "redis://h:1", "--redis-ca-file", "/x.pem"])
+                .contains("is not rediss://")
+        );
+        assert!(problem(&["--redis-ca-file", "/x.pem"]).contains("neither REDIS_URL"));
+        assert!(problem(&[
+            "--redis-url",
+            "rediss://h:1/#insecure",
+            "--redis-ca-file",
+            "/x.pem"
+        ])
+        .contains("#insecure"));
+        let missing = problem(&[
+            "--redis-url",
+            "rediss://h:1",
+            "--redis-ca-file",
+            "/nonexistent.pem",
+        ]);
+        assert!(
+            missing.contains("REDIS_CA_FILE: cannot read the CA file /nonexistent.pem"),
+            "{missing}"
+        );
+        assert!(
+            problem(&["--redis-url", "rediss://h:1", "--redis-ca-file", junk])
+                .contains("holds no usable PEM certificate")
+        );
+        let tls = Config::parse_from(["x", "--redis-cluster", "rediss://h:1,rediss://h:2"]);
+        assert!(tls.validate().is_ok());
+        assert!(tls.redis_target().unwrap().unwrap().tls());
     }
 }

@@ -52,6 +52,8 @@
 //! - [`audit`]: the audit log (`AUDIT_LOG`): one JSON line per step of a notification's life and per
 //!   refused credential or rate limit, handed by any thread to one writer thread through a bounded
 //!   queue that never blocks (what overflows is counted). A leaf: only [`model`].
+//! - [`tls`]: TLS for the connections the server opens (PostgreSQL, Redis): rustls, trust roots, how a
+//!   server's certificate is checked, and the explanation of a refused one. A leaf.
 //!
 //! # Layers
 //!
@@ -67,7 +69,7 @@
 //! config       ws
 //! store        delivery    json_input
 //! scheduler    audit
-//! model        http        json_depth   metrics
+//! model        http        json_depth   metrics   tls
 //! ```
 //!
 //! # One notification's way
@@ -111,4 +113,5 @@ pub mod scheduler;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod ws;

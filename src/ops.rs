@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::audit;
+use crate::bus::link::describe;
 use crate::config::{Config, RedisTarget};
 use crate::store::{self, StoreUrl};
 
@@ -106,38 +107,40 @@ pub fn check_config(config: &Config) -> Vec<Check> {
     });
 
     // A bad Redis setting is already a problem above; only a usable one is worth reaching for.
-    let redis_nodes = match config.redis_target() {
-        Ok(Some(RedisTarget::Single(url))) => vec![("REDIS_URL", url)],
-        Ok(Some(RedisTarget::Cluster(seeds))) => {
-            seeds.into_iter().map(|s| ("REDIS_CLUSTER", s)).collect()
-        }
-        Ok(None) | Err(_) => Vec::new(),
-    };
-    if redis_nodes.is_empty() && config.redis_url.is_none() && config.redis_cluster.is_none() {
+    let target = config.redis_target().ok().flatten();
+    if target.is_none() && config.redis_url.is_none() && config.redis_cluster.is_none() {
         report.push(Check::Ok(
             "redis: not configured (a single node; set REDIS_URL or REDIS_CLUSTER to join several)"
                 .to_owned(),
         ));
     }
-    for (setting, url) in redis_nodes {
-        report.push(match ping_redis(&url) {
-            Ok(()) => Check::Ok(format!("redis: {setting} {} answers PING", shown(&url))),
-            Err(e) => Check::Problem(format!(
-                "redis: {setting} {} did not answer PING: {e}",
-                shown(&url)
-            )),
-        });
+    if let Some(target) = target {
+        let setting = target.setting();
+        let over = if target.tls() { " over TLS" } else { "" };
+        for url in target.urls() {
+            report.push(match ping_redis(&target, url) {
+                Ok(()) => Check::Ok(format!(
+                    "redis: {setting} {} answers PING{over}",
+                    shown(url)
+                )),
+                Err(e) => Check::Problem(format!(
+                    "redis: {setting} {} did not answer PING: {e}",
+                    shown(url)
+                )),
+            });
+        }
     }
     report
 }
 
-/// Connects to one Redis node and sends PING, within [`REDIS_PROBE_TIMEOUT`]. A plain blocking client:
-/// this runs once, outside any runtime, so the bus's async machinery is not needed.
-fn ping_redis(url: &str) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+/// Connects to one Redis node (over TLS for `rediss://`, trusting `REDIS_CA_FILE` if set) and sends
+/// PING, within [`REDIS_PROBE_TIMEOUT`]. A plain blocking client: this runs once, outside any
+/// runtime, so the bus's async machinery is not needed. A refused certificate is explained.
+fn ping_redis(target: &RedisTarget, url: &str) -> Result<(), String> {
+    let client = target.client(url).map_err(|e| e.to_string())?;
     let mut conn = client
         .get_connection_with_timeout(REDIS_PROBE_TIMEOUT)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| describe(&e))?;
     conn.set_read_timeout(Some(REDIS_PROBE_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let answer: String = redis::cmd("PING")

@@ -32,6 +32,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "counters and the Prometheus writer are used by every layer, so they depend on none",
     ),
     (
+        "tls",
+        &[],
+        "TLS set-up for outgoing connections is generic: the store and the bus map their settings onto it",
+    ),
+    (
         "delivery",
         &["model"],
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",

@@ -17,6 +17,9 @@
 //! Either way the bus treats the session as lost ([`Incoming::Lost`]): it reconnects, reads the new slot
 //! map, subscribes everything on the new owners and catches up from the store what fell in the gap, the
 //! same path as a Redis outage.
+//!
+//! **TLS.** `rediss://` URLs connect through rustls (`crate::tls`), trusting `REDIS_CA_FILE` when it is
+//! set and the system's CAs otherwise; a cluster reaches every node of its slot map the seeds' way.
 
 use std::collections::HashMap;
 
@@ -28,7 +31,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisError};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::config::RedisTarget;
+use crate::config::{RedisNodes, RedisTarget};
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -102,16 +105,25 @@ impl OwnUnsubscribes {
     }
 }
 
+/// A Redis error on one line, with the explanation of a refused TLS certificate when that is what
+/// happened (which CA setting to check, a host name that does not match).
+pub fn describe(e: &RedisError) -> String {
+    match crate::tls::explain(e, "REDIS_CA_FILE") {
+        Some(hint) => format!("{e} ({hint})"),
+        None => e.to_string(),
+    }
+}
+
 fn timed_out() -> RedisError {
     RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 impl Link {
-    /// Opens the connections of a session.
+    /// Opens the connections of a session (over TLS for `rediss://`, trusting `REDIS_CA_FILE` if set).
     pub async fn connect(target: &RedisTarget) -> Result<Link, RedisError> {
-        match target {
-            RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
+        match &target.nodes {
+            RedisNodes::Single(url) => {
+                let client = target.client(url)?;
                 let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
                     .await
                     .map_err(|_| timed_out())??;
@@ -128,12 +140,22 @@ impl Link {
                     publisher,
                 })
             }
-            RedisTarget::Cluster(seeds) => {
+            RedisNodes::Cluster(seeds) => {
+                crate::tls::install_default_provider();
+                let certs = target.tls_certificates().map_err(|why| {
+                    RedisError::from((redis::ErrorKind::InvalidClientConfig, "REDIS_CA_FILE", why))
+                })?;
                 let builder = || {
-                    ClusterClientBuilder::new(seeds.clone())
+                    let builder = ClusterClientBuilder::new(seeds.clone())
                         .connection_timeout(CONNECT_TIMEOUT)
                         .response_timeout(RESPONSE_TIMEOUT)
-                        .retries(CLUSTER_RETRIES)
+                        .retries(CLUSTER_RETRIES);
+                    // Every node the slot map names is reached the seeds' way (TLS or not), and
+                    // trusted through the same CA.
+                    match &certs {
+                        Some(certs) => builder.certs(certs.clone()),
+                        None => builder,
+                    }
                 };
                 let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
                 let sub_client = builder()

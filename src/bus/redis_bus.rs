@@ -58,7 +58,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
-use crate::bus::link::{Incoming, Link};
+use crate::bus::link::{describe, Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope};
@@ -249,6 +249,9 @@ pub fn spawn_bus_thread(
     shards: Vec<ShardInbox>,
     store: Store,
 ) -> Result<JoinHandle<()>, String> {
+    if config.target.tls() {
+        check_tls_at_start(&config.target)?;
+    }
     // A v7 id carries 74 random bits: enough to tell processes apart.
     let origin = Uuid::now_v7();
     let all_shards = ShardMask::all(shards.len());
@@ -294,6 +297,33 @@ pub fn spawn_bus_thread(
             runtime.block_on(thread.run());
         })
         .map_err(|e| format!("cannot start the Redis bus thread: {e}"))
+}
+
+/// Connects once before the bus thread starts, when the target uses TLS: a certificate that is
+/// refused (signed by another CA, naming another host) is a wrong setting, not an outage, and
+/// retrying it forever would only hide it, so it stops the start-up with the reason. Any other
+/// failure (Redis not reachable yet) is left to the bus thread, which reconnects with backoff as it
+/// does without TLS.
+fn check_tls_at_start(target: &RedisTarget) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| format!("cannot start a runtime to check Redis TLS: {e}"))?;
+    let attempt = runtime
+        .block_on(async { tokio::time::timeout(CONNECT_GRACE, Link::connect(target)).await });
+    match attempt {
+        Ok(Err(e)) if crate::tls::explain(&e, "REDIS_CA_FILE").is_some() => Err(format!(
+            "cannot connect to Redis ({}) over TLS: {}",
+            target.setting(),
+            describe(&e)
+        )),
+        Ok(Err(e)) => {
+            debug!(error = %describe(&e), "Redis TLS not checked at start-up: Redis is not reachable yet");
+            Ok(())
+        }
+        Ok(Ok(_)) | Err(_) => Ok(()),
+    }
 }
 
 /// Why a session with Redis ended.
@@ -386,6 +416,7 @@ impl BusThread {
                 }
                 Err(e) => {
                     failures += 1;
+                    let e = describe(&e);
                     if failures == 1 {
                         warn!(error = %e, "cannot reach Redis: local delivery goes on; retrying with backoff");
                     } else {

@@ -106,6 +106,10 @@ pub enum OpenError {
         /// How long the attempt was given.
         limit: Duration,
     },
+    /// The TLS set-up `DATABASE_URL` asks for cannot be made (an unreadable `sslrootcert`, no system
+    /// roots for `sslrootcert=system`).
+    #[error("invalid DATABASE_URL: {0}")]
+    Tls(#[source] crate::tls::TlsError),
     /// The database answered without an error, but not what was asked (SQLite kept another journal
     /// mode, or another `synchronous`): there is no cause to keep, only what was asked and what came
     /// back.
@@ -114,14 +118,20 @@ pub enum OpenError {
 }
 
 /// A PostgreSQL client error on one line. tokio-postgres's own message leaves out the server's text and
-/// the I/O error (they are its source), which are what an operator needs to read: say both.
+/// the I/O error (they are its source), which are what an operator needs to read: say both. A refused
+/// TLS certificate also gets a plain explanation (which CA setting to check, a host name that does not
+/// match).
 pub(crate) fn postgres_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
+    let message = match e.as_db_error() {
         Some(db) => format!("postgres: {db}"),
         None => match e.source() {
             Some(cause) => format!("postgres: {e}: {cause}"),
             None => format!("postgres: {e}"),
         },
+    };
+    match crate::tls::explain(e, "sslrootcert") {
+        Some(hint) => format!("{message} ({hint})"),
+        None => message,
     }
 }
 

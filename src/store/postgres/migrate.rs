@@ -25,7 +25,7 @@ pub(crate) fn migrate(target: &PostgresTarget) -> Result<usize, OpenError> {
     let runtime = new_runtime()?;
     let context = || format!("cannot migrate the postgres database {target}");
     runtime.block_on(async {
-        let (client, _connection) = connect_within(&target.config, target.setup_timeout)
+        let (client, _connection) = connect_within(target, target.setup_timeout)
             .await
             .map_err(|e| e.opening(context()))?;
         migrate_on(client)
@@ -92,7 +92,7 @@ pub(crate) fn probe(target: &PostgresTarget) -> Result<String, String> {
     let context =
         |e: &dyn std::fmt::Display| format!("cannot reach the postgres database {target}: {e}");
     runtime.block_on(async {
-        let (client, _connection) = connect_within(&target.config, target.setup_timeout)
+        let (client, _connection) = connect_within(target, target.setup_timeout)
             .await
             .map_err(|e| context(&e))?;
         let probe = async {

@@ -65,8 +65,11 @@
 //! **Which schema.** Tables live in the first schema of the session's `search_path`, which a
 //! `DATABASE_URL` sets the libpq way: `postgres://user@host:5432/db?options=-csearch_path%3Dmyschema`
 //! (`options` is percent-decoded to `-csearch_path=myschema`, passed to the server at connect). The
-//! schema must exist. TLS is not supported yet: `sslmode=require` fails to connect, and the default
-//! `sslmode=prefer` connects without TLS.
+//! schema must exist.
+//!
+//! **TLS** (`tls.rs`): `sslmode=require|verify-ca|verify-full` (and `prefer`, `disable`) with
+//! `sslrootcert=<CA file>`, libpq's meanings, through rustls. Without `sslmode` the connection is plain,
+//! as it was before TLS was supported.
 //!
 //! **Layout.** `sql.rs` holds every statement's text; `session.rs` the target, the sessions and the
 //! `Link` that reconnects; `rows.rs` the row and time codec; `write.rs` the writer (a batch
@@ -77,6 +80,7 @@ mod read;
 mod rows;
 mod session;
 mod sql;
+mod tls;
 mod write;
 
 pub(crate) use migrate::{migrate, probe, MIGRATIONS};

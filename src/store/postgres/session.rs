@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, Config, NoTls, Socket};
 
+use super::tls::PgTls;
 use crate::store::backend::BackendError;
 use crate::store::error::postgres_message;
 use crate::store::OpenError;
@@ -71,6 +73,8 @@ fn session_settings(read_only: bool) -> String {
 pub(crate) struct PostgresTarget {
     /// What tokio-postgres connects with; holds the password, so it is never printed.
     pub(super) config: Config,
+    /// The URL's `sslmode` and `sslrootcert`, and the TLS connector they make (see `tls.rs`).
+    pub(super) tls: PgTls,
     /// Bounds one batch or read (see [`OPERATION_TIMEOUT`]); a field so tests can shorten it.
     pub(super) operation_timeout: Duration,
     /// Bounds one connection set-up (see [`SESSION_SETUP_TIMEOUT`]); a field so tests can shorten it.
@@ -79,14 +83,17 @@ pub(crate) struct PostgresTarget {
 
 impl PostgresTarget {
     /// Parses a `postgres://` URL (or a libpq `key=value` string) and fills in the timeouts, keepalives
-    /// and application name the URL does not set itself.
+    /// and application name the URL does not set itself. `sslmode` and `sslrootcert` are read here
+    /// (and the CA file with them), so a TLS setting that cannot work stops the start-up.
     pub(crate) fn parse(url: &str) -> Result<PostgresTarget, OpenError> {
+        let (tls, url) = PgTls::split(url)?;
         // Only the error's own message is shown, never its cause's: that one may quote a piece of the
         // URL, which may be the password. The cause stays reachable through `source()`.
-        let mut config = Config::from_str(url).map_err(|cause| OpenError::Url {
+        let mut config = Config::from_str(&url).map_err(|cause| OpenError::Url {
             reason: format!("invalid DATABASE_URL: {cause}"),
             cause: Some(cause),
         })?;
+        tls.apply(&mut config);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -110,6 +117,7 @@ impl PostgresTarget {
         }
         Ok(PostgresTarget {
             config,
+            tls,
             operation_timeout: OPERATION_TIMEOUT,
             setup_timeout: SESSION_SETUP_TIMEOUT,
         })
@@ -151,7 +159,7 @@ impl fmt::Display for PostgresTarget {
         if let Some(options) = self.config.get_options() {
             write!(f, " options={options:?}")?;
         }
-        Ok(())
+        write!(f, "{}", self.tls)
     }
 }
 
@@ -245,10 +253,10 @@ impl ConnectFailure {
 /// Connects within `limit`, and starts the connection's task on the current runtime. Must run inside
 /// `block_on`.
 pub(super) async fn connect_within(
-    config: &Config,
+    target: &PostgresTarget,
     limit: Duration,
 ) -> Result<(Client, JoinHandle<()>), ConnectFailure> {
-    match tokio::time::timeout(limit, connect_client(config)).await {
+    match tokio::time::timeout(limit, connect_client(target)).await {
         Ok(connected) => connected.map_err(ConnectFailure::Refused),
         Err(_) => Err(ConnectFailure::TimedOut(limit)),
     }
@@ -364,11 +372,29 @@ pub(super) fn new_runtime() -> Result<Runtime, OpenError> {
         })
 }
 
-/// Connects and starts the connection's task on the current runtime. Must run inside `block_on`.
+/// Connects (over TLS when the target says so) and starts the connection's task on the current
+/// runtime. Must run inside `block_on`.
 pub(super) async fn connect_client(
-    config: &Config,
+    target: &PostgresTarget,
 ) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+    match target.tls.connector() {
+        None => connect_with(&target.config, NoTls).await,
+        Some(tls) => connect_with(&target.config, tls.clone()).await,
+    }
+}
+
+/// [`connect_client`] with one kind of TLS connector (the connection's type depends on it).
+async fn connect_with<T>(
+    config: &Config,
+    tls: T,
+) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let (client, connection) = config.connect(tls).await?;
     let task = tokio::spawn(async move {
         // Ends when the client is dropped or the socket fails; the failure reaches the caller of the
         // request in flight, so it is only worth a debug line here.
@@ -380,8 +406,10 @@ pub(super) async fn connect_client(
 }
 
 /// Connects, applies the session settings and prepares the statements: a ready session.
-async fn open_session<S: Statements>(config: &Config) -> Result<Session<S>, tokio_postgres::Error> {
-    let (client, connection) = connect_client(config).await?;
+async fn open_session<S: Statements>(
+    target: &PostgresTarget,
+) -> Result<Session<S>, tokio_postgres::Error> {
+    let (client, connection) = connect_client(target).await?;
     client
         .batch_execute(&session_settings(S::READ_ONLY))
         .await?;
@@ -442,11 +470,11 @@ impl<S: Statements> Link<S> {
 
     /// One connection attempt, bounded by the target's set-up timeout.
     fn connect(&mut self) -> Result<(), ConnectFailure> {
-        let config = &self.target.config;
+        let target = &self.target;
         let limit = self.target.setup_timeout;
         let attempt = self
             .runtime
-            .block_on(async { tokio::time::timeout(limit, open_session::<S>(config)).await });
+            .block_on(async { tokio::time::timeout(limit, open_session::<S>(target)).await });
         match attempt {
             Ok(Ok(session)) => {
                 self.session = Some(session);

@@ -62,7 +62,7 @@ impl SideConnection {
         let target = PostgresTarget::parse(url).map_err(|e| e.to_string())?;
         let runtime = new_runtime().map_err(|e| e.to_string())?;
         let (client, _connection) = runtime
-            .block_on(connect_client(&target.config))
+            .block_on(connect_client(&target))
             .map_err(|e| Failure::from(e).to_string())?;
         Ok(SideConnection { runtime, client })
     }
