@@ -131,12 +131,18 @@ impl std::ops::BitOr for ShardMask {
 #[derive(Debug, Default)]
 pub struct InterestRegistry {
     wanted: HashMap<Topic, ShardMask>,
+    /// Topics changed since the last [`InterestRegistry::take_changes`]: what a subscription update
+    /// has to look at, so its cost follows the changes, not the number of wanted topics.
+    touched: HashSet<Topic>,
 }
 
 impl InterestRegistry {
     /// Applies one change.
     pub fn apply(&mut self, change: InterestChange) {
         let bit = 1u64 << change.shard;
+        if !self.touched.contains(&change.topic) {
+            self.touched.insert(change.topic.clone());
+        }
         if change.on {
             self.wanted.entry(change.topic).or_default().0 |= bit;
         } else if let Some(mask) = self.wanted.get_mut(&change.topic) {
@@ -162,9 +168,36 @@ impl InterestRegistry {
         self.wanted.keys()
     }
 
+    /// Like [`InterestRegistry::diff`], but looking only at the topics changed since the last call
+    /// (which it forgets): the update after each batch of commands. Valid while `subscribed` followed
+    /// every earlier result; after a reconnect (nothing subscribed) use `diff`.
+    pub fn take_changes(&mut self, subscribed: &HashSet<Topic>) -> (Vec<Topic>, Vec<Topic>) {
+        let mut add = Vec::new();
+        let mut remove = Vec::new();
+        for topic in self.touched.drain() {
+            match (
+                self.wanted.contains_key(&topic),
+                subscribed.contains(&topic),
+            ) {
+                (true, false) => add.push(topic),
+                (false, true) => remove.push(topic),
+                _ => {}
+            }
+        }
+        if self.touched.capacity() > 1024 {
+            // A burst of arrivals is over: give its room back.
+            self.touched.shrink_to(64);
+        }
+        add.sort();
+        remove.sort();
+        (add, remove)
+    }
+
     /// What to subscribe to and unsubscribe from so that `subscribed` (what Redis has) matches what is
-    /// wanted; both sorted, for stable commands and tests.
-    pub fn diff(&self, subscribed: &HashSet<Topic>) -> (Vec<Topic>, Vec<Topic>) {
+    /// wanted; both sorted, for stable commands and tests. Looks at every topic (a whole resync, at the
+    /// start of a session); it also forgets the changes [`InterestRegistry::take_changes`] would see.
+    pub fn diff(&mut self, subscribed: &HashSet<Topic>) -> (Vec<Topic>, Vec<Topic>) {
+        self.touched.clear();
         let mut add: Vec<Topic> = self
             .wanted
             .keys()
@@ -192,6 +225,35 @@ mod tests {
             topic: topic.clone(),
             on,
         }
+    }
+
+    #[test]
+    fn an_update_looks_only_at_what_changed_and_agrees_with_a_full_diff() {
+        let mut registry = InterestRegistry::default();
+        let mut subscribed = HashSet::new();
+        for i in 0..100 {
+            registry.apply(change(0, &Topic::User(format!("u{i}").into()), true));
+        }
+        let (add, remove) = registry.take_changes(&subscribed);
+        assert_eq!((add.len(), remove.len()), (100, 0));
+        subscribed.extend(add);
+        assert!(registry.touched.is_empty(), "forgotten once taken");
+        let u7 = Topic::User("u7".into());
+        let new = Topic::User("new".into());
+        registry.apply(change(0, &u7, false));
+        registry.apply(change(1, &new, true));
+        assert_eq!(
+            registry.touched.len(),
+            2,
+            "only the changed topics are looked at"
+        );
+        let mut full = InterestRegistry {
+            wanted: registry.wanted.clone(),
+            touched: HashSet::new(),
+        };
+        let taken = registry.take_changes(&subscribed);
+        assert_eq!(taken, (vec![new], vec![u7]));
+        assert_eq!(taken, full.diff(&subscribed));
     }
 
     #[test]

@@ -482,7 +482,7 @@ impl BusThread {
         if let Err(e) = self.announce(&mut link).await {
             return self.ended(e, &mut link).await;
         }
-        if let Err(e) = self.sync_subscriptions(&mut link).await {
+        if let Err(e) = self.sync_subscriptions(&mut link, Resync::Full).await {
             return Ended::Lost(e);
         }
         if let Some((since_ms, _)) = self.outage_since {
@@ -585,7 +585,10 @@ impl BusThread {
     async fn take_queued(&mut self, link: &mut Link) -> Result<(), Ended> {
         match self.queue.try_recv() {
             Ok(cmd) => self.apply_batch(cmd, link).await,
-            Err(_) => self.sync_subscriptions(link).await.map_err(Ended::Lost),
+            Err(_) => self
+                .sync_subscriptions(link, Resync::Changes)
+                .await
+                .map_err(Ended::Lost),
         }
     }
 
@@ -617,7 +620,9 @@ impl BusThread {
         if self.stopping {
             return Err(Ended::Stop);
         }
-        self.sync_subscriptions(link).await.map_err(Ended::Lost)
+        self.sync_subscriptions(link, Resync::Changes)
+            .await
+            .map_err(Ended::Lost)
     }
 
     /// A command while Redis is away: interest is recorded; commits wait in the outbox.
@@ -764,8 +769,18 @@ impl BusThread {
     }
 
     /// Brings Redis's subscriptions in line with the registry: one pipelined write (see module docs).
-    async fn sync_subscriptions(&mut self, link: &mut Link) -> Result<(), RedisError> {
-        let (add, remove) = self.registry.diff(&self.subscribed);
+    /// `Resync::Changes` looks only at the topics changed since the last update (after every batch of
+    /// commands: its cost must not grow with the number of connected users), `Resync::Full` at all
+    /// of them (a new session, where nothing is subscribed yet).
+    async fn sync_subscriptions(
+        &mut self,
+        link: &mut Link,
+        resync: Resync,
+    ) -> Result<(), RedisError> {
+        let (add, remove) = match resync {
+            Resync::Full => self.registry.diff(&self.subscribed),
+            Resync::Changes => self.registry.take_changes(&self.subscribed),
+        };
         if add.is_empty() && remove.is_empty() {
             return Ok(());
         }
@@ -1001,6 +1016,15 @@ fn jittered(backoff: Duration) -> Duration {
 fn uuid_floor(ms: Millis) -> Uuid {
     let ms = (ms.max(0) as u128) & ((1 << 48) - 1);
     Uuid::from_u128((ms << 80) | (0x7 << 76) | (0b10 << 62))
+}
+
+/// How much of the interest registry a subscription update looks at (see `sync_subscriptions`).
+#[derive(Debug, Clone, Copy)]
+enum Resync {
+    /// Every wanted topic: a new session, with nothing subscribed yet.
+    Full,
+    /// Only the topics changed since the last update.
+    Changes,
 }
 
 #[cfg(test)]
