@@ -36,6 +36,14 @@ use crate::model::Millis;
 /// The value a node writes in its key when it stops gracefully, after publishing everything.
 pub const STOPPED: &str = "stopped";
 
+/// How long the [`STOPPED`] marker stays: far longer than a node's announcement (`timeout`), because a
+/// peer that reads the set only after the marker expired would take the stopped node for dead (and read
+/// the store for nothing). A peer that sees the marker takes the node out of the set; the key then just
+/// expires.
+pub fn stopped_marker_ttl(timeout: Duration) -> Duration {
+    (timeout * 10).max(Duration::from_secs(30))
+}
+
 /// The Redis set of node ids under `prefix`.
 pub fn nodes_set_key(prefix: &str) -> String {
     format!("{prefix}{{nodes}}")

@@ -565,7 +565,7 @@ impl BusThread {
                     .arg(key)
                     .arg(peers::STOPPED)
                     .arg("PX")
-                    .arg(self.config.node_timeout.as_millis() as u64)
+                    .arg(peers::stopped_marker_ttl(self.config.node_timeout).as_millis() as u64)
                     .ignore();
                 if let Err(e) = link.query::<()>(&pipe).await {
                     debug!(error = %e, "could not tell the other nodes this one stopped");
