@@ -18,7 +18,9 @@
 //!   indexes. [`shard::hub`] holds the connections (each of a [`shard::hub::ConnKind`]) and the
 //!   user → connections and channel → connections indexes; [`shard::outbound`] writes frames to
 //!   sockets and enforces the slow-consumer limit; `shard::socket` is a registered socket's waits and
-//!   writes, shared by the HTTP loop and every session kind.
+//!   writes, shared by the HTTP loop and every session kind; `shard::reactor` is the shard's epoll set,
+//!   the one place readiness for all its sockets comes from (a single poll in glommio's ring), and
+//!   `shard::timeouts` the connections' deadlines, swept by the shard.
 //! - [`delivery`]: what crosses threads on its way to a connection: the [`delivery::Delivery`] and its
 //!   frames per encoding, the server text frame ([`delivery::frame`]), and the shard inbox
 //!   ([`delivery::inbox`]) through which other threads hand a shard work. A leaf: only [`model`].

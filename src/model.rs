@@ -443,6 +443,18 @@ pub fn now_millis() -> Millis {
         .unwrap_or(0)
 }
 
+/// Appends `items` as a JSON array of strings.
+pub fn write_json_str_array(out: &mut Vec<u8>, items: &[String]) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(out, item);
+    }
+    out.push(b']');
+}
+
 /// Appends `s` as a JSON string literal (quoted and escaped).
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     // serde_json's escaping is correct for every code point; writing to a Vec cannot fail.
@@ -479,14 +491,8 @@ impl Notification {
             Some(u) => write_json_str(out, u),
             None => out.extend_from_slice(b"null"),
         }
-        out.extend_from_slice(b",\"channels\":[");
-        for (i, c) in self.channels.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_json_str(out, c);
-        }
-        out.extend_from_slice(b"]");
+        out.extend_from_slice(b",\"channels\":");
+        write_json_str_array(out, &self.channels);
         if self.broadcast {
             out.extend_from_slice(b",\"broadcast\":true");
         }

@@ -22,7 +22,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use uuid::Uuid;
 
 use super::{Counters, Credential, Event, Kind, LineCounts, Msg, Origin, Record, Target, Via};
-use crate::model::{now_millis, write_json_str, write_time, Millis, Notification};
+use crate::model::{
+    now_millis, write_json_str, write_json_str_array, write_time, Millis, Notification,
+};
 
 /// The name of the writer thread, as `top -H` shows it.
 const THREAD_NAME: &str = "audit-writer";
@@ -376,14 +378,7 @@ fn target_fields(out: &mut Vec<u8>, n: &Notification) {
         None => out.extend_from_slice(b"null"),
     }
     key(out, "channels");
-    out.push(b'[');
-    for (i, c) in n.channels.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_json_str(out, c);
-    }
-    out.push(b']');
+    write_json_str_array(out, &n.channels);
     field_raw(out, "broadcast", n.broadcast);
 }
 

@@ -8,8 +8,11 @@
 //! function given to [`spawn_shard`] in [`ShardSetup::serve`] (`crate::connection::serve`), which sits
 //! above the shard.
 //!
-//! Each shard runs four kinds of task:
+//! Each shard runs these tasks:
+//! - the readiness task, which takes the events of the shard's epoll set (every socket of the shard is
+//!   in it, see `reactor`) and wakes the connections and the accept loop they concern;
 //! - the accept loop, which spawns one task per accepted socket (the `serve` given to [`spawn_shard`]);
+//! - the timeout sweep, which ends the waits of connections whose deadline passed (see `timeouts`);
 //! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
 //! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
 //!   `HEARTBEAT_S` and closes those that missed two pongs;
