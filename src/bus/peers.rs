@@ -119,6 +119,13 @@ impl PeerWatch {
         }
     }
 
+    /// The peers seen alive: their keys are read on each tick even when their id has left the set,
+    /// because the node that saw a peer's [`STOPPED`] first takes it out of the set, and the others must
+    /// still tell that graceful stop from a death by the key.
+    pub fn known(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.alive.keys().copied()
+    }
+
     /// The grace after a session begins.
     pub fn grace(&self) -> Duration {
         self.grace

@@ -707,10 +707,18 @@ impl BusThread {
             .cmd("SMEMBERS")
             .arg(&set);
         let (members,): (Vec<String>,) = link.query(&pipe).await?;
-        let ids: Vec<Uuid> = members
+        let mut ids: Vec<Uuid> = members
             .iter()
             .filter_map(|m| Uuid::try_parse(m).ok())
             .collect();
+        // A peer another node already took out of the set (it saw it stopped first) is still judged
+        // by its key: `stopped` is a graceful stop, a missing key a death.
+        let listed = ids.len();
+        for known in self.peers.known() {
+            if !ids[..listed].contains(&known) {
+                ids.push(known);
+            }
+        }
         let values: Vec<Option<String>> = if ids.is_empty() {
             Vec::new()
         } else {
