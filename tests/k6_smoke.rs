@@ -78,17 +78,6 @@ fn run_smoke(k6: &Path, base_url: &str, env: &[(&str, &str)]) -> Output {
     cmd.arg(SMOKE_SCRIPT).output().expect("run k6")
 }
 
-/// The end of k6's output, for a failure message.
-fn output_tail(out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..].join("\n")
-}
-
 #[test]
 fn the_k6_smoke_script_passes_its_thresholds_against_the_server() {
     let Some(k6) = find_k6() else { return };
@@ -98,13 +87,13 @@ fn the_k6_smoke_script_passes_its_thresholds_against_the_server() {
         out.status.success(),
         "k6 failed ({}):\n{}",
         out.status,
-        output_tail(&out)
+        common::output_tail(&out, OUTPUT_TAIL_LINES)
     );
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
         summary.contains("ws: every expected notification arrived"),
         "the WebSocket part did not run:\n{}",
-        output_tail(&out)
+        common::output_tail(&out, OUTPUT_TAIL_LINES)
     );
 }
 
@@ -121,6 +110,6 @@ fn the_k6_smoke_script_fails_when_the_server_is_gone() {
         out.status.code(),
         Some(99),
         "expected failed thresholds:\n{}",
-        output_tail(&out)
+        common::output_tail(&out, OUTPUT_TAIL_LINES)
     );
 }

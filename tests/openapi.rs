@@ -641,16 +641,6 @@ fn run_with_deadline(mut command: Command, deadline: Duration) -> Output {
     }
 }
 
-fn output_tail(out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..].join("\n")
-}
-
 #[test]
 fn schemathesis_finds_no_answer_outside_the_description() {
     let Some(schemathesis) = find_schemathesis() else {
@@ -697,18 +687,18 @@ fn schemathesis_finds_no_answer_outside_the_description() {
         out.status.success(),
         "schemathesis found answers outside docs/openapi.yaml (seed {seed}, exit {}):\n{}",
         out.status,
-        output_tail(&out)
+        common::output_tail(&out, OUTPUT_TAIL_LINES)
     );
     // It really ran every operation (a description it could not load also ends in a message).
     let operations = described_operations(&description()).len();
     assert!(
         text.contains(&format!("{operations} selected / {operations} total")),
         "schemathesis did not select every operation:\n{}",
-        output_tail(&out)
+        common::output_tail(&out, OUTPUT_TAIL_LINES)
     );
     assert!(
         text.contains(&format!("Tested: {operations}")),
         "schemathesis did not test every operation:\n{}",
-        output_tail(&out)
+        common::output_tail(&out, OUTPUT_TAIL_LINES)
     );
 }

@@ -18,6 +18,41 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// Whether CI runs the tests (`CI=true`): then a missing tool or service fails a test instead of
+/// skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Fails under CI, else notes the skip of a `kind` test (Redis, TLS…) for `what` is missing; returns
+/// `None` for the caller to return early.
+pub fn unavailable<T>(kind: &str, what: &str) -> Option<T> {
+    if in_ci() {
+        panic!("{what}, and CI=true requires it");
+    }
+    eprintln!("note: skipping a {kind} test: {what}");
+    None
+}
+
+/// A TCP port nothing listens on right now (for a private server the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The last `lines` lines of a tool's stdout and stderr, for a failure message.
+pub fn output_tail(out: &std::process::Output, lines: usize) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
 

@@ -6,25 +6,13 @@
 //! is skipped with a note. Nothing here ever flushes or stops the shared Redis.
 #![allow(dead_code)]
 
+use super::unavailable;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The shared Redis when `TEST_REDIS_URL` is unset.
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Fails under CI, else notes the skip; returns `None` for the caller to return early.
-fn unavailable<T>(what: &str) -> Option<T> {
-    if in_ci() {
-        panic!("{what}, and CI=true requires it");
-    }
-    eprintln!("note: skipping a Redis test: {what}");
-    None
-}
 
 /// A Redis to run nodes against, with a prefix no other test uses.
 pub struct TestRedis {
@@ -42,7 +30,7 @@ impl TestRedis {
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
         if let Err(e) = reachable {
-            return unavailable(&format!("Redis at {url} is unreachable ({e})"));
+            return unavailable("Redis", &format!("Redis at {url} is unreachable ({e})"));
         }
         Some(TestRedis {
             url,
@@ -108,7 +96,7 @@ impl PrivateRedis {
             .port();
         let mut redis = PrivateRedis { port, child: None };
         if let Err(e) = redis.spawn() {
-            return unavailable(&format!("cannot run redis-server ({e})"));
+            return unavailable("Redis", &format!("cannot run redis-server ({e})"));
         }
         Some(redis)
     }

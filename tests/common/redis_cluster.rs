@@ -6,7 +6,7 @@
 //! skipped with a note.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+use super::unavailable;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,21 +14,6 @@ use std::time::{Duration, Instant};
 const MASTERS: usize = 3;
 /// `cluster-node-timeout` in milliseconds: short, so a replica takes over a dead master within seconds.
 const NODE_TIMEOUT_MS: &str = "1000";
-
-fn unavailable<T>(what: &str) -> Option<T> {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{what}, and CI=true requires it");
-    }
-    eprintln!("note: skipping a Redis Cluster test: {what}");
-    None
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// Three masters sharing the 16384 slots (and the replicas a test adds).
 pub struct TestCluster {
@@ -50,7 +35,7 @@ impl TestCluster {
         };
         for _ in 0..MASTERS {
             if let Err(e) = cluster.spawn_node() {
-                return unavailable(&format!("cannot run redis-server ({e})"));
+                return unavailable("Redis Cluster", &format!("cannot run redis-server ({e})"));
             }
         }
         for &port in &cluster.ports {
@@ -66,7 +51,7 @@ impl TestCluster {
         match created {
             Ok(s) if s.success() => {}
             Ok(s) => panic!("redis-cli --cluster create failed: {s}"),
-            Err(e) => return unavailable(&format!("cannot run redis-cli ({e})")),
+            Err(e) => return unavailable("Redis Cluster", &format!("cannot run redis-cli ({e})")),
         }
         cluster.wait_until(
             "every node sees the cluster ok and the same slot map",
@@ -85,7 +70,7 @@ impl TestCluster {
 
     /// Starts one more cluster-enabled `redis-server` on a free port; returns the port.
     fn spawn_node(&mut self) -> std::io::Result<u16> {
-        let port = free_port();
+        let port = super::free_port();
         let conf = self._dir.path().join(format!("nodes-{port}.conf"));
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])

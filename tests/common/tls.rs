@@ -10,7 +10,8 @@
 //! test is skipped with a note.
 #![allow(dead_code)]
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use super::unavailable;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,21 +20,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
-
-fn unavailable<T>(what: &str) -> Option<T> {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{what}, and CI=true requires it");
-    }
-    eprintln!("note: skipping a TLS test: {what}");
-    None
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A CA, and a server certificate it signed for `localhost` and `127.0.0.1`, written as PEM files.
 pub struct Certs {
@@ -143,7 +129,7 @@ impl TlsPostgres {
     /// Starts one serving `certs`' server certificate, or `None` (skip) without PostgreSQL outside CI.
     pub fn start(certs: &Certs) -> Option<TlsPostgres> {
         let Some(bin) = postgres_bin() else {
-            return unavailable("no PostgreSQL server binaries (initdb) found");
+            return unavailable("TLS", "no PostgreSQL server binaries (initdb) found");
         };
         let dir = tempfile::tempdir().expect("temp dir");
         // PostgreSQL wants its key readable by its own user only.
@@ -166,7 +152,7 @@ impl TlsPostgres {
             );
         }
         let mut pg = TlsPostgres {
-            port: free_port(),
+            port: super::free_port(),
             bin,
             data: dir.path().join("data"),
             dir,
@@ -286,7 +272,7 @@ impl TlsRedis {
 
     fn spawn(certs: &Certs, cluster: bool) -> Option<TlsRedis> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
+        let port = super::free_port();
         let mut command = Command::new("redis-server");
         command
             .args(["--port", "0", "--tls-port", &port.to_string()])
@@ -310,14 +296,14 @@ impl TlsRedis {
         if cluster {
             command
                 .args(["--cluster-enabled", "yes", "--tls-cluster", "yes"])
-                .args(["--cluster-port", &free_port().to_string()])
+                .args(["--cluster-port", &super::free_port().to_string()])
                 .args(["--cluster-announce-ip", "127.0.0.1"])
                 .arg("--cluster-config-file")
                 .arg(dir.path().join("nodes.conf"));
         }
         let child = match command.stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
             Ok(child) => child,
-            Err(e) => return unavailable(&format!("cannot run redis-server ({e})")),
+            Err(e) => return unavailable("TLS", &format!("cannot run redis-server ({e})")),
         };
         let redis = TlsRedis {
             port,
