@@ -116,9 +116,11 @@ impl Connection {
     /// Sets (or with `None` clears) the deadline of the connection's waits from now on: a wait that
     /// reaches it fails with `TimedOut`.
     pub(crate) fn set_deadline(&mut self, after: Option<Duration>) {
-        let mut timeouts = self.shard.timeouts.borrow_mut();
-        let at = after.map_or(0, |d| timeouts.tick_after(d));
-        timeouts.set(&mut self.shard.hub.borrow_mut(), self.id, at);
+        self.shard.timeouts.borrow_mut().set_after(
+            &mut self.shard.hub.borrow_mut(),
+            self.id,
+            after,
+        );
     }
 
     /// Waits for bytes (appended to `inbuf`) or for one of `signals`; with `timeout`, gives up with
@@ -165,9 +167,8 @@ impl Connection {
             if let Some(timeout) = timeout {
                 if !armed {
                     armed = true;
-                    let mut timeouts = shard.timeouts.borrow_mut();
-                    let at = timeouts.tick_after(timeout);
-                    timeouts.set(&mut hub, id, at);
+                    let after = Some(timeout);
+                    shard.timeouts.borrow_mut().set_after(&mut hub, id, after);
                 }
             }
             park(&shard, &mut hub, id, cx)
@@ -237,9 +238,8 @@ impl Connection {
             if !conn.writable {
                 if let (Some(timeout), false) = (timeout, armed) {
                     armed = true;
-                    let mut timeouts = shard.timeouts.borrow_mut();
-                    let at = timeouts.tick_after(timeout);
-                    timeouts.set(&mut hub, id, at);
+                    let after = Some(timeout);
+                    shard.timeouts.borrow_mut().set_after(&mut hub, id, after);
                 }
                 return park(&shard, &mut hub, id, cx);
             }

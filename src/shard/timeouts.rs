@@ -69,6 +69,12 @@ impl Timeouts {
         }
     }
 
+    /// Sets connection `id`'s deadline to `after` from now (`None`: no deadline).
+    pub(crate) fn set_after(&mut self, hub: &mut Hub, id: ConnId, after: Option<Duration>) {
+        let at = after.map_or(0, |d| self.tick_after(d));
+        self.set(hub, id, at);
+    }
+
     /// Wakes the connections whose deadline passed and re-queues those whose deadline moved. Returns
     /// whether any deadline is still queued.
     pub(crate) fn sweep(&mut self, hub: &mut Hub) -> bool {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::delivery::frame::text_frame;
 use crate::json_input::parse_object;
-use crate::model::{validate_channel_list, write_json_str, FieldError};
+use crate::model::{validate_channel_list, write_json_str, write_json_str_array, FieldError};
 
 /// A client request, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,14 +145,9 @@ pub fn channels_event(event: &str, channels: &[String]) -> Bytes {
         |out| {
             out.extend_from_slice(b"{\"event\":");
             write_json_str(out, event);
-            out.extend_from_slice(b",\"channels\":[");
-            for (i, c) in channels.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_json_str(out, c);
-            }
-            out.extend_from_slice(b"]}");
+            out.extend_from_slice(b",\"channels\":");
+            write_json_str_array(out, channels);
+            out.push(b'}');
         },
     )
 }
