@@ -26,7 +26,7 @@ use JsonException;
  * (the server then answers a retry with the first answer and stores nothing). With the option
  * `'idempotency' => 'auto'` the client gives every send, batch and schedule a random key of its own.
  */
-final class Client
+class Client
 {
     /** The version sent in the User-Agent header. */
     public const VERSION = '0.1.0';
