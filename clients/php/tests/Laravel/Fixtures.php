@@ -4,6 +4,8 @@ declare(strict_types=1);
 
 namespace NotificationService\Tests\Laravel;
 
+use Illuminate\Bus\Queueable;
+use Illuminate\Contracts\Queue\ShouldQueue;
 use Illuminate\Database\Eloquent\Model;
 use Illuminate\Notifications\Notifiable;
 use Illuminate\Notifications\Notification;
@@ -73,6 +75,24 @@ final class TaskAssigned extends Notification
             'channels' => ['tareas'],
             'data' => ['task_id' => $this->taskId],
         ];
+    }
+}
+
+/** A queued notification: Laravel sends it from a job on the queue. */
+final class ReportReady extends Notification implements ShouldQueue
+{
+    use Queueable;
+
+    /** @return list<string> */
+    public function via($notifiable): array
+    {
+        return ['notification-service'];
+    }
+
+    /** @return array<string, mixed> */
+    public function toNotificationService($notifiable): array
+    {
+        return ['type' => 'report', 'message' => 'Your report is ready'];
     }
 }
 

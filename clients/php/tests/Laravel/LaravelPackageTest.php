@@ -6,6 +6,8 @@ namespace NotificationService\Tests\Laravel;
 
 use Illuminate\Notifications\AnonymousNotifiable;
 use Illuminate\Notifications\Events\NotificationSent;
+use Illuminate\Queue\Events\JobProcessing;
+use Illuminate\Queue\Jobs\SyncJob;
 use Illuminate\Support\Facades\Notification as NotificationFacade;
 use Illuminate\Support\ServiceProvider;
 use NotificationService\ApiException;
@@ -140,6 +142,26 @@ final class LaravelPackageTest extends LaravelTestCase
         $channel = $this->app->make(NotificationServiceChannel::class);
 
         self::assertNull($channel->send(new AnonymousNotifiable(), new InvoicePaid()), 'no user, no channel, no broadcast');
+    }
+
+    public function testAQueuedNotificationWhoseJobRunsTwiceIsStoredOnce(): void
+    {
+        $member = new TenantMember(bin2hex(random_bytes(4)));
+        $jobs = [];
+        $this->app['events']->listen(JobProcessing::class, static function (JobProcessing $event) use (&$jobs): void {
+            $jobs[] = $event->job->getRawBody();
+        });
+
+        $member->notify(new ReportReady());
+        self::assertCount(1, $jobs, 'the notification went through the queue');
+        // The queue runs the same job again, as after a worker timed out before it acknowledged it.
+        (new SyncJob($this->app, $jobs[0], 'sync', 'default'))->fire();
+
+        $history = $this->app->make(Client::class)->history("tenant-7:{$member->memberId}");
+        self::assertSame(1, $history['total']);
+        self::assertSame('Your report is ready', $history['notifications'][0]['message']);
+        $member->notify(new ReportReady());
+        self::assertSame(2, $this->app->make(Client::class)->history("tenant-7:{$member->memberId}")['total'], 'another notification is another');
     }
 
     public function testTheSameNotificationSentAgainIsStoredOnce(): void

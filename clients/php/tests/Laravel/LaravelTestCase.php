@@ -9,14 +9,16 @@ use Illuminate\Config\Repository;
 use Illuminate\Events\EventServiceProvider;
 use Illuminate\Foundation\Application;
 use Illuminate\Notifications\NotificationServiceProvider as LaravelNotificationServiceProvider;
+use Illuminate\Queue\QueueServiceProvider;
 use Illuminate\Support\Facades\Facade;
 use NotificationService\Laravel\NotificationServiceProvider;
 use NotificationService\Tests\ServerTestCase;
 
 /**
  * A real Laravel application (Illuminate\Foundation\Application, as `bootstrap/app.php` makes it) with
- * the framework's event, bus and notification providers and this package's provider registered and
- * booted, configured for the test server as `.env` would configure it.
+ * the framework's event, bus, queue (the `sync` connection, which runs a job at once, serialized as any
+ * queue would) and notification providers and this package's provider registered and booted,
+ * configured for the test server as `.env` would configure it.
  */
 abstract class LaravelTestCase extends ServerTestCase
 {
@@ -50,9 +52,13 @@ abstract class LaravelTestCase extends ServerTestCase
     protected function makeApplication(array $settings): Application
     {
         $app = new Application(sys_get_temp_dir());
-        $app->instance('config', new Repository(['notifications' => $settings]));
+        $app->instance('config', new Repository([
+            'notifications' => $settings,
+            'queue' => ['default' => 'sync', 'connections' => ['sync' => ['driver' => 'sync']]],
+        ]));
         $app->register(EventServiceProvider::class);
         $app->register(BusServiceProvider::class);
+        $app->register(QueueServiceProvider::class);
         $app->register(LaravelNotificationServiceProvider::class);
         $app->register(NotificationServiceProvider::class);
         $app->boot();
