@@ -95,7 +95,7 @@ class Client
             throw new InvalidArgumentException("the base URL must be an http:// or https:// URL, got \"{$baseUrl}\"");
         }
         $this->baseUrl = rtrim($baseUrl, '/');
-        $this->apiKey = $apiKey === '' ? null : $apiKey;
+        $this->apiKey = $apiKey === '' ? null : self::headerValue($apiKey, 'API key');
         $this->options = self::validateOptions($options);
     }
 
@@ -299,7 +299,7 @@ class Client
             $headers[] = 'Authorization: Bearer ' . $this->apiKey;
         }
         if ($idempotencyKey !== null) {
-            $headers[] = 'Idempotency-Key: ' . $idempotencyKey;
+            $headers[] = 'Idempotency-Key: ' . self::headerValue($idempotencyKey, 'idempotency key');
         }
         if ($payload !== null) {
             $headers[] = 'Content-Type: application/json';
@@ -391,6 +391,18 @@ class Client
             throw new InvalidArgumentException("the {$what} must not be empty");
         }
         return rawurlencode($value);
+    }
+
+    /**
+     * A value for a request header. The server checks its own rules (an idempotency key is 1 to 255
+     * visible ASCII characters); this only keeps a line break from ending the header early.
+     */
+    private static function headerValue(?string $value, string $what): ?string
+    {
+        if ($value !== null && preg_match('/[\x00-\x1f\x7f]/', $value) === 1) {
+            throw new InvalidArgumentException("the {$what} must not contain control characters");
+        }
+        return $value;
     }
 
     /** The JSON of a request body; an empty `data` array goes as `[]`, which the server takes as `{}`. */

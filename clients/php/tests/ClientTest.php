@@ -234,6 +234,7 @@ final class ClientTest extends ServerTestCase
         $this->assertApiError(400, 'invalid_field', static fn () => $client->send(['user_id' => 'u1', 'message' => 'x', 'data' => ['a', 'b']]), 'data');
         $this->assertApiError(400, 'invalid_field', static fn () => $client->schedule(['user_id' => 'u1', 'message' => 'x']), 'scheduled_at');
         $this->assertApiError(400, 'invalid_field', static fn () => $client->send(['user_id' => 'u1', 'message' => 'x'], 'has space'));
+        $this->assertApiError(400, 'invalid_field', static fn () => $client->send(['user_id' => 'u1', 'message' => 'x'], str_repeat('k', 256)));
         $this->assertApiError(400, 'invalid_field', static fn () => $client->history('u1', ['limit' => 0]));
         $this->assertApiError(400, 'invalid_field', static fn () => $client->markRead('u1', 'not-a-uuid'));
     }

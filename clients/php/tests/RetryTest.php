@@ -262,6 +262,12 @@ final class RetryTest extends TestCase
                 self::assertNotSame('', $e->getMessage());
             }
         }
+        try {
+            (new Client('http://127.0.0.1:1'))->send(['user_id' => 'u1', 'message' => 'x'], "k\r\nX-Injected: 1");
+            self::fail('a line break in a header value must be refused');
+        } catch (\InvalidArgumentException $e) {
+            self::assertStringContainsString('idempotency key', $e->getMessage());
+        }
         $this->expectException(\InvalidArgumentException::class);
         new Client('notification-service:8080');
     }
