@@ -266,8 +266,8 @@ class Client
      */
     private function request(string $method, string $path, ?array $body = null, ?string $idempotencyKey = null): array
     {
-        // A POST without a key may have stored its notification before the answer was lost (or before a
-        // PostgreSQL COMMIT's answer was): retrying it could store a second one.
+        // A POST without a key may have been stored although its answer was lost, or although it was a
+        // 503 because PostgreSQL's answer to COMMIT went missing: retrying it could store it twice.
         $retryable = $method !== 'POST' || $idempotencyKey !== null;
         $payload = $body === null ? null : self::encode($body);
         for ($retry = 0; ; $retry++) {
