@@ -83,6 +83,7 @@ final class StubServer
         @rmdir($this->dir);
     }
 
+    /** A test that failed before its tearDown leaves no process behind. */
     public function __destruct()
     {
         $this->stop();

@@ -33,6 +33,7 @@ final class NotificationServiceChannel
     /** The client the provider built from config. */
     private Client $client;
 
+    /** Made by the container, with the provider's configured client. */
     public function __construct(Client $client)
     {
         $this->client = $client;
