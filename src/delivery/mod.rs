@@ -317,7 +317,8 @@ mod tests {
         let sse = d.frames(Encoding::Sse);
         assert!(std::ptr::eq(sse, d.frames(Encoding::Sse)), "made once");
         let text = std::str::from_utf8(&sse.per_channel[0]).unwrap();
-        let json = std::str::from_utf8(&frame_payload(&d.native.per_channel[0])).unwrap();
+        let payload = frame_payload(&d.native.per_channel[0]);
+        let json = std::str::from_utf8(&payload).unwrap();
         assert_eq!(
             text,
             format!(
