@@ -230,6 +230,10 @@ pub struct Config {
     #[arg(long, global = true, env = "MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: usize,
 
+    /// Longest `timeout_s` a long-poll (`GET /api/v1/notifications/poll`) may ask to be parked for.
+    #[arg(long, global = true, env = "MAX_POLL_TIMEOUT_S", default_value_t = 60)]
+    pub max_poll_timeout_s: u64,
+
     /// Seconds a graceful shutdown waits for in-flight requests before closing anyway.
     #[arg(long, global = true, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,

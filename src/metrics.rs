@@ -256,6 +256,10 @@ pub enum Route {
     Metrics,
     /// `GET /ws`: the upgrade (101) or its refusal.
     WebSocket,
+    /// `GET /api/v1/notifications/stream`: the SSE stream's opening (200) or its refusal.
+    Stream,
+    /// `GET /api/v1/notifications/poll`: a long-poll's answer or refusal.
+    Poll,
     /// `GET /` and `/assets/*`: the monitor page and its files.
     Page,
     /// `GET /openapi.yaml`.
@@ -266,7 +270,7 @@ pub enum Route {
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 17] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -279,6 +283,8 @@ impl Route {
         Route::Health,
         Route::Metrics,
         Route::WebSocket,
+        Route::Stream,
+        Route::Poll,
         Route::Page,
         Route::OpenApi,
         Route::None,
@@ -299,6 +305,8 @@ impl Route {
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::WebSocket => "ws",
+            Route::Stream => "stream",
+            Route::Poll => "poll",
             Route::Page => "page",
             Route::OpenApi => "openapi",
             Route::None => "none",

@@ -82,6 +82,12 @@ enum Endpoint {
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
+    /// `GET /api/v1/notifications/stream`: the SSE stream, served by its session, not here (only a
+    /// `HEAD` arrives here).
+    Stream,
+    /// `GET /api/v1/notifications/poll`: the long-poll, served by its session, not here (only a `HEAD`
+    /// arrives here).
+    Poll,
 }
 
 /// Matches a method and decoded path segments to an endpoint.
@@ -101,6 +107,8 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Delete, ["api", "v1", "notifications", "scheduled", id]) => {
             Endpoint::CancelScheduled(id.to_string())
         }
+        (Get, ["api", "v1", "notifications", "stream"]) => Endpoint::Stream,
+        (Get, ["api", "v1", "notifications", "poll"]) => Endpoint::Poll,
         (Get, ["api", "v1", "notifications", "user", user]) => Endpoint::History(user.to_string()),
         (Put, ["api", "v1", "notifications", user, "read-all"]) => {
             Endpoint::ReadAll(user.to_string())
@@ -148,6 +156,8 @@ impl Endpoint {
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
             Endpoint::WebSocket => Route::WebSocket,
+            Endpoint::Stream => Route::Stream,
+            Endpoint::Poll => Route::Poll,
             Endpoint::Page | Endpoint::Asset(_) => Route::Page,
             Endpoint::OpenApi => Route::OpenApi,
         }
@@ -229,6 +239,12 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
+        Endpoint::Stream | Endpoint::Poll => Response::error(
+            405,
+            "method_not_allowed",
+            "HEAD is not allowed here; use GET",
+        )
+        .with_header("Allow", "GET"),
     };
     (route, response)
 }

@@ -50,6 +50,9 @@ enum Guard {
     Metrics,
     /// `/ws`: checked at the upgrade (JWT), not here.
     WebSocket,
+    /// The SSE stream and the long-poll: checked when the session opens ([`Auth::authenticate_stream`]:
+    /// a JWT, or an API key), not here.
+    Stream,
     /// Everything else (`/api/*`, the `/notifications` alias, unknown paths): an API key, when set.
     Api,
 }
@@ -67,6 +70,7 @@ fn guard_of(path: &str) -> Guard {
         [] | [Some("health" | "openapi.yaml")] | [Some("assets"), Some(_)] => Guard::Open,
         [Some("metrics")] => Guard::Metrics,
         [Some("ws")] => Guard::WebSocket,
+        [Some("api"), Some("v1"), Some("notifications"), Some("stream" | "poll")] => Guard::Stream,
         _ => Guard::Api,
     }
 }
@@ -78,6 +82,16 @@ pub struct UpgradeIdentity {
     pub claims: Claims,
     /// The subprotocol to name in the 101 (`bearer`), when the token came that way.
     pub protocol: Option<&'static str>,
+}
+
+/// Who opened an SSE stream or a long-poll ([`Auth::authenticate_stream`]).
+#[derive(Debug)]
+pub enum StreamIdentity {
+    /// An API key (or nothing, on a server without keys or tokens): the request names the user, and
+    /// every channel is allowed.
+    Key(Credential),
+    /// A token: the user is its `sub`, the channels its grant.
+    Token(Claims),
 }
 
 /// The node's authentication and limits. See the module docs.
@@ -202,15 +216,10 @@ impl Auth {
         ip: Option<IpAddr>,
     ) -> Result<Credential, Response> {
         let refused = |reason: &'static str, key_id: Option<KeyId>, message: &str| {
-            self.audit.emit(|| Event::AuthRefused {
-                reason,
-                key_id,
-                by: http_origin(head, Credential::None, ip),
-            });
-            unauthorized(message)
+            self.refuse_http(head, ip, reason, key_id, message)
         };
         match guard_of(head.path()) {
-            Guard::Open | Guard::WebSocket => Ok(Credential::None),
+            Guard::Open | Guard::WebSocket | Guard::Stream => Ok(Credential::None),
             Guard::Metrics => match &self.metrics_token {
                 None => Ok(Credential::None),
                 Some(token) => match api_key::bearer_token(head) {
@@ -227,36 +236,63 @@ impl Auth {
                     )),
                 },
             },
-            Guard::Api => {
-                let Some(keys) = &self.api_keys else {
-                    return Ok(Credential::None);
-                };
-                let Some(presented) = presented_key(head) else {
-                    return Err(refused(
-                        "missing_api_key",
-                        None,
-                        "an API key is required: Authorization: Bearer <key> or X-API-Key: <key>",
-                    ));
-                };
-                let (found, key_id) = keys.lookup(presented.as_bytes());
-                let Some(index) = found else {
-                    return Err(refused(
-                        "invalid_api_key",
-                        Some(key_id),
-                        "the API key is not valid",
-                    ));
-                };
-                let credential = Credential::ApiKey(key_id);
-                match self.take_api_token(index) {
-                    Ok(()) => Ok(credential),
-                    Err(response) => {
-                        self.audit.emit(|| Event::RateLimited {
-                            limit: "api_key",
-                            by: http_origin(head, credential, ip),
-                        });
-                        Err(response)
-                    }
-                }
+            Guard::Api => self.check_api_key(head, ip),
+        }
+    }
+
+    /// `401` for an HTTP request's credential, recorded in the audit log.
+    fn refuse_http(
+        &self,
+        head: &RequestHead,
+        ip: Option<IpAddr>,
+        reason: &'static str,
+        key_id: Option<KeyId>,
+        message: &str,
+    ) -> Response {
+        self.audit.emit(|| Event::AuthRefused {
+            reason,
+            key_id,
+            by: http_origin(head, Credential::None, ip),
+        });
+        unauthorized(message)
+    }
+
+    /// The API key an `/api` request needs when `API_KEY` is set, and its rate.
+    fn check_api_key(
+        &self,
+        head: &RequestHead,
+        ip: Option<IpAddr>,
+    ) -> Result<Credential, Response> {
+        let refused = |reason: &'static str, key_id: Option<KeyId>, message: &str| {
+            self.refuse_http(head, ip, reason, key_id, message)
+        };
+        let Some(keys) = &self.api_keys else {
+            return Ok(Credential::None);
+        };
+        let Some(presented) = presented_key(head) else {
+            return Err(refused(
+                "missing_api_key",
+                None,
+                "an API key is required: Authorization: Bearer <key> or X-API-Key: <key>",
+            ));
+        };
+        let (found, key_id) = keys.lookup(presented.as_bytes());
+        let Some(index) = found else {
+            return Err(refused(
+                "invalid_api_key",
+                Some(key_id),
+                "the API key is not valid",
+            ));
+        };
+        let credential = Credential::ApiKey(key_id);
+        match self.take_api_token(index) {
+            Ok(()) => Ok(credential),
+            Err(response) => {
+                self.audit.emit(|| Event::RateLimited {
+                    limit: "api_key",
+                    by: http_origin(head, credential, ip),
+                });
+                Err(response)
             }
         }
     }
@@ -276,6 +312,40 @@ impl Auth {
                 )
                 .with_header("Retry-After", retry_after_seconds(wait).to_string())
             })
+    }
+
+    /// Checks who opens an SSE stream or a long-poll: a valid API key (when `API_KEY` is set) lets the
+    /// request name any user and channel; otherwise, with `JWT_SECRET` set, a token as for a WebSocket
+    /// (`?token=`, which a browser's `EventSource` can send, or `Authorization: Bearer`), whose `sub`
+    /// and channel claims bind the stream; otherwise, with only `API_KEY` set, the key is required.
+    /// Refusals are counted and recorded as [`Auth::check_request`] and
+    /// [`Auth::authenticate_upgrade`] record theirs.
+    pub fn authenticate_stream(
+        &self,
+        head: &RequestHead,
+        ip: Option<IpAddr>,
+    ) -> Result<StreamIdentity, Response> {
+        let key_presented = match (&self.api_keys, presented_key(head)) {
+            (Some(keys), Some(key)) => keys.lookup(key.as_bytes()).0.is_some(),
+            _ => false,
+        };
+        if key_presented || self.jwt.is_none() {
+            return match self.check_api_key(head, ip) {
+                Ok(credential) => Ok(StreamIdentity::Key(credential)),
+                Err(refusal) => {
+                    self.refusals.count(if refusal.status == 429 {
+                        Refusal::RateLimited
+                    } else {
+                        Refusal::Unauthorized
+                    });
+                    Err(refusal)
+                }
+            };
+        }
+        let identity = self.authenticate_upgrade(head, ip)?;
+        Ok(identity.map_or(StreamIdentity::Key(Credential::None), |i| {
+            StreamIdentity::Token(i.claims)
+        }))
     }
 
     /// Checks a WebSocket upgrade's token. `Ok(None)` when `JWT_SECRET` is not set (open mode). A

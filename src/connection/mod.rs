@@ -1,5 +1,8 @@
 //! One connection's task, from the accepted socket to its end: the admission caps, the HTTP/1.1 request
-//! loop, and at `GET /ws` the upgrade to a session of its kind ([`websocket`], the native protocol).
+//! loop, and the hand-over to a session of its kind: at `GET /ws` the upgrade to [`websocket`] (the
+//! native protocol), at `GET /api/v1/notifications/stream` an SSE stream ([`sse`]), at `GET
+//! /api/v1/notifications/poll` a long-poll ([`poll`]). What the receiving kinds share (parameters,
+//! channels under a token, resume) is [`live`].
 //!
 //! This is the top of the request path: it is the one module that knows the shard (where the connection
 //! is registered), the API (which answers requests) and the WebSocket session, so none of those three
@@ -9,13 +12,17 @@
 //!
 //! Timeouts are the connection's deadline in the shard's timeout queue (`shard::timeouts`), set only
 //! when a wait has to wait: the keep-alive timeout while waiting for a new request, the header timeout
-//! (408) once its first byte has arrived, and while a response cannot be written. A WebSocket has no
-//! deadline at all: its liveness is the shard's heartbeat sweep.
+//! (408) once its first byte has arrived, and while a response cannot be written. A WebSocket and an
+//! SSE stream have no deadline at all: their liveness is the shard's heartbeat sweep. A parked poll's
+//! deadline is its `timeout_s`.
 //!
 //! Requests on one connection are answered in order, which is all HTTP/1.1 pipelining asks: the loop
 //! parses the next head from whatever is already buffered before it reads again.
 
 mod audit_origin;
+mod live;
+mod poll;
+mod sse;
 pub(crate) mod websocket;
 
 use std::io::{self, Write};
@@ -40,6 +47,10 @@ enum HttpOutcome {
     Close,
     /// `GET /ws`: the WebSocket session takes over (the head was consumed from `inbuf`).
     Upgrade(RequestHead),
+    /// `GET /api/v1/notifications/stream`: the SSE stream takes over, as `Upgrade`.
+    Stream(RequestHead),
+    /// `GET /api/v1/notifications/poll`: the long-poll takes over, as `Upgrade`.
+    Poll(RequestHead),
 }
 
 /// Serves one accepted (non-blocking) connection from `peer` until it closes.
@@ -74,6 +85,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<IpAddr>) {
     match outcome {
         HttpOutcome::Close => {}
         HttpOutcome::Upgrade(head) => websocket::run(conn, head).await,
+        HttpOutcome::Stream(head) => sse::run(conn, head).await,
+        HttpOutcome::Poll(head) => poll::run(conn, head).await,
     }
 }
 
@@ -184,6 +197,23 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
             // A live session has no deadline: the heartbeat sweep watches it.
             conn.set_deadline(None);
             return HttpOutcome::Upgrade(head);
+        }
+        if head.method == Method::Get {
+            // A stream or a parked poll leaves the keep-alive loop as `/ws` does; its own code
+            // sets its deadlines.
+            match api::route_of(&head) {
+                Route::Stream => {
+                    conn.inbuf.drain(..total);
+                    conn.set_deadline(None);
+                    return HttpOutcome::Stream(head);
+                }
+                Route::Poll => {
+                    conn.inbuf.drain(..total);
+                    conn.set_deadline(None);
+                    return HttpOutcome::Poll(head);
+                }
+                _ => {}
+            }
         }
         let keep_alive = head.keep_alive && !conn.shard.is_shutting_down();
         let caller = Caller { credential, ip };

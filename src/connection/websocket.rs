@@ -21,72 +21,19 @@ use uuid::Uuid;
 
 use crate::auth::jwt::ChannelGrant;
 use crate::auth::rate_limit::LocalBucket;
-use crate::auth::{forbidden, UpgradeIdentity};
+use crate::auth::UpgradeIdentity;
+use crate::connection::live::{self, bad_request, connect_params, watch_expiry, Wire};
 use crate::connection::{audit_origin, respond_and_close};
-use crate::delivery::frame::text_frame;
-use crate::delivery::inbox::{ConnId, ShardMsg};
+use crate::delivery::inbox::ShardMsg;
 use crate::delivery::Delivery;
-use crate::http::query::query_param;
 use crate::http::request::RequestHead;
-use crate::http::response::Response;
 use crate::metrics::{Refusal, Route};
-use crate::model::{validate_channel_list, validate_user_id, Notification};
-use crate::shard::hub::{ConnKind, Hub, LiveMark, SubscribeError};
-use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
+use crate::shard::hub::ConnKind;
+use crate::shard::outbound::{begin_resume, queue_final_frame, send_frame};
 use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
-use crate::shard::Shard;
-use crate::store::ReplayQuery;
 use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
 use crate::ws::handshake;
 use crate::ws::protocol::{self, parse_action, Action, ProtocolError};
-
-/// What a client asked for in the upgrade request's query string.
-struct ConnectParams {
-    user_id: String,
-    channels: Vec<String>,
-    since: Option<Uuid>,
-}
-
-fn bad_request(code: &str, message: &str) -> Response {
-    Response::error(400, code, message)
-}
-
-/// Reads `user_id`, `channels` and `since` from the upgrade request. With a token, the user is the
-/// token's `sub`, and a `user_id` parameter, if any, must name the same user (403 otherwise).
-fn connect_params(head: &RequestHead, token_user: Option<&str>) -> Result<ConnectParams, Response> {
-    let query = head.query();
-    let user_id = match (token_user, query_param(query, "user_id")) {
-        (Some(sub), Some(asked)) if asked != sub => {
-            return Err(forbidden("user_id does not match the token's sub"))
-        }
-        (Some(sub), _) => sub.to_owned(),
-        (None, Some(u)) => u.into_owned(),
-        (None, None) => return Err(bad_request("invalid_field", "user_id is required")),
-    };
-    validate_user_id(&user_id).map_err(|e| bad_request("invalid_field", &e.message))?;
-    let channels: Vec<String> = query_param(query, "channels")
-        .map(|c| {
-            c.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    validate_channel_list("channels", &channels)
-        .map_err(|e| bad_request("invalid_field", &e.message))?;
-    let since =
-        match query_param(query, "since") {
-            Some(s) => Some(Uuid::parse_str(&s).map_err(|_| {
-                bad_request("invalid_field", "since must be a notification id (UUID)")
-            })?),
-            None => None,
-        };
-    Ok(ConnectParams {
-        user_id,
-        channels,
-        since,
-    })
-}
 
 /// How a session ended.
 enum Ending {
@@ -253,12 +200,6 @@ impl Drop for Session {
         // The user's slot taken in `open` (see `ConnectionCounts::admit_user`).
         self.conn.shard.auth.connections.release_user(&self.user);
     }
-}
-
-/// Records a connection's token expiry in the hub and the shard's expiry queue.
-fn watch_expiry(shard: &Shard, hub: &mut Hub, id: ConnId, expires_at: u64) {
-    hub.conn_mut(id).token_expires_at = expires_at;
-    shard.expiries.borrow_mut().push(expires_at, id);
 }
 
 impl Session {
@@ -475,42 +416,16 @@ impl Session {
         self.send(&protocol::refreshed_event(claims.expires_at));
     }
 
-    fn subscribe(&mut self, mut channels: Vec<String>) {
-        if let Some(grant) = &self.grant {
-            let denied: Vec<String> = channels
-                .iter()
-                .filter(|c| !grant.allows(c))
-                .cloned()
-                .collect();
-            if !denied.is_empty() {
-                channels.retain(|c| grant.allows(c));
-                self.send_error(
-                    "forbidden",
-                    &format!("the token does not allow the channels {}", denied.join(",")),
-                );
-            }
-        }
-        let shard = &self.conn.shard;
-        let mut hub = shard.hub.borrow_mut();
-        let mut subscribed = Vec::with_capacity(channels.len());
-        let mut refused = false;
-        for c in channels {
-            match hub.subscribe(self.conn.id, &c, shard.config.max_channels_per_connection) {
-                Ok(_) => subscribed.push(c),
-                Err(SubscribeError::TooManyChannels) => refused = true,
-            }
-        }
-        drop(hub);
-        debug!(user = %self.user, channels = ?subscribed, "subscribed");
-        if !subscribed.is_empty() {
-            self.send(&protocol::channels_event("subscribed", &subscribed));
-        }
-        if refused {
-            let limit = shard.config.max_channels_per_connection;
-            self.send_error(
-                "too_many_channels",
-                &format!("a connection may subscribe to at most {limit} channels"),
-            );
+    fn subscribe(&mut self, channels: Vec<String>) {
+        let events = live::subscribe(
+            &self.conn.shard,
+            self.conn.id,
+            self.grant.as_deref(),
+            channels,
+        );
+        debug!(user = %self.user, "subscribed");
+        for event in &events {
+            self.send(event);
         }
     }
 
@@ -540,82 +455,7 @@ impl Session {
     /// The caller has already called `begin_resume`.
     async fn resume(&mut self, since: Uuid) {
         let shard = self.conn.shard.clone();
-        let limit = shard.config.max_replay;
-        let channels: Vec<String> = shard
-            .hub
-            .borrow()
-            .channels_of(self.conn.id)
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
-        let query = ReplayQuery {
-            user_id: Some(self.user.to_string()),
-            channels: channels.clone(),
-            since,
-            limit: limit + 1,
-        };
-        let replayed = shard.store.replay(query).await;
-        let mut hub = shard.hub.borrow_mut();
-        let conn = hub.conn_mut(self.conn.id);
-        let max_outbound = shard.config.max_outbound_bytes;
-        match replayed {
-            Ok(mut list) => {
-                // What this connection already got live is not replayed (see `LiveMark`).
-                let mut reached_live = false;
-                if let LiveMark::FirstLive(first_live) = conn.live_mark {
-                    reached_live = list.iter().any(|n| n.id >= first_live);
-                    list.retain(|n| n.id < first_live);
-                }
-                let complete = reached_live || list.len() <= limit;
-                list.truncate(limit);
-                let last = list.last().map(|n| n.id).unwrap_or(since);
-                for n in &list {
-                    send_frame(conn, &replay_frame(n, &self.user, &channels), max_outbound);
-                }
-                let held = end_resume(conn);
-                let mut newer_live = None;
-                if complete || matches!(conn.live_mark, LiveMark::FirstLive(_)) {
-                    for (id, frame) in held {
-                        // Held deliveries at or before the last replayed id were in the replay already.
-                        if id.is_none_or(|id| id > last) {
-                            send_frame(conn, &frame, max_outbound);
-                            newer_live = newer_live.or(id);
-                        }
-                    }
-                } else {
-                    // Cut short, with nothing sent live before: the held stored deliveries (newer than
-                    // the cut) stay in the store for the client's next `resume` from `last_id`, so it
-                    // gets them in order after the part it is still missing. Ephemeral ones go now.
-                    for (id, frame) in held {
-                        if id.is_none() {
-                            send_frame(conn, &frame, max_outbound);
-                        }
-                    }
-                }
-                conn.live_mark = match (conn.live_mark, newer_live) {
-                    (LiveMark::FirstLive(first), _) => LiveMark::FirstLive(first),
-                    (_, Some(id)) => LiveMark::FirstLive(id),
-                    (_, None) if !list.is_empty() => LiveMark::ReplayedThrough(last),
-                    (mark, None) => mark,
-                };
-                let last_id = list.last().map(|n| n.id);
-                send_frame(
-                    conn,
-                    &protocol::resumed_event(list.len(), complete, last_id),
-                    max_outbound,
-                );
-            }
-            Err(e) => {
-                for (_, frame) in end_resume(conn) {
-                    send_frame(conn, &frame, max_outbound);
-                }
-                send_frame(
-                    conn,
-                    &protocol::error_event("store_unavailable", &e.to_string()),
-                    max_outbound,
-                );
-            }
-        }
+        live::resume(&shard, self.conn.id, &self.user, since, Wire::Native).await;
     }
 
     /// Sends the close frame the ending calls for, flushes, closes, and logs the disconnect.
@@ -655,18 +495,4 @@ impl Session {
             "disconnected"
         );
     }
-}
-
-/// The frame a replayed notification gets on this connection, chosen as live delivery chooses it
-/// (`Hub::for_each_target`): plain when it targets the user, else with `"channel"` when it reached the
-/// connection through a subscribed channel, else plain (a broadcast).
-fn replay_frame(n: &Notification, user: &str, subscribed: &[String]) -> Bytes {
-    let via_channel = if n.user_id.as_deref() == Some(user) {
-        None
-    } else {
-        n.channels.iter().find(|c| subscribed.contains(c))
-    };
-    text_frame(320 + n.message.len() + n.data.len(), |out| {
-        n.write_json(out, via_channel.map(String::as_str))
-    })
 }

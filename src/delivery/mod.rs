@@ -18,6 +18,7 @@
 
 pub mod frame;
 pub mod inbox;
+pub mod sse;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -44,16 +45,20 @@ pub enum Content {
 pub enum Encoding {
     /// A complete WebSocket text frame of the JSON of API.md: the native protocol, encoded eagerly.
     NativeWebSocket,
+    /// Server-Sent Events ([`sse`]): `event: notification` with `id:` and the same JSON as the native
+    /// frame; a client message as `event: message`. Lazy slot 1 (slot 0 is the Pusher protocol's).
+    Sse,
 }
 
 /// How many encodings are made lazily (every one but the native); the size of [`Delivery`]'s slots.
-const LAZY_ENCODINGS: usize = 0;
+const LAZY_ENCODINGS: usize = 2;
 
 impl Encoding {
     /// The encoding's slot among the lazy ones; `None` for the native frames, which are eager.
     fn lazy_slot(self) -> Option<usize> {
         match self {
             Encoding::NativeWebSocket => None,
+            Encoding::Sse => Some(1),
         }
     }
 
@@ -61,6 +66,7 @@ impl Encoding {
     fn encode(self, content: &Content, channels: &[String]) -> Frames {
         match self {
             Encoding::NativeWebSocket => Frames::native(content, channels),
+            Encoding::Sse => Frames::sse(content),
         }
     }
 }
@@ -111,6 +117,32 @@ impl Frames {
         Frames {
             per_channel: vec![frame.clone()],
             plain: frame,
+        }
+    }
+
+    /// The SSE events of any content (see [`sse`]): a notification's events carry its id, so an
+    /// `EventSource` resumes from it; a client message is the control-style `event: message`.
+    fn sse(content: &Content) -> Frames {
+        match content {
+            Content::Notification(n) => {
+                let hint = 320 + n.message.len() + n.title.len() + n.data.len();
+                let plain = sse::notification(n.id, hint, |out| n.write_json(out, None));
+                let per_channel = n
+                    .channels
+                    .iter()
+                    .map(|c| {
+                        sse::notification(n.id, hint + c.len(), |out| n.write_json(out, Some(c)))
+                    })
+                    .collect();
+                Frames { plain, per_channel }
+            }
+            Content::ClientMessage(payload) => {
+                let event = sse::control(payload);
+                Frames {
+                    per_channel: vec![event.clone()],
+                    plain: event,
+                }
+            }
         }
     }
 
@@ -277,6 +309,28 @@ mod tests {
         let again = Encoding::NativeWebSocket.encode(&m.content, &m.channels);
         assert_eq!(again.plain, m.native.plain);
         assert_eq!(m.native.get(Via::Channel(0)), &m.native.plain);
+    }
+
+    #[test]
+    fn the_sse_events_are_made_once_and_carry_the_native_json() {
+        let d = Delivery::of_notification(notification());
+        let sse = d.frames(Encoding::Sse);
+        assert!(std::ptr::eq(sse, d.frames(Encoding::Sse)), "made once");
+        let text = std::str::from_utf8(&sse.per_channel[0]).unwrap();
+        let payload = frame_payload(&d.native.per_channel[0]);
+        let json = std::str::from_utf8(&payload).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "event: notification\nid: {}\ndata: {json}\n\n",
+                d.id.unwrap()
+            )
+        );
+        let m = Delivery::of_client_message("room", "ann", "{}");
+        assert!(m
+            .frames(Encoding::Sse)
+            .plain
+            .starts_with(b"event: message\ndata: {"));
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.

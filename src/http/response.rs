@@ -189,6 +189,21 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
     out.extend_from_slice(digits.get(start..).unwrap_or(&[]));
 }
 
+/// Writes the head of a `200` stream response (Server-Sent Events): no `Content-Length` and no chunked
+/// framing, and `Connection: close`, so the body is everything until the connection closes (RFC 9112
+/// section 6.3), which lets every stream write the same shared event bytes.
+pub fn write_stream_head(out: &mut Vec<u8>, content_type: &str, headers: &[(&str, &str)]) {
+    out.extend_from_slice(STATUS_LINE_VERSION);
+    out.extend_from_slice(b"200 OK\r\n");
+    push_header(out, "Content-Type", content_type);
+    for (name, value) in headers {
+        push_header(out, name, value);
+    }
+    push_header(out, "Connection", "close");
+    push_header(out, "Server", SERVER_NAME);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Reason phrase for a status code: every code the API contract uses, a few
 /// common neighbours, and `"Unknown"` otherwise (clients ignore the phrase).
 pub fn reason_phrase(status: u16) -> &'static str {

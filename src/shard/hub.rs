@@ -48,6 +48,13 @@ pub enum ConnKind {
     Http,
     /// Upgraded to the native WebSocket protocol (API.md) and registered for deliveries.
     WebSocket,
+    /// A Server-Sent Events stream (`GET /api/v1/notifications/stream`), written in [`Encoding::Sse`].
+    Sse,
+    /// A parked long-poll request (`GET /api/v1/notifications/poll`). Its deliveries are never written:
+    /// a stored one only wakes the request (recording its id in the `LiveMark`), which then answers
+    /// from the store (`Shard::deliver_batched`). It names the native encoding, which every delivery
+    /// has already, so reaching it costs no encoding.
+    LongPoll,
 }
 
 impl ConnKind {
@@ -55,7 +62,8 @@ impl ConnKind {
     pub fn encoding(self) -> Option<Encoding> {
         match self {
             ConnKind::Http => None,
-            ConnKind::WebSocket => Some(Encoding::NativeWebSocket),
+            ConnKind::WebSocket | ConnKind::LongPoll => Some(Encoding::NativeWebSocket),
+            ConnKind::Sse => Some(Encoding::Sse),
         }
     }
 

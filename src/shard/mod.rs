@@ -15,13 +15,14 @@
 //! - the timeout sweep, which ends the waits of connections whose deadline passed (see `timeouts`);
 //! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
 //! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
-//!   `HEARTBEAT_S` and closes those that missed two pongs;
+//!   `HEARTBEAT_S` and closes those that missed two pongs, and writes a comment line to every SSE
+//!   stream;
 //! - with `JWT_SECRET`, the expiry sweep: once a second, closes with 1008 the WebSockets whose token
 //!   ran out (see `auth::expiry`);
 //! - the connection tasks.
 //!
-//! Shutdown is a message like any other: the pump sets the shard's flag, asks every WebSocket to close
-//! with 1001, wakes idle HTTP connections (which then close), and the accept loop stops; the shard exits
+//! Shutdown is a message like any other: the pump sets the shard's flag, asks every receiving connection
+//! (WebSocket, SSE stream, parked poll) to close with 1001, wakes idle HTTP connections (which then close), and the accept loop stops; the shard exits
 //! once its connections are gone or `SHUTDOWN_TIMEOUT_S` has passed.
 
 pub(crate) mod allocator;
@@ -52,7 +53,7 @@ use crate::config::Config;
 use crate::delivery::inbox::{ConnId, InboxReceiver, ShardMsg};
 use crate::delivery::Delivery;
 use crate::metrics::{Delivered, Metrics, ShardCounters};
-use crate::shard::hub::{ConnKind, Hub};
+use crate::shard::hub::{ConnKind, Hub, LiveMark};
 use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::shard::reactor::{Reactor, LISTENER};
 use crate::shard::timeouts::{Timeouts, TICK};
@@ -178,6 +179,8 @@ pub struct Shard {
     connection_seq: Cell<u64>,
     /// The server ping frame, shared by every connection.
     ping_frame: Bytes,
+    /// The SSE heartbeat comment, shared by every SSE stream.
+    sse_ping: Bytes,
     /// Frames of the inbox burst being routed, written per connection at its end.
     write_batch: RefCell<WriteBatch>,
 }
@@ -209,6 +212,17 @@ impl Shard {
         self.hub
             .borrow_mut()
             .for_each_target(delivery, skip, |id, conn, frame| {
+                if conn.kind == ConnKind::LongPoll {
+                    // A parked poll answers from the store (`connection::poll`): a stored delivery
+                    // only records that something arrived, and wakes it.
+                    if let Some(stored) = delivery.id {
+                        if !matches!(conn.live_mark, LiveMark::FirstLive(_)) {
+                            conn.live_mark = LiveMark::FirstLive(stored);
+                        }
+                        conn.wake();
+                    }
+                    return;
+                }
                 if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
                     delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
                 }
@@ -249,7 +263,9 @@ impl Shard {
             // A live kind is asked to close (its task says goodbye in its own protocol); an HTTP
             // connection is woken to finish its request or close between requests.
             match conn.kind {
-                ConnKind::WebSocket => conn.request_close(close_code::GOING_AWAY),
+                ConnKind::WebSocket | ConnKind::Sse | ConnKind::LongPoll => {
+                    conn.request_close(close_code::GOING_AWAY)
+                }
                 ConnKind::Http => conn.wake(),
             }
         }
@@ -312,6 +328,7 @@ where
         accept_waker: RefCell::new(None),
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
+        sse_ping: Bytes::from_static(crate::delivery::sse::PING),
         write_batch: RefCell::new(WriteBatch::default()),
     });
     let readiness = glommio::spawn_local(readiness(shard.clone())).detach();
@@ -531,16 +548,21 @@ async fn heartbeat(shard: Rc<Shard>) {
         for (_, conn) in shard.hub.borrow_mut().conns_mut() {
             // Each kind that lives long decides its keep-alive here (docs/architecture.md,
             // "Connection kinds"); an HTTP connection has its keep-alive timeout instead.
-            let ping = match conn.kind {
-                ConnKind::Http => continue,
-                ConnKind::WebSocket => &shard.ping_frame,
+            // (frame, whether the client answers it)
+            let (ping, answered) = match conn.kind {
+                ConnKind::Http | ConnKind::LongPoll => continue,
+                ConnKind::WebSocket => (&shard.ping_frame, true),
+                // A comment line: nothing answers it; a dead peer shows as a send error.
+                ConnKind::Sse => (&shard.sse_ping, false),
             };
-            if conn.missed_pongs >= MAX_MISSED_PONGS {
-                dead += 1;
-                conn.request_close(0);
-                continue;
+            if answered {
+                if conn.missed_pongs >= MAX_MISSED_PONGS {
+                    dead += 1;
+                    conn.request_close(0);
+                    continue;
+                }
+                conn.missed_pongs += 1;
             }
-            conn.missed_pongs += 1;
             send_frame(conn, ping, max_outbound);
         }
         if dead > 0 {

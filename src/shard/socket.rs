@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::auth::admission::ConnectionPermit;
 use crate::delivery::inbox::ConnId;
-use crate::shard::hub::{ConnKind, Hub};
+use crate::shard::hub::{ConnKind, Hub, LiveMark};
 use crate::shard::outbound::release_if_idle;
 use crate::shard::Shard;
 
@@ -37,7 +37,8 @@ pub(crate) enum Wake {
     Data,
     /// The peer closed its side.
     Eof,
-    /// Something else needs the task: frames to flush, a close request, or a shutdown.
+    /// Something else needs the task: frames to flush, a close request, a shutdown, or (a parked
+    /// long-poll) a stored delivery.
     Signal,
 }
 
@@ -141,8 +142,13 @@ impl Connection {
             let conn = hub.conn_mut(id);
             let outbox_ready =
                 signals.outbox && conn.outbox.as_ref().is_some_and(|o| o.front().is_some());
+            // A parked long-poll is reached by a stored delivery only through its mark (see
+            // `ConnKind::LongPoll`).
+            let poll_reached =
+                conn.kind == ConnKind::LongPoll && matches!(conn.live_mark, LiveMark::FirstLive(_));
             if conn.close_code.is_some()
                 || outbox_ready
+                || poll_reached
                 || (signals.shutdown && shard.is_shutting_down())
             {
                 return Poll::Ready(Ok(Wake::Signal));
