@@ -30,12 +30,14 @@ use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::metrics::{Refusal, Route};
-use crate::model::{validate_channel_list, validate_user_id, Notification};
+use crate::model::{
+    now_millis, parse_notification_ids, validate_channel_list, validate_user_id, Notification,
+};
 use crate::shard::hub::{ConnKind, Hub, LiveMark, SubscribeError};
-use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame};
+use crate::shard::outbound::{begin_resume, end_resume, queue_final_frame, send_frame, Sent};
 use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
 use crate::shard::Shard;
-use crate::store::ReplayQuery;
+use crate::store::{MarkedSeen, ReplayQuery};
 use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
 use crate::ws::handshake;
 use crate::ws::protocol::{self, parse_action, Action, ProtocolError};
@@ -427,6 +429,22 @@ impl Session {
                     Err(e) => self.send_error("store_unavailable", &e.to_string()),
                 }
             }
+            Action::Seen(ids) => {
+                let max = self.conn.shard.config.max_seen_ids;
+                let ids = match parse_notification_ids("ids", &ids, max) {
+                    Ok(ids) => ids,
+                    Err(e) => return self.send_error("invalid_field", &e.message),
+                };
+                let store = self.conn.shard.store.clone();
+                match store.mark_seen(self.user.to_string(), ids).await {
+                    Ok(MarkedSeen::Updated(_)) => {}
+                    Ok(MarkedSeen::NotInInbox(id)) => self.send_error(
+                        "not_found",
+                        &format!("{id} is not a notification of this user; nothing was marked seen"),
+                    ),
+                    Err(e) => self.send_error("store_unavailable", &e.to_string()),
+                }
+            }
             Action::Resume(since) => {
                 begin_resume(self.conn.shard.hub.borrow_mut().conn_mut(self.conn.id));
                 Box::pin(self.resume(since)).await;
@@ -569,9 +587,17 @@ impl Session {
                 let complete = reached_live || list.len() <= limit;
                 list.truncate(limit);
                 let last = list.last().map(|n| n.id).unwrap_or(since);
+                let mut receipts = shard.receipts.borrow_mut();
+                let now = now_millis();
                 for n in &list {
-                    send_frame(conn, &replay_frame(n, &self.user, &channels), max_outbound);
+                    let frame = replay_frame(n, &self.user, &channels);
+                    let sent = send_frame(conn, &frame, max_outbound);
+                    // A replay is a delivery too: the receipt of what reached the user's own inbox.
+                    if sent == Sent::Accepted && n.user_id.as_deref() == Some(&*self.user) {
+                        receipts.delivered_at(n.id, now);
+                    }
                 }
+                drop(receipts);
                 let held = end_resume(conn);
                 let mut newer_live = None;
                 if complete || matches!(conn.live_mark, LiveMark::FirstLive(_)) {
