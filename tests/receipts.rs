@@ -65,7 +65,6 @@ fn expect_no_reply(client: &mut WsClient) {
 fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
     // A live delivery to the user's WebSocket sets `delivered_at`.
     let mut alice = server.ws("user_id=alice");
-    alice.expect_event("connected");
     let live = server.send(json!({"user_id": "alice", "message": "live"}));
     assert_eq!(alice.expect_notification()["id"], live.as_str());
     let first = wait_for_receipt(server, "alice", &live, "delivered_at");
@@ -82,7 +81,6 @@ fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
     let away = server.send(json!({"user_id": "alice", "message": "away"}));
     // Carol is offline; Bob receives her notification only through the room: not her device.
     let mut bob = server.ws("user_id=bob&channels=room");
-    bob.expect_event("connected");
     bob.expect_event("subscribed");
     let to_room = server.send(json!({"user_id": "carol", "channels": ["room"], "message": "y"}));
     assert_eq!(bob.expect_notification()["id"], to_room.as_str());
@@ -109,7 +107,6 @@ fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
 
     // Delivered later by a resume: the replay counts.
     let mut phone = server.ws(&format!("user_id=alice&since={FROM_THE_START}"));
-    phone.expect_event("connected");
     for _ in 0..3 {
         phone.expect_notification();
     }
@@ -119,7 +116,6 @@ fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
 
     // Replayed again on another device: the first delivery's time stays.
     let mut laptop = server.ws(&format!("user_id=alice&since={FROM_THE_START}"));
-    laptop.expect_event("connected");
     for _ in 0..3 {
         laptop.expect_notification();
     }
@@ -141,7 +137,6 @@ fn seen_over_websocket_and_rest(server: &TestServer) {
 
     // Over the WebSocket: no reply when it worked; seen is not read.
     let mut dora = server.ws("user_id=dora");
-    dora.expect_event("connected");
     dora.send_json(json!({"action": "seen", "ids": [a]}));
     expect_no_reply(&mut dora);
     let seen_a = stored(server, "dora", &a);
@@ -231,7 +226,6 @@ fn a_delivery_through_redis_on_another_node_sets_delivered_at() {
     let a = node(&redis);
     let b = node(&redis);
     let mut phone = a.ws("user_id=frank");
-    phone.expect_event("connected");
     redis.wait_numsub("u:frank", 1);
     // Committed by B, delivered by A: A records the receipt, B's history shows it.
     let id = b.send(json!({"user_id": "frank", "message": "from B"}));
@@ -240,7 +234,6 @@ fn a_delivery_through_redis_on_another_node_sets_delivered_at() {
     assert!(history(&b, "frank", "undelivered=true").is_empty());
     // The user on both nodes: each records its delivery, the first time stays.
     let mut laptop = b.ws("user_id=frank");
-    laptop.expect_event("connected");
     redis.wait_numsub("u:frank", 2);
     let both = a.send(json!({"user_id": "frank", "message": "to both"}));
     assert_eq!(phone.expect_notification()["id"], both.as_str());
