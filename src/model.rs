@@ -211,12 +211,18 @@ pub fn parse_notification_ids(
     max: usize,
 ) -> Result<Vec<Uuid>, FieldError> {
     if raw.is_empty() {
-        return Err(FieldError::new(field, "must list at least one notification id"));
+        return Err(FieldError::new(
+            field,
+            "must list at least one notification id",
+        ));
     }
     if raw.len() > max {
         return Err(FieldError::new(
             field,
-            &format!("lists {} ids; at most {max} are accepted at once", raw.len()),
+            &format!(
+                "lists {} ids; at most {max} are accepted at once",
+                raw.len()
+            ),
         ));
     }
     raw.iter()
@@ -640,7 +646,10 @@ mod tests {
         let empty = parse_notification_ids("ids", &[], 2).unwrap_err();
         assert_eq!(empty.message, "ids must list at least one notification id");
         let many = parse_notification_ids("ids", &raw(&["a", "b", "c"]), 2).unwrap_err();
-        assert_eq!(many.message, "ids lists 3 ids; at most 2 are accepted at once");
+        assert_eq!(
+            many.message,
+            "ids lists 3 ids; at most 2 are accepted at once"
+        );
     }
 
     #[test]

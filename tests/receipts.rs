@@ -73,7 +73,8 @@ fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
     // To an offline user it stays undelivered, and the filter lists it (and only it).
     let before = server.send(json!({"user_id": "alice", "message": "before leaving"}));
     assert_eq!(alice.expect_notification()["id"], before.as_str());
-    let channel_only = server.send(json!({"user_id": "carol", "channels": ["room"], "message": "x"}));
+    let channel_only =
+        server.send(json!({"user_id": "carol", "channels": ["room"], "message": "x"}));
     drop(alice);
     wait_for("alice's connection to end", WAIT, || {
         (server.get("/health").json()["connections"] == 0).then_some(())
@@ -98,7 +99,10 @@ fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
     );
     // `before` reached her; `away` did not.
     wait_for_receipt(server, "alice", &before, "delivered_at");
-    assert_eq!(ids(&history(server, "alice", "undelivered=1")), vec![away.clone()]);
+    assert_eq!(
+        ids(&history(server, "alice", "undelivered=1")),
+        vec![away.clone()]
+    );
     assert_eq!(
         ids(&history(server, "alice", "undelivered=true&unread=true")),
         vec![away.clone()]
@@ -124,7 +128,10 @@ fn delivered_at_is_set_once_for_the_users_own_connections(server: &TestServer) {
     phone.expect_notification();
     laptop.expect_notification();
     wait_for_receipt(server, "alice", &again, "delivered_at");
-    assert_eq!(stored(server, "alice", &live)["delivered_at"], first.as_str());
+    assert_eq!(
+        stored(server, "alice", &live)["delivered_at"],
+        first.as_str()
+    );
 }
 
 /// Everything seen receipts promise, on whichever store `server` runs on (with `MAX_SEEN_IDS=3`).
@@ -140,14 +147,31 @@ fn seen_over_websocket_and_rest(server: &TestServer) {
     dora.send_json(json!({"action": "seen", "ids": [a]}));
     expect_no_reply(&mut dora);
     let seen_a = stored(server, "dora", &a);
-    let first_seen = seen_a["seen_at"].as_str().expect("seen_at is set").to_owned();
-    assert_eq!((seen_a["read"].as_bool(), &seen_a["read_at"]), (Some(false), &Value::Null));
-    assert_eq!(ids(&history(server, "dora", "unseen=true")), vec![c.clone(), b.clone()]);
+    let first_seen = seen_a["seen_at"]
+        .as_str()
+        .expect("seen_at is set")
+        .to_owned();
+    assert_eq!(
+        (seen_a["read"].as_bool(), &seen_a["read_at"]),
+        (Some(false), &Value::Null)
+    );
+    assert_eq!(
+        ids(&history(server, "dora", "unseen=true")),
+        vec![c.clone(), b.clone()]
+    );
 
     // Bad input over the WebSocket: a clear error event, nothing marked.
     for (ids, code, words) in [
-        (json!(["nope"]), "invalid_field", "ids[0] must be a notification id"),
-        (json!([b, "12"]), "invalid_field", "ids[1] must be a notification id"),
+        (
+            json!(["nope"]),
+            "invalid_field",
+            "ids[0] must be a notification id",
+        ),
+        (
+            json!([b, "12"]),
+            "invalid_field",
+            "ids[1] must be a notification id",
+        ),
         (json!([]), "invalid_field", "ids must list at least one"),
         (json!([a, b, c, elsewhere]), "invalid_field", "at most 3"),
         (json!([b, elsewhere]), "not_found", elsewhere.as_str()),
@@ -159,7 +183,10 @@ fn seen_over_websocket_and_rest(server: &TestServer) {
     }
     dora.send_json(json!({"action": "seen"}));
     assert_eq!(dora.expect_event("error")["code"], "invalid_field");
-    assert!(stored(server, "dora", &b)["seen_at"].is_null(), "all or nothing");
+    assert!(
+        stored(server, "dora", &b)["seen_at"].is_null(),
+        "all or nothing"
+    );
 
     // Over REST: how many were unseen; the first `seen_at` stays.
     let r = put_seen(server, "dora", &json!({"ids": [a, b]}));
@@ -169,22 +196,38 @@ fn seen_over_websocket_and_rest(server: &TestServer) {
     assert_eq!(r.json(), json!({"updated": 0}));
     assert_eq!(ids(&history(server, "dora", "unseen=1")), vec![c.clone()]);
     // Combined with `unread`: `c` is unseen and unread; read it and the combination is empty.
-    assert_eq!(ids(&history(server, "dora", "unseen=true&unread=true")), vec![c.clone()]);
+    assert_eq!(
+        ids(&history(server, "dora", "unseen=true&unread=true")),
+        vec![c.clone()]
+    );
     let r = server.request("PUT", &format!("/api/v1/notifications/dora/{c}/read"), None);
     assert_eq!(r.status, 200);
     assert!(history(server, "dora", "unseen=true&unread=true").is_empty());
-    assert_eq!(ids(&history(server, "dora", "unseen=true")), vec![c.clone()]);
+    assert_eq!(
+        ids(&history(server, "dora", "unseen=true")),
+        vec![c.clone()]
+    );
 
     // Bad input over REST: 400 naming the field, 404 naming the id, and nothing marked.
-    put_seen(server, "dora", &json!({"ids": ["nope"]})).assert_error("bad id", 400, "invalid_field");
+    put_seen(server, "dora", &json!({"ids": ["nope"]})).assert_error(
+        "bad id",
+        400,
+        "invalid_field",
+    );
     put_seen(server, "dora", &json!({"ids": []})).assert_error("no ids", 400, "invalid_field");
     put_seen(server, "dora", &json!({})).assert_error("missing ids", 400, "invalid_field");
     put_seen(server, "dora", &json!({"ids": "x"})).assert_error("not a list", 400, "invalid_json");
-    put_seen(server, "dora", &json!({"ids": [a, b, c, a]}))
-        .assert_error("too many", 400, "invalid_field");
+    put_seen(server, "dora", &json!({"ids": [a, b, c, a]})).assert_error(
+        "too many",
+        400,
+        "invalid_field",
+    );
     let r = put_seen(server, "dora", &json!({"ids": [c, elsewhere]}));
     r.assert_error("another user's id", 404, "not_found");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains(&elsewhere));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&elsewhere));
     assert!(stored(server, "dora", &c)["seen_at"].is_null());
     let r = server.request("PUT", "/api/v1/notifications/dora/seen", Some("{\"ids\":"));
     r.assert_error("broken JSON", 400, "invalid_json");

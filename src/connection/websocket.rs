@@ -440,7 +440,9 @@ impl Session {
                     Ok(MarkedSeen::Updated(_)) => {}
                     Ok(MarkedSeen::NotInInbox(id)) => self.send_error(
                         "not_found",
-                        &format!("{id} is not a notification of this user; nothing was marked seen"),
+                        &format!(
+                            "{id} is not a notification of this user; nothing was marked seen"
+                        ),
                     ),
                     Err(e) => self.send_error("store_unavailable", &e.to_string()),
                 }

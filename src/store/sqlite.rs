@@ -49,8 +49,8 @@ use std::sync::Arc;
 
 use super::backend::{
     fire_in_due_order, first_id_of, first_not_in_inbox, history_before, history_fetch,
-    history_filters, history_page, migrations, sql_int, warn_if_schema_is_newer, Applied, BackendError, BatchClock, Migration, ReadBackend,
-    WriteBackend, WriteOutcome, WriteRequest,
+    history_filters, history_page, migrations, sql_int, warn_if_schema_is_newer, Applied,
+    BackendError, BatchClock, Migration, ReadBackend, WriteBackend, WriteOutcome, WriteRequest,
 };
 use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
 use super::{HistoryPage, HistoryQuery, MarkedSeen, OpenError, ReplayQuery};
@@ -751,7 +751,9 @@ fn mark_seen(
     let changed = tx
         .prepare_cached(MARK_SEEN)?
         .execute(params![user_id, hex, now])?;
-    Ok(WriteOutcome::MarkedSeen(MarkedSeen::Updated(changed as u64)))
+    Ok(WriteOutcome::MarkedSeen(MarkedSeen::Updated(
+        changed as u64,
+    )))
 }
 
 /// Applies one request inside the batch's transaction.
@@ -1020,9 +1022,16 @@ pub(crate) mod testing {
                     .unwrap();
                 rows.join(" | ")
             };
-            let cases: [(&str, &'static [&'static str]); 8] = [
+            let cases: [(&str, &'static [&'static str]); 14] = [
                 (HISTORY, &["notifications_user"]),
                 (HISTORY_UNREAD, &["notifications_unread"]),
+                (HISTORY_BY_FILTERS[2], &["notifications_undelivered"]),
+                (HISTORY_BY_FILTERS[4], &["notifications_unseen"]),
+                (HISTORY_BY_FILTERS[7], &["notifications_undelivered"]),
+                // Any index of the ids will do, as long as no table is scanned.
+                (SEEN_IN_INBOX, &[]),
+                (MARK_SEEN, &[]),
+                (RECORD_DELIVERED, &[]),
                 // Counts are answered from the index alone, never touching the rows.
                 (COUNT_TOTAL, &["COVERING INDEX notifications_user"]),
                 (COUNT_UNREAD, &["COVERING INDEX notifications_unread"]),

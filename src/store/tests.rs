@@ -649,10 +649,7 @@ fn delivery_receipts_are_coalesced_keep_the_first_time_and_survive_a_failed_reco
         "DROP TRIGGER refuse_receipt ON notifications; DROP FUNCTION refuse_receipt()",
     );
     wait_for_delivered_at(&f, "u1", d, Some(600_000));
-    assert_eq!(
-        filtered(&f, "u1", false, true, false),
-        vec![after[0].id]
-    );
+    assert_eq!(filtered(&f, "u1", false, true, false), vec![after[0].id]);
     f.close();
 }
 
@@ -675,7 +672,10 @@ fn seen_is_all_or_nothing_keeps_the_first_time_and_filters_combine(database: Dat
     // One id that is not u1's (another user's, or none's): nothing is marked, and it is named.
     let nobodys = Uuid::now_v7();
     assert_eq!(seen(vec![b, other]), MarkedSeen::NotInInbox(other));
-    assert_eq!(seen(vec![b, nobodys, other]), MarkedSeen::NotInInbox(nobodys));
+    assert_eq!(
+        seen(vec![b, nobodys, other]),
+        MarkedSeen::NotInInbox(nobodys)
+    );
     assert_eq!(filtered(&f, "u1", false, false, true), vec![c, b]);
     // The first `seen_at` stays; only the unseen ones count.
     std::thread::sleep(Duration::from_millis(5));

@@ -704,6 +704,12 @@ mod tests {
                     WriteRequest::MarkRead { .. } => WriteOutcome::MarkedRead(None),
                     WriteRequest::MarkAllRead { .. } => WriteOutcome::MarkedAllRead(7),
                     WriteRequest::Delete { .. } => WriteOutcome::Deleted(true),
+                    WriteRequest::MarkSeen { .. } => {
+                        WriteOutcome::MarkedSeen(MarkedSeen::Updated(1))
+                    }
+                    WriteRequest::RecordDelivered { receipts } => {
+                        WriteOutcome::RecordedDelivered(receipts.len() as u64)
+                    }
                 })
                 .collect())
         }

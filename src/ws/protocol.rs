@@ -244,7 +244,10 @@ mod tests {
             parse(&format!(r#"{{"action":"seen","ids":["{id}","x"]}}"#)),
             Ok(Action::Seen(vec![id.to_string(), "x".into()]))
         );
-        assert_eq!(parse(r#"{"action":"seen"}"#).unwrap_err().code, "invalid_field");
+        assert_eq!(
+            parse(r#"{"action":"seen"}"#).unwrap_err().code,
+            "invalid_field"
+        );
         assert_eq!(
             parse(r#"{"action":"refresh","token":"a.b.c"}"#),
             Ok(Action::Refresh("a.b.c".into()))
