@@ -41,6 +41,16 @@ fn parse_bounded(value: &str, min: usize, max: usize) -> Result<usize, String> {
     }
 }
 
+/// `MAX_SEEN_IDS` when unset: a screenful of a list many times over, and a statement's worth.
+pub const DEFAULT_MAX_SEEN_IDS: usize = 1000;
+/// The largest `MAX_SEEN_IDS`: what one write request of the store thread may reasonably carry.
+pub const MAX_MAX_SEEN_IDS: usize = 100_000;
+
+/// Reads `MAX_SEEN_IDS`: a whole number from 1 to [`MAX_MAX_SEEN_IDS`].
+fn parse_max_seen_ids(value: &str) -> Result<usize, String> {
+    parse_bounded(value, 1, MAX_MAX_SEEN_IDS)
+}
+
 /// Reads `AUDIT_QUEUE`: a whole number from 1 to [`crate::audit::MAX_QUEUE`].
 fn parse_audit_queue(value: &str) -> Result<usize, String> {
     parse_bounded(value, 1, crate::audit::MAX_QUEUE)
@@ -225,6 +235,11 @@ pub struct Config {
     /// Seconds an idle keep-alive HTTP connection is kept open.
     #[arg(long, global = true, env = "KEEPALIVE_TIMEOUT_S", default_value_t = 75)]
     pub keepalive_timeout_s: u64,
+
+    /// Most notification ids one `seen` request may list (WebSocket action or `PUT …/seen`), 1 to
+    /// 100,000; more is refused with `invalid_field`.
+    #[arg(long, global = true, env = "MAX_SEEN_IDS", default_value_t = DEFAULT_MAX_SEEN_IDS, value_parser = parse_max_seen_ids)]
+    pub max_seen_ids: usize,
 
     /// Most stored notifications replayed by one `resume` (`complete: false` when cut).
     #[arg(long, global = true, env = "MAX_REPLAY", default_value_t = 1000)]

@@ -20,7 +20,9 @@
 //!   sockets and enforces the slow-consumer limit; `shard::socket` is a registered socket's waits and
 //!   writes, shared by the HTTP loop and every session kind; `shard::reactor` is the shard's epoll set,
 //!   the one place readiness for all its sockets comes from (a single poll in glommio's ring), and
-//!   `shard::timeouts` the connections' deadlines, swept by the shard.
+//!   `shard::timeouts` the connections' deadlines, swept by the shard; [`shard::receipts`] notes each
+//!   stored notification written to a connection of its user and hands the notes to the store thread
+//!   in batches, which records them as `delivered_at` (docs/architecture.md, "Delivery receipts").
 //! - [`delivery`]: what crosses threads on its way to a connection: the [`delivery::Delivery`] and its
 //!   frames per encoding, the server text frame ([`delivery::frame`]), and the shard inbox
 //!   ([`delivery::inbox`]) through which other threads hand a shard work. A leaf: only [`model`].

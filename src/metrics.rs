@@ -248,6 +248,8 @@ pub enum Route {
     Read,
     /// `PUT …/:user_id/read-all`.
     ReadAll,
+    /// `PUT …/:user_id/seen`.
+    Seen,
     /// `DELETE …/:user_id/:id`.
     Delete,
     /// `GET /health`.
@@ -270,7 +272,7 @@ pub enum Route {
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 17] = [
+    pub const ALL: [Route; 18] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -279,6 +281,7 @@ impl Route {
         Route::History,
         Route::Read,
         Route::ReadAll,
+        Route::Seen,
         Route::Delete,
         Route::Health,
         Route::Metrics,
@@ -301,6 +304,7 @@ impl Route {
             Route::History => "history",
             Route::Read => "read",
             Route::ReadAll => "read_all",
+            Route::Seen => "seen",
             Route::Delete => "delete",
             Route::Health => "health",
             Route::Metrics => "metrics",

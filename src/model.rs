@@ -203,6 +203,38 @@ impl std::fmt::Display for FieldError {
     }
 }
 
+/// The notification ids of a `seen` request (WebSocket action or `PUT …/seen`), checked: at least
+/// one and at most `max` (`MAX_SEEN_IDS`), each a UUID; a bad one is named by its place (`ids[2]`).
+pub fn parse_notification_ids(
+    field: &str,
+    raw: &[String],
+    max: usize,
+) -> Result<Vec<Uuid>, FieldError> {
+    if raw.is_empty() {
+        return Err(FieldError::new(
+            field,
+            "must list at least one notification id",
+        ));
+    }
+    if raw.len() > max {
+        return Err(FieldError::new(
+            field,
+            &format!(
+                "lists {} ids; at most {max} are accepted at once",
+                raw.len()
+            ),
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            Uuid::parse_str(id).map_err(|_| {
+                FieldError::new(format!("{field}[{i}]"), "must be a notification id (UUID)")
+            })
+        })
+        .collect()
+}
+
 impl SendInput {
     /// Checks a send (not a schedule) against API.md's rules and fills in the defaults. A
     /// `scheduled_at` is refused here rather than ignored: delivering at once what the producer meant
@@ -601,6 +633,23 @@ mod tests {
         let err = input(r#"{"user_id":"u1"}"#).validate().unwrap_err();
         assert_eq!(err.field, "message");
         assert!(err.message.contains("message"));
+    }
+
+    #[test]
+    fn seen_ids_are_counted_and_each_named_when_bad() {
+        let id = Uuid::now_v7();
+        let raw = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = parse_notification_ids("ids", &raw(&[&id.to_string()]), 2).unwrap();
+        assert_eq!(ok, vec![id]);
+        let bad = parse_notification_ids("ids", &raw(&[&id.to_string(), "x"]), 2).unwrap_err();
+        assert_eq!(bad.field, "ids[1]");
+        let empty = parse_notification_ids("ids", &[], 2).unwrap_err();
+        assert_eq!(empty.message, "ids must list at least one notification id");
+        let many = parse_notification_ids("ids", &raw(&["a", "b", "c"]), 2).unwrap_err();
+        assert_eq!(
+            many.message,
+            "ids lists 3 ids; at most 2 are accepted at once"
+        );
     }
 
     #[test]

@@ -70,6 +70,8 @@ enum Endpoint {
     HistoryByQuery,
     Read(String, String),
     ReadAll(String),
+    /// `PUT /api/v1/notifications/:user_id/seen`.
+    Seen(String),
     Delete(String, String),
     Health,
     Metrics,
@@ -113,6 +115,7 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Put, ["api", "v1", "notifications", user, "read-all"]) => {
             Endpoint::ReadAll(user.to_string())
         }
+        (Put, ["api", "v1", "notifications", user, "seen"]) => Endpoint::Seen(user.to_string()),
         (Put, ["api", "v1", "notifications", user, id, "read"]) => {
             Endpoint::Read(user.to_string(), id.to_string())
         }
@@ -152,6 +155,7 @@ impl Endpoint {
             Endpoint::History(_) | Endpoint::HistoryByQuery => Route::History,
             Endpoint::Read(..) => Route::Read,
             Endpoint::ReadAll(_) => Route::ReadAll,
+            Endpoint::Seen(_) => Route::Seen,
             Endpoint::Delete(..) => Route::Delete,
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
@@ -195,7 +199,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
     let route = endpoint.route();
     let json_body = matches!(
         endpoint,
-        Endpoint::Send | Endpoint::Batch | Endpoint::Schedule
+        Endpoint::Send | Endpoint::Batch | Endpoint::Schedule | Endpoint::Seen(_)
     );
     if json_body {
         if head.header("content-type").is_some() && !head.content_type_is_json() {
@@ -230,6 +234,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::HistoryByQuery => notifications::history_by_query(ctx, head.query()).await,
         Endpoint::Read(user, id) => notifications::read(ctx, head, user, &id).await,
         Endpoint::ReadAll(user) => notifications::read_all(ctx, head, user).await,
+        Endpoint::Seen(user) => notifications::seen(ctx, user, body).await,
         Endpoint::Delete(user, id) => notifications::delete(ctx, head, user, &id).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx).await,

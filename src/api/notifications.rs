@@ -1,4 +1,4 @@
-//! Handlers of the notification routes: send, batch, history, read, read-all, delete.
+//! Handlers of the notification routes: send, batch, history, read, read-all, seen, delete.
 //!
 //! A send is answered only after the store thread committed it (API.md, "Durability"); live delivery
 //! happens from the store thread right after the commit, so a 201 never reports something that could
@@ -24,10 +24,12 @@ use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::json_input::parse_object;
 use crate::model::{
-    format_time, now_millis, validate_user_id, write_json_str, FieldError, Millis, NewNotification,
-    Notification, SendInput,
+    format_time, now_millis, parse_notification_ids, validate_user_id, write_json_str, FieldError,
+    Millis, NewNotification, Notification, SendInput,
 };
-use crate::store::{Committed, HistoryQuery, IdempotencyKey, Receipt, Stamp, StoreError};
+use crate::store::{
+    Committed, HistoryQuery, IdempotencyKey, MarkedSeen, Receipt, Stamp, StoreError,
+};
 
 /// Most notifications in one batch (API.md).
 pub const MAX_BATCH: usize = 1000;
@@ -433,7 +435,8 @@ pub async fn cancel_scheduled(ctx: &ApiContext<'_>, head: &RequestHead, id: &str
     }
 }
 
-/// Reads `limit`, `before` and `unread` from a history query string.
+/// Reads `limit`, `before` and the filters `unread`, `undelivered` and `unseen` from a history query
+/// string.
 fn history_query(user_id: String, query: &str) -> Result<HistoryQuery, FieldError> {
     validate_user_id(&user_id)?;
     let limit = match query_param(query, "limit") {
@@ -456,17 +459,23 @@ fn history_query(user_id: String, query: &str) -> Result<HistoryQuery, FieldErro
                 .map_err(|_| FieldError::new("before", "must be a notification id"))?,
         ),
     };
-    let unread_only = match query_param(query, "unread").as_deref() {
-        None | Some("false") | Some("0") | Some("") => false,
-        Some("true") | Some("1") => true,
-        Some(_) => return Err(FieldError::new("unread", "must be true or false")),
-    };
     Ok(HistoryQuery {
         user_id,
         limit,
         before,
-        unread_only,
+        unread_only: flag(query, "unread")?,
+        undelivered_only: flag(query, "undelivered")?,
+        unseen_only: flag(query, "unseen")?,
     })
+}
+
+/// A history filter: `true` or `1` on, `false`, `0`, empty or absent off.
+fn flag(query: &str, name: &str) -> Result<bool, FieldError> {
+    match query_param(query, name).as_deref() {
+        None | Some("false") | Some("0") | Some("") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(_) => Err(FieldError::new(name, "must be true or false")),
+    }
 }
 
 /// `GET /api/v1/notifications/user/:user_id`.
@@ -563,6 +572,43 @@ pub async fn read_all(ctx: &ApiContext<'_>, head: &RequestHead, user_id: String)
             }
             Response::json(200, format!("{{\"updated\":{n}}}").into_bytes())
         }
+        Err(e) => store_unavailable(e),
+    }
+}
+
+/// The body of `PUT …/:user_id/seen`.
+#[derive(Debug, Deserialize)]
+struct SeenInput {
+    /// The notification ids to mark seen.
+    ids: Option<Vec<String>>,
+}
+
+/// `PUT /api/v1/notifications/:user_id/seen` with `{"ids":[...]}`: `200 {"updated":N}`, N = how many
+/// of them were unseen; `404` naming the first id not in the user's inbox, and then nothing is marked.
+pub async fn seen(ctx: &ApiContext<'_>, user_id: String, body: &mut [u8]) -> Response {
+    if let Err(e) = validate_user_id(&user_id) {
+        return invalid_field(&e);
+    }
+    let input: SeenInput = match parse_body(body, ctx.config.max_json_depth) {
+        Ok(input) => input,
+        Err(r) => return r,
+    };
+    let Some(raw) = input.ids else {
+        return invalid_field(&FieldError::new("ids", "is required"));
+    };
+    let ids = match parse_notification_ids("ids", &raw, ctx.config.max_seen_ids) {
+        Ok(ids) => ids,
+        Err(e) => return invalid_field(&e),
+    };
+    match ctx.store.mark_seen(user_id, ids).await {
+        Ok(MarkedSeen::Updated(n)) => {
+            Response::json(200, format!("{{\"updated\":{n}}}").into_bytes())
+        }
+        Ok(MarkedSeen::NotInInbox(id)) => Response::error(
+            404,
+            "not_found",
+            &format!("{id} is not a notification of this user; nothing was marked seen"),
+        ),
         Err(e) => store_unavailable(e),
     }
 }

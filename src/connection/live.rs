@@ -15,9 +15,9 @@ use crate::delivery::sse;
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
-use crate::model::{validate_channel_list, validate_user_id, Notification};
+use crate::model::{now_millis, validate_channel_list, validate_user_id, Notification};
 use crate::shard::hub::{Hub, LiveMark, SubscribeError};
-use crate::shard::outbound::{end_resume, send_frame};
+use crate::shard::outbound::{end_resume, send_frame, Sent};
 use crate::shard::Shard;
 use crate::store::ReplayQuery;
 use crate::ws::protocol;
@@ -229,9 +229,16 @@ pub(crate) async fn resume(
             let complete = reached_live || list.len() <= limit;
             list.truncate(limit);
             let last = list.last().map(|n| n.id).unwrap_or(since);
+            let mut receipts = shard.receipts.borrow_mut();
+            let now = now_millis();
             for n in &list {
-                send_frame(conn, &wire.replayed(n, user, &channels), max_outbound);
+                let sent = send_frame(conn, &wire.replayed(n, user, &channels), max_outbound);
+                // A replay is a delivery too: the receipt of what reached the user's own inbox.
+                if sent == Sent::Accepted && n.user_id.as_deref() == Some(user) {
+                    receipts.delivered_at(n.id, now);
+                }
             }
+            drop(receipts);
             let held = end_resume(conn);
             let mut newer_live = None;
             if complete || matches!(conn.live_mark, LiveMark::FirstLive(_)) {

@@ -22,7 +22,7 @@ use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::metrics::Route;
-use crate::model::Notification;
+use crate::model::{now_millis, Notification};
 use crate::shard::hub::{ConnKind, LiveMark};
 use crate::shard::socket::{Connection, Signals, Wake};
 use crate::store::ReplayQuery;
@@ -201,6 +201,13 @@ impl Poll {
     /// when the list is empty), `more` whether the store holds more after it.
     fn found(&self, list: &[std::sync::Arc<Notification>], limit: usize) -> Response {
         let shown = &list[..list.len().min(limit)];
+        // An answer is a delivery: the receipts of what it hands the user from their own inbox.
+        let mut receipts = self.conn.shard.receipts.borrow_mut();
+        let now = now_millis();
+        for n in shown.iter().filter(|n| n.user_id.as_deref() == Some(&*self.user)) {
+            receipts.delivered_at(n.id, now);
+        }
+        drop(receipts);
         let mut body = Vec::with_capacity(64 + shown.len() * 400);
         body.extend_from_slice(b"{\"notifications\":[");
         for (i, n) in shown.iter().enumerate() {

@@ -28,9 +28,11 @@ use crate::delivery::inbox::ShardMsg;
 use crate::delivery::Delivery;
 use crate::http::request::RequestHead;
 use crate::metrics::{Refusal, Route};
+use crate::model::parse_notification_ids;
 use crate::shard::hub::ConnKind;
 use crate::shard::outbound::{begin_resume, queue_final_frame, send_frame};
 use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
+use crate::store::MarkedSeen;
 use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
 use crate::ws::handshake;
 use crate::ws::protocol::{self, parse_action, Action, ProtocolError};
@@ -365,6 +367,24 @@ impl Session {
                         audit_origin::read(&self.conn, &self.user, self.grant.is_some(), id)
                     }
                     Ok(None) => self.send_error("not_found", "no such notification for this user"),
+                    Err(e) => self.send_error("store_unavailable", &e.to_string()),
+                }
+            }
+            Action::Seen(ids) => {
+                let max = self.conn.shard.config.max_seen_ids;
+                let ids = match parse_notification_ids("ids", &ids, max) {
+                    Ok(ids) => ids,
+                    Err(e) => return self.send_error("invalid_field", &e.message),
+                };
+                let store = self.conn.shard.store.clone();
+                match store.mark_seen(self.user.to_string(), ids).await {
+                    Ok(MarkedSeen::Updated(_)) => {}
+                    Ok(MarkedSeen::NotInInbox(id)) => self.send_error(
+                        "not_found",
+                        &format!(
+                            "{id} is not a notification of this user; nothing was marked seen"
+                        ),
+                    ),
                     Err(e) => self.send_error("store_unavailable", &e.to_string()),
                 }
             }

@@ -120,6 +120,11 @@ pub struct ConnState {
     pub(crate) writable: bool,
 }
 
+/// A user as one shard's hub knows it (see [`Hub::user_key`]): comparing it with a connection's user
+/// is an integer comparison, not a string one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserKey(NonZeroU32);
+
 /// Where a connection's live delivery stands against replay from the store.
 ///
 /// Stored notifications reach a shard in commit (id) order, through the shard's inbox. A replay reaches
@@ -175,6 +180,11 @@ impl ConnState {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+
+    /// Whether this connection is `user`'s (a key from [`Hub::user_key`] of the same hub).
+    pub fn is_user(&self, user: UserKey) -> bool {
+        self.user == Some(user.0)
     }
 
     /// How many channels this connection is subscribed to.
@@ -391,6 +401,15 @@ impl Hub {
         if kind == ConnKind::WebSocket {
             self.websockets += 1;
         }
+    }
+
+    /// The key of `user` when one of this shard's connections is that user's, to tell cheaply which
+    /// connections are (see [`ConnState::is_user`]).
+    pub fn user_key(&self, user: &str) -> Option<UserKey> {
+        self.users
+            .lookup(user)
+            .and_then(|id| NonZeroU32::new(id + 1))
+            .map(UserKey)
     }
 
     /// The user of a WebSocket connection.

@@ -19,6 +19,8 @@
 //!   stream;
 //! - with `JWT_SECRET`, the expiry sweep: once a second, closes with 1008 the WebSockets whose token
 //!   ran out (see `auth::expiry`);
+//! - the receipt hand-off, which passes the delivery receipts the shard noted to the store thread in
+//!   batches (see [`receipts`]);
 //! - the connection tasks.
 //!
 //! Shutdown is a message like any other: the pump sets the shard's flag, asks every receiving connection
@@ -29,6 +31,7 @@ pub(crate) mod allocator;
 pub mod hub;
 pub mod outbound;
 pub(crate) mod reactor;
+pub mod receipts;
 pub(crate) mod socket;
 pub(crate) mod timeouts;
 
@@ -56,6 +59,7 @@ use crate::metrics::{Delivered, Metrics, ShardCounters};
 use crate::shard::hub::{ConnKind, Hub, LiveMark};
 use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::shard::reactor::{Reactor, LISTENER};
+use crate::shard::receipts::ReceiptBuffer;
 use crate::shard::timeouts::{Timeouts, TICK};
 use crate::store::Store;
 use crate::ws::codec::{close_code, encode_ping};
@@ -183,6 +187,8 @@ pub struct Shard {
     sse_ping: Bytes,
     /// Frames of the inbox burst being routed, written per connection at its end.
     write_batch: RefCell<WriteBatch>,
+    /// Delivery receipts noted since the last hand-off to the store (see [`receipts`]).
+    pub receipts: RefCell<ReceiptBuffer>,
 }
 
 impl Shard {
@@ -209,24 +215,35 @@ impl Shard {
         let max_outbound = self.config.max_outbound_bytes;
         let mut delivered = [0, 0]; // [plain frame, a channel's frame], for the kinds in /metrics
         let mut batch = self.write_batch.borrow_mut();
-        self.hub
-            .borrow_mut()
-            .for_each_target(delivery, skip, |id, conn, frame| {
-                if conn.kind == ConnKind::LongPoll {
-                    // A parked poll answers from the store (`connection::poll`): a stored delivery
-                    // only records that something arrived, and wakes it.
-                    if let Some(stored) = delivery.id {
-                        if !matches!(conn.live_mark, LiveMark::FirstLive(_)) {
-                            conn.live_mark = LiveMark::FirstLive(stored);
-                        }
-                        conn.wake();
+        let mut hub = self.hub.borrow_mut();
+        // A stored notification's receipt: only a connection of its own user counts (not a channel
+        // subscriber or a broadcast listener), and one per shard is enough.
+        let receipt_for = match (delivery.id, delivery.user.as_deref()) {
+            (Some(id), Some(user)) => hub.user_key(user).map(|key| (id, key)),
+            _ => None,
+        };
+        let mut reached_user = false;
+        hub.for_each_target(delivery, skip, |id, conn, frame| {
+            if conn.kind == ConnKind::LongPoll {
+                // A parked poll answers from the store (`connection::poll`): a stored delivery
+                // only records that something arrived, and wakes it. Its answer notes the receipts.
+                if let Some(stored) = delivery.id {
+                    if !matches!(conn.live_mark, LiveMark::FirstLive(_)) {
+                        conn.live_mark = LiveMark::FirstLive(stored);
                     }
-                    return;
+                    conn.wake();
                 }
-                if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
-                    delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
-                }
-            });
+                return;
+            }
+            if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
+                delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
+                reached_user |= receipt_for.is_some_and(|(_, key)| conn.is_user(key));
+            }
+        });
+        drop(hub);
+        if let (true, Some((id, _))) = (reached_user, receipt_for) {
+            self.receipts.borrow_mut().delivered(id);
+        }
         self.stats().delivered(Delivered {
             stored: delivery.id.is_some(),
             broadcast: delivery.broadcast,
@@ -330,11 +347,13 @@ where
         ping_frame: Bytes::from(encode_ping(b"")),
         sse_ping: Bytes::from_static(crate::delivery::sse::PING),
         write_batch: RefCell::new(WriteBatch::default()),
+        receipts: RefCell::new(ReceiptBuffer::default()),
     });
     let readiness = glommio::spawn_local(readiness(shard.clone())).detach();
     let sweep = glommio::spawn_local(timeout_sweep(shard.clone())).detach();
     let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
     let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
+    let receipts = glommio::spawn_local(receipts::hand_off(shard.clone())).detach();
     let expiry = shard
         .auth
         .jwt_enabled()
@@ -358,6 +377,9 @@ where
     // shard's own tasks so nothing of the shard outlives it.
     pump.cancel();
     heartbeat.cancel();
+    receipts.cancel();
+    // Ahead of the store's close, which the main thread queues once every shard has ended.
+    receipts::hand_off_now(&shard);
     sweep.cancel();
     readiness.cancel();
     if let Some(expiry) = expiry {

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 pub(crate) use super::error::BackendError;
 use super::idempotency::{IdempotencyRecord, KeyVerdict, Receipt};
-use super::{HistoryPage, HistoryQuery, ReplayQuery};
+use super::{DeliveryReceipt, HistoryPage, HistoryQuery, MarkedSeen, ReplayQuery};
 use crate::model::{IdGenerator, Millis, Notification};
 use crate::scheduler::idempotency_expired_before;
 
@@ -87,6 +87,20 @@ pub(crate) enum WriteRequest {
         /// Whose inbox.
         user_id: String,
     },
+    /// Set `seen_at` where unset on each of `ids`, all or nothing: when one is not in that user's
+    /// inbox, change nothing and answer [`MarkedSeen::NotInInbox`] naming the first such id.
+    MarkSeen {
+        /// Whose inbox.
+        user_id: String,
+        /// Which notifications, in the client's order.
+        ids: Vec<Uuid>,
+    },
+    /// Set `delivered_at` where unset, in ONE statement for the whole list: the first delivery's time
+    /// stays. The store thread applies it in a transaction of its own (see `writer::Receipts`).
+    RecordDelivered {
+        /// Each id once, in ascending id order (so concurrent writers lock rows in one order).
+        receipts: Vec<DeliveryReceipt>,
+    },
     /// Remove that notification from that user's inbox.
     Delete {
         /// Whose inbox.
@@ -106,6 +120,10 @@ pub(crate) enum WriteOutcome {
     MarkedRead(Option<Box<Notification>>),
     /// How many were unread before [`WriteRequest::MarkAllRead`].
     MarkedAllRead(u64),
+    /// What [`WriteRequest::MarkSeen`] did.
+    MarkedSeen(MarkedSeen),
+    /// How many notifications [`WriteRequest::RecordDelivered`] set `delivered_at` on.
+    RecordedDelivered(u64),
     /// Whether [`WriteRequest::Delete`] found the notification.
     Deleted(bool),
     /// [`WriteRequest::Insert`] or [`WriteRequest::Schedule`] with a key already used for the same
@@ -258,6 +276,25 @@ pub(crate) fn history_page(
     }
 }
 
+/// Which filters a history page asks for, as an index into a backend's table of eight statements:
+/// bit 0 `unread`, bit 1 `undelivered`, bit 2 `unseen`.
+pub(crate) fn history_filters(query: &HistoryQuery) -> usize {
+    usize::from(query.unread_only)
+        | usize::from(query.undelivered_only) << 1
+        | usize::from(query.unseen_only) << 2
+}
+
+/// The verdict of a [`WriteRequest::MarkSeen`] once a backend knows which of `ids` are in the
+/// user's inbox (`in_inbox`): the first id that is not, or `None` when all are and the update may run.
+pub(crate) fn first_not_in_inbox(
+    ids: &[Uuid],
+    in_inbox: &std::collections::HashSet<Uuid>,
+) -> Option<MarkedSeen> {
+    ids.iter()
+        .find(|id| !in_inbox.contains(id))
+        .map(|id| MarkedSeen::NotInInbox(*id))
+}
+
 /// A row count or limit as an SQL integer (both databases' are i64); a `usize` beyond `i64` means "no
 /// limit" anyway.
 pub(crate) fn sql_int(n: usize) -> i64 {
@@ -303,6 +340,15 @@ macro_rules! migrations {
                     "/migrations/",
                     $dialect,
                     "/0003_schedule_id.sql"
+                )),
+            },
+            $crate::store::backend::Migration {
+                version: 5,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0005_receipts.sql"
                 )),
             },
         ]

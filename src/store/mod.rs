@@ -59,7 +59,7 @@ use futures_channel::oneshot;
 use uuid::Uuid;
 
 use crate::metrics::{Exposition, Histogram, Kind, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS};
-use crate::model::{NewNotification, Notification};
+use crate::model::{Millis, NewNotification, Notification};
 
 use reader::ReadOp;
 use writer::WriteOp;
@@ -275,6 +275,24 @@ pub struct HistoryQuery {
     pub before: Option<Uuid>,
     /// Only unread notifications (`read_at` unset).
     pub unread_only: bool,
+    /// Only notifications never written to a live connection of the user (`delivered_at` unset):
+    /// what never reached a device.
+    pub undelivered_only: bool,
+    /// Only notifications no client reported seen (`seen_at` unset).
+    pub unseen_only: bool,
+}
+
+/// A delivery receipt as a shard reports it: the notification, and when it was first written to a
+/// live connection of its user.
+pub type DeliveryReceipt = (Uuid, Millis);
+
+/// What [`Store::mark_seen`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkedSeen {
+    /// Every id is in the user's inbox; this many were unseen and now carry `seen_at`.
+    Updated(u64),
+    /// This id (the first of the request's that is) is not in the user's inbox: nothing was marked.
+    NotInInbox(Uuid),
 }
 
 /// One page of history, newest first, with the inbox's counts.
@@ -676,6 +694,32 @@ impl Store {
     /// Marks every unread notification of the user read; resolves to how many were unread.
     pub fn mark_all_read(&self, user_id: String) -> StoreFuture<u64> {
         self.write(|reply| WriteOp::MarkAllRead { user_id, reply })
+    }
+
+    /// Sets `seen_at` to now on each of `ids` that is unseen (a second call keeps the first `seen_at`),
+    /// all or nothing: when one of them is not in the user's inbox, nothing is marked and the answer
+    /// names it. Seen is not read: `read_at` is left alone.
+    pub fn mark_seen(&self, user_id: String, ids: Vec<Uuid>) -> StoreFuture<MarkedSeen> {
+        self.write(|reply| WriteOp::MarkSeen {
+            user_id,
+            ids,
+            reply,
+        })
+    }
+
+    /// Hands delivery receipts to the store thread, which records them in batches (see
+    /// `writer::Receipts`): nobody waits for them, and a shard calls this once per
+    /// `shard::receipts` interval, not per delivery. When the write queue is full the receipts
+    /// come back, for the caller to keep and offer again later.
+    pub fn record_delivered(
+        &self,
+        receipts: Vec<DeliveryReceipt>,
+    ) -> Result<(), Vec<DeliveryReceipt>> {
+        match self.writes.try_send(WriteOp::RecordDelivered { receipts }) {
+            Err(TrySendError::Full(WriteOp::RecordDelivered { receipts })) => Err(receipts),
+            // Sent; or the store is closed (shutdown), and nothing could record them any more.
+            _ => Ok(()),
+        }
     }
 
     /// Deletes the notification from the user's inbox; resolves to `false` if it was not there.

@@ -33,6 +33,7 @@
 //! Data read back is never trusted to be well-formed: a malformed row (a wrong-sized id, a `channels`
 //! that is not a JSON array of strings) is an error for that read, never a panic.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -47,13 +48,13 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use super::backend::{
-    fire_in_due_order, first_id_of, history_before, history_fetch, history_page, migrations,
-    sql_int, warn_if_schema_is_newer, Applied, BackendError, BatchClock, Migration, ReadBackend,
-    WriteBackend, WriteOutcome, WriteRequest,
+    fire_in_due_order, first_id_of, first_not_in_inbox, history_before, history_fetch,
+    history_filters, history_page, migrations, sql_int, warn_if_schema_is_newer, Applied,
+    BackendError, BatchClock, Migration, ReadBackend, WriteBackend, WriteOutcome, WriteRequest,
 };
 use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
-use super::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
-use crate::model::{now_millis, Notification};
+use super::{HistoryPage, HistoryQuery, MarkedSeen, OpenError, ReplayQuery};
+use crate::model::{now_millis, Millis, Notification};
 
 /// How long a statement waits for a lock held by another connection (another process, or briefly a
 /// checkpoint) before failing with "database is locked".
@@ -169,6 +170,17 @@ const MARK_ALL_READ: &str =
      WHERE user_id = ?1 AND read_at IS NULL";
 /// The trigger of migration 1 removes the notification's channel rows.
 const DELETE: &str = "DELETE FROM notifications WHERE id = ?1 AND user_id = ?2";
+/// The ids of a seen request (`?2`, a JSON array of 32-digit hex ids) that are in the user's inbox.
+const SEEN_IN_INBOX: &str = "SELECT id FROM notifications \
+     WHERE user_id = ?1 AND id IN (SELECT unhex(value) FROM json_each(?2))";
+/// Marks them seen where not seen yet, so the first `seen_at` stays.
+const MARK_SEEN: &str = "UPDATE notifications SET seen_at = ?3 \
+     WHERE user_id = ?1 AND seen_at IS NULL AND id IN (SELECT unhex(value) FROM json_each(?2))";
+/// A whole batch of delivery receipts in one statement: `?1` is a JSON array of `[hex id, ms]`
+/// pairs, each id once. Only where `delivered_at` is unset, so the first delivery's time stays.
+const RECORD_DELIVERED: &str = "UPDATE notifications SET delivered_at = receipts.at \
+     FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS at FROM json_each(?1)) AS receipts \
+     WHERE notifications.id = receipts.id AND notifications.delivered_at IS NULL";
 
 /// An unexpired idempotency record.
 const IDEMPOTENCY_LOOKUP: &str =
@@ -230,6 +242,47 @@ const HISTORY_UNREAD: &str = concat!(
     " FROM notifications INDEXED BY notifications_unread \
      WHERE user_id = ?1 AND id < ?2 AND read_at IS NULL ORDER BY id DESC LIMIT ?3"
 );
+/// A history page with the receipt filters (`undelivered`, `unseen`, with or without `unread`).
+/// Each names the partial index of the receipt it filters on, for the reason given at
+/// [`HISTORY_UNREAD`]; with both receipt filters, the undelivered one (most notifications reach a
+/// device, so it is the shortest).
+macro_rules! history_filtered {
+    ($index:literal, $filter:literal) => {
+        concat!(
+            "SELECT ",
+            columns!(),
+            " FROM notifications INDEXED BY ",
+            $index,
+            " WHERE user_id = ?1 AND id < ?2",
+            $filter,
+            " ORDER BY id DESC LIMIT ?3"
+        )
+    };
+}
+/// Every history page statement, indexed by [`history_filters`] (bit 0 unread, 1 undelivered,
+/// 2 unseen).
+const HISTORY_BY_FILTERS: [&str; 8] = [
+    HISTORY,
+    HISTORY_UNREAD,
+    history_filtered!("notifications_undelivered", " AND delivered_at IS NULL"),
+    history_filtered!(
+        "notifications_undelivered",
+        " AND delivered_at IS NULL AND read_at IS NULL"
+    ),
+    history_filtered!("notifications_unseen", " AND seen_at IS NULL"),
+    history_filtered!(
+        "notifications_unseen",
+        " AND seen_at IS NULL AND read_at IS NULL"
+    ),
+    history_filtered!(
+        "notifications_undelivered",
+        " AND delivered_at IS NULL AND seen_at IS NULL"
+    ),
+    history_filtered!(
+        "notifications_undelivered",
+        " AND delivered_at IS NULL AND seen_at IS NULL AND read_at IS NULL"
+    ),
+];
 /// The inbox size, from `notifications_user` alone (a covering index scan, no row reads).
 const COUNT_TOTAL: &str = "SELECT COUNT(*) FROM notifications WHERE user_id = ?1";
 /// The unread count, from `notifications_unread` alone.
@@ -599,8 +652,7 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64)> {
 
 /// The channel list as stored (a JSON array).
 fn channels_json(channels: &[String]) -> rusqlite::Result<String> {
-    serde_json::to_string(channels)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    json_text(&channels)
 }
 
 /// Inserts notifications and their channel index rows.
@@ -670,6 +722,38 @@ fn claim_key(
             Ok(None)
         }
     }
+}
+
+/// A value as a JSON text parameter (lists of ids and receipts, which `json_each` unpacks).
+fn json_text(value: &impl serde::Serialize) -> rusqlite::Result<String> {
+    serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// [`WriteRequest::MarkSeen`]: all of `ids` must be in the user's inbox, else nothing changes.
+fn mark_seen(
+    tx: &Transaction<'_>,
+    user_id: &str,
+    ids: &[Uuid],
+    now: Millis,
+) -> rusqlite::Result<WriteOutcome> {
+    let hex: Vec<String> = ids.iter().map(|id| id.simple().to_string()).collect();
+    let hex = json_text(&hex)?;
+    let in_inbox = tx
+        .prepare_cached(SEEN_IN_INBOX)?
+        .query_map(params![user_id, hex], |row| {
+            Uuid::from_slice(&row.get::<_, Vec<u8>>(0)?)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Blob, Box::new(e)))
+        })?
+        .collect::<rusqlite::Result<HashSet<Uuid>>>()?;
+    if let Some(missing) = first_not_in_inbox(ids, &in_inbox) {
+        return Ok(WriteOutcome::MarkedSeen(missing));
+    }
+    let changed = tx
+        .prepare_cached(MARK_SEEN)?
+        .execute(params![user_id, hex, now])?;
+    Ok(WriteOutcome::MarkedSeen(MarkedSeen::Updated(
+        changed as u64,
+    )))
 }
 
 /// Applies one request inside the batch's transaction.
@@ -759,6 +843,17 @@ fn apply_one(
                 .execute(params![id.as_bytes(), user_id])?;
             Ok(WriteOutcome::Deleted(changed > 0))
         }
+        WriteRequest::MarkSeen { user_id, ids } => mark_seen(tx, user_id, ids, now),
+        WriteRequest::RecordDelivered { receipts } => {
+            let pairs: Vec<(String, Millis)> = receipts
+                .iter()
+                .map(|(id, at)| (id.simple().to_string(), *at))
+                .collect();
+            let changed = tx
+                .prepare_cached(RECORD_DELIVERED)?
+                .execute(params![json_text(&pairs)?])?;
+            Ok(WriteOutcome::RecordedDelivered(changed as u64))
+        }
     }
 }
 
@@ -805,11 +900,7 @@ impl ReadBackend for SqliteReader {
         // One read transaction: the page and both counts come from the same snapshot, so they agree.
         let tx = self.conn.transaction().map_err(sqlite_error)?;
         let before = history_before(query);
-        let sql = if query.unread_only {
-            HISTORY_UNREAD
-        } else {
-            HISTORY
-        };
+        let sql = HISTORY_BY_FILTERS[history_filters(query)];
         let rows = tx
             .prepare_cached(sql)
             .and_then(|mut stmt| {
@@ -931,9 +1022,16 @@ pub(crate) mod testing {
                     .unwrap();
                 rows.join(" | ")
             };
-            let cases: [(&str, &'static [&'static str]); 8] = [
+            let cases: [(&str, &'static [&'static str]); 14] = [
                 (HISTORY, &["notifications_user"]),
                 (HISTORY_UNREAD, &["notifications_unread"]),
+                (HISTORY_BY_FILTERS[2], &["notifications_undelivered"]),
+                (HISTORY_BY_FILTERS[4], &["notifications_unseen"]),
+                (HISTORY_BY_FILTERS[7], &["notifications_undelivered"]),
+                // Any index of the ids will do, as long as no table is scanned.
+                (SEEN_IN_INBOX, &[]),
+                (MARK_SEEN, &[]),
+                (RECORD_DELIVERED, &[]),
                 // Counts are answered from the index alone, never touching the rows.
                 (COUNT_TOTAL, &["COVERING INDEX notifications_user"]),
                 (COUNT_UNREAD, &["COVERING INDEX notifications_unread"]),
@@ -1019,6 +1117,8 @@ mod tests {
             limit: 10,
             before: None,
             unread_only: false,
+            undelivered_only: false,
+            unseen_only: false,
         };
         assert!(reader.history(&q).is_err());
         writer

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::postgres::testing::{SideConnection, TestSchema};
 use super::*;
-use crate::model::{NewNotification, Notification};
+use crate::model::{Millis, NewNotification, Notification};
 
 /// Declares each listed test function twice, as `sqlite::<name>` and `postgres::<name>`; attributes
 /// written before a name (`#[ignore = "..."]`) go on both.
@@ -60,6 +60,8 @@ on_both_stores!(
     an_idempotency_key_stores_once_and_replays_what_the_first_request_committed,
     a_record_of_the_version_that_stored_answers_still_replays_after_an_upgrade,
     idle_scheduler_ticks_are_not_counted_as_commits,
+    delivery_receipts_are_coalesced_keep_the_first_time_and_survive_a_failed_recording,
+    seen_is_all_or_nothing_keeps_the_first_time_and_filters_combine,
     #[ignore = "timing printout; run explicitly, in release"]
     insert_rates,
 );
@@ -263,6 +265,8 @@ impl Fixture {
             limit,
             before,
             unread_only,
+            undelivered_only: false,
+            unseen_only: false,
         };
         block_on(self.store.history(q)).unwrap()
     }
@@ -562,6 +566,135 @@ fn unread_filter_mark_read_and_counts(database: Database) {
             .read_at,
         Some(read_at)
     );
+    f.close();
+}
+
+/// The ids of `user`'s history with the receipt filters (and `unread`).
+fn filtered(f: &Fixture, user: &str, unread: bool, undelivered: bool, unseen: bool) -> Vec<Uuid> {
+    let q = HistoryQuery {
+        user_id: user.into(),
+        limit: 50,
+        before: None,
+        unread_only: unread,
+        undelivered_only: undelivered,
+        unseen_only: unseen,
+    };
+    let page = block_on(f.store.history(q)).unwrap();
+    page.notifications.iter().map(|n| n.id).collect()
+}
+
+/// `delivered_at` of notification `id` of `user`, once it is `expected` (receipts have no reply;
+/// the store thread records them after the batch they came with). Fails after 10 s.
+fn wait_for_delivered_at(f: &Fixture, user: &str, id: Uuid, expected: Option<Millis>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = f.history(user, 50, None, false);
+        let found = page.notifications.iter().find(|n| n.id == id).unwrap();
+        if found.delivered_at == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivered_at of {id} is {:?}, expected {expected:?}",
+            found.delivered_at
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn delivery_receipts_are_coalesced_keep_the_first_time_and_survive_a_failed_recording(
+    database: Database,
+) {
+    let f = Fixture::new(database);
+    let stored = f.insert(vec![
+        to_user("u1", "a"),
+        to_user("u1", "b"),
+        to_user("u1", "c"),
+        to_user("u1", "d"),
+    ]);
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| stored[i].id);
+    assert_eq!(filtered(&f, "u1", false, true, false), vec![d, c, b, a]);
+
+    // Two shards report `a`: the earliest time is kept.
+    f.store
+        .record_delivered(vec![(a, 300_000), (b, 400_000)])
+        .unwrap();
+    f.store.record_delivered(vec![(a, 200_000)]).unwrap();
+    wait_for_delivered_at(&f, "u1", b, Some(400_000));
+    wait_for_delivered_at(&f, "u1", a, Some(200_000));
+    // A later receipt, even with an earlier time, leaves the recorded one alone.
+    f.store.record_delivered(vec![(a, 100_000)]).unwrap();
+    f.store.record_delivered(vec![(c, 500_000)]).unwrap();
+    wait_for_delivered_at(&f, "u1", c, Some(500_000));
+    wait_for_delivered_at(&f, "u1", a, Some(200_000));
+    assert_eq!(filtered(&f, "u1", false, true, false), vec![d]);
+
+    // While recording fails, the receipt waits; it is recorded once the database takes it.
+    let side = f.side();
+    side.execute(
+        "CREATE TRIGGER refuse_receipt BEFORE UPDATE OF delivered_at ON notifications
+         BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
+        "CREATE FUNCTION refuse_receipt() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused by test'; END $$;
+         CREATE TRIGGER refuse_receipt BEFORE UPDATE OF delivered_at ON notifications
+         FOR EACH ROW EXECUTE FUNCTION refuse_receipt();",
+    );
+    f.store.record_delivered(vec![(d, 600_000)]).unwrap();
+    // Sends are not held up by the failing receipts.
+    let after = f.insert(vec![to_user("u1", "e")]);
+    std::thread::sleep(Duration::from_millis(300));
+    wait_for_delivered_at(&f, "u1", d, None);
+    side.execute(
+        "DROP TRIGGER refuse_receipt",
+        "DROP TRIGGER refuse_receipt ON notifications; DROP FUNCTION refuse_receipt()",
+    );
+    wait_for_delivered_at(&f, "u1", d, Some(600_000));
+    assert_eq!(filtered(&f, "u1", false, true, false), vec![after[0].id]);
+    f.close();
+}
+
+fn seen_is_all_or_nothing_keeps_the_first_time_and_filters_combine(database: Database) {
+    let f = Fixture::new(database);
+    let stored = f.insert(vec![
+        to_user("u1", "a"),
+        to_user("u1", "b"),
+        to_user("u1", "c"),
+        to_user("u2", "other"),
+    ]);
+    let [a, b, c, other] = [0, 1, 2, 3].map(|i| stored[i].id);
+
+    let seen = |ids: Vec<Uuid>| block_on(f.store.mark_seen("u1".into(), ids)).unwrap();
+    assert_eq!(seen(vec![a]), MarkedSeen::Updated(1));
+    let first = f.history("u1", 50, None, false).notifications[2].clone();
+    assert_eq!(first.id, a);
+    assert!(first.seen_at.is_some());
+    assert_eq!(first.read_at, None, "seen is not read");
+    // One id that is not u1's (another user's, or none's): nothing is marked, and it is named.
+    let nobodys = Uuid::now_v7();
+    assert_eq!(seen(vec![b, other]), MarkedSeen::NotInInbox(other));
+    assert_eq!(
+        seen(vec![b, nobodys, other]),
+        MarkedSeen::NotInInbox(nobodys)
+    );
+    assert_eq!(filtered(&f, "u1", false, false, true), vec![c, b]);
+    // The first `seen_at` stays; only the unseen ones count.
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(seen(vec![a, b, b]), MarkedSeen::Updated(1));
+    let again = f.history("u1", 50, None, false).notifications[2].clone();
+    assert_eq!(again.seen_at, first.seen_at);
+    assert_eq!(filtered(&f, "u1", false, false, true), vec![c]);
+
+    // Filters combine: unseen AND unread AND undelivered.
+    block_on(f.store.mark_read("u1".into(), c)).unwrap();
+    assert_eq!(filtered(&f, "u1", true, false, true), Vec::<Uuid>::new());
+    assert_eq!(filtered(&f, "u1", true, false, false), vec![b, a]);
+    f.store.record_delivered(vec![(b, 1_000)]).unwrap();
+    wait_for_delivered_at(&f, "u1", b, Some(1_000));
+    assert_eq!(filtered(&f, "u1", true, true, false), vec![a]);
+    assert_eq!(filtered(&f, "u1", false, true, true), vec![c]);
+    assert_eq!(filtered(&f, "u1", false, true, false), vec![c, a]);
+    let all = f.history("u1", 50, None, false);
+    assert_eq!((all.total, all.unread), (3, 2));
     f.close();
 }
 

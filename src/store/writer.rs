@@ -24,6 +24,7 @@
 //! and delivered like any send. Executing them here keeps one writer per database connection and needs
 //! no lock: they are just more requests in the group commit.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,7 +36,7 @@ use uuid::Uuid;
 
 use super::backend::{BackendError, BatchClock, WriteBackend, WriteOutcome, WriteRequest};
 use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
-use super::{CommitListener, Committed, Counters, StoreError};
+use super::{CommitListener, Committed, Counters, DeliveryReceipt, MarkedSeen, StoreError};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
 use crate::scheduler::{Maintenance, Scheduler};
 
@@ -101,6 +102,20 @@ pub(crate) enum WriteOp {
         /// Whether it was there.
         reply: Reply<bool>,
     },
+    /// See [`super::Store::mark_seen`].
+    MarkSeen {
+        /// Whose inbox.
+        user_id: String,
+        /// Which notifications.
+        ids: Vec<Uuid>,
+        /// How many were marked, or the id that is not the user's.
+        reply: Reply<MarkedSeen>,
+    },
+    /// See [`super::Store::record_delivered`]: nobody waits for an answer.
+    RecordDelivered {
+        /// What one shard delivered since its last hand-off.
+        receipts: Vec<DeliveryReceipt>,
+    },
 }
 
 impl WriteOp {
@@ -130,6 +145,8 @@ enum Replier {
     MarkAllRead(Reply<u64>),
     /// Of a [`WriteOp::Delete`].
     Delete(Reply<bool>),
+    /// Of a [`WriteOp::MarkSeen`].
+    MarkSeen(Reply<MarkedSeen>),
 }
 
 impl Replier {
@@ -176,6 +193,9 @@ impl Replier {
             (Replier::Delete(tx), _, Some(WriteOutcome::Deleted(found))) => {
                 let _ = tx.send(Ok(found));
             }
+            (Replier::MarkSeen(tx), _, Some(WriteOutcome::MarkedSeen(marked))) => {
+                let _ = tx.send(Ok(marked));
+            }
             // A backend bug, never data: answer rather than panic the only write thread.
             (replier, _, _) => replier.fail(StoreError::internal(
                 "store backend answered a different request than it was given",
@@ -193,6 +213,7 @@ impl Replier {
             Replier::MarkRead(tx) => drop(tx.send(Err(error))),
             Replier::MarkAllRead(tx) => drop(tx.send(Err(error))),
             Replier::Delete(tx) => drop(tx.send(Err(error))),
+            Replier::MarkSeen(tx) => drop(tx.send(Err(error))),
         }
     }
 }
@@ -217,6 +238,7 @@ pub(crate) fn spawn<B: WriteBackend>(
         closing: false,
         scheduler: Scheduler::new(retention, Instant::now()),
         outage: None,
+        receipts: Receipts::default(),
     };
     std::thread::Builder::new()
         .name(THREAD_NAME.to_owned())
@@ -245,6 +267,66 @@ struct Writer<B> {
     scheduler: Scheduler,
     /// Set while batches keep failing, so an outage is logged once and then summarized.
     outage: Option<Outage>,
+    /// Delivery receipts waiting to be recorded.
+    receipts: Receipts,
+}
+
+/// Most delivery receipts the store thread keeps waiting (about 24 MiB). They wait only while their
+/// transaction fails (the database is down, and so every send fails too); past this, new ones are
+/// dropped and the drop is logged, rather than the thread's memory growing without end.
+const MAX_PENDING_RECEIPTS: usize = 1 << 20;
+
+/// Delivery receipts the shards handed in, waiting to be recorded after the batch being committed.
+///
+/// They are coalesced by id (a user with connections on several shards, or a replay, reports the
+/// same notification more than once; the earliest time is kept) and recorded in ONE statement per
+/// batch, in a transaction of their own: a receipt never shares the fate of a send (on PostgreSQL,
+/// another node recording the same rows could otherwise deadlock a batch of sends), and a failed
+/// recording keeps the receipts for the next batch instead of losing them.
+#[derive(Default)]
+struct Receipts {
+    /// Notification id → when it was first delivered.
+    pending: HashMap<Uuid, Millis>,
+    /// Set while recordings keep failing (logged like a store outage).
+    outage: Option<Outage>,
+    /// When a drop past [`MAX_PENDING_RECEIPTS`] was last logged.
+    drop_logged_at: Option<Instant>,
+}
+
+impl Receipts {
+    /// Takes in a shard's receipts.
+    fn add(&mut self, receipts: Vec<DeliveryReceipt>) {
+        let mut dropped = 0usize;
+        for (id, at) in receipts {
+            if self.pending.len() >= MAX_PENDING_RECEIPTS && !self.pending.contains_key(&id) {
+                dropped += 1;
+                continue;
+            }
+            self.pending
+                .entry(id)
+                .and_modify(|first| *first = (*first).min(at))
+                .or_insert(at);
+        }
+        if dropped > 0
+            && self
+                .drop_logged_at
+                .is_none_or(|t| t.elapsed() >= OUTAGE_LOG_INTERVAL)
+        {
+            self.drop_logged_at = Some(Instant::now());
+            tracing::warn!(
+                dropped,
+                pending = self.pending.len(),
+                "delivery receipts dropped: the store has not recorded any for a long time"
+            );
+        }
+    }
+
+    /// Everything waiting, in id order (see [`WriteRequest::RecordDelivered`]).
+    fn take(&mut self) -> Vec<DeliveryReceipt> {
+        let mut list: Vec<DeliveryReceipt> = self.pending.drain().collect();
+        list.sort_unstable_by_key(|(id, _)| *id);
+        list
+    }
 }
 
 /// How often a continuing store outage is logged again (the scheduler alone tries 10 times a second).
@@ -307,6 +389,7 @@ impl<B: WriteBackend> Writer<B> {
         let mut batch = Vec::new();
         while self.next_batch(&mut batch) {
             self.commit(std::mem::take(&mut batch));
+            self.record_receipts();
             if self.closing {
                 break;
             }
@@ -374,6 +457,35 @@ impl<B: WriteBackend> Writer<B> {
         requests
     }
 
+    /// Records the delivery receipts waiting, in a transaction of their own; on failure keeps them
+    /// for the next round (the loop wakes at least every scheduler tick).
+    fn record_receipts(&mut self) {
+        if self.receipts.pending.is_empty() {
+            return;
+        }
+        let requests = [WriteRequest::RecordDelivered {
+            receipts: self.receipts.take(),
+        }];
+        match self
+            .backend
+            .apply_batch(&requests, BatchClock::at(now_millis(), &mut self.ids))
+        {
+            Ok(outcomes) => {
+                Outage::ended(&mut self.receipts.outage);
+                if let Some(WriteOutcome::RecordedDelivered(n)) = outcomes.first() {
+                    tracing::trace!(recorded = n, "delivery receipts recorded");
+                }
+            }
+            Err(e) => {
+                let [WriteRequest::RecordDelivered { receipts }] = requests else {
+                    return;
+                };
+                Outage::failed(&mut self.receipts.outage, &e, receipts.len());
+                self.receipts.add(receipts);
+            }
+        }
+    }
+
     /// Applies one batch in one transaction, tells the listener, then answers every request.
     fn commit(&mut self, ops: Vec<WriteOp>) {
         let now = now_millis();
@@ -437,6 +549,19 @@ impl<B: WriteBackend> Writer<B> {
                 ),
                 WriteOp::Delete { user_id, id, reply } => {
                     (WriteRequest::Delete { user_id, id }, Replier::Delete(reply))
+                }
+                WriteOp::MarkSeen {
+                    user_id,
+                    ids,
+                    reply,
+                } => (
+                    WriteRequest::MarkSeen { user_id, ids },
+                    Replier::MarkSeen(reply),
+                ),
+                WriteOp::RecordDelivered { receipts } => {
+                    // Recorded after this batch, in a transaction of their own (see `Receipts`).
+                    self.receipts.add(receipts);
+                    continue;
                 }
             };
             requests.push(request);
@@ -579,6 +704,12 @@ mod tests {
                     WriteRequest::MarkRead { .. } => WriteOutcome::MarkedRead(None),
                     WriteRequest::MarkAllRead { .. } => WriteOutcome::MarkedAllRead(7),
                     WriteRequest::Delete { .. } => WriteOutcome::Deleted(true),
+                    WriteRequest::MarkSeen { .. } => {
+                        WriteOutcome::MarkedSeen(MarkedSeen::Updated(1))
+                    }
+                    WriteRequest::RecordDelivered { receipts } => {
+                        WriteOutcome::RecordedDelivered(receipts.len() as u64)
+                    }
                 })
                 .collect())
         }

@@ -36,6 +36,9 @@ pub enum Action {
     Resume(Uuid),
     /// `{"action":"refresh","token":"<jwt>"}`: a new token before the current one expires.
     Refresh(String),
+    /// `{"action":"seen","ids":[...]}`: the ids as sent; the session checks them
+    /// (`model::parse_notification_ids`) against `MAX_SEEN_IDS`, which this pure parser does not know.
+    Seen(Vec<String>),
 }
 
 /// Why a client message was refused; sent back as an `error` event, the connection stays open.
@@ -72,6 +75,7 @@ struct RawAction {
     id: Option<String>,
     since: Option<String>,
     token: Option<String>,
+    ids: Option<Vec<String>>,
 }
 
 fn parse_id(field: &str, value: Option<String>) -> Result<Uuid, ProtocolError> {
@@ -116,13 +120,17 @@ pub fn parse_action(text: &mut [u8], max_depth: usize) -> Result<Action, Protoco
         "ping" => Ok(Action::Ping),
         "read" => Ok(Action::Read(parse_id("id", raw.id)?)),
         "resume" => Ok(Action::Resume(parse_id("since", raw.since)?)),
+        "seen" => Ok(Action::Seen(
+            raw.ids
+                .ok_or_else(|| FieldError::new("ids", "is required"))?,
+        )),
         "refresh" => match raw.token {
             Some(token) if !token.is_empty() => Ok(Action::Refresh(token)),
             _ => Err(FieldError::new("token", "is required").into()),
         },
         other => Err(ProtocolError::new(
             "unknown_action",
-            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read, resume or refresh"),
+            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read, seen, resume or refresh"),
         )),
     }
 }
@@ -231,6 +239,14 @@ mod tests {
         assert_eq!(
             parse(&format!(r#"{{"action":"resume","since":"{id}"}}"#)),
             Ok(Action::Resume(id))
+        );
+        assert_eq!(
+            parse(&format!(r#"{{"action":"seen","ids":["{id}","x"]}}"#)),
+            Ok(Action::Seen(vec![id.to_string(), "x".into()]))
+        );
+        assert_eq!(
+            parse(r#"{"action":"seen"}"#).unwrap_err().code,
+            "invalid_field"
         );
         assert_eq!(
             parse(r#"{"action":"refresh","token":"a.b.c"}"#),

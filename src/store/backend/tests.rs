@@ -102,6 +102,8 @@ pub(crate) fn page(reader: &mut impl ReadBackend, user: &str) -> HistoryPage {
             limit: 100,
             before: None,
             unread_only: false,
+            undelivered_only: false,
+            unseen_only: false,
         })
         .unwrap()
 }

@@ -7,20 +7,19 @@ use uuid::Uuid;
 use super::rows::{column_error, notification_from_row};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
-    HISTORY, HISTORY_COUNT_COLUMNS, HISTORY_UNREAD, PING, REPLAY, SCHEDULED, SCHEDULED_PENDING,
+    HISTORY_BY_FILTERS, HISTORY_COUNT_COLUMNS, PING, REPLAY, SCHEDULED, SCHEDULED_PENDING,
 };
 use crate::model::Notification;
 use crate::store::backend::{
-    history_before, history_fetch, history_page, sql_int, BackendError, ReadBackend,
+    history_before, history_fetch, history_filters, history_page, sql_int, BackendError,
+    ReadBackend,
 };
 use crate::store::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
 
 /// A reader thread's prepared statements.
 struct ReaderStatements {
-    /// [`HISTORY`].
-    history: Statement,
-    /// [`HISTORY_UNREAD`].
-    history_unread: Statement,
+    /// [`HISTORY_BY_FILTERS`], in its order.
+    history: Vec<Statement>,
     /// [`REPLAY`].
     replay: Statement,
     /// [`SCHEDULED`].
@@ -36,8 +35,13 @@ impl Statements for ReaderStatements {
 
     async fn prepare(client: &Client) -> Result<ReaderStatements, tokio_postgres::Error> {
         Ok(ReaderStatements {
-            history: client.prepare(HISTORY).await?,
-            history_unread: client.prepare(HISTORY_UNREAD).await?,
+            history: {
+                let mut history = Vec::with_capacity(HISTORY_BY_FILTERS.len());
+                for sql in HISTORY_BY_FILTERS {
+                    history.push(client.prepare(sql).await?);
+                }
+                history
+            },
             replay: client.prepare(REPLAY).await?,
             scheduled: client.prepare(SCHEDULED).await?,
             ping: client.prepare(PING).await?,
@@ -72,11 +76,7 @@ impl ReadBackend for PostgresReader {
         let before = history_before(query);
         let fetch = history_fetch(query);
         self.link.run(async |client, statements| {
-            let statement = if query.unread_only {
-                &statements.history_unread
-            } else {
-                &statements.history
-            };
+            let statement = &statements.history[history_filters(query)];
             let rows = client
                 .query(statement, &[&query.user_id, &before, &fetch])
                 .await?;

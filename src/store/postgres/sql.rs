@@ -162,6 +162,35 @@ pub(super) const MARK_ALL_READ: &str =
     "UPDATE notifications SET read_at = $2 WHERE user_id = $1 AND read_at IS NULL";
 /// The trigger of migration 1 removes the notification's channel rows.
 pub(super) const DELETE: &str = "DELETE FROM notifications WHERE id = $1 AND user_id = $2";
+/// Marks `$2` (ids) seen at `$3` in user `$1`'s inbox where not seen yet (the first `seen_at`
+/// stays), all or nothing: when one of the ids is not in that inbox, nothing is updated. One row: how
+/// many were marked, and the ids that are not in the inbox.
+pub(super) const MARK_SEEN: &str = "WITH missing AS (
+        SELECT wanted.id FROM unnest($2::uuid[]) AS wanted(id)
+        WHERE NOT EXISTS (SELECT 1 FROM notifications n WHERE n.id = wanted.id AND n.user_id = $1)
+    ),
+    marked AS (
+        UPDATE notifications SET seen_at = $3
+        WHERE user_id = $1 AND id = ANY($2) AND seen_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM missing)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM marked), ARRAY(SELECT id FROM missing)";
+/// A whole batch of delivery receipts (`$1` ids, ascending, each once; `$2` their times) in one
+/// statement, only where `delivered_at` is unset, so the first delivery's time stays. The rows are
+/// locked in id order first: another node records receipts for the same rows (a user connected to
+/// both), and two statements locking overlapping rows in different orders would deadlock. A row
+/// another node recorded meanwhile no longer matches once its lock is granted, and is left alone.
+pub(super) const RECORD_DELIVERED: &str = "WITH receipts AS (
+        SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS r(id, at)
+    ),
+    locked AS (
+        SELECT id FROM notifications WHERE id = ANY($1) AND delivered_at IS NULL
+        ORDER BY id FOR UPDATE
+    )
+    UPDATE notifications AS n SET delivered_at = receipts.at
+    FROM locked JOIN receipts ON receipts.id = locked.id
+    WHERE n.id = locked.id";
 
 /// A history page and the inbox's counts in ONE statement, so all three come from one snapshot in one
 /// round trip: the counts are one-row subqueries, and the page (a backwards range scan of the user's
@@ -185,11 +214,19 @@ macro_rules! history {
         )
     };
 }
-/// A page of the whole inbox, with the counts.
-pub(super) const HISTORY: &str = history!("");
-/// A page of the unread notifications, with the counts; `read_at IS NULL` lets it walk
-/// `notifications_unread`.
-pub(super) const HISTORY_UNREAD: &str = history!(" AND read_at IS NULL");
+/// Every history page, with the counts, indexed by `history_filters` (bit 0 unread, 1 undelivered,
+/// 2 unseen). Each condition is spelled `… IS NULL` so the planner can walk the matching partial index
+/// (`notifications_unread`, `notifications_undelivered`, `notifications_unseen`).
+pub(super) const HISTORY_BY_FILTERS: [&str; 8] = [
+    history!(""),
+    history!(" AND read_at IS NULL"),
+    history!(" AND delivered_at IS NULL"),
+    history!(" AND delivered_at IS NULL AND read_at IS NULL"),
+    history!(" AND seen_at IS NULL"),
+    history!(" AND seen_at IS NULL AND read_at IS NULL"),
+    history!(" AND delivered_at IS NULL AND seen_at IS NULL"),
+    history!(" AND delivered_at IS NULL AND seen_at IS NULL AND read_at IS NULL"),
+];
 /// Where the counts sit in a [`HISTORY`] row; the notification's columns follow.
 pub(super) const HISTORY_COUNT_COLUMNS: usize = 2;
 /// Three kinds of indexed range scans (the user's inbox, broadcasts, and one per channel through a

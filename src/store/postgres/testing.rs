@@ -19,7 +19,10 @@ use tokio_postgres::Client;
 
 use super::migrate::migrate;
 use super::session::{connect_client, new_runtime, Failure, PostgresTarget};
-use super::sql::{CLAIM_DUE, HISTORY, HISTORY_UNREAD, MARK_ALL_READ, PURGE, REPLAY, SCHEDULED};
+use super::sql::{
+    CLAIM_DUE, HISTORY_BY_FILTERS, MARK_ALL_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, REPLAY,
+    SCHEDULED,
+};
 use super::{PostgresReader, PostgresWriter};
 use crate::store::backend::tests::Harness;
 
@@ -207,12 +210,59 @@ impl Harness for PostgresHarness {
         let nil = "'00000000-0000-0000-0000-000000000000'";
         vec![
             (
-                plan("history", "text, uuid, bigint", HISTORY, page_args),
+                plan(
+                    "history",
+                    "text, uuid, bigint",
+                    HISTORY_BY_FILTERS[0],
+                    page_args,
+                ),
                 &["notifications_user", "notifications_unread"],
             ),
             (
-                plan("unread", "text, uuid, bigint", HISTORY_UNREAD, page_args),
+                plan(
+                    "unread",
+                    "text, uuid, bigint",
+                    HISTORY_BY_FILTERS[1],
+                    page_args,
+                ),
                 &["notifications_unread"],
+            ),
+            (
+                plan(
+                    "undelivered",
+                    "text, uuid, bigint",
+                    HISTORY_BY_FILTERS[2],
+                    page_args,
+                ),
+                &["notifications_undelivered"],
+            ),
+            (
+                plan(
+                    "unseen",
+                    "text, uuid, bigint",
+                    HISTORY_BY_FILTERS[4],
+                    page_args,
+                ),
+                &["notifications_unseen"],
+            ),
+            (
+                plan(
+                    "mark_seen",
+                    "text, uuid[], timestamptz",
+                    MARK_SEEN,
+                    &format!("'u', ARRAY[{nil}]::uuid[], now()"),
+                ),
+                // Any index of the ids will do, as long as no table is scanned.
+                &[],
+            ),
+            (
+                plan(
+                    "record_delivered",
+                    "uuid[], timestamptz[]",
+                    RECORD_DELIVERED,
+                    &format!("ARRAY[{nil}]::uuid[], ARRAY[now()]"),
+                ),
+                &[],
             ),
             (
                 plan("read_all", "text, timestamptz", MARK_ALL_READ, "'u', now()"),

@@ -1,6 +1,7 @@
 //! The writer of the PostgreSQL backend: a batch planned into statements (each run of inserts merged
 //! into one `INSERT … SELECT FROM UNNEST` of column arrays), pipelined in one transaction.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use futures_util::future::join_all;
@@ -12,7 +13,7 @@ use super::rows::{column_error, notification_from_row, Timestamp};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
     CANCEL_SCHEDULED, CLAIM_DUE, DELETE, IDEMPOTENCY_LOOKUP, INSERT_NOTIFICATIONS, MARK_ALL_READ,
-    MARK_READ, PURGE, SCHEDULE,
+    MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE,
 };
 use crate::model::{IdGenerator, Notification};
 use crate::store::backend::{
@@ -20,7 +21,7 @@ use crate::store::backend::{
     WriteRequest,
 };
 use crate::store::idempotency::{verdict, FoundRecord, IdempotencyRecord};
-use crate::store::OpenError;
+use crate::store::{MarkedSeen, OpenError};
 
 /// The store thread's prepared statements.
 struct WriterStatements {
@@ -42,6 +43,10 @@ struct WriterStatements {
     mark_all_read: Statement,
     /// [`DELETE`].
     delete: Statement,
+    /// [`MARK_SEEN`].
+    mark_seen: Statement,
+    /// [`RECORD_DELIVERED`].
+    record_delivered: Statement,
 }
 
 impl Statements for WriterStatements {
@@ -58,6 +63,8 @@ impl Statements for WriterStatements {
             mark_read: client.prepare(MARK_READ).await?,
             mark_all_read: client.prepare(MARK_ALL_READ).await?,
             delete: client.prepare(DELETE).await?,
+            mark_seen: client.prepare(MARK_SEEN).await?,
+            record_delivered: client.prepare(RECORD_DELIVERED).await?,
         })
     }
 }
@@ -452,6 +459,27 @@ async fn run_step(
             WriteRequest::Delete { user_id, id } => {
                 let changed = tx.execute(&statements.delete, &[id, user_id]).await?;
                 WriteOutcome::Deleted(changed > 0)
+            }
+            WriteRequest::MarkSeen { user_id, ids } => {
+                let row = tx
+                    .query_one(&statements.mark_seen, &[user_id, ids, &now])
+                    .await?;
+                let marked: i64 = row.try_get(0).map_err(|e| column_error(0, e))?;
+                let missing: Vec<Uuid> = row.try_get(1).map_err(|e| column_error(1, e))?;
+                let missing: HashSet<Uuid> = missing.into_iter().collect();
+                // Named in the client's order: the first of its ids that is not in the inbox.
+                WriteOutcome::MarkedSeen(match ids.iter().find(|id| missing.contains(id)) {
+                    Some(id) => MarkedSeen::NotInInbox(*id),
+                    None => MarkedSeen::Updated(u64::try_from(marked).unwrap_or(0)),
+                })
+            }
+            WriteRequest::RecordDelivered { receipts } => {
+                let ids: Vec<Uuid> = receipts.iter().map(|(id, _)| *id).collect();
+                let times: Vec<Timestamp> = receipts.iter().map(|(_, at)| Timestamp(*at)).collect();
+                let changed = tx
+                    .execute(&statements.record_delivered, &[&ids, &times])
+                    .await?;
+                WriteOutcome::RecordedDelivered(changed)
             }
             WriteRequest::Insert { .. } | WriteRequest::FireDue { .. } => {
                 return Err(Failure::Data(
