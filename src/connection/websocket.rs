@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::auth::jwt::ChannelGrant;
@@ -25,7 +25,7 @@ use crate::auth::{forbidden, UpgradeIdentity};
 use crate::connection::{audit_origin, respond_and_close};
 use crate::delivery::frame::text_frame;
 use crate::delivery::inbox::{ConnId, ShardMsg};
-use crate::delivery::Delivery;
+use crate::delivery::{unread_frame, Delivery};
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
@@ -222,6 +222,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         bucket: LocalBucket::default(),
         rate_strikes: 0,
     };
+    Box::pin(session.send_unread_at_connect()).await;
     if !params.channels.is_empty() {
         session.subscribe(params.channels);
     }
@@ -287,6 +288,27 @@ impl Session {
             frame,
             shard.config.max_outbound_bytes,
         );
+    }
+
+    /// Sends the `unread` event that follows `connected`: the user's count read from the store's
+    /// counters, or a newer one the shard has seen meanwhile. The connection is registered already,
+    /// so a change committed after the read reaches it live. A failed read sends nothing (the next
+    /// change of the count does); the connection goes on.
+    async fn send_unread_at_connect(&self) {
+        let shard = self.conn.shard.clone();
+        match shard.store.unread(self.user.to_string()).await {
+            Ok(read) => {
+                let count =
+                    shard
+                        .hub
+                        .borrow_mut()
+                        .unread_at_connect(&self.user, read.version, read.unread);
+                self.send(&unread_frame(count));
+            }
+            Err(e) => {
+                warn!(user = %self.user, error = %e, "cannot read the unread count at connect")
+            }
+        }
     }
 
     fn send_error(&self, code: &str, message: &str) {

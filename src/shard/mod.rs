@@ -14,6 +14,7 @@
 //! - the accept loop, which spawns one task per accepted socket (the `serve` given to [`spawn_shard`]);
 //! - the timeout sweep, which ends the waits of connections whose deadline passed (see `timeouts`);
 //! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
+//! - the unread flusher, which writes the users' newest unread counts, coalesced (see `unread`);
 //! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
 //!   `HEARTBEAT_S` and closes those that missed two pongs;
 //! - with `JWT_SECRET`, the expiry sweep: once a second, closes with 1008 the WebSockets whose token
@@ -30,6 +31,7 @@ pub mod outbound;
 pub(crate) mod reactor;
 pub(crate) mod socket;
 pub(crate) mod timeouts;
+pub(crate) mod unread;
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
@@ -56,6 +58,7 @@ use crate::shard::hub::{ConnKind, Hub};
 use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::shard::reactor::{Reactor, LISTENER};
 use crate::shard::timeouts::{Timeouts, TICK};
+use crate::shard::unread::PendingUnread;
 use crate::store::Store;
 use crate::ws::codec::{close_code, encode_ping};
 
@@ -180,6 +183,8 @@ pub struct Shard {
     ping_frame: Bytes,
     /// Frames of the inbox burst being routed, written per connection at its end.
     write_batch: RefCell<WriteBatch>,
+    /// Users' unread counts waiting for the unread flusher (see `unread`).
+    pub(crate) unread: PendingUnread,
 }
 
 impl Shard {
@@ -313,11 +318,17 @@ where
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
         write_batch: RefCell::new(WriteBatch::default()),
+        unread: PendingUnread::default(),
     });
     let readiness = glommio::spawn_local(readiness(shard.clone())).detach();
     let sweep = glommio::spawn_local(timeout_sweep(shard.clone())).detach();
     let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
     let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
+    let unread = glommio::spawn_local(unread::run_flusher(
+        shard.clone(),
+        shard.config.unread_coalesce(),
+    ))
+    .detach();
     let expiry = shard
         .auth
         .jwt_enabled()
@@ -340,6 +351,7 @@ where
     // glommio does not drop detached tasks when the executor's main future returns: cancel the
     // shard's own tasks so nothing of the shard outlives it.
     pump.cancel();
+    unread.cancel();
     heartbeat.cancel();
     sweep.cancel();
     readiness.cancel();
@@ -467,7 +479,11 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
             match msg {
                 ShardMsg::Deliver(deliveries) => {
                     for d in deliveries.iter() {
-                        shard.deliver_batched(d, None);
+                        if d.unread().is_some() {
+                            shard.unread.offer(&mut shard.hub.borrow_mut(), d);
+                        } else {
+                            shard.deliver_batched(d, None);
+                        }
                     }
                 }
                 ShardMsg::DeliverExcept(delivery, sender) => {
