@@ -208,11 +208,13 @@ impl Harness for PostgresHarness {
         vec![
             (
                 plan("history", "text, uuid, bigint", HISTORY, page_args),
-                &["notifications_user", "notifications_unread"],
+                // The counts are the user's counters row (migration 4), no longer a count over
+                // `notifications_unread`.
+                &["notifications_user", "user_counters_pkey"],
             ),
             (
                 plan("unread", "text, uuid, bigint", HISTORY_UNREAD, page_args),
-                &["notifications_unread"],
+                &["notifications_unread", "user_counters_pkey"],
             ),
             (
                 plan("read_all", "text, timestamptz", MARK_ALL_READ, "'u', now()"),
