@@ -62,6 +62,8 @@ pub const MAX_STORE_READERS: usize = 64;
 /// Largest store batch: one transaction of this many rows still commits in well under a second, and a
 /// larger one would hold the write lock (and every waiting producer) for longer than that.
 pub const MAX_STORE_MAX_BATCH: usize = 65_536;
+/// The longest `UNREAD_COALESCE_MS`: a badge later than 10 s behind is a broken badge.
+pub const MAX_UNREAD_COALESCE_MS: u64 = 10_000;
 
 /// The server's settings (API.md, "Configuration"). Run with `--help` for the full list.
 #[derive(Debug, Clone, Parser)]
@@ -140,6 +142,12 @@ pub struct Config {
     /// Seconds between server WebSocket pings; a connection that misses two pongs is closed.
     #[arg(long, global = true, env = "HEARTBEAT_S", default_value_t = 30)]
     pub heartbeat_s: u64,
+
+    /// Milliseconds a shard gathers users' unread-count changes before writing the `unread` event:
+    /// a burst of sends within one period is one event per connection with the last count. 0 writes
+    /// each change as soon as it arrives. At most 10,000.
+    #[arg(long, global = true, env = "UNREAD_COALESCE_MS", default_value_t = 50)]
+    pub unread_coalesce_ms: u64,
 
     /// Largest accepted HTTP request body, in bytes (413 above it).
     #[arg(long, global = true, env = "MAX_BODY", default_value_t = 64 * 1024)]
@@ -338,6 +346,9 @@ impl Config {
         check(self.heartbeat_s == 0, &|| {
             "HEARTBEAT_S must be at least 1".into()
         });
+        check(self.unread_coalesce_ms > MAX_UNREAD_COALESCE_MS, &|| {
+            format!("UNREAD_COALESCE_MS must be at most {MAX_UNREAD_COALESCE_MS}")
+        });
         check(self.max_header_bytes < 256, &|| {
             "MAX_HEADER_BYTES must be at least 256".into()
         });
@@ -431,6 +442,11 @@ impl Config {
     pub fn retention(&self) -> Option<Duration> {
         self.retention_days
             .map(|days| Duration::from_secs(u64::from(days) * 24 * 60 * 60))
+    }
+
+    /// [`Config::unread_coalesce_ms`] as a duration.
+    pub fn unread_coalesce(&self) -> Duration {
+        Duration::from_millis(self.unread_coalesce_ms)
     }
 
     /// [`Config::heartbeat_s`] as a duration.
@@ -579,12 +595,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unread_coalescing_is_bounded() {
+        let c = Config::parse_from(["notification-service", "--unread-coalesce-ms", "0"]);
+        assert!(c.validate().is_ok(), "0 writes every change at once");
+        let c = Config::parse_from(["notification-service", "--unread-coalesce-ms", "10001"]);
+        assert_eq!(
+            c.validate().unwrap_err(),
+            "UNREAD_COALESCE_MS must be at most 10000"
+        );
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let c = Config::parse_from(["notification-service"]);
         assert_eq!(c.port, 8080);
         assert_eq!(c.database_url, "sqlite://data/notifications.db");
         assert_eq!(c.max_body, 65536);
         assert_eq!(c.heartbeat_s, 30);
+        assert_eq!(c.unread_coalesce(), Duration::from_millis(50));
         assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Normal);
         assert_eq!((c.store_readers, c.store_max_batch), (2, 4096));
         assert!(c.validate().is_ok());

@@ -22,7 +22,8 @@
 //!   the one place readiness for all its sockets comes from (a single poll in glommio's ring), and
 //!   `shard::timeouts` the connections' deadlines, swept by the shard; [`shard::receipts`] notes each
 //!   stored notification written to a connection of its user and hands the notes to the store thread
-//!   in batches, which records them as `delivered_at` (docs/architecture.md, "Delivery receipts").
+//!   in batches, which records them as `delivered_at` (docs/architecture.md, "Delivery receipts");
+//!   `shard::unread` writes the users' newest unread counts (the `unread` event), coalesced per user.
 //! - [`delivery`]: what crosses threads on its way to a connection: the [`delivery::Delivery`] and its
 //!   frames per encoding, the server text frame ([`delivery::frame`]), and the shard inbox
 //!   ([`delivery::inbox`]) through which other threads hand a shard work. A leaf: only [`model`].
@@ -95,6 +96,13 @@
 //! With `REDIS_URL`, `bus::Fanout` also queues the commit for the bus thread, which publishes it to
 //! Redis; on the other nodes the bus thread decodes it once and sends it to the inboxes of the shards
 //! that hold an interested connection.
+//!
+//! After each commit that changed users' unread counts (kept per user by the store in the same
+//! transaction, migration 4), the store thread reads them back and calls
+//! `CommitListener::unread_changed`: `bus::Fanout` hands each count to every shard's inbox as a
+//! delivery of `delivery::Content::Unread` (and to the bus thread, which publishes a `U` envelope on
+//! the user's topic); a shard keeps the newest version per user and writes it every
+//! `UNREAD_COALESCE_MS` (`shard::unread`).
 //!
 //! Client publishes skip the store: `connection::websocket` puts the shared delivery in every shard's
 //! inbox, its own included (marked with the sender, who is skipped), so publishes are batched like the

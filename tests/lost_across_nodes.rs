@@ -92,7 +92,7 @@ impl Listener {
                                 client
                                     .send_json(json!({"action": "resume", "since": v["last_id"]}));
                             }
-                        } else {
+                        } else if v["event"] != "unread" {
                             panic!("unexpected frame: {v}");
                         }
                     }

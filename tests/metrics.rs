@@ -113,6 +113,7 @@ fn every_family_is_exposed_with_its_type_and_moves_with_its_event() {
     let mut second = common::WsClient {
         ws,
         connection_id: String::new(),
+        unread_seen: Vec::new(),
     };
     assert_eq!(second.expect_close(), Some(1013));
 

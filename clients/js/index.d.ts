@@ -61,6 +61,11 @@ export interface RefreshedEvent {
   event: 'refreshed';
   expires_at: number;
 }
+/** The user's unread count: right after `connected`, then after every change (coalesced). */
+export interface UnreadEvent {
+  event: 'unread';
+  count: number;
+}
 /** A server `error` event, or one of the client's own: `token_expired`, `token_unavailable`, `connect_failed`. */
 export interface ErrorEvent {
   event?: 'error';
@@ -91,6 +96,7 @@ export interface ClientEvents {
   /** A resume finished (`complete: true`): everything up to `lastId` has been delivered. */
   caughtup: { lastId: string | null };
   refreshed: RefreshedEvent;
+  unread: UnreadEvent;
   error: ErrorEvent;
   disconnected: DisconnectedEvent;
   reconnecting: { attempt: number; delayMs: number };

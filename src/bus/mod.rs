@@ -34,7 +34,7 @@ use crate::delivery::frame::frame_payload;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::Delivery;
 use crate::model::Notification;
-use crate::store::CommitListener;
+use crate::store::{CommitListener, UnreadCount};
 
 /// Routes deliveries to shards, and with a Redis bus to the other nodes. Cheap to clone; one copy per
 /// shard and one on the store thread.
@@ -132,6 +132,20 @@ impl CommitListener for Fanout {
         self.send_to_other_shards(None, deliveries);
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Committed(inserted.to_vec()));
+        }
+    }
+
+    fn unread_changed(&self, counts: &[UnreadCount]) {
+        if counts.is_empty() {
+            return;
+        }
+        let deliveries: Arc<[Arc<Delivery>]> = counts
+            .iter()
+            .map(|c| Arc::new(Delivery::of_unread(c.user_id.clone(), c.unread, c.version)))
+            .collect();
+        self.send_to_other_shards(None, deliveries);
+        if let Some(bus) = &self.bus {
+            bus.send_to_bus(BusCmd::Unread(counts.to_vec()));
         }
     }
 }

@@ -66,7 +66,7 @@ use crate::config::RedisTarget;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::Delivery;
 use crate::model::{now_millis, Millis, Notification};
-use crate::store::{ReplayQuery, Store, StoreError};
+use crate::store::{ReplayQuery, Store, StoreError, UnreadCount};
 
 /// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -103,6 +103,9 @@ pub enum BusCmd {
         /// The frame's JSON payload.
         payload: Bytes,
     },
+    /// Users' new unread counts on this node (already delivered locally), for the other nodes'
+    /// connections of those users.
+    Unread(Vec<UnreadCount>),
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -610,6 +613,22 @@ impl BusThread {
                         envelope: Bytes::from(wire::encode_message(self.origin, &payload)),
                     });
                 }
+                BusCmd::Unread(counts) => {
+                    for c in counts {
+                        let name = Topic::User(c.user_id.as_str().into())
+                            .redis_channel(&self.config.prefix);
+                        self.outbox.push_back(Outgoing {
+                            id: None,
+                            channels: vec![name],
+                            envelope: Bytes::from(wire::encode_unread(
+                                self.origin,
+                                &c.user_id,
+                                c.unread,
+                                c.version,
+                            )),
+                        });
+                    }
+                }
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -632,6 +651,9 @@ impl BusThread {
             BusCmd::Committed(list) => self.push_committed(list),
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
             BusCmd::Message { .. } => {}
+            // A count is as ephemeral: the next change of the user's count (or a reconnect, which
+            // reads it) brings other nodes' badges back in line.
+            BusCmd::Unread(_) => {}
             BusCmd::Stop => self.stopping = true,
         }
     }
@@ -874,6 +896,20 @@ impl BusThread {
                         continue;
                     }
                     (Delivery::of_client_payload(&channel, payload), mask)
+                }
+                Ok(Envelope::Unread {
+                    user_id,
+                    count,
+                    version,
+                }) => {
+                    let mask = self.registry.shards_for(&Topic::User(user_id.into()));
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (
+                        Delivery::of_unread(user_id.to_owned(), count, version),
+                        mask,
+                    )
                 }
                 Err(e) => {
                     debug!(

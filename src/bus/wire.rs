@@ -1,11 +1,15 @@
 //! The envelope of a message on Redis: what one node tells the others.
 //!
 //! ```text
-//! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message
+//! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message,
+//!              b'U' a user's new unread count
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
-//! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is
+//! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
+//!              U: the count's version and the count (8 bytes each, big-endian), then the user id
 //! ```
+//!
+//! A `U` goes to the user's topic, so only nodes holding one of the user's connections get it.
 //!
 //! The notification travels as the same JSON the API shows, so a node decodes it once into a
 //! [`Notification`] and encodes the WebSocket frame once (`Delivery::of_notification`); a client message
@@ -22,6 +26,8 @@ use crate::model::{parse_time, Notification};
 const KIND_NOTIFICATION: u8 = b'N';
 /// Kind byte of a client's channel message.
 const KIND_MESSAGE: u8 = b'M';
+/// Kind byte of a user's new unread count.
+const KIND_UNREAD: u8 = b'U';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -33,6 +39,15 @@ pub enum Envelope<'a> {
     Notification(Arc<Notification>),
     /// A client message: the payload of its WebSocket text frame.
     Message(&'a [u8]),
+    /// A user's unread count at a version (see `store::UnreadCount`).
+    Unread {
+        /// Whose.
+        user_id: &'a str,
+        /// The count.
+        count: u64,
+        /// Its version.
+        version: u64,
+    },
 }
 
 /// Why an envelope could not be read (a foreign publisher on our prefix, or a bug).
@@ -57,6 +72,17 @@ pub fn encode_message(origin: Uuid, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Encodes a user's unread count at `version` from node `origin`.
+pub fn encode_unread(origin: Uuid, user_id: &str, count: u64, version: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 16 + user_id.len());
+    out.push(KIND_UNREAD);
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(&count.to_be_bytes());
+    out.extend_from_slice(user_id.as_bytes());
+    out
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -75,8 +101,29 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
             decode_notification(payload).map(|n| Envelope::Notification(Arc::new(n)))
         }
         KIND_MESSAGE => Ok(Envelope::Message(payload)),
+        KIND_UNREAD => decode_unread(payload),
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
+}
+
+/// The payload of a `U` envelope.
+fn decode_unread(payload: &[u8]) -> Result<Envelope<'_>, WireError> {
+    let number = |range: std::ops::Range<usize>| {
+        payload
+            .get(range)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| WireError("unread envelope too short".into()))
+    };
+    let version = number(0..8)?;
+    let count = number(8..16)?;
+    let user_id = std::str::from_utf8(&payload[16..])
+        .map_err(|e| WireError(format!("bad unread user: {e}")))?;
+    Ok(Envelope::Unread {
+        user_id,
+        count,
+        version,
+    })
 }
 
 /// The notification object of API.md, as far as a freshly committed notification has it.
@@ -164,6 +211,22 @@ mod tests {
             Envelope::Notification(back) => assert_eq!(*back, fired),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_unread_count_survives_the_trip_and_a_short_one_is_an_error() {
+        let origin = Uuid::now_v7();
+        let bytes = encode_unread(origin, "caf\u{e9}", 12, 345);
+        assert_eq!(origin_of(&bytes), Some(origin));
+        match decode(&bytes).unwrap() {
+            Envelope::Unread {
+                user_id,
+                count,
+                version,
+            } => assert_eq!((user_id, count, version), ("caf\u{e9}", 12, 345)),
+            other => panic!("{other:?}"),
+        }
+        assert!(decode(&bytes[..HEADER_LEN + 12]).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::auth::forbidden;
 use crate::auth::jwt::ChannelGrant;
 use crate::delivery::frame::text_frame;
 use crate::delivery::inbox::ConnId;
-use crate::delivery::sse;
+use crate::delivery::{sse, unread_frame};
 use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
@@ -188,6 +188,26 @@ pub(crate) enum Resumed {
     Cut,
     /// The store could not answer; an `error` event `store_unavailable` was sent.
     Failed,
+}
+
+/// The `unread` event that follows `connected`, in `wire`: the user's count read from the store's
+/// counters, or a newer one the shard has seen meanwhile. The connection is registered already, so a
+/// change committed after the read reaches it live. `None` when the read failed: the next change of
+/// the count sends one; the connection goes on.
+pub(crate) async fn unread_at_connect(shard: &Shard, user: &str, wire: Wire) -> Option<Bytes> {
+    match shard.store.unread(user.to_string()).await {
+        Ok(read) => {
+            let count = shard
+                .hub
+                .borrow_mut()
+                .unread_at_connect(user, read.version, read.unread);
+            Some(wire.control(unread_frame(count)))
+        }
+        Err(e) => {
+            tracing::warn!(user, error = %e, "cannot read the unread count at connect");
+            None
+        }
+    }
 }
 
 /// Replays stored notifications after `since` to connection `id` of `user`, then releases the live

@@ -161,6 +161,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Stream> {
     };
     info!(user = %user, shard = shard.index, connection = connection_seq, "sse stream opened");
     let stream = Stream { conn, user };
+    if let Some(event) = live::unread_at_connect(&shard, &stream.user, Wire::Sse).await {
+        stream.send(event);
+    }
     if !params.channels.is_empty() {
         let events = live::subscribe(
             &shard,

@@ -171,6 +171,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         bucket: LocalBucket::default(),
         rate_strikes: 0,
     };
+    Box::pin(session.send_unread_at_connect()).await;
     if !params.channels.is_empty() {
         session.subscribe(params.channels);
     }
@@ -230,6 +231,14 @@ impl Session {
             frame,
             shard.config.max_outbound_bytes,
         );
+    }
+
+    /// Sends the `unread` event that follows `connected` (see [`live::unread_at_connect`]).
+    async fn send_unread_at_connect(&self) {
+        let shard = self.conn.shard.clone();
+        if let Some(frame) = live::unread_at_connect(&shard, &self.user, Wire::Native).await {
+            self.send(&frame);
+        }
     }
 
     fn send_error(&self, code: &str, message: &str) {

@@ -37,6 +37,15 @@ pub enum Content {
     /// A client's ephemeral channel message: its JSON object
     /// (`{"event":"message","channel","from","data"}`), the payload of its native frame.
     ClientMessage(Bytes),
+    /// The user's unread count changed: the `unread` control event (native
+    /// `{"event":"unread","count":N}`). Not stored and without an id; a shard keeps only the newest
+    /// (highest `version`) per user and writes it coalesced (`UNREAD_COALESCE_MS`).
+    Unread {
+        /// The unread count.
+        count: u64,
+        /// Orders counts of one user whichever way they came (see `store::UnreadCount::version`).
+        version: u64,
+    },
 }
 
 /// A wire format deliveries are written in. One per distinct format, not per connection kind: kinds
@@ -143,12 +152,26 @@ impl Frames {
                     plain: event,
                 }
             }
+            // `event: unread`, to the user's streams only, like the native event.
+            Content::Unread { count, .. } => Frames {
+                plain: sse::control_of_frame(&unread_frame(*count)),
+                per_channel: Vec::new(),
+            },
+        }
+    }
+
+    /// The native frames of an `unread` event: only the user's connections get it.
+    fn native_of_unread(count: u64) -> Frames {
+        Frames {
+            plain: unread_frame(count),
+            per_channel: Vec::new(),
         }
     }
 
     /// The native frames of any content (what [`Encoding::encode`] does for the native format).
     fn native(content: &Content, _channels: &[String]) -> Frames {
         match content {
+            Content::Unread { count, .. } => Frames::native_of_unread(*count),
             Content::Notification(n) => Frames::native_of_notification(n),
             Content::ClientMessage(payload) => {
                 Frames::native_of_client_message(text_frame(payload.len(), |out| {
@@ -157,6 +180,16 @@ impl Frames {
             }
         }
     }
+}
+
+/// The native frame of the `unread` event: `{"event":"unread","count":N}` (also what a connection gets
+/// at connect, written by its session).
+pub fn unread_frame(count: u64) -> Bytes {
+    text_frame(40, |out| {
+        out.extend_from_slice(b"{\"event\":\"unread\",\"count\":");
+        out.extend_from_slice(count.to_string().as_bytes());
+        out.push(b'}');
+    })
 }
 
 /// One thing to deliver, shared by every shard and connection that receives it.
@@ -214,6 +247,26 @@ impl Delivery {
             Content::Notification(n),
             native,
         )
+    }
+
+    /// The `unread` event of `user`'s connections: the count at `version`.
+    pub fn of_unread(user: String, count: u64, version: u64) -> Delivery {
+        Delivery::new(
+            None,
+            Some(user),
+            Vec::new(),
+            false,
+            Content::Unread { count, version },
+            Frames::native_of_unread(count),
+        )
+    }
+
+    /// The count and version of an `unread` delivery; `None` for any other.
+    pub fn unread(&self) -> Option<(u64, u64)> {
+        match self.content {
+            Content::Unread { count, version } => Some((count, version)),
+            _ => None,
+        }
     }
 
     /// A client's ephemeral publish: `{"event":"message","channel","from","data"}` to one channel.
@@ -331,6 +384,24 @@ mod tests {
             .frames(Encoding::Sse)
             .plain
             .starts_with(b"event: message\ndata: {"));
+    }
+
+    #[test]
+    fn an_unread_delivery_is_the_unread_event_to_its_user_only() {
+        let d = Delivery::of_unread("u1".into(), 42, 7);
+        assert_eq!(
+            payload_json(&d.native.plain),
+            serde_json::json!({"event": "unread", "count": 42})
+        );
+        assert_eq!(d.unread(), Some((42, 7)));
+        assert_eq!(
+            (d.id, d.user.as_deref(), d.broadcast),
+            (None, Some("u1"), false)
+        );
+        assert!(d.channels.is_empty());
+        let again = Encoding::NativeWebSocket.encode(&d.content, &d.channels);
+        assert_eq!(again.plain, d.native.plain);
+        assert_eq!(Delivery::of_notification(notification()).unread(), None);
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.

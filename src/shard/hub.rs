@@ -199,6 +199,10 @@ impl ConnState {
 struct NameEntry {
     name: Rc<str>,
     members: SmallVec<[ConnId; 2]>,
+    /// For a user: the newest unread count this shard knows, as (version, count); (0, 0) before
+    /// any. Lives and dies with the user's entry, so a shard keeps it only while it holds one of
+    /// the user's connections.
+    unread: (u64, u64),
 }
 
 /// A table of interned names (users or channels) with their member connections.
@@ -222,6 +226,7 @@ impl NameTable {
         let id = self.entries.insert(NameEntry {
             name: name.clone(),
             members: SmallVec::new(),
+            unread: (0, 0),
         }) as NameId;
         self.by_name.insert(name, id);
         (id, true)
@@ -515,6 +520,37 @@ impl Hub {
         conn
     }
 
+    /// Records `user`'s unread `count` at `version` if it is newer than what this shard knows.
+    /// Returns whether it was: `false` for an older or repeated count (it came a slower way, e.g.
+    /// through Redis after a newer local one) or a user without a connection here, which must not
+    /// be written.
+    pub fn note_unread(&mut self, user: &str, version: u64, count: u64) -> bool {
+        let Some(id) = self.users.lookup(user) else {
+            return false;
+        };
+        let known = &mut self.users.entries[id as usize].unread;
+        if version <= known.0 && known.0 != 0 {
+            return false;
+        }
+        *known = (version, count);
+        true
+    }
+
+    /// The count a new connection of `user` starts with, given the count its session read from the
+    /// store at `version`: that one, or a newer one this shard already knows (it may have been
+    /// written to the user's other connections while the read was on its way).
+    pub fn unread_at_connect(&mut self, user: &str, version: u64, count: u64) -> u64 {
+        let Some(id) = self.users.lookup(user) else {
+            return count;
+        };
+        let known = &mut self.users.entries[id as usize].unread;
+        if known.0 > version {
+            return known.1;
+        }
+        *known = (version, count);
+        count
+    }
+
     /// Calls `deliver` once for every connection that `delivery` targets (union of its user, its
     /// channels and broadcast), with the frame that connection should get, in its kind's encoding: a
     /// connection reached through its user or a broadcast gets the plain frame; one reached only through a
@@ -751,6 +787,28 @@ mod tests {
                 (Topic::User("alice".into()), false),
             ]
         );
+    }
+
+    #[test]
+    fn only_a_newer_unread_count_is_written_and_a_new_connection_starts_from_the_newest() {
+        let mut hub = Hub::new();
+        assert!(!hub.note_unread("u1", 1, 5), "no connection of u1 here");
+        ws(&mut hub, "u1");
+        assert!(hub.note_unread("u1", 3, 5));
+        assert!(!hub.note_unread("u1", 2, 4), "older: came a slower way");
+        assert!(!hub.note_unread("u1", 3, 5), "repeated");
+        assert!(hub.note_unread("u1", 4, 6));
+        assert_eq!(
+            hub.unread_at_connect("u1", 3, 5),
+            6,
+            "the store read was older"
+        );
+        assert_eq!(
+            hub.unread_at_connect("u1", 9, 1),
+            1,
+            "the store read is newer"
+        );
+        assert!(!hub.note_unread("u1", 8, 2));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - the accept loop, which spawns one task per accepted socket (the `serve` given to [`spawn_shard`]);
 //! - the timeout sweep, which ends the waits of connections whose deadline passed (see `timeouts`);
 //! - the inbox pump, which routes deliveries from the store thread and other shards to local connections;
+//! - the unread flusher, which writes the users' newest unread counts, coalesced (see `unread`);
 //! - the heartbeat sweep: one timer per shard, not per connection, pings every WebSocket each
 //!   `HEARTBEAT_S` and closes those that missed two pongs, and writes a comment line to every SSE
 //!   stream;
@@ -34,6 +35,7 @@ pub(crate) mod reactor;
 pub mod receipts;
 pub(crate) mod socket;
 pub(crate) mod timeouts;
+pub(crate) mod unread;
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
@@ -61,6 +63,7 @@ use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::shard::reactor::{Reactor, LISTENER};
 use crate::shard::receipts::ReceiptBuffer;
 use crate::shard::timeouts::{Timeouts, TICK};
+use crate::shard::unread::PendingUnread;
 use crate::store::Store;
 use crate::ws::codec::{close_code, encode_ping};
 
@@ -189,6 +192,8 @@ pub struct Shard {
     write_batch: RefCell<WriteBatch>,
     /// Delivery receipts noted since the last hand-off to the store (see [`receipts`]).
     pub receipts: RefCell<ReceiptBuffer>,
+    /// Users' unread counts waiting for the unread flusher (see `unread`).
+    pub(crate) unread: PendingUnread,
 }
 
 impl Shard {
@@ -348,12 +353,18 @@ where
         sse_ping: Bytes::from_static(crate::delivery::sse::PING),
         write_batch: RefCell::new(WriteBatch::default()),
         receipts: RefCell::new(ReceiptBuffer::default()),
+        unread: PendingUnread::default(),
     });
     let readiness = glommio::spawn_local(readiness(shard.clone())).detach();
     let sweep = glommio::spawn_local(timeout_sweep(shard.clone())).detach();
     let pump = glommio::spawn_local(pump_inbox(shard.clone(), setup.inbox)).detach();
     let heartbeat = glommio::spawn_local(heartbeat(shard.clone())).detach();
     let receipts = glommio::spawn_local(receipts::hand_off(shard.clone())).detach();
+    let unread = glommio::spawn_local(unread::run_flusher(
+        shard.clone(),
+        shard.config.unread_coalesce(),
+    ))
+    .detach();
     let expiry = shard
         .auth
         .jwt_enabled()
@@ -376,6 +387,7 @@ where
     // glommio does not drop detached tasks when the executor's main future returns: cancel the
     // shard's own tasks so nothing of the shard outlives it.
     pump.cancel();
+    unread.cancel();
     heartbeat.cancel();
     receipts.cancel();
     // Ahead of the store's close, which the main thread queues once every shard has ended.
@@ -506,7 +518,11 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
             match msg {
                 ShardMsg::Deliver(deliveries) => {
                     for d in deliveries.iter() {
-                        shard.deliver_batched(d, None);
+                        if d.unread().is_some() {
+                            shard.unread.offer(&mut shard.hub.borrow_mut(), d);
+                        } else {
+                            shard.deliver_batched(d, None);
+                        }
                     }
                 }
                 ShardMsg::DeliverExcept(delivery, sender) => {

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 pub(crate) use super::error::BackendError;
 use super::idempotency::{IdempotencyRecord, KeyVerdict, Receipt};
-use super::{DeliveryReceipt, HistoryPage, HistoryQuery, MarkedSeen, ReplayQuery};
+use super::{DeliveryReceipt, HistoryPage, HistoryQuery, MarkedSeen, ReplayQuery, UnreadCount};
 use crate::model::{IdGenerator, Millis, Notification};
 use crate::scheduler::idempotency_expired_before;
 
@@ -187,8 +187,28 @@ impl<'a> BatchClock<'a> {
 /// What applying a batch gives: one outcome per request, in order, or the error that rolled it back.
 pub(crate) type Applied = Result<Vec<WriteOutcome>, BackendError>;
 
+/// A user's counters row (migration 4), as history and the live `unread` event read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct InboxCounters {
+    /// Notifications in the inbox.
+    pub total: u64,
+    /// Of those, unread.
+    pub unread: u64,
+    /// Changes of the row so far (see [`UnreadCount::version`]).
+    pub version: u64,
+}
+
+/// The counters the store thread reads back after a commit, for the live `unread` event. Its own trait
+/// (a supertrait of [`WriteBackend`]) so the batch code stays as it was.
+pub(crate) trait CountersBackend {
+    /// The unread count and version of each of `users` (zeros for one without a row), read on the
+    /// write connection right after a commit: what that commit left, or a later commit's (another
+    /// node's, on PostgreSQL), never an earlier one's.
+    fn unread_counts(&mut self, users: &[&str]) -> Result<Vec<UnreadCount>, BackendError>;
+}
+
 /// The store thread's connection to a database.
-pub(crate) trait WriteBackend: Send + 'static {
+pub(crate) trait WriteBackend: CountersBackend + Send + 'static {
     /// Applies every request in ONE transaction, in order (a later request sees an earlier one's
     /// effect), and commits. On success returns one outcome per request, in order; on any failure rolls
     /// everything back and returns the error: all-or-nothing for the whole batch. `clock` is the
@@ -208,6 +228,8 @@ pub(crate) trait ReadBackend: Send + 'static {
     /// `schedule_id` is `id`), both read in one statement so a schedule firing meanwhile is found
     /// one way or the other.
     fn scheduled(&mut self, id: Uuid) -> Result<Option<Notification>, BackendError>;
+    /// The user's counters (zeros for a user never written to), for the `unread` event at connect.
+    fn counters(&mut self, user: &str) -> Result<InboxCounters, BackendError>;
     /// A trivial query, to prove the connection works.
     fn ping(&mut self) -> Result<(), BackendError>;
     /// How many scheduled notifications are pending (for `/metrics`).
@@ -349,6 +371,15 @@ macro_rules! migrations {
                     "/migrations/",
                     $dialect,
                     "/0005_receipts.sql"
+                )),
+            },
+            $crate::store::backend::Migration {
+                version: 4,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0004_user_counters.sql"
                 )),
             },
         ]

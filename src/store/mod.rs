@@ -250,6 +250,27 @@ pub trait CommitListener: Send + 'static {
     /// here, so delivery order is commit order. Not called for a commit that inserted nothing, nor for
     /// a failed batch. It runs on the store thread: it must hand work off (push to queues), not do it.
     fn committed(&self, inserted: &[Arc<Notification>]);
+
+    /// Called on the store thread after a commit that may have changed users' unread counts (an
+    /// insert or fire for a user, a read, read-all or delete), after [`CommitListener::committed`] and
+    /// before any reply: one entry per user, whatever the number of changes the batch made for them
+    /// (so a burst of sends in one batch is one count). Retention's deletes are not reported. The
+    /// default ignores them.
+    fn unread_changed(&self, counts: &[UnreadCount]) {
+        let _ = counts;
+    }
+}
+
+/// A user's unread count at some commit, ordered by `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadCount {
+    /// Whose inbox.
+    pub user_id: String,
+    /// Unread notifications in it.
+    pub unread: u64,
+    /// How many changes the user's counters have seen (migration 4): counts of one user read at
+    /// different commits, on any node, are ordered by it, so the newest wins whichever way it came.
+    pub version: u64,
 }
 
 /// The outcome of a write that may carry an `Idempotency-Key`.
@@ -737,6 +758,12 @@ impl Store {
     /// of the channels, OR were broadcast; ascending id order, each once, at most `limit`.
     pub fn replay(&self, query: ReplayQuery) -> StoreFuture<Vec<Arc<Notification>>> {
         self.read(|reply| ReadOp::Replay { query, reply })
+    }
+
+    /// The user's unread count and its version (zero for a user never written to), read on a reader
+    /// connection from the counters the store thread keeps: one row, whatever the inbox's size.
+    pub fn unread(&self, user_id: String) -> StoreFuture<UnreadCount> {
+        self.read(|reply| ReadOp::Unread { user_id, reply })
     }
 
     /// Liveness: a trivial query on a reader connection.

@@ -17,7 +17,7 @@ use crossbeam_channel::Receiver;
 use futures_channel::oneshot;
 
 use super::backend::ReadBackend;
-use super::{Counters, HistoryPage, HistoryQuery, ReplayQuery, StoreError};
+use super::{Counters, HistoryPage, HistoryQuery, ReplayQuery, StoreError, UnreadCount};
 use crate::model::Notification;
 
 /// Reader threads are named this, then their index.
@@ -48,6 +48,13 @@ pub(crate) enum ReadOp {
         id: uuid::Uuid,
         /// The pending notification, if any.
         reply: Reply<Option<Notification>>,
+    },
+    /// See [`super::Store::unread`].
+    Unread {
+        /// Whose inbox.
+        user_id: String,
+        /// The count and its version.
+        reply: Reply<UnreadCount>,
     },
     /// See [`super::Store::ping`].
     Ping {
@@ -106,6 +113,17 @@ fn serve<R: ReadBackend>(backend: &mut R, op: ReadOp, counters: &Counters) {
             if !reply.is_canceled() {
                 Counters::add(&counters.reads, 1);
                 let _ = reply.send(backend.scheduled(id).map_err(unavailable));
+            }
+        }
+        ReadOp::Unread { user_id, reply } => {
+            if !reply.is_canceled() {
+                Counters::add(&counters.reads, 1);
+                let result = backend.counters(&user_id).map(|c| UnreadCount {
+                    user_id,
+                    unread: c.unread,
+                    version: c.version,
+                });
+                let _ = reply.send(result.map_err(unavailable));
             }
         }
         ReadOp::Ping { reply } => {

@@ -62,6 +62,7 @@ on_both_stores!(
     idle_scheduler_ticks_are_not_counted_as_commits,
     delivery_receipts_are_coalesced_keep_the_first_time_and_survive_a_failed_recording,
     seen_is_all_or_nothing_keeps_the_first_time_and_filters_combine,
+    unread_counts_follow_every_change_once_per_batch_with_growing_versions,
     #[ignore = "timing printout; run explicitly, in release"]
     insert_rates,
 );
@@ -183,6 +184,8 @@ impl Side {
 #[derive(Clone, Default)]
 struct Recorder {
     seen: Arc<Mutex<Vec<Uuid>>>,
+    /// What [`CommitListener::unread_changed`] reported, in order.
+    unread: Arc<Mutex<Vec<UnreadCount>>>,
     stall_first: Option<Duration>,
     calls: Arc<Mutex<usize>>,
 }
@@ -201,6 +204,10 @@ impl CommitListener for Recorder {
         if let (true, Some(stall)) = (first, self.stall_first) {
             std::thread::sleep(stall);
         }
+    }
+
+    fn unread_changed(&self, counts: &[UnreadCount]) {
+        self.unread.lock().unwrap().extend_from_slice(counts);
     }
 }
 
@@ -695,6 +702,51 @@ fn seen_is_all_or_nothing_keeps_the_first_time_and_filters_combine(database: Dat
     assert_eq!(filtered(&f, "u1", false, true, false), vec![c, a]);
     let all = f.history("u1", 50, None, false);
     assert_eq!((all.total, all.unread), (3, 2));
+    f.close();
+}
+
+fn unread_counts_follow_every_change_once_per_batch_with_growing_versions(database: Database) {
+    let f = Fixture::new(database);
+    let reported = || -> Vec<(String, u64)> {
+        f.recorder
+            .unread
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|c| (c.user_id, c.unread))
+            .collect()
+    };
+    let count = |user: &str| block_on(f.store.unread(user.into())).unwrap();
+    assert_eq!((count("u1").unread, count("u1").version), (0, 0));
+
+    // One batch of three for u1 and one for u2: one count each.
+    let stored = f.insert(vec![
+        to_user("u1", "a"),
+        to_user("u1", "b"),
+        to_user("u2", "c"),
+        to_user("u1", "d"),
+        to_channels(&["news"], "no inbox"),
+    ]);
+    assert_eq!(reported(), vec![("u1".into(), 3), ("u2".into(), 1)]);
+    let v1 = count("u1").version;
+    assert_eq!(count("u1").unread, 3);
+
+    block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
+    assert_eq!(reported(), vec![("u1".into(), 2)]);
+    // A second read of the same one changes nothing and reports nothing.
+    block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
+    assert_eq!(reported(), vec![]);
+    assert!(block_on(f.store.delete("u1".into(), stored[1].id)).unwrap());
+    assert_eq!(reported(), vec![("u1".into(), 1)]);
+    assert_eq!(block_on(f.store.mark_all_read("u1".into())).unwrap(), 1);
+    assert_eq!(reported(), vec![("u1".into(), 0)]);
+    let after = count("u1");
+    assert!(after.version > v1, "{} after {v1}", after.version);
+    assert_eq!(after.unread, 0);
+    let page = f.history("u1", 50, None, false);
+    assert_eq!((page.total, page.unread), (2, 0));
+    let page = f.history("u2", 50, None, false);
+    assert_eq!((page.total, page.unread), (1, 1));
     f.close();
 }
 

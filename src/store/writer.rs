@@ -486,6 +486,56 @@ impl<B: WriteBackend> Writer<B> {
         }
     }
 
+    /// Tells the listener the unread counts of the users whose unread count this committed batch may
+    /// have changed, each user once (so a burst committed in one batch is one count per user).
+    fn report_unread(
+        &mut self,
+        requests: &[WriteRequest],
+        outcomes: &[WriteOutcome],
+        inserted: &[Arc<Notification>],
+        now: Millis,
+    ) {
+        let mut users: Vec<&str> = inserted
+            .iter()
+            .filter_map(|n| n.user_id.as_deref())
+            .collect();
+        for (request, outcome) in requests.iter().zip(outcomes) {
+            match (request, outcome) {
+                // Read by this batch, not before (a second read keeps the first `read_at`).
+                (WriteRequest::MarkRead { user_id, .. }, WriteOutcome::MarkedRead(Some(n)))
+                    if n.read_at == Some(now) =>
+                {
+                    users.push(user_id)
+                }
+                (WriteRequest::MarkAllRead { user_id }, WriteOutcome::MarkedAllRead(n))
+                    if *n > 0 =>
+                {
+                    users.push(user_id)
+                }
+                (WriteRequest::Delete { user_id, .. }, WriteOutcome::Deleted(true)) => {
+                    users.push(user_id)
+                }
+                _ => {}
+            }
+        }
+        if users.is_empty() {
+            return;
+        }
+        users.sort_unstable();
+        users.dedup();
+        match self.backend.unread_counts(&users) {
+            Ok(counts) => {
+                let listener = &self.listener;
+                if catch_unwind(AssertUnwindSafe(|| listener.unread_changed(&counts))).is_err() {
+                    tracing::error!(users = counts.len(), "unread listener panicked");
+                }
+            }
+            // The batch is committed; only the live badge misses this change, and the next change
+            // (or a reconnect) brings it back in line.
+            Err(e) => tracing::warn!(error = %e, users = users.len(), "cannot read unread counts"),
+        }
+    }
+
     /// Applies one batch in one transaction, tells the listener, then answers every request.
     fn commit(&mut self, ops: Vec<WriteOp>) {
         let now = now_millis();
@@ -654,6 +704,8 @@ impl<B: WriteBackend> Writer<B> {
             }
         }
 
+        self.report_unread(&requests, &outcomes, &inserted, now);
+
         let mut outcomes = outcomes.into_iter();
         for (request, replier) in requests.into_iter().zip(repliers) {
             replier.complete(request, outcomes.next());
@@ -668,8 +720,9 @@ mod tests {
     use futures_executor::block_on;
 
     use super::*;
-    use crate::store::backend::Applied;
+    use crate::store::backend::{Applied, CountersBackend};
     use crate::store::StoreFuture;
+    use crate::store::UnreadCount;
 
     /// A backend that records the size of each batch and fails the batches it is told to.
     struct FakeBackend {
@@ -710,6 +763,19 @@ mod tests {
                     WriteRequest::RecordDelivered { receipts } => {
                         WriteOutcome::RecordedDelivered(receipts.len() as u64)
                     }
+                })
+                .collect())
+        }
+    }
+
+    impl CountersBackend for FakeBackend {
+        fn unread_counts(&mut self, users: &[&str]) -> Result<Vec<UnreadCount>, BackendError> {
+            Ok(users
+                .iter()
+                .map(|u| UnreadCount {
+                    user_id: (*u).to_owned(),
+                    unread: 0,
+                    version: 0,
                 })
                 .collect())
         }

@@ -81,6 +81,7 @@ pub fn try_ws(
             WsClient {
                 ws,
                 connection_id: String::new(),
+                unread_seen: Vec::new(),
             },
             response,
         )),

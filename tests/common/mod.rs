@@ -331,6 +331,7 @@ impl TestServer {
         let mut client = WsClient {
             ws,
             connection_id: String::new(),
+            unread_seen: Vec::new(),
         };
         let connected = client.next_json();
         assert_eq!(connected["event"], "connected", "first frame: {connected}");
@@ -430,6 +431,8 @@ pub fn parse_responses(raw: &[u8]) -> Vec<HttpResponse> {
 pub struct WsClient {
     pub ws: WebSocket<TcpStream>,
     pub connection_id: String,
+    /// The counts of the `unread` events [`WsClient::next_json`] skipped, in order.
+    pub unread_seen: Vec<u64>,
 }
 
 impl WsClient {
@@ -447,8 +450,22 @@ impl WsClient {
         self.ws.send(Message::text(v.to_string())).expect("send");
     }
 
-    /// The next text frame as JSON (pings are answered by tungstenite and skipped).
+    /// The next text frame as JSON, skipping `unread` events: they follow every change of the user's
+    /// unread count, and a test of something else must not depend on when they come. Their counts
+    /// are kept in [`WsClient::unread_seen`]; [`WsClient::next_any_json`] sees them.
     pub fn next_json(&mut self) -> Value {
+        loop {
+            let v = self.next_any_json();
+            if v["event"] != "unread" {
+                return v;
+            }
+            self.unread_seen
+                .push(v["count"].as_u64().expect("unread count"));
+        }
+    }
+
+    /// The next text frame as JSON, whatever it is (pings are answered by tungstenite and skipped).
+    pub fn next_any_json(&mut self) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
             assert!(Instant::now() < deadline, "no frame within {WAIT:?}");
@@ -478,18 +495,36 @@ impl WsClient {
         v
     }
 
-    /// Asserts that no text frame arrives within `dur`.
+    /// Asserts that no text frame arrives within `dur` (`unread` events aside, as for
+    /// [`WsClient::next_json`]).
     pub fn expect_silence(&mut self, dur: Duration) {
-        self.ws.get_mut().set_read_timeout(Some(dur)).unwrap();
-        let got = self.ws.read();
-        self.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
-        match got {
-            Ok(Message::Text(t)) => panic!("expected silence, got {t}"),
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(e) => panic!("connection failed while expecting silence: {e}"),
+        let until = Instant::now() + dur;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
+            let got = self.ws.read();
+            self.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
+            match got {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).expect("frame is JSON");
+                    if v["event"] != "unread" {
+                        panic!("expected silence, got {t}");
+                    }
+                    self.unread_seen
+                        .push(v["count"].as_u64().expect("unread count"));
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return
+                }
+                Err(e) => panic!("connection failed while expecting silence: {e}"),
+            }
         }
     }
 
@@ -538,6 +573,7 @@ pub fn raw_ws(server: &TestServer, user: &str) -> TcpStream {
         String::from_utf8_lossy(&buf)
     );
     read_server_frame(&mut s); // connected
+    read_server_frame(&mut s); // unread
     s
 }
 

@@ -7,12 +7,13 @@ use uuid::Uuid;
 use super::rows::{column_error, notification_from_row};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
-    HISTORY_BY_FILTERS, HISTORY_COUNT_COLUMNS, PING, REPLAY, SCHEDULED, SCHEDULED_PENDING,
+    COUNTERS, HISTORY_BY_FILTERS, HISTORY_COUNT_COLUMNS, PING, REPLAY, SCHEDULED,
+    SCHEDULED_PENDING,
 };
 use crate::model::Notification;
 use crate::store::backend::{
     history_before, history_fetch, history_filters, history_page, sql_int, BackendError,
-    ReadBackend,
+    InboxCounters, ReadBackend,
 };
 use crate::store::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
 
@@ -24,6 +25,8 @@ struct ReaderStatements {
     replay: Statement,
     /// [`SCHEDULED`].
     scheduled: Statement,
+    /// [`COUNTERS`].
+    counters: Statement,
     /// [`PING`].
     ping: Statement,
     /// [`SCHEDULED_PENDING`].
@@ -44,6 +47,7 @@ impl Statements for ReaderStatements {
             },
             replay: client.prepare(REPLAY).await?,
             scheduled: client.prepare(SCHEDULED).await?,
+            counters: client.prepare(COUNTERS).await?,
             ping: client.prepare(PING).await?,
             scheduled_pending: client.prepare(SCHEDULED_PENDING).await?,
         })
@@ -66,7 +70,7 @@ impl PostgresReader {
 }
 
 /// Reads a count column as the API's unsigned count.
-fn count(row: &Row, index: usize) -> Result<u64, Failure> {
+pub(super) fn count(row: &Row, index: usize) -> Result<u64, Failure> {
     let n: i64 = row.try_get(index).map_err(|e| column_error(index, e))?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
@@ -121,6 +125,20 @@ impl ReadBackend for PostgresReader {
         self.link.run(async |client, statements| {
             let row = client.query_opt(&statements.scheduled, &[&id]).await?;
             row.map(|row| notification_from_row(&row, 0)).transpose()
+        })
+    }
+
+    fn counters(&mut self, user: &str) -> Result<InboxCounters, BackendError> {
+        self.link.run(async |client, statements| {
+            let row = client.query_opt(&statements.counters, &[&user]).await?;
+            let Some(row) = row else {
+                return Ok(InboxCounters::default());
+            };
+            Ok(InboxCounters {
+                total: count(&row, 0)?,
+                unread: count(&row, 1)?,
+                version: count(&row, 2)?,
+            })
         })
     }
 

@@ -193,17 +193,16 @@ pub(super) const RECORD_DELIVERED: &str = "WITH receipts AS (
     WHERE n.id = locked.id";
 
 /// A history page and the inbox's counts in ONE statement, so all three come from one snapshot in one
-/// round trip: the counts are one-row subqueries, and the page (a backwards range scan of the user's
-/// index from `before`) is LEFT JOINed to them, so an empty page still yields one row carrying the
-/// counts, with NULL notification columns. `$filter` narrows the page (never the counts).
+/// round trip: the counts are the user's row of `user_counters` (migration 4; `max` makes one row of
+/// zeros when the user has none), and the page (a backwards range scan of the user's index from
+/// `before`) is LEFT JOINed to them, so an empty page still yields one row carrying the counts, with
+/// NULL notification columns. `$filter` narrows the page (never the counts).
 macro_rules! history {
     ($filter:literal) => {
         concat!(
-            "SELECT total.n, unread.n, page.* FROM
-               (SELECT count(*) AS n FROM notifications WHERE user_id = $1) AS total
-             CROSS JOIN
-               (SELECT count(*) AS n FROM notifications WHERE user_id = $1 AND read_at IS NULL)
-               AS unread
+            "SELECT counters.total, counters.unread, page.* FROM
+               (SELECT coalesce(max(total), 0) AS total, coalesce(max(unread), 0) AS unread
+                FROM user_counters WHERE user_id = $1) AS counters
              LEFT JOIN LATERAL
                (SELECT ",
             columns!(),
@@ -248,6 +247,12 @@ pub(super) const REPLAY: &str = concat!(
                              ORDER BY id LIMIT $3) AS matched)
     ) ORDER BY id LIMIT $3"
 );
+/// One user's counters; no row: a user never written to.
+pub(super) const COUNTERS: &str =
+    "SELECT total, unread, version FROM user_counters WHERE user_id = $1";
+/// The unread counts of several users, read by the store thread after a commit.
+pub(super) const UNREAD_COUNTS: &str =
+    "SELECT user_id, unread, version FROM user_counters WHERE user_id = ANY($1)";
 /// Touches the schema (not just the connection), so a dropped table or a wrong `search_path` shows.
 pub(super) const PING: &str = "SELECT count(*) FROM schema_migrations";
 /// Pending scheduled notifications, every node's: a fired one leaves the table.

@@ -216,7 +216,9 @@ impl Harness for PostgresHarness {
                     HISTORY_BY_FILTERS[0],
                     page_args,
                 ),
-                &["notifications_user", "notifications_unread"],
+                // The counts are the user's counters row (migration 4), no longer a count over
+                // `notifications_unread`.
+                &["notifications_user", "user_counters_pkey"],
             ),
             (
                 plan(
@@ -225,7 +227,7 @@ impl Harness for PostgresHarness {
                     HISTORY_BY_FILTERS[1],
                     page_args,
                 ),
-                &["notifications_unread"],
+                &["notifications_unread", "user_counters_pkey"],
             ),
             (
                 plan(

@@ -55,7 +55,8 @@ fn the_url_options_put_the_tables_in_the_schema_and_logs_never_show_the_password
             "notification_channels",
             "notifications",
             "scheduled_notifications",
-            "schema_migrations"
+            "schema_migrations",
+            "user_counters"
         ]
     );
     reader.ping().unwrap();

@@ -13,15 +13,15 @@ use super::rows::{column_error, notification_from_row, Timestamp};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
     CANCEL_SCHEDULED, CLAIM_DUE, DELETE, IDEMPOTENCY_LOOKUP, INSERT_NOTIFICATIONS, MARK_ALL_READ,
-    MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE,
+    MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE, UNREAD_COUNTS,
 };
 use crate::model::{IdGenerator, Notification};
 use crate::store::backend::{
-    fire_in_due_order, first_id_of, sql_int, Applied, BatchClock, WriteBackend, WriteOutcome,
-    WriteRequest,
+    fire_in_due_order, first_id_of, sql_int, Applied, BackendError, BatchClock, CountersBackend,
+    WriteBackend, WriteOutcome, WriteRequest,
 };
 use crate::store::idempotency::{verdict, FoundRecord, IdempotencyRecord};
-use crate::store::{MarkedSeen, OpenError};
+use crate::store::{MarkedSeen, OpenError, UnreadCount};
 
 /// The store thread's prepared statements.
 struct WriterStatements {
@@ -47,6 +47,8 @@ struct WriterStatements {
     mark_seen: Statement,
     /// [`RECORD_DELIVERED`].
     record_delivered: Statement,
+    /// [`UNREAD_COUNTS`].
+    unread_counts: Statement,
 }
 
 impl Statements for WriterStatements {
@@ -65,6 +67,7 @@ impl Statements for WriterStatements {
             delete: client.prepare(DELETE).await?,
             mark_seen: client.prepare(MARK_SEEN).await?,
             record_delivered: client.prepare(RECORD_DELIVERED).await?,
+            unread_counts: client.prepare(UNREAD_COUNTS).await?,
         })
     }
 }
@@ -580,6 +583,31 @@ impl WriteBackend for PostgresWriter {
     fn apply_batch(&mut self, requests: &[WriteRequest], clock: BatchClock<'_>) -> Applied {
         self.link.run(async |client, statements| {
             apply_batch_on(client, statements, requests, clock).await
+        })
+    }
+}
+
+impl CountersBackend for PostgresWriter {
+    fn unread_counts(&mut self, users: &[&str]) -> Result<Vec<UnreadCount>, BackendError> {
+        self.link.run(async |client, statements| {
+            let rows = client.query(&statements.unread_counts, &[&users]).await?;
+            let mut counts: Vec<UnreadCount> = users
+                .iter()
+                .map(|u| UnreadCount {
+                    user_id: (*u).to_owned(),
+                    unread: 0,
+                    version: 0,
+                })
+                .collect();
+            for row in &rows {
+                let user: &str = row.try_get(0).map_err(|e| column_error(0, e))?;
+                // `users` is sorted (the store thread sorts and dedups it).
+                if let Ok(i) = users.binary_search(&user) {
+                    counts[i].unread = super::read::count(row, 1)?;
+                    counts[i].version = super::read::count(row, 2)?;
+                }
+            }
+            Ok(counts)
         })
     }
 }
