@@ -13,6 +13,7 @@
 mod assets;
 mod notifications;
 mod openapi;
+mod pusher;
 mod status;
 
 use crate::audit::{Audit, Caller, Event, Origin};
@@ -82,6 +83,8 @@ enum Endpoint {
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
+    /// `/apps/{id}/…`: the Pusher HTTP API of app `id`.
+    Pusher(String, pusher::Call),
 }
 
 /// Matches a method and decoded path segments to an endpoint.
@@ -119,6 +122,20 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["ws"]) => Endpoint::WebSocket,
         (Get, []) => Endpoint::Page,
         (Get, ["assets", name]) => Endpoint::Asset(name.to_string()),
+        (Post, ["apps", app, "events"]) => Endpoint::Pusher(app.to_string(), pusher::Call::Events),
+        (Post, ["apps", app, "batch_events"]) => {
+            Endpoint::Pusher(app.to_string(), pusher::Call::BatchEvents)
+        }
+        (Get, ["apps", app, "channels"]) => {
+            Endpoint::Pusher(app.to_string(), pusher::Call::Channels)
+        }
+        (Get, ["apps", app, "channels", name]) => {
+            Endpoint::Pusher(app.to_string(), pusher::Call::Channel(name.to_string()))
+        }
+        (Post, ["apps", app, "users", user, "terminate_connections"]) => Endpoint::Pusher(
+            app.to_string(),
+            pusher::Call::TerminateUser(user.to_string()),
+        ),
         _ => return None,
     };
     Some(endpoint)
@@ -150,6 +167,7 @@ impl Endpoint {
             Endpoint::WebSocket => Route::WebSocket,
             Endpoint::Page | Endpoint::Asset(_) => Route::Page,
             Endpoint::OpenApi => Route::OpenApi,
+            Endpoint::Pusher(..) => Route::Pusher,
         }
     }
 }
@@ -229,6 +247,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
+        Endpoint::Pusher(app, call) => pusher::handle(ctx, head, body, &app, call).await,
     };
     (route, response)
 }

@@ -103,6 +103,14 @@ pub enum BusCmd {
         /// The frame's JSON payload.
         payload: Bytes,
     },
+    /// A Pusher event to `channel` on this node (already delivered locally); ephemeral, like a
+    /// client message.
+    PusherEvent {
+        /// The target channel.
+        channel: Box<str>,
+        /// The event.
+        event: crate::delivery::PusherEvent,
+    },
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -610,6 +618,15 @@ impl BusThread {
                         envelope: Bytes::from(wire::encode_message(self.origin, &payload)),
                     });
                 }
+                BusCmd::PusherEvent { channel, event } => {
+                    let envelope = wire::encode_pusher_event(self.origin, &channel, &event);
+                    let name = Topic::Channel(channel).redis_channel(&self.config.prefix);
+                    self.outbox.push_back(Outgoing {
+                        id: None,
+                        channels: vec![name],
+                        envelope: Bytes::from(envelope),
+                    });
+                }
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -631,7 +648,7 @@ impl BusThread {
             BusCmd::Interest(change) => self.registry.apply(change),
             BusCmd::Committed(list) => self.push_committed(list),
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
-            BusCmd::Message { .. } => {}
+            BusCmd::Message { .. } | BusCmd::PusherEvent { .. } => {}
             BusCmd::Stop => self.stopping = true,
         }
     }
@@ -874,6 +891,15 @@ impl BusThread {
                         continue;
                     }
                     (Delivery::of_client_payload(&channel, payload), mask)
+                }
+                Ok(Envelope::PusherEvent { channel, event }) => {
+                    let mask = self
+                        .registry
+                        .shards_for(&Topic::Channel(channel.as_str().into()));
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::of_pusher_event(&channel, event), mask)
                 }
                 Err(e) => {
                     debug!(

@@ -1,5 +1,6 @@
 //! One connection's task, from the accepted socket to its end: the admission caps, the HTTP/1.1 request
-//! loop, and at `GET /ws` the upgrade to a session of its kind ([`websocket`], the native protocol).
+//! loop, and at `GET /ws` or `GET /app/{key}` the upgrade to a session of its kind ([`websocket`], the
+//! native protocol; [`pusher`], the Pusher Channels protocol).
 //!
 //! This is the top of the request path: it is the one module that knows the shard (where the connection
 //! is registered), the API (which answers requests) and the WebSocket session, so none of those three
@@ -16,6 +17,7 @@
 //! parses the next head from whatever is already buffered before it reads again.
 
 mod audit_origin;
+pub(crate) mod pusher;
 pub(crate) mod websocket;
 
 use std::io::{self, Write};
@@ -40,6 +42,8 @@ enum HttpOutcome {
     Close,
     /// `GET /ws`: the WebSocket session takes over (the head was consumed from `inbuf`).
     Upgrade(RequestHead),
+    /// `GET /app/{key}` with Pusher apps configured: the Pusher session takes over.
+    PusherUpgrade(RequestHead),
 }
 
 /// Serves one accepted (non-blocking) connection from `peer` until it closes.
@@ -74,6 +78,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<IpAddr>) {
     match outcome {
         HttpOutcome::Close => {}
         HttpOutcome::Upgrade(head) => websocket::run(conn, head).await,
+        HttpOutcome::PusherUpgrade(head) => pusher::run(conn, head).await,
     }
 }
 
@@ -184,6 +189,14 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
             // A live session has no deadline: the heartbeat sweep watches it.
             conn.set_deadline(None);
             return HttpOutcome::Upgrade(head);
+        }
+        if head.method == Method::Get
+            && !conn.shard.config.pusher.is_empty()
+            && pusher::app_key_of(head.path()).is_some()
+        {
+            conn.inbuf.drain(..total);
+            conn.set_deadline(None);
+            return HttpOutcome::PusherUpgrade(head);
         }
         let keep_alive = head.keep_alive && !conn.shard.is_shutting_down();
         let caller = Caller { credential, ip };

@@ -57,7 +57,7 @@ use crate::shard::outbound::{send_frame, Sent, WriteBatch};
 use crate::shard::reactor::{Reactor, LISTENER};
 use crate::shard::timeouts::{Timeouts, TICK};
 use crate::store::Store;
-use crate::ws::codec::{close_code, encode_ping};
+use crate::ws::codec::{close_code, encode_ping, encode_text};
 
 /// Bytes of the per-shard read buffer every connection reads into (see `socket`).
 const READ_SCRATCH_BYTES: usize = 64 * 1024;
@@ -178,6 +178,8 @@ pub struct Shard {
     connection_seq: Cell<u64>,
     /// The server ping frame, shared by every connection.
     ping_frame: Bytes,
+    /// The `pusher:ping` text frame the heartbeat sends to Pusher connections, made once per shard.
+    pusher_ping_frame: Bytes,
     /// Frames of the inbox burst being routed, written per connection at its end.
     write_batch: RefCell<WriteBatch>,
 }
@@ -231,6 +233,13 @@ impl Shard {
         }
     }
 
+    /// The connection of this shard a delivery must skip: the one a Pusher event's `socket_id` names,
+    /// when it lives here (it may live on any shard of any node; elsewhere it is nobody).
+    fn excluded_here(&self, delivery: &Delivery) -> Option<ConnId> {
+        let socket = crate::pusher::socket_id::SocketId::parse(delivery.excluded_socket()?)?;
+        (socket.is_local() && usize::from(socket.shard) == self.index).then_some(socket.slot)
+    }
+
     /// Writes what [`Shard::deliver_batched`] collected.
     fn flush_deliveries(&self) {
         let mut batch = self.write_batch.borrow_mut();
@@ -250,6 +259,8 @@ impl Shard {
             // connection is woken to finish its request or close between requests.
             match conn.kind {
                 ConnKind::WebSocket => conn.request_close(close_code::GOING_AWAY),
+                // Pusher clients reconnect at once on 4200 (to another node, behind a balancer).
+                ConnKind::Pusher => conn.request_close(crate::pusher::protocol::code::RECONNECT),
                 ConnKind::Http => conn.wake(),
             }
         }
@@ -312,6 +323,7 @@ where
         accept_waker: RefCell::new(None),
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
+        pusher_ping_frame: Bytes::from(encode_text(&crate::pusher::protocol::ping())),
         write_batch: RefCell::new(WriteBatch::default()),
     });
     let readiness = glommio::spawn_local(readiness(shard.clone())).detach();
@@ -467,11 +479,39 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
             match msg {
                 ShardMsg::Deliver(deliveries) => {
                     for d in deliveries.iter() {
-                        shard.deliver_batched(d, None);
+                        shard.deliver_batched(d, shard.excluded_here(d));
                     }
                 }
                 ShardMsg::DeliverExcept(delivery, sender) => {
                     shard.deliver_batched(&delivery, Some(sender));
+                }
+                ShardMsg::ChannelCounts {
+                    prefix,
+                    exact,
+                    reply,
+                } => {
+                    let hub = shard.hub.borrow();
+                    let counts = if exact {
+                        match hub.subscriber_count(&prefix) {
+                            0 => Vec::new(),
+                            n => vec![(prefix, n)],
+                        }
+                    } else {
+                        hub.channels_with_prefix(&prefix)
+                            .into_iter()
+                            .map(|(name, n)| (name.to_string(), n))
+                            .collect()
+                    };
+                    let _ = reply.send(counts);
+                }
+                ShardMsg::TerminateUser(user) => {
+                    let mut hub = shard.hub.borrow_mut();
+                    for id in hub.connections_of_user(&user) {
+                        let conn = hub.conn_mut(id);
+                        if conn.kind == ConnKind::Pusher {
+                            conn.request_close(crate::pusher::protocol::code::UNAUTHORIZED);
+                        }
+                    }
                 }
                 ShardMsg::Shutdown => {
                     shard.flush_deliveries();
@@ -534,6 +574,8 @@ async fn heartbeat(shard: Rc<Shard>) {
             let ping = match conn.kind {
                 ConnKind::Http => continue,
                 ConnKind::WebSocket => &shard.ping_frame,
+                // The protocol's own ping, which pusher-js answers with `pusher:pong`.
+                ConnKind::Pusher => &shard.pusher_ping_frame,
             };
             if conn.missed_pongs >= MAX_MISSED_PONGS {
                 dead += 1;
