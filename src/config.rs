@@ -711,6 +711,36 @@ mod tests {
     }
 
     #[test]
+    fn pusher_apps_come_from_the_list_and_the_file_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("apps");
+        std::fs::write(&file, "# apps\n2:k2:s2\n").unwrap();
+        let mut c = Config::parse_from([
+            "x",
+            "--pusher-apps",
+            "1:k1:s1",
+            "--pusher-apps-file",
+            file.to_str().unwrap(),
+        ]);
+        assert!(c.validate().is_ok());
+        c.load_pusher().unwrap();
+        assert_eq!(c.pusher.by_key("k2").unwrap().id, "2");
+        assert_eq!(c.pusher.by_id("1").unwrap().secret, "s1");
+        assert!(Config::parse_from(["x"]).pusher_apps().unwrap().is_empty());
+        let bad = Config::parse_from(["x", "--pusher-apps", "1:k1"]);
+        assert!(bad.validate().unwrap_err().contains("PUSHER_APPS"));
+        let missing = Config::parse_from(["x", "--pusher-apps-file", "/nonexistent/apps"]);
+        assert!(missing.validate().unwrap_err().contains("PUSHER_APPS_FILE"));
+        let pattern = Config::parse_from(["x", "--pusher-user-channel", "private-user"]);
+        assert!(pattern
+            .validate()
+            .unwrap_err()
+            .contains("PUSHER_USER_CHANNEL"));
+        let zero = Config::parse_from(["x", "--pusher-max-batch", "0"]);
+        assert!(zero.validate().unwrap_err().contains("PUSHER_MAX_BATCH"));
+    }
+
+    #[test]
     fn sqlite_synchronous_is_normal_or_full() {
         let c = Config::parse_from(["x", "--sqlite-synchronous", "FULL"]);
         assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Full);

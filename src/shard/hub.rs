@@ -402,9 +402,8 @@ impl Hub {
     /// Gives a connection without a user the user `user`, so deliveries to the user reach it from now
     /// on. Returns false (and changes nothing) when it already has another user.
     pub fn attach_user(&mut self, id: ConnId, user: &str) -> bool {
-        match self.user_of(id) {
-            Some(current) => return **current == *user,
-            None => {}
+        if let Some(current) = self.user_of(id) {
+            return **current == *user;
         }
         let (user_id, new) = self.users.intern(user);
         if new {
