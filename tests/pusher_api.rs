@@ -74,6 +74,7 @@ fn next_json(ws: &mut tungstenite::WebSocket<TcpStream>) -> Value {
 fn a_pusher_event_reaches_native_clients_and_a_native_notification_reaches_pusher_clients() {
     let server = TestServer::start_with(&[("PUSHER_APPS", APPS)]);
     let mut native = server.ws("user_id=ann&channels=mixed");
+    native.expect_event("subscribed");
     let (mut pusher, established) = pusher_client(&server, "key-1");
     assert_eq!(established["event"], "pusher:connection_established");
     let data: Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
