@@ -295,6 +295,58 @@ pub struct Config {
     #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// Pusher apps this node serves (Pusher Channels protocol at `/app/{key}`, HTTP API at
+    /// `/apps/{id}/…`): `id:key:secret[,id:key:secret…]`. Unset (and no PUSHER_APPS_FILE): the Pusher
+    /// routes answer 404.
+    #[arg(long, global = true, env = "PUSHER_APPS", hide_env_values = true)]
+    pub pusher_apps: Option<String>,
+
+    /// A file of Pusher apps, one `id:key:secret` per line (`#` starts a comment line), read at
+    /// start-up; added to PUSHER_APPS.
+    #[arg(long, global = true, env = "PUSHER_APPS_FILE")]
+    pub pusher_apps_file: Option<PathBuf>,
+
+    /// The Pusher channel a user's notifications reach Pusher clients on, with `{id}` for the user id
+    /// (Laravel's `Echo.private('App.Models.User.' + id).notification(…)`).
+    #[arg(
+        long,
+        global = true,
+        env = "PUSHER_USER_CHANNEL",
+        default_value = "private-App.Models.User.{id}"
+    )]
+    pub pusher_user_channel: String,
+
+    /// Largest `data` of one Pusher event, in bytes (HTTP API and client events); Pusher's limit.
+    #[arg(long, global = true, env = "PUSHER_MAX_EVENT_BYTES", default_value_t = 10 * 1024)]
+    pub pusher_max_event_bytes: usize,
+
+    /// Most channels one Pusher HTTP API event may name; Pusher's limit.
+    #[arg(
+        long,
+        global = true,
+        env = "PUSHER_MAX_EVENT_CHANNELS",
+        default_value_t = 100
+    )]
+    pub pusher_max_event_channels: usize,
+
+    /// Longest Pusher channel name, in bytes; Pusher's limit.
+    #[arg(
+        long,
+        global = true,
+        env = "PUSHER_MAX_CHANNEL_NAME",
+        default_value_t = 200
+    )]
+    pub pusher_max_channel_name: usize,
+
+    /// Most events in one Pusher `batch_events` request; Pusher's limit.
+    #[arg(long, global = true, env = "PUSHER_MAX_BATCH", default_value_t = 10)]
+    pub pusher_max_batch: usize,
+
+    /// The Pusher apps read from PUSHER_APPS and PUSHER_APPS_FILE at start-up (`Config::load_pusher`);
+    /// empty until then.
+    #[arg(skip)]
+    pub pusher: crate::pusher::Apps,
+
     /// What to do instead of serving (`migrate`, `check-config`); none runs the server.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -343,6 +395,29 @@ impl Config {
         check(self.shards == Some(0), &|| {
             "SHARDS must be at least 1".into()
         });
+        if let Err(problem) = self.pusher_apps() {
+            problems.push(problem);
+        }
+        let mut check = |bad: bool, problem: &dyn Fn() -> String| {
+            if bad {
+                problems.push(problem());
+            }
+        };
+        check(
+            crate::pusher::UserChannelPattern::parse(&self.pusher_user_channel).is_err(),
+            &|| "PUSHER_USER_CHANNEL must contain {id} exactly once".into(),
+        );
+        check(
+            self.pusher_max_event_bytes == 0
+                || self.pusher_max_event_channels == 0
+                || self.pusher_max_channel_name == 0
+                || self.pusher_max_batch == 0,
+            &|| {
+                "PUSHER_MAX_EVENT_BYTES, PUSHER_MAX_EVENT_CHANNELS, PUSHER_MAX_CHANNEL_NAME and \
+                 PUSHER_MAX_BATCH must be at least 1"
+                    .into()
+            },
+        );
         check(self.heartbeat_s == 0, &|| {
             "HEARTBEAT_S must be at least 1".into()
         });
@@ -447,6 +522,24 @@ impl Config {
     /// [`Config::unread_coalesce_ms`] as a duration.
     pub fn unread_coalesce(&self) -> Duration {
         Duration::from_millis(self.unread_coalesce_ms)
+    }
+
+    /// The Pusher apps of PUSHER_APPS and PUSHER_APPS_FILE, read and checked.
+    pub fn pusher_apps(&self) -> Result<crate::pusher::Apps, String> {
+        let mut text = self.pusher_apps.clone().unwrap_or_default();
+        if let Some(file) = &self.pusher_apps_file {
+            let content = std::fs::read_to_string(file)
+                .map_err(|e| format!("PUSHER_APPS_FILE {} cannot be read: {e}", file.display()))?;
+            text.push('\n');
+            text.push_str(&content);
+        }
+        crate::pusher::Apps::parse(&text).map_err(|e| format!("PUSHER_APPS: {e}"))
+    }
+
+    /// Reads the Pusher apps into [`Config::pusher`] (start-up does it once, after validation).
+    pub fn load_pusher(&mut self) -> Result<(), String> {
+        self.pusher = self.pusher_apps()?;
+        Ok(())
     }
 
     /// [`Config::heartbeat_s`] as a duration.
@@ -662,6 +755,36 @@ mod tests {
         let c = Config::parse_from(["x", "--port", "0", "--shards", "0"]);
         assert_eq!(c.port, 0);
         assert!(c.validate().unwrap_err().contains("SHARDS"));
+    }
+
+    #[test]
+    fn pusher_apps_come_from_the_list_and_the_file_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("apps");
+        std::fs::write(&file, "# apps\n2:k2:s2\n").unwrap();
+        let mut c = Config::parse_from([
+            "x",
+            "--pusher-apps",
+            "1:k1:s1",
+            "--pusher-apps-file",
+            file.to_str().unwrap(),
+        ]);
+        assert!(c.validate().is_ok());
+        c.load_pusher().unwrap();
+        assert_eq!(c.pusher.by_key("k2").unwrap().id, "2");
+        assert_eq!(c.pusher.by_id("1").unwrap().secret, "s1");
+        assert!(Config::parse_from(["x"]).pusher_apps().unwrap().is_empty());
+        let bad = Config::parse_from(["x", "--pusher-apps", "1:k1"]);
+        assert!(bad.validate().unwrap_err().contains("PUSHER_APPS"));
+        let missing = Config::parse_from(["x", "--pusher-apps-file", "/nonexistent/apps"]);
+        assert!(missing.validate().unwrap_err().contains("PUSHER_APPS_FILE"));
+        let pattern = Config::parse_from(["x", "--pusher-user-channel", "private-user"]);
+        assert!(pattern
+            .validate()
+            .unwrap_err()
+            .contains("PUSHER_USER_CHANNEL"));
+        let zero = Config::parse_from(["x", "--pusher-max-batch", "0"]);
+        assert!(zero.validate().unwrap_err().contains("PUSHER_MAX_BATCH"));
     }
 
     #[test]

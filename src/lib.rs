@@ -12,8 +12,9 @@
 //! - [`ops`]: the one-off jobs besides serving, `migrate` and `check-config`, on the same settings
 //!   and the same store code as start-up.
 //! - `connection`: one accepted socket's task, the top of the request path: the admission caps, the
-//!   HTTP/1.1 loop (handing requests to [`api`]) and, at `GET /ws`, the upgrade to a session of its
-//!   kind (`connection::websocket`, the native protocol). The shard's accept loop spawns it per socket.
+//!   HTTP/1.1 loop (handing requests to [`api`]) and, at `GET /ws` or `GET /app/{key}`, the upgrade to
+//!   a session of its kind (`connection::websocket`, the native protocol; `connection::pusher`, the
+//!   Pusher Channels protocol). The shard's accept loop spawns it per socket.
 //! - [`shard`]: one glommio executor per core, with its own `SO_REUSEPORT` listener, connections and
 //!   indexes. [`shard::hub`] holds the connections (each of a [`shard::hub::ConnKind`]) and the
 //!   user → connections and channel → connections indexes; [`shard::outbound`] writes frames to
@@ -47,6 +48,9 @@
 //!   [`bus::wire`] is the envelope on Redis, [`bus::recent`] the ids delivered lately (no duplicates)
 //!   and [`bus::peers`] the other nodes' liveness (a node that dies before publishing what it committed
 //!   is caught up by the others from the store).
+//! - [`pusher`]: the Pusher Channels protocol 7 and HTTP API, pure: the apps (`PUSHER_APPS`), the
+//!   HMAC-SHA256 signatures, the protocol's messages and socket ids. Its session is
+//!   `connection::pusher`, its HTTP routes `api::pusher`, its frames `delivery::Encoding::Pusher`.
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
@@ -72,7 +76,7 @@
 //! shard        api
 //! bus          auth
 //! config       ws
-//! store        delivery    json_input
+//! store        delivery    json_input   pusher
 //! scheduler    audit
 //! model        http        json_depth   metrics   tls
 //! ```
@@ -121,6 +125,7 @@ pub mod json_input;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod pusher;
 pub mod scheduler;
 pub mod server;
 pub mod shard;

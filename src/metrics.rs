@@ -266,13 +266,15 @@ pub enum Route {
     Page,
     /// `GET /openapi.yaml`.
     OpenApi,
+    /// The Pusher protocol's upgrade at `/app/{key}` and the Pusher HTTP API at `/apps/{id}/…`.
+    Pusher,
     /// No route: 404, 405, or a request that could not be parsed.
     None,
 }
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 18] = [
+    pub const ALL: [Route; 19] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -290,6 +292,7 @@ impl Route {
         Route::Poll,
         Route::Page,
         Route::OpenApi,
+        Route::Pusher,
         Route::None,
     ];
 
@@ -313,6 +316,7 @@ impl Route {
             Route::Poll => "poll",
             Route::Page => "page",
             Route::OpenApi => "openapi",
+            Route::Pusher => "pusher",
             Route::None => "none",
         }
     }

@@ -290,7 +290,11 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
-pub fn run(config: Config) -> Result<(), StartupError> {
+pub fn run(mut config: Config) -> Result<(), StartupError> {
+    config.load_pusher().map_err(StartupError::Setting)?;
+    if let Ok(pattern) = crate::pusher::UserChannelPattern::parse(&config.pusher_user_channel) {
+        crate::delivery::set_pusher_user_channel(&pattern.prefix, &pattern.suffix);
+    }
     let config = Arc::new(config);
     let shards = config.shard_count();
     let (listeners, addr) = bind_listeners(&config, shards)?;

@@ -42,6 +42,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",
     ),
     (
+        "pusher",
+        &["model", "http", "json_depth"],
+        "the Pusher protocol and signatures are pure: the session lives in `connection`, the routes in `api`, the frames in `delivery`",
+    ),
+    (
         "audit",
         &["model"],
         "the audit log is a sink that every layer (api, auth, bus, shard) writes to, so it sits below them",

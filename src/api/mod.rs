@@ -13,6 +13,7 @@
 mod assets;
 mod notifications;
 mod openapi;
+mod pusher;
 mod status;
 
 use crate::audit::{Audit, Caller, Event, Origin};
@@ -90,6 +91,8 @@ enum Endpoint {
     /// `GET /api/v1/notifications/poll`: the long-poll, served by its session, not here (only a `HEAD`
     /// arrives here).
     Poll,
+    /// `/apps/{id}/…`: the Pusher HTTP API of app `id`.
+    Pusher(String, pusher::Call),
 }
 
 /// Matches a method and decoded path segments to an endpoint.
@@ -130,6 +133,20 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["ws"]) => Endpoint::WebSocket,
         (Get, []) => Endpoint::Page,
         (Get, ["assets", name]) => Endpoint::Asset(name.to_string()),
+        (Post, ["apps", app, "events"]) => Endpoint::Pusher(app.to_string(), pusher::Call::Events),
+        (Post, ["apps", app, "batch_events"]) => {
+            Endpoint::Pusher(app.to_string(), pusher::Call::BatchEvents)
+        }
+        (Get, ["apps", app, "channels"]) => {
+            Endpoint::Pusher(app.to_string(), pusher::Call::Channels)
+        }
+        (Get, ["apps", app, "channels", name]) => {
+            Endpoint::Pusher(app.to_string(), pusher::Call::Channel(name.to_string()))
+        }
+        (Post, ["apps", app, "users", user, "terminate_connections"]) => Endpoint::Pusher(
+            app.to_string(),
+            pusher::Call::TerminateUser(user.to_string()),
+        ),
         _ => return None,
     };
     Some(endpoint)
@@ -164,6 +181,7 @@ impl Endpoint {
             Endpoint::Poll => Route::Poll,
             Endpoint::Page | Endpoint::Asset(_) => Route::Page,
             Endpoint::OpenApi => Route::OpenApi,
+            Endpoint::Pusher(..) => Route::Pusher,
         }
     }
 }
@@ -250,6 +268,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
             "HEAD is not allowed here; use GET",
         )
         .with_header("Allow", "GET"),
+        Endpoint::Pusher(app, call) => pusher::handle(ctx, head, body, &app, call).await,
     };
     (route, response)
 }

@@ -20,13 +20,14 @@ pub fn openapi() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::pusher::Call as PusherCall;
     use crate::api::{path_segments, resolve, Endpoint};
     use crate::http::request::Method;
 
     /// Every endpoint once, numbered by an exhaustive match: a new endpoint does not compile until it
     /// has a number here, and then [`every_route_of_the_router_is_described`] fails until the
     /// description has an operation that reaches it.
-    const ENDPOINTS: usize = 19;
+    const ENDPOINTS: usize = 24;
 
     fn number(e: &Endpoint) -> usize {
         match e {
@@ -49,6 +50,13 @@ mod tests {
             Endpoint::Stream => 16,
             Endpoint::Poll => 17,
             Endpoint::Seen(_) => 18,
+            Endpoint::Pusher(_, call) => match call {
+                PusherCall::Events => 16,
+                PusherCall::BatchEvents => 17,
+                PusherCall::Channels => 18,
+                PusherCall::Channel(_) => 19,
+                PusherCall::TerminateUser(_) => 20,
+            },
         }
     }
 

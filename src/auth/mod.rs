@@ -44,11 +44,13 @@ use rate_limit::{Clock, Rate, SharedBucket};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Guard {
     /// `/health` (load balancers need no secret), `/openapi.yaml` (API tools need none either), and the
-    /// monitor page `/` with its `/assets/*` files (they hold no data; the page asks for a key itself).
+    /// monitor page `/` with its `/assets/*` files (they hold no data; the page asks for a key itself),
+    /// and the Pusher HTTP API `/apps/*` (signed per request; its handlers check the signature).
     Open,
     /// `/metrics`: `METRICS_TOKEN`, when set.
     Metrics,
-    /// `/ws`: checked at the upgrade (JWT), not here.
+    /// `/ws` (checked at the upgrade: JWT) and the Pusher protocol's `/app/{key}` (app key and
+    /// signatures): not here.
     WebSocket,
     /// The SSE stream and the long-poll: checked when the session opens ([`Auth::authenticate_stream`]:
     /// a JWT, or an API key), not here.
@@ -71,6 +73,10 @@ fn guard_of(path: &str) -> Guard {
         [Some("metrics")] => Guard::Metrics,
         [Some("ws")] => Guard::WebSocket,
         [Some("api"), Some("v1"), Some("notifications"), Some("stream" | "poll")] => Guard::Stream,
+        // The Pusher protocol and HTTP API authenticate by app key and signatures (their handlers
+        // check them), not by API_KEY or JWT_SECRET.
+        [Some("app"), Some(_)] => Guard::WebSocket,
+        [Some("apps"), ..] => Guard::Open,
         _ => Guard::Api,
     }
 }

@@ -94,6 +94,31 @@ impl Fanout {
         self.send_to_other_shards(Some(from), Arc::from([delivery]));
     }
 
+    /// Pusher events (one delivery per channel, made by `Delivery::of_pusher_event`): to every shard
+    /// but `except` (a Pusher client's shard, which delivers its client event locally itself) and,
+    /// with a bus, to the other nodes. Ephemeral: not stored, and dropped for the other nodes while
+    /// Redis is away.
+    pub fn send_pusher_events(&self, except: Option<usize>, deliveries: Vec<Arc<Delivery>>) {
+        if let Some(bus) = &self.bus {
+            for d in &deliveries {
+                if let (crate::delivery::Content::PusherEvent(event), Some(channel)) =
+                    (&d.content, d.channels.first())
+                {
+                    bus.send_to_bus(BusCmd::PusherEvent {
+                        channel: channel.as_str().into(),
+                        event: event.clone(),
+                    });
+                }
+            }
+        }
+        self.send_to_other_shards(except, deliveries.into());
+    }
+
+    /// How many shards this node runs.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     /// Sends deliveries to every shard except `except` (the caller, which delivers locally itself).
     pub fn send_to_other_shards(&self, except: Option<usize>, deliveries: Arc<[Arc<Delivery>]>) {
         for (i, shard) in self.shards.iter().enumerate() {

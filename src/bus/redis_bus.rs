@@ -106,6 +106,14 @@ pub enum BusCmd {
     /// Users' new unread counts on this node (already delivered locally), for the other nodes'
     /// connections of those users.
     Unread(Vec<UnreadCount>),
+    /// A Pusher event to `channel` on this node (already delivered locally); ephemeral, like a
+    /// client message.
+    PusherEvent {
+        /// The target channel.
+        channel: Box<str>,
+        /// The event.
+        event: crate::delivery::PusherEvent,
+    },
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -629,6 +637,15 @@ impl BusThread {
                         });
                     }
                 }
+                BusCmd::PusherEvent { channel, event } => {
+                    let envelope = wire::encode_pusher_event(self.origin, &channel, &event);
+                    let name = Topic::Channel(channel).redis_channel(&self.config.prefix);
+                    self.outbox.push_back(Outgoing {
+                        id: None,
+                        channels: vec![name],
+                        envelope: Bytes::from(envelope),
+                    });
+                }
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -650,7 +667,7 @@ impl BusThread {
             BusCmd::Interest(change) => self.registry.apply(change),
             BusCmd::Committed(list) => self.push_committed(list),
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
-            BusCmd::Message { .. } => {}
+            BusCmd::Message { .. } | BusCmd::PusherEvent { .. } => {}
             // A count is as ephemeral: the next change of the user's count (or a reconnect, which
             // reads it) brings other nodes' badges back in line.
             BusCmd::Unread(_) => {}
@@ -910,6 +927,15 @@ impl BusThread {
                         Delivery::of_unread(user_id.to_owned(), count, version),
                         mask,
                     )
+                }
+                Ok(Envelope::PusherEvent { channel, event }) => {
+                    let mask = self
+                        .registry
+                        .shards_for(&Topic::Channel(channel.as_str().into()));
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::of_pusher_event(&channel, event), mask)
                 }
                 Err(e) => {
                     debug!(

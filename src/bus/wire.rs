@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message,
-//!              b'U' a user's new unread count
+//!              b'U' a user's new unread count,
+//!              b'P' a Pusher event
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
 //! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
-//!              U: the count's version and the count (8 bytes each, big-endian), then the user id
+//!              U: the count's version and the count (8 bytes each, big-endian), then the user i;
+//!              P: {"channel","name","data","except_socket"}, data as its JSON text
 //! ```
 //!
 //! A `U` goes to the user's topic, so only nodes holding one of the user's connections get it.
@@ -20,7 +22,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::model::{parse_time, Notification};
+use crate::delivery::PusherEvent;
+use crate::model::{parse_time, write_json_str, Notification};
 
 /// Kind byte of a committed notification.
 const KIND_NOTIFICATION: u8 = b'N';
@@ -28,6 +31,8 @@ const KIND_NOTIFICATION: u8 = b'N';
 const KIND_MESSAGE: u8 = b'M';
 /// Kind byte of a user's new unread count.
 const KIND_UNREAD: u8 = b'U';
+/// Kind byte of a Pusher event (to one channel).
+const KIND_PUSHER_EVENT: u8 = b'P';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -47,6 +52,13 @@ pub enum Envelope<'a> {
         count: u64,
         /// Its version.
         version: u64,
+    },
+    /// A Pusher event to `channel`.
+    PusherEvent {
+        /// The channel it goes to.
+        channel: String,
+        /// The event.
+        event: PusherEvent,
     },
 }
 
@@ -83,6 +95,36 @@ pub fn encode_unread(origin: Uuid, user_id: &str, count: u64, version: u64) -> V
     out
 }
 
+/// Encodes a Pusher event to `channel` from node `origin`.
+pub fn encode_pusher_event(origin: Uuid, channel: &str, event: &PusherEvent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 64 + channel.len() + event.data.len());
+    out.push(KIND_PUSHER_EVENT);
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(b"{\"channel\":");
+    write_json_str(&mut out, channel);
+    out.extend_from_slice(b",\"name\":");
+    write_json_str(&mut out, &event.name);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(event.data.as_bytes());
+    if let Some(socket) = &event.except_socket {
+        out.extend_from_slice(b",\"except_socket\":");
+        write_json_str(&mut out, socket);
+    }
+    out.push(b'}');
+    out
+}
+
+/// The Pusher event envelope's JSON.
+#[derive(Deserialize)]
+struct WirePusherEvent<'a> {
+    channel: String,
+    name: String,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    except_socket: Option<Box<str>>,
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -102,6 +144,18 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
         }
         KIND_MESSAGE => Ok(Envelope::Message(payload)),
         KIND_UNREAD => decode_unread(payload),
+        KIND_PUSHER_EVENT => {
+            let w: WirePusherEvent = serde_json::from_slice(payload)
+                .map_err(|e| WireError(format!("bad Pusher event: {e}")))?;
+            Ok(Envelope::PusherEvent {
+                channel: w.channel,
+                event: PusherEvent {
+                    name: w.name,
+                    data: w.data.get().to_owned(),
+                    except_socket: w.except_socket,
+                },
+            })
+        }
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
 }
@@ -227,6 +281,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(decode(&bytes[..HEADER_LEN + 12]).is_err());
+    }
+
+    #[test]
+    fn a_pusher_event_survives_the_trip() {
+        let origin = Uuid::now_v7();
+        let event = PusherEvent {
+            name: "my-event".into(),
+            data: r#""{\"a\":1}""#.into(),
+            except_socket: Some("1.2".into()),
+        };
+        match decode(&encode_pusher_event(origin, "private-a", &event)).unwrap() {
+            Envelope::PusherEvent {
+                channel,
+                event: back,
+            } => {
+                assert_eq!(channel, "private-a");
+                assert_eq!(back, event);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

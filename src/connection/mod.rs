@@ -1,8 +1,9 @@
 //! One connection's task, from the accepted socket to its end: the admission caps, the HTTP/1.1 request
 //! loop, and the hand-over to a session of its kind: at `GET /ws` the upgrade to [`websocket`] (the
-//! native protocol), at `GET /api/v1/notifications/stream` an SSE stream ([`sse`]), at `GET
-//! /api/v1/notifications/poll` a long-poll ([`poll`]). What the receiving kinds share (parameters,
-//! channels under a token, resume) is [`live`].
+//! native protocol), at `GET /app/{key}` the upgrade to [`pusher`] (the Pusher Channels protocol), at
+//! `GET /api/v1/notifications/stream` an SSE stream ([`sse`]), at `GET /api/v1/notifications/poll` a
+//! long-poll ([`poll`]). What the native receiving kinds share (parameters, channels under a token,
+//! resume) is [`live`].
 //!
 //! This is the top of the request path: it is the one module that knows the shard (where the connection
 //! is registered), the API (which answers requests) and the WebSocket session, so none of those three
@@ -22,6 +23,7 @@
 mod audit_origin;
 mod live;
 mod poll;
+pub(crate) mod pusher;
 mod sse;
 pub(crate) mod websocket;
 
@@ -51,6 +53,8 @@ enum HttpOutcome {
     Stream(RequestHead),
     /// `GET /api/v1/notifications/poll`: the long-poll takes over, as `Upgrade`.
     Poll(RequestHead),
+    /// `GET /app/{key}` with Pusher apps configured: the Pusher session takes over.
+    PusherUpgrade(RequestHead),
 }
 
 /// Serves one accepted (non-blocking) connection from `peer` until it closes.
@@ -87,6 +91,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<IpAddr>) {
         HttpOutcome::Upgrade(head) => websocket::run(conn, head).await,
         HttpOutcome::Stream(head) => sse::run(conn, head).await,
         HttpOutcome::Poll(head) => poll::run(conn, head).await,
+        HttpOutcome::PusherUpgrade(head) => pusher::run(conn, head).await,
     }
 }
 
@@ -214,6 +219,14 @@ async fn http_loop(conn: &mut Connection) -> HttpOutcome {
                 }
                 _ => {}
             }
+        }
+        if head.method == Method::Get
+            && !conn.shard.config.pusher.is_empty()
+            && pusher::app_key_of(head.path()).is_some()
+        {
+            conn.inbuf.drain(..total);
+            conn.set_deadline(None);
+            return HttpOutcome::PusherUpgrade(head);
         }
         let keep_alive = head.keep_alive && !conn.shard.is_shutting_down();
         let caller = Caller { credential, ip };

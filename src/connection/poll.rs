@@ -204,7 +204,10 @@ impl Poll {
         // An answer is a delivery: the receipts of what it hands the user from their own inbox.
         let mut receipts = self.conn.shard.receipts.borrow_mut();
         let now = now_millis();
-        for n in shown.iter().filter(|n| n.user_id.as_deref() == Some(&*self.user)) {
+        for n in shown
+            .iter()
+            .filter(|n| n.user_id.as_deref() == Some(&*self.user))
+        {
             receipts.delivered_at(n.id, now);
         }
         drop(receipts);

@@ -29,6 +29,20 @@ pub enum ShardMsg {
     DeliverExcept(Arc<Delivery>, ConnId),
     /// Begin a graceful shutdown: stop accepting, close WebSockets with 1001, finish requests.
     Shutdown,
+    /// The Pusher HTTP API asks how many of this shard's connections are subscribed to each channel
+    /// whose name starts with `prefix` (with `exact`, to that one channel only); the shard answers
+    /// with `(channel, subscribed connections)` pairs, leaving out empty channels.
+    ChannelCounts {
+        /// The channel name prefix (`filter_by_prefix`), or the whole name with `exact`.
+        prefix: String,
+        /// Whether `prefix` is one channel's whole name.
+        exact: bool,
+        /// Where the answer goes.
+        reply: futures_channel::oneshot::Sender<Vec<(String, usize)>>,
+    },
+    /// Close this shard's Pusher connections signed in as this user (the Pusher HTTP API's
+    /// `terminate_connections`).
+    TerminateUser(Box<str>),
 }
 
 /// The sending side of a shard's inbox; cheap to clone and usable from any thread.

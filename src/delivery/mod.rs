@@ -46,7 +46,40 @@ pub enum Content {
         /// Orders counts of one user whichever way they came (see `store::UnreadCount::version`).
         version: u64,
     },
+    /// A Pusher event to one channel (from the Pusher HTTP API or a Pusher client's `client-` event):
+    /// ephemeral, like a client message.
+    PusherEvent(PusherEvent),
 }
+
+/// A Pusher-protocol event, as it travels (one per channel: Pusher delivers an event triggered on
+/// several channels once per channel, so a client subscribed to two of them gets it twice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PusherEvent {
+    /// The event name (`my-event`, `client-typing`).
+    pub name: String,
+    /// The event's `data` as JSON text: a JSON string for the HTTP API's events, whatever the client
+    /// sent for client events.
+    pub data: String,
+    /// The socket id (`"<node>.<connection>"`) that must not receive it: the HTTP API's `socket_id`,
+    /// or the sender of a client event.
+    pub except_socket: Option<Box<str>>,
+}
+
+/// Where a Laravel user's notifications go for Pusher clients (`PUSHER_USER_CHANNEL` split around
+/// its `{id}`): set once at start-up, read by the Pusher encoding. A process-wide setting rather than
+/// an argument because encodings are made by whichever shard first needs them, from the delivery
+/// alone.
+static PUSHER_USER_CHANNEL: OnceLock<(String, String)> = OnceLock::new();
+
+/// Sets the Pusher user channel pattern (the part before and after the user id); the first call wins.
+pub fn set_pusher_user_channel(prefix: &str, suffix: &str) {
+    let _ = PUSHER_USER_CHANNEL.set((prefix.to_owned(), suffix.to_owned()));
+}
+
+/// The event a notification sent to a user is to Pusher clients: Laravel's, so that laravel-echo's
+/// `.notification(cb)` hands it to `cb`.
+pub const LARAVEL_NOTIFICATION_EVENT: &str =
+    "Illuminate\\Notifications\\Events\\BroadcastNotificationCreated";
 
 /// A wire format deliveries are written in. One per distinct format, not per connection kind: kinds
 /// that write the same bytes share one, so a delivery is encoded at most once per format.
@@ -57,6 +90,8 @@ pub enum Encoding {
     /// Server-Sent Events ([`sse`]): `event: notification` with `id:` and the same JSON as the native
     /// frame; a client message as `event: message`. Lazy slot 1 (slot 0 is the Pusher protocol's).
     Sse,
+    /// A complete WebSocket text frame of a Pusher-protocol event (`{"event","channel","data"}`).
+    Pusher,
 }
 
 /// How many encodings are made lazily (every one but the native); the size of [`Delivery`]'s slots.
@@ -68,6 +103,7 @@ impl Encoding {
         match self {
             Encoding::NativeWebSocket => None,
             Encoding::Sse => Some(1),
+            Encoding::Pusher => Some(0),
         }
     }
 
@@ -75,7 +111,8 @@ impl Encoding {
     fn encode(self, content: &Content, channels: &[String]) -> Frames {
         match self {
             Encoding::NativeWebSocket => Frames::native(content, channels),
-            Encoding::Sse => Frames::sse(content),
+            Encoding::Sse => Frames::sse(content, channels),
+            Encoding::Pusher => Frames::pusher(content, channels),
         }
     }
 }
@@ -131,7 +168,7 @@ impl Frames {
 
     /// The SSE events of any content (see [`sse`]): a notification's events carry its id, so an
     /// `EventSource` resumes from it; a client message is the control-style `event: message`.
-    fn sse(content: &Content) -> Frames {
+    fn sse(content: &Content, channels: &[String]) -> Frames {
         match content {
             Content::Notification(n) => {
                 let hint = 320 + n.message.len() + n.title.len() + n.data.len();
@@ -157,6 +194,16 @@ impl Frames {
                 plain: sse::control_of_frame(&unread_frame(*count)),
                 per_channel: Vec::new(),
             },
+            // `event: pusher_event`, with the native event's JSON.
+            Content::PusherEvent(event) => {
+                let channel = channels.first().map_or("", String::as_str);
+                let event =
+                    sse::control_of_frame(&Frames::native_of_pusher_event(channel, event).plain);
+                Frames {
+                    per_channel: vec![event.clone()],
+                    plain: event,
+                }
+            }
         }
     }
 
@@ -169,9 +216,12 @@ impl Frames {
     }
 
     /// The native frames of any content (what [`Encoding::encode`] does for the native format).
-    fn native(content: &Content, _channels: &[String]) -> Frames {
+    fn native(content: &Content, channels: &[String]) -> Frames {
         match content {
             Content::Unread { count, .. } => Frames::native_of_unread(*count),
+            Content::PusherEvent(event) => {
+                Frames::native_of_pusher_event(channels.first().map_or("", String::as_str), event)
+            }
             Content::Notification(n) => Frames::native_of_notification(n),
             Content::ClientMessage(payload) => {
                 Frames::native_of_client_message(text_frame(payload.len(), |out| {
@@ -188,6 +238,101 @@ pub fn unread_frame(count: u64) -> Bytes {
     text_frame(40, |out| {
         out.extend_from_slice(b"{\"event\":\"unread\",\"count\":");
         out.extend_from_slice(count.to_string().as_bytes());
+        out.push(b'}');
+    })
+}
+
+impl Frames {
+    /// The native frame of a Pusher event: `{"event":"pusher_event","channel","name","data"}`.
+    fn native_of_pusher_event(channel: &str, event: &PusherEvent) -> Frames {
+        let frame = text_frame(
+            64 + channel.len() + event.name.len() + event.data.len(),
+            |out| {
+                out.extend_from_slice(b"{\"event\":\"pusher_event\",\"channel\":");
+                write_json_str(out, channel);
+                out.extend_from_slice(b",\"name\":");
+                write_json_str(out, &event.name);
+                out.extend_from_slice(b",\"data\":");
+                out.extend_from_slice(event.data.as_bytes());
+                out.push(b'}');
+            },
+        );
+        Frames::native_of_client_message(frame)
+    }
+
+    /// The Pusher frames of any content (what [`Encoding::encode`] does for the Pusher format):
+    /// - a Pusher event: itself, on its channel;
+    /// - a notification: through a channel, the event `notification` on that channel with the
+    ///   notification's JSON (as a string) for data; through its user, Laravel's
+    ///   `BroadcastNotificationCreated` on the user's channel (`PUSHER_USER_CHANNEL`) with the same
+    ///   data, which holds `id` and `type` as `.notification(cb)` wants; a broadcast, the event
+    ///   `notification` with no channel;
+    /// - a native client message: the event `message` on its channel, with the native message's JSON
+    ///   (`{"event","channel","from","data"}`) as a string for data.
+    fn pusher(content: &Content, channels: &[String]) -> Frames {
+        match content {
+            Content::PusherEvent(event) => {
+                let channel = channels.first().map_or("", String::as_str);
+                let frame = pusher_frame(&event.name, Some(channel), |out| {
+                    out.extend_from_slice(event.data.as_bytes())
+                });
+                Frames::native_of_client_message(frame)
+            }
+            Content::Notification(n) => {
+                let as_string = |channel: Option<&str>| {
+                    let mut json = Vec::with_capacity(320 + n.message.len() + n.data.len());
+                    n.write_json(&mut json, channel);
+                    String::from_utf8(json).unwrap_or_default()
+                };
+                let plain = match (&n.user_id, PUSHER_USER_CHANNEL.get()) {
+                    (Some(user), Some((prefix, suffix))) => {
+                        let channel = format!("{prefix}{user}{suffix}");
+                        pusher_frame(LARAVEL_NOTIFICATION_EVENT, Some(&channel), |out| {
+                            write_json_str(out, &as_string(None))
+                        })
+                    }
+                    _ => pusher_frame("notification", None, |out| {
+                        write_json_str(out, &as_string(None))
+                    }),
+                };
+                let per_channel = n
+                    .channels
+                    .iter()
+                    .map(|c| {
+                        pusher_frame("notification", Some(c), |out| {
+                            write_json_str(out, &as_string(Some(c)))
+                        })
+                    })
+                    .collect();
+                Frames { plain, per_channel }
+            }
+            Content::ClientMessage(payload) => {
+                let channel = channels.first().map_or("", String::as_str);
+                let frame = pusher_frame("message", Some(channel), |out| {
+                    write_json_str(out, std::str::from_utf8(payload).unwrap_or_default())
+                });
+                Frames::native_of_client_message(frame)
+            } // Never written: the Pusher protocol has no unread event, and the shard's unread flusher
+            // writes only to native and SSE connections.
+            Content::Unread { .. } => Frames {
+                plain: Bytes::new(),
+                per_channel: Vec::new(),
+            },
+        }
+    }
+}
+
+/// A text frame of the Pusher event `{"event":<name>,"channel":<channel>,"data":<written>}`.
+fn pusher_frame(name: &str, channel: Option<&str>, data: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    text_frame(64 + name.len(), |out| {
+        out.extend_from_slice(b"{\"event\":");
+        write_json_str(out, name);
+        if let Some(channel) = channel {
+            out.extend_from_slice(b",\"channel\":");
+            write_json_str(out, channel);
+        }
+        out.extend_from_slice(b",\"data\":");
+        data(out);
         out.push(b'}');
     })
 }
@@ -298,6 +443,27 @@ impl Delivery {
             Content::ClientMessage(frame_payload(&frame)),
             Frames::native_of_client_message(frame),
         )
+    }
+
+    /// A Pusher event to `channel` (ephemeral: no id, not stored).
+    pub fn of_pusher_event(channel: &str, event: PusherEvent) -> Delivery {
+        let native = Frames::native_of_pusher_event(channel, &event);
+        Delivery::new(
+            None,
+            None,
+            vec![channel.to_owned()],
+            false,
+            Content::PusherEvent(event),
+            native,
+        )
+    }
+
+    /// The socket id a Pusher event must not reach, if any.
+    pub fn excluded_socket(&self) -> Option<&str> {
+        match &self.content {
+            Content::PusherEvent(event) => event.except_socket.as_deref(),
+            _ => None,
+        }
     }
 
     /// The delivery's frames in `encoding`: the native ones as encoded when the delivery was made;

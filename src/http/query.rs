@@ -31,6 +31,20 @@ pub fn query_param<'a>(query: &'a str, key: &str) -> Option<Cow<'a, str>> {
     None
 }
 
+/// Every `key=value` pair of a query string, both form-decoded, in order; a pair whose key or value
+/// is not UTF-8 once decoded is skipped. For the few callers that need the whole query (a signature
+/// over all its parameters), not for looking one up.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            let (raw_key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((decode(raw_key)?, decode(raw_value)?))
+        })
+}
+
 /// Whether an encoded key names `key`. The raw comparison settles almost
 /// every case without decoding; only keys with escapes pay for decoding.
 fn key_matches(raw_key: &str, key: &str) -> bool {

@@ -55,6 +55,9 @@ pub enum ConnKind {
     /// from the store (`Shard::deliver_batched`). It names the native encoding, which every delivery
     /// has already, so reaching it costs no encoding.
     LongPoll,
+    /// A WebSocket speaking the Pusher Channels protocol (`GET /app/{key}`), registered for
+    /// deliveries; it has a user only once signed in or subscribed to its Laravel user channel.
+    Pusher,
 }
 
 impl ConnKind {
@@ -64,6 +67,7 @@ impl ConnKind {
             ConnKind::Http => None,
             ConnKind::WebSocket | ConnKind::LongPoll => Some(Encoding::NativeWebSocket),
             ConnKind::Sse => Some(Encoding::Sse),
+            ConnKind::Pusher => Some(Encoding::Pusher),
         }
     }
 
@@ -417,6 +421,56 @@ impl Hub {
             .map(UserKey)
     }
 
+    /// Turns an HTTP connection into a connection of `kind` that has no user yet (a Pusher connection
+    /// before it signs in): reached through its channels and broadcasts only.
+    pub fn upgrade_without_user(&mut self, id: ConnId, kind: ConnKind) {
+        debug_assert!(
+            kind.receives_deliveries(),
+            "{kind:?} receives no deliveries"
+        );
+        self.conns[id as usize].kind = kind;
+    }
+
+    /// Gives a connection without a user the user `user`, so deliveries to the user reach it from now
+    /// on. Returns false (and changes nothing) when it already has another user.
+    pub fn attach_user(&mut self, id: ConnId, user: &str) -> bool {
+        if let Some(current) = self.user_of(id) {
+            return **current == *user;
+        }
+        let (user_id, new) = self.users.intern(user);
+        if new {
+            self.interest_changed(|| Topic::User(user.into()), true);
+        }
+        self.users.add(user_id, id);
+        self.conns[id as usize].user = NonZeroU32::new(user_id + 1);
+        true
+    }
+
+    /// Every channel with a subscriber on this shard whose name starts with `prefix`, with its count
+    /// of subscribed connections (of every kind: native and Pusher clients share channel names).
+    pub fn channels_with_prefix(&self, prefix: &str) -> Vec<(Rc<str>, usize)> {
+        self.channels
+            .entries
+            .iter()
+            .filter(|(_, e)| e.name.starts_with(prefix))
+            .map(|(_, e)| (e.name.clone(), e.members.len()))
+            .collect()
+    }
+
+    /// How many connections of this shard are subscribed to `channel`.
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.channels
+            .lookup(channel)
+            .map_or(0, |ch| self.channels.members(ch).len())
+    }
+
+    /// The connections of `user` on this shard.
+    pub fn connections_of_user(&self, user: &str) -> Vec<ConnId> {
+        self.users
+            .lookup(user)
+            .map_or_else(Vec::new, |u| self.users.members(u).to_vec())
+    }
+
     /// The user of a WebSocket connection.
     pub fn user_of(&self, id: ConnId) -> Option<&Rc<str>> {
         self.conns[id as usize]
@@ -654,6 +708,37 @@ mod tests {
         });
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_pusher_connection_is_reached_by_channel_then_by_the_user_it_is_given() {
+        // Pusher frames are made from the content (not the test's fake native frames): count the
+        // connections reached.
+        fn reached(hub: &mut Hub, d: &Delivery) -> Vec<ConnId> {
+            let mut ids = Vec::new();
+            hub.for_each_target(d, None, |id, _, _| ids.push(id));
+            ids
+        }
+        let mut hub = Hub::new();
+        let p = hub.add(-1);
+        hub.upgrade_without_user(p, ConnKind::Pusher);
+        hub.subscribe(p, "news", 10).unwrap();
+        assert!(reached(&mut hub, &delivery(Some("7"), &[], false)).is_empty());
+        assert_eq!(
+            reached(&mut hub, &delivery(None, &["news"], false)),
+            vec![p]
+        );
+        assert!(hub.attach_user(p, "7"));
+        assert!(hub.attach_user(p, "7"), "the same user again is fine");
+        assert!(!hub.attach_user(p, "8"), "one user per connection");
+        assert_eq!(reached(&mut hub, &delivery(Some("7"), &[], false)), vec![p]);
+        assert_eq!(hub.connections_of_user("7"), vec![p]);
+        assert_eq!(hub.subscriber_count("news"), 1);
+        assert_eq!(hub.channels_with_prefix("ne").len(), 1);
+        assert!(hub.channels_with_prefix("x").is_empty());
+        hub.remove(p);
+        assert_eq!(hub.user_count(), 0);
+        assert_eq!(hub.channel_count(), 0);
     }
 
     fn ws(hub: &mut Hub, user: &str) -> ConnId {

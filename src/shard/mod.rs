@@ -65,7 +65,7 @@ use crate::shard::receipts::ReceiptBuffer;
 use crate::shard::timeouts::{Timeouts, TICK};
 use crate::shard::unread::PendingUnread;
 use crate::store::Store;
-use crate::ws::codec::{close_code, encode_ping};
+use crate::ws::codec::{close_code, encode_ping, encode_text};
 
 /// Bytes of the per-shard read buffer every connection reads into (see `socket`).
 const READ_SCRATCH_BYTES: usize = 64 * 1024;
@@ -188,6 +188,8 @@ pub struct Shard {
     ping_frame: Bytes,
     /// The SSE heartbeat comment, shared by every SSE stream.
     sse_ping: Bytes,
+    /// The `pusher:ping` text frame the heartbeat sends to Pusher connections, made once per shard.
+    pusher_ping_frame: Bytes,
     /// Frames of the inbox burst being routed, written per connection at its end.
     write_batch: RefCell<WriteBatch>,
     /// Delivery receipts noted since the last hand-off to the store (see [`receipts`]).
@@ -267,6 +269,13 @@ impl Shard {
         }
     }
 
+    /// The connection of this shard a delivery must skip: the one a Pusher event's `socket_id` names,
+    /// when it lives here (it may live on any shard of any node; elsewhere it is nobody).
+    fn excluded_here(&self, delivery: &Delivery) -> Option<ConnId> {
+        let socket = crate::pusher::socket_id::SocketId::parse(delivery.excluded_socket()?)?;
+        (socket.is_local() && usize::from(socket.shard) == self.index).then_some(socket.slot)
+    }
+
     /// Writes what [`Shard::deliver_batched`] collected.
     fn flush_deliveries(&self) {
         let mut batch = self.write_batch.borrow_mut();
@@ -288,6 +297,8 @@ impl Shard {
                 ConnKind::WebSocket | ConnKind::Sse | ConnKind::LongPoll => {
                     conn.request_close(close_code::GOING_AWAY)
                 }
+                // Pusher clients reconnect at once on 4200 (to another node, behind a balancer).
+                ConnKind::Pusher => conn.request_close(crate::pusher::protocol::code::RECONNECT),
                 ConnKind::Http => conn.wake(),
             }
         }
@@ -351,6 +362,7 @@ where
         connection_seq: Cell::new(0),
         ping_frame: Bytes::from(encode_ping(b"")),
         sse_ping: Bytes::from_static(crate::delivery::sse::PING),
+        pusher_ping_frame: Bytes::from(encode_text(&crate::pusher::protocol::ping())),
         write_batch: RefCell::new(WriteBatch::default()),
         receipts: RefCell::new(ReceiptBuffer::default()),
         unread: PendingUnread::default(),
@@ -521,12 +533,40 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
                         if d.unread().is_some() {
                             shard.unread.offer(&mut shard.hub.borrow_mut(), d);
                         } else {
-                            shard.deliver_batched(d, None);
+                            shard.deliver_batched(d, shard.excluded_here(d));
                         }
                     }
                 }
                 ShardMsg::DeliverExcept(delivery, sender) => {
                     shard.deliver_batched(&delivery, Some(sender));
+                }
+                ShardMsg::ChannelCounts {
+                    prefix,
+                    exact,
+                    reply,
+                } => {
+                    let hub = shard.hub.borrow();
+                    let counts = if exact {
+                        match hub.subscriber_count(&prefix) {
+                            0 => Vec::new(),
+                            n => vec![(prefix, n)],
+                        }
+                    } else {
+                        hub.channels_with_prefix(&prefix)
+                            .into_iter()
+                            .map(|(name, n)| (name.to_string(), n))
+                            .collect()
+                    };
+                    let _ = reply.send(counts);
+                }
+                ShardMsg::TerminateUser(user) => {
+                    let mut hub = shard.hub.borrow_mut();
+                    for id in hub.connections_of_user(&user) {
+                        let conn = hub.conn_mut(id);
+                        if conn.kind == ConnKind::Pusher {
+                            conn.request_close(crate::pusher::protocol::code::UNAUTHORIZED);
+                        }
+                    }
                 }
                 ShardMsg::Shutdown => {
                     shard.flush_deliveries();
@@ -592,6 +632,9 @@ async fn heartbeat(shard: Rc<Shard>) {
                 ConnKind::WebSocket => (&shard.ping_frame, true),
                 // A comment line: nothing answers it; a dead peer shows as a send error.
                 ConnKind::Sse => (&shard.sse_ping, false),
+                // The protocol's own ping, which pusher-js answers with `pusher:pong` (any client
+                // message counts as one).
+                ConnKind::Pusher => (&shard.pusher_ping_frame, true),
             };
             if answered {
                 if conn.missed_pongs >= MAX_MISSED_PONGS {

@@ -20,7 +20,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use crate::delivery::Delivery;
-use crate::shard::hub::Hub;
+use crate::shard::hub::{ConnKind, Hub};
 use crate::shard::Shard;
 
 /// The counts waiting to be written on one shard.
@@ -89,7 +89,11 @@ pub(crate) async fn run_flusher(shard: Rc<Shard>, period: Duration) {
         let mut hub = shard.hub.borrow_mut();
         for delivery in &pending {
             hub.for_each_target(delivery, None, |id, conn, frame| {
-                batch.deliver(id, conn, None, frame, max_outbound);
+                // The native event, and SSE's `event: unread`; a parked long-poll answers only
+                // notifications, and the Pusher protocol has no such event.
+                if matches!(conn.kind, ConnKind::WebSocket | ConnKind::Sse) {
+                    batch.deliver(id, conn, None, frame, max_outbound);
+                }
             });
         }
         if !batch.is_empty() {

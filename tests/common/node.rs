@@ -31,7 +31,12 @@ fn missing(what: &str) {
 
 /// The package folder as an absolute path.
 pub fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(JS_DIR)
+    package_dir(JS_DIR)
+}
+
+/// A package folder of the repository (`clients/js`, `tests/pusher`) as an absolute path.
+pub fn package_dir(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
 /// `node` when it is installed and at least [`MIN_NODE`].
@@ -60,12 +65,13 @@ fn node() -> Option<PathBuf> {
     Some(node)
 }
 
-/// Runs `npm ci` in the package folder unless its `node_modules` matches `package-lock.json`
-/// already (npm writes `node_modules/.package-lock.json` on install). One test at a time.
-fn install_packages() -> bool {
+/// Runs `npm ci` in the package folder `relative` unless its `node_modules` matches
+/// `package-lock.json` already (npm writes `node_modules/.package-lock.json` on install). One test at
+/// a time.
+fn install_packages(relative: &str) -> bool {
     static INSTALL: Mutex<()> = Mutex::new(());
     let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = js_dir();
+    let dir = package_dir(relative);
     let modified = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let installed = modified(dir.join("node_modules/.package-lock.json"));
     let locked = modified(dir.join("package-lock.json"));
@@ -86,17 +92,22 @@ fn install_packages() -> bool {
     };
     assert!(
         out.status.success(),
-        "npm ci in {JS_DIR} failed:\n{}\n{}",
+        "npm ci in {relative} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     true
 }
 
-/// Node.js with the package's dependencies installed, or `None` (skip) when there is none.
+/// Node.js with the SDK package's dependencies installed, or `None` (skip) when there is none.
 pub fn prepared_node() -> Option<PathBuf> {
+    prepared_node_in(JS_DIR)
+}
+
+/// Node.js with the dependencies of the package folder `relative` installed, or `None` (skip).
+pub fn prepared_node_in(relative: &str) -> Option<PathBuf> {
     let node = node()?;
-    install_packages().then_some(node)
+    install_packages(relative).then_some(node)
 }
 
 /// The Chromium (or Chrome) binary for the headless browser test: `$CHROMIUM`, or the first of the
@@ -139,10 +150,15 @@ fn on_path(name: &Path) -> Option<PathBuf> {
 /// Runs `node --test <files>` in the package folder with `env`, the server binary in
 /// `NOTIFICATION_SERVICE_BIN`; fails the test with node's output unless every test passed.
 pub fn run_node_tests(node: &Path, files: &[&str], env: &[(&str, &str)]) {
+    run_node_tests_in(node, JS_DIR, files, env)
+}
+
+/// [`run_node_tests`] in the package folder `relative`.
+pub fn run_node_tests_in(node: &Path, relative: &str, files: &[&str], env: &[(&str, &str)]) {
     let mut child = Command::new(node)
         .args(["--test", "--test-force-exit", "--test-reporter=spec"])
         .args(files)
-        .current_dir(js_dir())
+        .current_dir(package_dir(relative))
         .env(
             "NOTIFICATION_SERVICE_BIN",
             env!("CARGO_BIN_EXE_notification-service"),

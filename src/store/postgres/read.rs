@@ -7,8 +7,7 @@ use uuid::Uuid;
 use super::rows::{column_error, notification_from_row};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
-    COUNTERS, HISTORY_BY_FILTERS, HISTORY_COUNT_COLUMNS, PING, REPLAY, SCHEDULED,
-    SCHEDULED_PENDING,
+    COUNTERS, HISTORY_BY_FILTERS, HISTORY_COUNT_COLUMNS, PING, REPLAY, SCHEDULED, SCHEDULED_PENDING,
 };
 use crate::model::Notification;
 use crate::store::backend::{

@@ -1,0 +1,268 @@
+//! The Pusher HTTP API (`/apps/{id}/…`): events for Pusher and native clients, and what the shards
+//! know of channels.
+//!
+//! Every request is signed with the app's secret (`crate::pusher::sign::verify_request`), so the
+//! node's `API_KEY` does not apply here; an unknown app (or none configured) is 404, a bad or stale
+//! signature 401. Events are ephemeral, as in Pusher: one delivery per channel, handed to every shard
+//! of this node and, with a Redis bus, to the other nodes; nothing is stored.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::api::ApiContext;
+use crate::delivery::inbox::ShardMsg;
+use crate::delivery::{Delivery, PusherEvent};
+use crate::http::query::query_param;
+use crate::http::request::RequestHead;
+use crate::http::response::Response;
+use crate::json_input::parse_object;
+use crate::model::write_json_str;
+use crate::pusher::protocol::{is_valid_channel_name, MAX_EVENT_NAME};
+use crate::pusher::sign::verify_request;
+use crate::pusher::socket_id::SocketId;
+use crate::pusher::PusherApp;
+
+/// How far a request's `auth_timestamp` may be from the server's clock, as Pusher allows.
+const TIMESTAMP_WINDOW_S: u64 = 600;
+
+/// What a Pusher route asks for (the app id comes first in every path).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Call {
+    /// `POST /apps/{id}/events`.
+    Events,
+    /// `POST /apps/{id}/batch_events`.
+    BatchEvents,
+    /// `GET /apps/{id}/channels`.
+    Channels,
+    /// `GET /apps/{id}/channels/{name}`.
+    Channel(String),
+    /// `POST /apps/{id}/users/{user}/terminate_connections`.
+    TerminateUser(String),
+}
+
+/// One event of `events` or of `batch_events`' `batch`.
+#[derive(Deserialize)]
+struct EventInput {
+    name: String,
+    /// A string in Pusher's API; any other JSON value is taken as its JSON text.
+    data: serde_json::Value,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    socket_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchInput {
+    batch: Vec<EventInput>,
+}
+
+fn bad(message: &str) -> Response {
+    Response::error(400, "invalid_field", message)
+}
+
+/// Answers a Pusher HTTP API call on app `app_id`.
+pub(super) async fn handle(
+    ctx: &ApiContext<'_>,
+    head: &RequestHead,
+    body: &mut [u8],
+    app_id: &str,
+    call: Call,
+) -> Response {
+    let Some(app) = ctx.config.pusher.by_id(app_id) else {
+        return Response::error(
+            404,
+            "not_found",
+            "no Pusher app with this id on this server",
+        );
+    };
+    if let Err(e) = check_signature(app, head, body) {
+        return Response::error(401, "unauthorized", &e);
+    }
+    match call {
+        Call::Events => {
+            match parse_object::<EventInput>(body, ctx.config.max_json_depth, "the body") {
+                Ok(event) => match publish(ctx, vec![event]) {
+                    Ok(()) => Response::json(200, b"{}".to_vec()),
+                    Err(refusal) => refusal,
+                },
+                Err(e) => Response::error(400, "invalid_json", &e.0),
+            }
+        }
+        Call::BatchEvents => {
+            match parse_object::<BatchInput>(body, ctx.config.max_json_depth, "the body") {
+                Ok(input) if input.batch.len() > ctx.config.pusher_max_batch => bad(&format!(
+                    "a batch holds at most {} events (PUSHER_MAX_BATCH)",
+                    ctx.config.pusher_max_batch
+                )),
+                Ok(input) => match publish(ctx, input.batch) {
+                    Ok(()) => Response::json(200, b"{\"batch\":[]}".to_vec()),
+                    Err(refusal) => refusal,
+                },
+                Err(e) => Response::error(400, "invalid_json", &e.0),
+            }
+        }
+        Call::Channels => {
+            let prefix = query_param(head.query(), "filter_by_prefix")
+                .map(|p| p.into_owned())
+                .unwrap_or_default();
+            let counts = channel_counts(ctx, prefix, false).await;
+            let mut out = b"{\"channels\":{".to_vec();
+            for (i, (name, count)) in counts.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_str(&mut out, name);
+                out.extend_from_slice(format!(":{{\"subscription_count\":{count}}}").as_bytes());
+            }
+            out.extend_from_slice(b"}}");
+            Response::json(200, out)
+        }
+        Call::Channel(name) => {
+            if !is_valid_channel_name(&name, ctx.config.pusher_max_channel_name) {
+                return bad("not a valid channel name");
+            }
+            let count: usize = channel_counts(ctx, name, true).await.values().sum();
+            Response::json(
+                200,
+                format!(
+                    "{{\"occupied\":{},\"subscription_count\":{count}}}",
+                    count > 0
+                )
+                .into_bytes(),
+            )
+        }
+        Call::TerminateUser(user) => {
+            let user: Box<str> = user.into();
+            for shard in 0..ctx.fanout.shard_count() {
+                ctx.fanout
+                    .send_to_shard(shard, ShardMsg::TerminateUser(user.clone()));
+            }
+            Response::json(200, b"{}".to_vec())
+        }
+    }
+}
+
+/// Checks the request's signed query against `app`, over the body as received.
+fn check_signature(app: &PusherApp, head: &RequestHead, body: &[u8]) -> Result<(), String> {
+    let now = crate::model::now_millis() / 1000;
+    verify_request(
+        app,
+        head.method.as_str(),
+        head.path(),
+        head.query(),
+        body,
+        now.max(0) as u64,
+        TIMESTAMP_WINDOW_S,
+    )
+    .map_err(|e| e.message())
+}
+
+/// Validates events and hands them to every shard and node, one delivery per channel. Nothing is
+/// sent unless every event is valid.
+fn publish(ctx: &ApiContext<'_>, events: Vec<EventInput>) -> Result<(), Response> {
+    let config = ctx.config;
+    let mut deliveries = Vec::new();
+    for (i, event) in events.into_iter().enumerate() {
+        let at = |what: &str| format!("event {i}: {what}");
+        if event.name.is_empty() || event.name.len() > MAX_EVENT_NAME {
+            return Err(bad(&at(&format!(
+                "name must be 1 to {MAX_EVENT_NAME} bytes"
+            ))));
+        }
+        let channels = match (event.channels, event.channel) {
+            (Some(list), None) => list,
+            (None, Some(one)) => vec![one],
+            _ => {
+                return Err(bad(&at(
+                    "name the channels in channels (or one in channel)",
+                )))
+            }
+        };
+        if channels.is_empty() || channels.len() > config.pusher_max_event_channels {
+            return Err(bad(&at(&format!(
+                "channels lists 1 to {} channels (PUSHER_MAX_EVENT_CHANNELS)",
+                config.pusher_max_event_channels
+            ))));
+        }
+        if let Some(c) = channels
+            .iter()
+            .find(|c| !is_valid_channel_name(c, config.pusher_max_channel_name))
+        {
+            return Err(bad(&at(&format!(
+                "{c:?} is not a channel name: 1 to {} bytes of A-Z a-z 0-9 _ - = @ , . ;",
+                config.pusher_max_channel_name
+            ))));
+        }
+        if let Some(socket) = &event.socket_id {
+            if SocketId::parse(socket).is_none() {
+                return Err(bad(&at("socket_id is not a socket id (digits.digits)")));
+            }
+        }
+        let text = match event.data {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        if text.len() > config.pusher_max_event_bytes {
+            return Err(Response::error(
+                413,
+                "body_too_large",
+                &at(&format!(
+                    "data is larger than {} bytes (PUSHER_MAX_EVENT_BYTES)",
+                    config.pusher_max_event_bytes
+                )),
+            ));
+        }
+        let mut data = Vec::with_capacity(text.len() + 2);
+        write_json_str(&mut data, &text);
+        let data = String::from_utf8(data).unwrap_or_default();
+        for channel in channels {
+            deliveries.push(Arc::new(Delivery::of_pusher_event(
+                &channel,
+                PusherEvent {
+                    name: event.name.clone(),
+                    data: data.clone(),
+                    except_socket: event.socket_id.as_deref().map(Into::into),
+                },
+            )));
+        }
+    }
+    ctx.fanout.send_pusher_events(None, deliveries);
+    Ok(())
+}
+
+/// Subscribed connections per channel over every shard of this node, for channels starting with
+/// `prefix` (or the one channel `prefix` names, with `exact`).
+async fn channel_counts(
+    ctx: &ApiContext<'_>,
+    prefix: String,
+    exact: bool,
+) -> BTreeMap<String, usize> {
+    let mut replies = Vec::new();
+    for shard in 0..ctx.fanout.shard_count() {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        ctx.fanout.send_to_shard(
+            shard,
+            ShardMsg::ChannelCounts {
+                prefix: prefix.clone(),
+                exact,
+                reply,
+            },
+        );
+        replies.push(answer);
+    }
+    let mut counts = BTreeMap::new();
+    for answer in replies {
+        // A shard that is gone (shutting down) answers nothing: it holds no connections either.
+        if let Ok(list) = answer.await {
+            for (name, n) in list {
+                *counts.entry(name).or_insert(0) += n;
+            }
+        }
+    }
+    counts
+}
