@@ -281,22 +281,58 @@ pub fn write_masked_text_frame(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4])
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
 }
 
-/// Subscribes a freshly upgraded blocking stream to `channel` and waits (within the stream's read
-/// timeout) for the server's `subscribed` answer, so nothing published afterwards can be missed.
+/// The message protocol spoken over the WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Protocol {
+    /// This server's own protocol (`/ws`, `{"action":"subscribe"}`).
+    #[default]
+    Native,
+    /// The Pusher Channels protocol 7 (`/app/KEY`, `pusher:subscribe`).
+    Pusher,
+}
+
+impl Protocol {
+    /// The subscribe request for `channel`, and what the server's success answer contains.
+    fn subscribe(self, channel: &str) -> (String, &'static [u8]) {
+        match self {
+            // The channel both as `channels` (this server's form) and `channel`, so a reference hub
+            // that takes the singular form understands it too.
+            Protocol::Native => (
+                format!(
+                    "{{\"action\":\"subscribe\",\"channels\":[\"{channel}\"],\"channel\":\"{channel}\"}}"
+                ),
+                b"subscribed",
+            ),
+            Protocol::Pusher => (
+                crate::pusher::subscribe_message(channel),
+                crate::pusher::SUBSCRIBED_EVENT,
+            ),
+        }
+    }
+
+    /// Whether a text frame is the server refusing something.
+    fn is_error(self, payload: &[u8]) -> bool {
+        match self {
+            Protocol::Native => memchr::memmem::find(payload, b"\"error\"").is_some(),
+            Protocol::Pusher => crate::pusher::ERROR_EVENTS
+                .iter()
+                .any(|e| memchr::memmem::find(payload, e).is_some()),
+        }
+    }
+}
+
+/// Subscribes a freshly upgraded blocking stream to `channel` in `protocol` and waits (within the
+/// stream's read timeout) for the server's answer, so nothing published afterwards can be missed.
 /// `pending` holds bytes already read (from [`client_handshake`]); on return it holds whatever came
 /// after the answer.
-///
-/// The request names the channel both as `channels` (this server's form) and `channel`, so a reference
-/// hub that takes the singular form understands it too.
 pub fn subscribe_and_wait(
     stream: &mut TcpStream,
     channel: &str,
     pending: &mut Vec<u8>,
     keys: &mut KeyGen,
+    protocol: Protocol,
 ) -> Result<(), HandshakeError> {
-    let request = format!(
-        "{{\"action\":\"subscribe\",\"channels\":[\"{channel}\"],\"channel\":\"{channel}\"}}"
-    );
+    let (request, success) = protocol.subscribe(channel);
     let mut frame = Vec::with_capacity(request.len() + 8);
     write_masked_text_frame(
         &mut frame,
@@ -311,13 +347,12 @@ pub fn subscribe_and_wait(
         {
             let payload = &pending[head.payload.clone()];
             let acked = head.opcode == opcode::TEXT
-                && memchr::memmem::find(payload, b"subscribed").is_some();
+                && memchr::memmem::find(payload, success).is_some();
             if head.opcode == opcode::CLOSE {
                 return Err(HandshakeError::Closed);
             }
-            if let Some(error) = (head.opcode == opcode::TEXT
-                && memchr::memmem::find(payload, b"\"error\"").is_some())
-            .then(|| String::from_utf8_lossy(payload).into_owned())
+            if let Some(error) = (head.opcode == opcode::TEXT && protocol.is_error(payload))
+                .then(|| String::from_utf8_lossy(payload).into_owned())
             {
                 return Err(HandshakeError::Rejected(error));
             }

@@ -12,7 +12,9 @@ use crate::limits::{self, FD_RESERVE};
 use crate::plan::{self, SourceSpread, WorkerShare};
 use crate::progress::ProgressLine;
 use crate::server_probe::{self, ServerProcesses};
+use crate::pusher::PusherApp;
 use crate::target::{self, WsTarget};
+use crate::ws::Protocol;
 use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
 
 /// Most connections one run may open: a bound so a typo cannot ask for millions.
@@ -54,6 +56,32 @@ pub struct ReceiverArgs {
     /// Seconds allowed for opening all connections.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
+    /// Speak the Pusher Channels protocol as this app (`ID:KEY:SECRET`): receivers connect to
+    /// `/app/KEY?protocol=7` on the URL's host and port (the URL's path is not used) and subscribe with
+    /// `pusher:subscribe`; `fanout --via pusher` signs its events with the secret.
+    #[arg(long, value_name = "ID:KEY:SECRET")]
+    pub pusher_app: Option<PusherApp>,
+}
+
+impl ReceiverArgs {
+    /// The URL the workers connect to: `--url`, or with `--pusher-app` the app's path on its host.
+    pub fn receiver_url(&self) -> Result<String, String> {
+        match &self.pusher_app {
+            None => Ok(self.url.clone()),
+            Some(app) => {
+                let target = WsTarget::parse(&self.url).map_err(|e| e.to_string())?;
+                Ok(format!("ws://{}{}", target.host_header, app.websocket_path()))
+            }
+        }
+    }
+
+    /// The protocol the receivers speak.
+    pub fn protocol(&self) -> Protocol {
+        match self.pusher_app {
+            Some(_) => Protocol::Pusher,
+            None => Protocol::Native,
+        }
+    }
 }
 
 /// Where the receivers go.
@@ -68,7 +96,7 @@ pub struct Layout {
 
 /// Checks the receiver options against the machine's limits before anything is opened.
 pub fn lay_out(args: &ReceiverArgs, receivers: u64) -> Result<Layout, String> {
-    let target = WsTarget::parse(&args.url).map_err(|e| e.to_string())?;
+    let target = WsTarget::parse(&args.receiver_url()?).map_err(|e| e.to_string())?;
     if receivers == 0 || receivers > MAX_CONNECTIONS {
         return Err(format!(
             "connections must be between 1 and {MAX_CONNECTIONS}"
@@ -114,8 +142,13 @@ pub fn worker_args(
     total: u64,
 ) -> Vec<(&'static str, String)> {
     let rate = plan::worker_rate(args.connect_rate as f64, share.count, total);
+    let protocol = match args.protocol() {
+        Protocol::Native => "native",
+        Protocol::Pusher => "pusher",
+    };
     vec![
-        ("--url", args.url.clone()),
+        ("--url", format!("ws://{}{}", layout.target.host_header, layout.target.path)),
+        ("--protocol", protocol.to_string()),
         ("--first", share.first.to_string()),
         ("--count", share.count.to_string()),
         ("--source-ips", layout.sources.addrs_arg()),

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::pusher;
 use crate::stamp::{self, now_ns};
 use crate::ws::{self, opcode, KeyGen};
 
@@ -421,6 +422,13 @@ fn answer_frames(
                 // A pong of a few bytes fits any socket buffer; if it does not, the server's
                 // heartbeat will say so by closing, and that is counted.
                 let _ = stream.write_all(&ws::pong_frame(payload, mask));
+            }
+            opcode::TEXT if memchr::memmem::find(payload, pusher::PING_EVENT).is_some() => {
+                let mask = (state.keys.next_u64() as u32).to_ne_bytes();
+                let mut pong = Vec::with_capacity(pusher::PONG_MESSAGE.len() + 8);
+                ws::write_masked_text_frame(&mut pong, pusher::PONG_MESSAGE, mask);
+                // As for a pong frame: tiny, and a server that misses it closes, which is counted.
+                let _ = stream.write_all(&pong);
             }
             opcode::TEXT => {
                 if let Some(sent) = stamp::find_stamp(payload) {

@@ -103,6 +103,9 @@ pub struct WorkerArgs {
     /// This worker's publish rate, messages per second.
     #[arg(long, default_value_t = 0.0)]
     pub publish_rate: f64,
+    /// The protocol the connections speak (how they subscribe).
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: ws::Protocol,
 }
 
 /// Why one connection could not be opened.
@@ -161,6 +164,8 @@ struct ConnectJob {
     channel: Option<(String, u64, u64)>,
     /// Publishing after start: (count, rate).
     publish: Option<(u64, f64)>,
+    /// How connections subscribe.
+    protocol: ws::Protocol,
 }
 
 /// Runs a worker to the end; the exit code tells the parent nothing it did not already read.
@@ -220,6 +225,7 @@ fn prepare(args: &WorkerArgs) -> Result<ConnectJob, String> {
             .clone()
             .map(|c| (c, args.room_size, args.total.max(args.first + args.count))),
         publish: (args.publish_count > 0).then_some((args.publish_count, args.publish_rate)),
+        protocol: args.protocol,
     })
 }
 
@@ -411,7 +417,7 @@ fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Up
     let room = match &job.channel {
         Some((channel, room_size, total)) => {
             let (name, members) = plan::room_of(channel, index, *room_size, *total);
-            ws::subscribe_and_wait(&mut stream, &name, &mut pending, keys)
+            ws::subscribe_and_wait(&mut stream, &name, &mut pending, keys, job.protocol)
                 .map_err(OpenError::Handshake)?;
             Some((name, members.saturating_sub(1)))
         }
