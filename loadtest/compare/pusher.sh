@@ -4,6 +4,7 @@
 # pusher-js-style subscribers (`--pusher-app`) and events triggered through the signed HTTP API
 # (`fanout --via pusher`). Both servers are ephemeral here: Pusher events are not stored.
 #
+#   apt-get install protobuf-compiler     # sockudo's build needs protoc
 #   cargo install sockudo --version 5.2.0 --locked --no-default-features --features local,v2
 #   loadtest/compare/pusher.sh
 #   ROUNDS=2 CONNECTIONS=18000 loadtest/compare/pusher.sh
