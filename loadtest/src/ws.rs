@@ -158,6 +158,29 @@ pub fn client_handshake(
     key: &str,
 ) -> Result<Vec<u8>, HandshakeError> {
     stream.write_all(upgrade_request(host_header, path, key).as_bytes())?;
+    read_response_head(stream, is_switching_protocols)
+}
+
+/// Opens a Server-Sent Events stream on a blocking stream: `GET path` and a `200` answer. Returns the
+/// bytes after the response head, the start of the first events.
+pub fn open_event_stream(
+    stream: &mut TcpStream,
+    host_header: &str,
+    path: &str,
+) -> Result<Vec<u8>, HandshakeError> {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host_header}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    read_response_head(stream, |status_line| {
+        status_line.split_ascii_whitespace().nth(1) == Some("200")
+    })
+}
+
+/// Reads a response head; if `accepted` takes its status line, returns the bytes that followed it.
+fn read_response_head(
+    stream: &mut TcpStream,
+    accepted: impl Fn(&str) -> bool,
+) -> Result<Vec<u8>, HandshakeError> {
     let mut head = Vec::with_capacity(RESPONSE_READ_CHUNK);
     let mut chunk = [0u8; RESPONSE_READ_CHUNK];
     let head_end = loop {
@@ -180,7 +203,7 @@ pub fn client_handshake(
         .next()
         .unwrap_or_default();
     let status_line = String::from_utf8_lossy(status_line);
-    if is_switching_protocols(&status_line) {
+    if accepted(&status_line) {
         head.drain(..head_end);
         Ok(head)
     } else {
@@ -289,6 +312,9 @@ pub enum Protocol {
     Native,
     /// The Pusher Channels protocol 7 (`/app/KEY`, `pusher:subscribe`).
     Pusher,
+    /// Not a WebSocket: this server's Server-Sent Events stream
+    /// (`GET /api/v1/notifications/stream`), subscribed by its `channels=` parameter.
+    Sse,
 }
 
 impl Protocol {
@@ -297,7 +323,8 @@ impl Protocol {
         match self {
             // The channel both as `channels` (this server's form) and `channel`, so a reference hub
             // that takes the singular form understands it too.
-            Protocol::Native => (
+            // An SSE stream subscribes through its URL and never sends a message.
+            Protocol::Native | Protocol::Sse => (
                 format!(
                     "{{\"action\":\"subscribe\",\"channels\":[\"{channel}\"],\"channel\":\"{channel}\"}}"
                 ),
@@ -313,7 +340,9 @@ impl Protocol {
     /// Whether a text frame is the server refusing something.
     fn is_error(self, payload: &[u8]) -> bool {
         match self {
-            Protocol::Native => memchr::memmem::find(payload, b"\"error\"").is_some(),
+            Protocol::Native | Protocol::Sse => {
+                memchr::memmem::find(payload, b"\"error\"").is_some()
+            }
             Protocol::Pusher => crate::pusher::ERROR_EVENTS
                 .iter()
                 .any(|e| memchr::memmem::find(payload, e).is_some()),
@@ -346,8 +375,8 @@ pub fn subscribe_and_wait(
             parse_frame(pending).map_err(|e| HandshakeError::Rejected(e.to_string()))?
         {
             let payload = &pending[head.payload.clone()];
-            let acked = head.opcode == opcode::TEXT
-                && memchr::memmem::find(payload, success).is_some();
+            let acked =
+                head.opcode == opcode::TEXT && memchr::memmem::find(payload, success).is_some();
             if head.opcode == opcode::CLOSE {
                 return Err(HandshakeError::Closed);
             }

@@ -68,7 +68,9 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
     let target = WsTarget::parse(&args.receivers.url).map_err(|e| e.to_string())?;
     let (channel, rate) = (args.channel.clone(), args.rate as f64);
     if (args.via == Via::Pusher) != args.receivers.pusher_app.is_some() {
-        return Err("--via pusher goes with --pusher-app, and --pusher-app with --via pusher".into());
+        return Err(
+            "--via pusher goes with --pusher-app, and --pusher-app with --via pusher".into(),
+        );
     }
     let publisher: Publisher = match args.via {
         Via::Ws => {
@@ -93,7 +95,12 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
                 stamp::write_stamp_object(out, stamp_ns);
                 out.push(b'}');
             });
-            rest_publisher(RestClient::keep_alive(target.addr, connections), body, messages, rate)
+            rest_publisher(
+                RestClient::keep_alive(target.addr, connections),
+                body,
+                messages,
+                rate,
+            )
         }
         Via::Pusher => {
             let client = RestClient {
@@ -133,7 +140,12 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
 
 /// A publisher of `messages` REST requests at `rate` through `client`, each message expected at every
 /// receiver held.
-fn rest_publisher(client: RestClient, body: Arc<BodyWriter>, messages: u64, rate: f64) -> Publisher {
+fn rest_publisher(
+    client: RestClient,
+    body: Arc<BodyWriter>,
+    messages: u64,
+    rate: f64,
+) -> Publisher {
     Publisher::Parent(Box::new(move |held, progress| {
         let p = publisher::publish_over_rest(&client, messages, rate, body, progress)
             .map_err(|e| format!("publisher: {e}"))?;

@@ -11,11 +11,14 @@ use crate::fleet::{Fleet, FleetTotals};
 use crate::limits::{self, FD_RESERVE};
 use crate::plan::{self, SourceSpread, WorkerShare};
 use crate::progress::ProgressLine;
-use crate::server_probe::{self, ServerProcesses};
 use crate::pusher::PusherApp;
+use crate::server_probe::{self, ServerProcesses};
 use crate::target::{self, WsTarget};
-use crate::ws::Protocol;
 use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
+use crate::ws::Protocol;
+
+/// This server's Server-Sent Events route (`--sse`).
+const SSE_PATH: &str = "/api/v1/notifications/stream";
 
 /// Most connections one run may open: a bound so a typo cannot ask for millions.
 pub const MAX_CONNECTIONS: u64 = 250_000;
@@ -59,27 +62,33 @@ pub struct ReceiverArgs {
     /// Speak the Pusher Channels protocol as this app (`ID:KEY:SECRET`): receivers connect to
     /// `/app/KEY?protocol=7` on the URL's host and port (the URL's path is not used) and subscribe with
     /// `pusher:subscribe`; `fanout --via pusher` signs its events with the secret.
-    #[arg(long, value_name = "ID:KEY:SECRET")]
+    #[arg(long, value_name = "ID:KEY:SECRET", conflicts_with = "sse")]
     pub pusher_app: Option<PusherApp>,
+    /// Receive over Server-Sent Events instead of WebSocket: each receiver holds
+    /// `GET /api/v1/notifications/stream?user_id=…` (with `channels=` when the scenario has a channel)
+    /// on the URL's host and port.
+    #[arg(long)]
+    pub sse: bool,
 }
 
 impl ReceiverArgs {
     /// The URL the workers connect to: `--url`, or with `--pusher-app` the app's path on its host.
     pub fn receiver_url(&self) -> Result<String, String> {
-        match &self.pusher_app {
-            None => Ok(self.url.clone()),
-            Some(app) => {
-                let target = WsTarget::parse(&self.url).map_err(|e| e.to_string())?;
-                Ok(format!("ws://{}{}", target.host_header, app.websocket_path()))
-            }
-        }
+        let path = match (&self.pusher_app, self.sse) {
+            (None, false) => return Ok(self.url.clone()),
+            (Some(app), _) => app.websocket_path(),
+            (None, true) => SSE_PATH.to_string(),
+        };
+        let target = WsTarget::parse(&self.url).map_err(|e| e.to_string())?;
+        Ok(format!("ws://{}{path}", target.host_header))
     }
 
     /// The protocol the receivers speak.
     pub fn protocol(&self) -> Protocol {
-        match self.pusher_app {
-            Some(_) => Protocol::Pusher,
-            None => Protocol::Native,
+        match (&self.pusher_app, self.sse) {
+            (Some(_), _) => Protocol::Pusher,
+            (None, true) => Protocol::Sse,
+            (None, false) => Protocol::Native,
         }
     }
 }
@@ -145,9 +154,13 @@ pub fn worker_args(
     let protocol = match args.protocol() {
         Protocol::Native => "native",
         Protocol::Pusher => "pusher",
+        Protocol::Sse => "sse",
     };
     vec![
-        ("--url", format!("ws://{}{}", layout.target.host_header, layout.target.path)),
+        (
+            "--url",
+            format!("ws://{}{}", layout.target.host_header, layout.target.path),
+        ),
         ("--protocol", protocol.to_string()),
         ("--first", share.first.to_string()),
         ("--count", share.count.to_string()),

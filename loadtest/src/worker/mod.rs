@@ -407,6 +407,9 @@ fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Up
         .map_err(OpenError::Socket)?;
     let user = format!("{}{}", job.user_prefix, index);
     let path = job.target.path_for_user(&user);
+    if job.protocol == ws::Protocol::Sse {
+        return open_event_stream(job, stream, &path, index);
+    }
     let mut pending = ws::client_handshake(
         &mut stream,
         &job.target.host_header,
@@ -428,6 +431,35 @@ fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Up
         stream,
         pending,
         room,
+        sse: false,
+    })
+}
+
+/// The Server-Sent Events form of [`open_connection`]: the stream's request (its room as `channels=`)
+/// and its `200` answer instead of an upgrade and a subscribe.
+fn open_event_stream(
+    job: &ConnectJob,
+    mut stream: TcpStream,
+    path: &str,
+    index: u64,
+) -> Result<Upgraded, OpenError> {
+    let path = match &job.channel {
+        Some((channel, room_size, total)) => {
+            format!(
+                "{path}&channels={}",
+                plan::room_of(channel, index, *room_size, *total).0
+            )
+        }
+        None => path.to_string(),
+    };
+    let pending = ws::open_event_stream(&mut stream, &job.target.host_header, &path)
+        .map_err(OpenError::Handshake)?;
+    stream.set_nonblocking(true).map_err(OpenError::Socket)?;
+    Ok(Upgraded {
+        stream,
+        pending,
+        room: None,
+        sse: true,
     })
 }
 
