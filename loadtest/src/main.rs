@@ -43,7 +43,9 @@
 //! - [`plan`]: which worker and which source address each connection index gets.
 //! - [`fleet`]: the parent's side of the workers: spawn, follow their reports, stop.
 //! - [`worker`]: the worker process: connect at a paced rate, hold and answer pings, report.
-//! - [`ws`]: the hand-written WebSocket bits: upgrade request, frame parsing, pong.
+//! - [`ws`]: the hand-written WebSocket bits: upgrade request, frame parsing, pong, subscribing.
+//! - [`pusher`]: the Pusher Channels protocol's bits (`--pusher-app`): the subscriber's path and
+//!   messages, the signed HTTP API request.
 //! - [`http`]: reading keep-alive HTTP/1.1 responses for the REST scenarios.
 //! - [`target`]: the `ws://` URL and the loopback-only check.
 //! - [`server_probe`]: finding the server's pid by port, reading its RSS and CPU time.
@@ -56,6 +58,7 @@ pub mod limits;
 pub mod plan;
 pub mod progress;
 pub mod publisher;
+pub mod pusher;
 pub mod scenario;
 pub mod server_probe;
 pub mod stamp;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::http::ResponseReader;
+use crate::pusher::{self, PusherApp};
 use crate::stamp::{self, now_ns};
 use crate::target::WsTarget;
 use crate::worker::holder::{new_latency_histogram, MAX_LATENCY_US};
@@ -85,7 +86,7 @@ pub fn publish_over_websocket(
     let handshake = |stream: &mut TcpStream, keys: &mut KeyGen| {
         let mut pending =
             ws::client_handshake(stream, &target.host_header, &path, &keys.websocket_key())?;
-        ws::subscribe_and_wait(stream, channel, &mut pending, keys)
+        ws::subscribe_and_wait(stream, channel, &mut pending, keys, ws::Protocol::Native)
     };
     handshake(&mut stream, &mut keys).map_err(|e| io::Error::other(e.to_string()))?;
 
@@ -186,6 +187,8 @@ pub struct RestClient {
     /// Open a fresh TCP connection for every request and send it with `Connection: close`, instead
     /// of keeping one connection per thread alive: what a client without connection reuse costs.
     pub connection_per_request: bool,
+    /// Post Pusher events (`POST /apps/ID/events`, signed with this app's secret) instead of sends.
+    pub pusher: Option<PusherApp>,
 }
 
 impl RestClient {
@@ -196,15 +199,22 @@ impl RestClient {
             connections,
             api_key: None,
             connection_per_request: false,
+            pusher: None,
         }
     }
 
-    /// The request head of a send whose body is `body_len` bytes long.
-    fn write_head(&self, request: &mut Vec<u8>, body_len: usize) {
+    /// The request head for `body`: a send, or a Pusher event signed now (the signature covers the
+    /// body's MD5, so it is made per request).
+    fn write_head(&self, request: &mut Vec<u8>, body: &[u8]) {
+        let path = match &self.pusher {
+            Some(app) => app.signed_events_path(body, pusher::unix_now()),
+            None => "/api/v1/notifications/send".to_string(),
+        };
         let _ = write!(
             request,
-            "POST /api/v1/notifications/send HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n",
-            self.addr
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
         );
         if let Some(key) = &self.api_key {
             let _ = write!(request, "Authorization: Bearer {key}\r\n");
@@ -325,7 +335,7 @@ fn rest_sender(
         body.clear();
         body_of(i, stamp_ns, &mut body);
         request.clear();
-        client.write_head(&mut request, body.len());
+        client.write_head(&mut request, &body);
         request.extend_from_slice(&body);
         let answer = match kept.as_mut() {
             Some(stream) => stream
@@ -366,7 +376,7 @@ mod tests {
     fn request_heads_carry_the_key_and_the_close_when_asked() {
         let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8080);
         let mut head = Vec::new();
-        RestClient::keep_alive(addr, 1).write_head(&mut head, 12);
+        RestClient::keep_alive(addr, 1).write_head(&mut head, b"{\"x\":\"abcd\"}");
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "POST /api/v1/notifications/send HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\
@@ -378,7 +388,7 @@ mod tests {
             ..RestClient::keep_alive(addr, 1)
         };
         let mut head = Vec::new();
-        client.write_head(&mut head, 0);
+        client.write_head(&mut head, b"");
         let head = String::from_utf8(head).unwrap();
         assert!(
             head.ends_with("Authorization: Bearer k1\r\nConnection: close\r\n\r\n"),

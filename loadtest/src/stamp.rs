@@ -47,9 +47,17 @@ pub fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// The stamp in a payload, if it carries one.
+/// The stamp in a payload, if it carries one: `"lt_ns":N` as written, or `\"lt_ns\":N` when `data`
+/// travels as an escaped JSON string (the Pusher protocol's events).
 pub fn find_stamp(payload: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::find(payload, STAMP_KEY)? + STAMP_KEY.len();
+    let name = &STAMP_KEY[1..STAMP_KEY.len() - 2];
+    let after_name = memchr::memmem::find(payload, name)? + name.len();
+    let rest = &payload[after_name..];
+    let at = after_name
+        + [&b"\":"[..], b"\\\":"]
+            .iter()
+            .find(|close| rest.starts_with(close))?
+            .len();
     let digits = &payload[at..];
     let mut value: u64 = 0;
     let mut seen = 0;
@@ -79,6 +87,8 @@ mod tests {
         ]
         .concat();
         assert_eq!(find_stamp(&frame), Some(1_234_567_890_123));
+        let escaped = br#"{"event":"lt","channel":"c","data":"{\"lt_ns\":77}"}"#;
+        assert_eq!(find_stamp(escaped), Some(77));
     }
 
     #[test]

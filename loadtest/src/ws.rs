@@ -158,6 +158,29 @@ pub fn client_handshake(
     key: &str,
 ) -> Result<Vec<u8>, HandshakeError> {
     stream.write_all(upgrade_request(host_header, path, key).as_bytes())?;
+    read_response_head(stream, is_switching_protocols)
+}
+
+/// Opens a Server-Sent Events stream on a blocking stream: `GET path` and a `200` answer. Returns the
+/// bytes after the response head, the start of the first events.
+pub fn open_event_stream(
+    stream: &mut TcpStream,
+    host_header: &str,
+    path: &str,
+) -> Result<Vec<u8>, HandshakeError> {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host_header}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    read_response_head(stream, |status_line| {
+        status_line.split_ascii_whitespace().nth(1) == Some("200")
+    })
+}
+
+/// Reads a response head; if `accepted` takes its status line, returns the bytes that followed it.
+fn read_response_head(
+    stream: &mut TcpStream,
+    accepted: impl Fn(&str) -> bool,
+) -> Result<Vec<u8>, HandshakeError> {
     let mut head = Vec::with_capacity(RESPONSE_READ_CHUNK);
     let mut chunk = [0u8; RESPONSE_READ_CHUNK];
     let head_end = loop {
@@ -180,7 +203,7 @@ pub fn client_handshake(
         .next()
         .unwrap_or_default();
     let status_line = String::from_utf8_lossy(status_line);
-    if is_switching_protocols(&status_line) {
+    if accepted(&status_line) {
         head.drain(..head_end);
         Ok(head)
     } else {
@@ -281,22 +304,64 @@ pub fn write_masked_text_frame(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4])
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
 }
 
-/// Subscribes a freshly upgraded blocking stream to `channel` and waits (within the stream's read
-/// timeout) for the server's `subscribed` answer, so nothing published afterwards can be missed.
+/// The message protocol spoken over the WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Protocol {
+    /// This server's own protocol (`/ws`, `{"action":"subscribe"}`).
+    #[default]
+    Native,
+    /// The Pusher Channels protocol 7 (`/app/KEY`, `pusher:subscribe`).
+    Pusher,
+    /// Not a WebSocket: this server's Server-Sent Events stream
+    /// (`GET /api/v1/notifications/stream`), subscribed by its `channels=` parameter.
+    Sse,
+}
+
+impl Protocol {
+    /// The subscribe request for `channel`, and what the server's success answer contains.
+    fn subscribe(self, channel: &str) -> (String, &'static [u8]) {
+        match self {
+            // The channel both as `channels` (this server's form) and `channel`, so a reference hub
+            // that takes the singular form understands it too.
+            // An SSE stream subscribes through its URL and never sends a message.
+            Protocol::Native | Protocol::Sse => (
+                format!(
+                    "{{\"action\":\"subscribe\",\"channels\":[\"{channel}\"],\"channel\":\"{channel}\"}}"
+                ),
+                b"subscribed",
+            ),
+            Protocol::Pusher => (
+                crate::pusher::subscribe_message(channel),
+                crate::pusher::SUBSCRIBED_EVENT,
+            ),
+        }
+    }
+
+    /// Whether a text frame is the server refusing something.
+    fn is_error(self, payload: &[u8]) -> bool {
+        match self {
+            Protocol::Native | Protocol::Sse => {
+                memchr::memmem::find(payload, b"\"error\"").is_some()
+            }
+            Protocol::Pusher => crate::pusher::ERROR_EVENTS
+                .iter()
+                .any(|e| memchr::memmem::find(payload, e).is_some()),
+        }
+    }
+}
+
+/// Subscribes a freshly upgraded blocking stream to `channel` in `protocol` and waits (within the
+/// stream's read timeout) for the server's answer, so nothing published afterwards can be missed.
 /// `pending` holds bytes already read (from [`client_handshake`]); on return it holds whatever came
 /// after the answer.
-///
-/// The request names the channel both as `channels` (this server's form) and `channel`, so a reference
-/// hub that takes the singular form understands it too.
 pub fn subscribe_and_wait(
     stream: &mut TcpStream,
     channel: &str,
     pending: &mut Vec<u8>,
     keys: &mut KeyGen,
+    protocol: Protocol,
 ) -> Result<(), HandshakeError> {
-    let request = format!(
-        "{{\"action\":\"subscribe\",\"channels\":[\"{channel}\"],\"channel\":\"{channel}\"}}"
-    );
+    let (request, success) = protocol.subscribe(channel);
     let mut frame = Vec::with_capacity(request.len() + 8);
     write_masked_text_frame(
         &mut frame,
@@ -310,14 +375,13 @@ pub fn subscribe_and_wait(
             parse_frame(pending).map_err(|e| HandshakeError::Rejected(e.to_string()))?
         {
             let payload = &pending[head.payload.clone()];
-            let acked = head.opcode == opcode::TEXT
-                && memchr::memmem::find(payload, b"subscribed").is_some();
+            let acked =
+                head.opcode == opcode::TEXT && memchr::memmem::find(payload, success).is_some();
             if head.opcode == opcode::CLOSE {
                 return Err(HandshakeError::Closed);
             }
-            if let Some(error) = (head.opcode == opcode::TEXT
-                && memchr::memmem::find(payload, b"\"error\"").is_some())
-            .then(|| String::from_utf8_lossy(payload).into_owned())
+            if let Some(error) = (head.opcode == opcode::TEXT && protocol.is_error(payload))
+                .then(|| String::from_utf8_lossy(payload).into_owned())
             {
                 return Err(HandshakeError::Rejected(error));
             }

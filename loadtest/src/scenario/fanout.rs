@@ -5,7 +5,9 @@
 //! With `--via ws` the publisher is one more connection (user `{prefix}pub`), subscribed to the channel
 //! because this server requires it; the server does not echo a publish to its sender, so each message
 //! should make exactly C deliveries. `--via rest` posts `{"channels":[channel],"data":{"lt_ns":...}}`
-//! to `/api/v1/notifications/send` on the same host and port as the URL.
+//! to `/api/v1/notifications/send` on the same host and port as the URL. `--via pusher` (with
+//! `--pusher-app`, receivers speaking the Pusher protocol) posts signed events to `POST /apps/ID/events`
+//! on that host and port: ephemeral, as Pusher events are, and what any Pusher-protocol server accepts.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::publisher::{self, BodyWriter, RestClient};
+use crate::pusher;
 use crate::scenario::delivery::{self, DeliveryRun, MeasureArgs, Publisher};
 use crate::scenario::receivers::ReceiverArgs;
 use crate::stamp;
@@ -26,6 +29,8 @@ pub enum Via {
     Ws,
     /// `POST /api/v1/notifications/send` to the channel: stored, then delivered.
     Rest,
+    /// `POST /apps/ID/events` (the Pusher HTTP API, signed), to receivers on the Pusher protocol.
+    Pusher,
 }
 
 /// Options of `loadtest fanout`.
@@ -46,7 +51,7 @@ pub struct FanoutArgs {
     /// The channel.
     #[arg(long, default_value = "lt-fanout")]
     pub channel: String,
-    /// Keep-alive connections for `--via rest`.
+    /// Keep-alive connections for `--via rest` and `--via pusher`.
     #[arg(long, default_value_t = 8)]
     pub rest_connections: u32,
     /// How receivers connect.
@@ -62,6 +67,11 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
     let messages = args.measure.message_count(args.messages, args.rate)?;
     let target = WsTarget::parse(&args.receivers.url).map_err(|e| e.to_string())?;
     let (channel, rate) = (args.channel.clone(), args.rate as f64);
+    if (args.via == Via::Pusher) != args.receivers.pusher_app.is_some() {
+        return Err(
+            "--via pusher goes with --pusher-app, and --pusher-app with --via pusher".into(),
+        );
+    }
     let publisher: Publisher = match args.via {
         Via::Ws => {
             let user = format!("{}pub", args.receivers.user_prefix);
@@ -85,16 +95,26 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
                 stamp::write_stamp_object(out, stamp_ns);
                 out.push(b'}');
             });
-            Publisher::Parent(Box::new(move |held, progress| {
-                let client = RestClient::keep_alive(target.addr, connections);
-                let p = publisher::publish_over_rest(&client, messages, rate, body, progress)
-                    .map_err(|e| format!("publisher: {e}"))?;
-                let expected = p.ok * held;
-                Ok((p, expected))
-            }))
+            rest_publisher(
+                RestClient::keep_alive(target.addr, connections),
+                body,
+                messages,
+                rate,
+            )
+        }
+        Via::Pusher => {
+            let client = RestClient {
+                pusher: args.receivers.pusher_app.clone(),
+                ..RestClient::keep_alive(target.addr, args.rest_connections)
+            };
+            let body: Arc<BodyWriter> = Arc::new(move |_, stamp_ns, out: &mut Vec<u8>| {
+                pusher::write_event_body(out, &channel, "lt", stamp_ns)
+            });
+            rest_publisher(client, body, messages, rate)
         }
     };
     let via = format!("{:?}", args.via).to_lowercase();
+    let protocol = format!("{:?}", args.receivers.protocol()).to_lowercase();
     delivery::run(
         &args.receivers,
         &args.measure,
@@ -108,6 +128,7 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
             publisher,
             params: vec![
                 ("via", json!(via)),
+                ("protocol", json!(protocol)),
                 ("subscribers", json!(args.subscribers)),
                 ("messages", json!(messages)),
                 ("rate", json!(args.rate)),
@@ -115,4 +136,20 @@ pub fn run(args: FanoutArgs) -> Result<ExitCode, String> {
             ],
         },
     )
+}
+
+/// A publisher of `messages` REST requests at `rate` through `client`, each message expected at every
+/// receiver held.
+fn rest_publisher(
+    client: RestClient,
+    body: Arc<BodyWriter>,
+    messages: u64,
+    rate: f64,
+) -> Publisher {
+    Publisher::Parent(Box::new(move |held, progress| {
+        let p = publisher::publish_over_rest(&client, messages, rate, body, progress)
+            .map_err(|e| format!("publisher: {e}"))?;
+        let expected = p.ok * held;
+        Ok((p, expected))
+    }))
 }

@@ -229,6 +229,7 @@ impl FlatArgs {
             connections,
             api_key: self.api_key.clone(),
             connection_per_request: per_request,
+            pusher: None,
         }
     }
 }

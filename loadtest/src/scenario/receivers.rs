@@ -11,9 +11,14 @@ use crate::fleet::{Fleet, FleetTotals};
 use crate::limits::{self, FD_RESERVE};
 use crate::plan::{self, SourceSpread, WorkerShare};
 use crate::progress::ProgressLine;
+use crate::pusher::PusherApp;
 use crate::server_probe::{self, ServerProcesses};
 use crate::target::{self, WsTarget};
 use crate::worker::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
+use crate::ws::Protocol;
+
+/// This server's Server-Sent Events route (`--sse`).
+const SSE_PATH: &str = "/api/v1/notifications/stream";
 
 /// Most connections one run may open: a bound so a typo cannot ask for millions.
 pub const MAX_CONNECTIONS: u64 = 250_000;
@@ -54,6 +59,38 @@ pub struct ReceiverArgs {
     /// Seconds allowed for opening all connections.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
+    /// Speak the Pusher Channels protocol as this app (`ID:KEY:SECRET`): receivers connect to
+    /// `/app/KEY?protocol=7` on the URL's host and port (the URL's path is not used) and subscribe with
+    /// `pusher:subscribe`; `fanout --via pusher` signs its events with the secret.
+    #[arg(long, value_name = "ID:KEY:SECRET", conflicts_with = "sse")]
+    pub pusher_app: Option<PusherApp>,
+    /// Receive over Server-Sent Events instead of WebSocket: each receiver holds
+    /// `GET /api/v1/notifications/stream?user_id=…` (with `channels=` when the scenario has a channel)
+    /// on the URL's host and port.
+    #[arg(long)]
+    pub sse: bool,
+}
+
+impl ReceiverArgs {
+    /// The URL the workers connect to: `--url`, or with `--pusher-app` the app's path on its host.
+    pub fn receiver_url(&self) -> Result<String, String> {
+        let path = match (&self.pusher_app, self.sse) {
+            (None, false) => return Ok(self.url.clone()),
+            (Some(app), _) => app.websocket_path(),
+            (None, true) => SSE_PATH.to_string(),
+        };
+        let target = WsTarget::parse(&self.url).map_err(|e| e.to_string())?;
+        Ok(format!("ws://{}{path}", target.host_header))
+    }
+
+    /// The protocol the receivers speak.
+    pub fn protocol(&self) -> Protocol {
+        match (&self.pusher_app, self.sse) {
+            (Some(_), _) => Protocol::Pusher,
+            (None, true) => Protocol::Sse,
+            (None, false) => Protocol::Native,
+        }
+    }
 }
 
 /// Where the receivers go.
@@ -68,7 +105,7 @@ pub struct Layout {
 
 /// Checks the receiver options against the machine's limits before anything is opened.
 pub fn lay_out(args: &ReceiverArgs, receivers: u64) -> Result<Layout, String> {
-    let target = WsTarget::parse(&args.url).map_err(|e| e.to_string())?;
+    let target = WsTarget::parse(&args.receiver_url()?).map_err(|e| e.to_string())?;
     if receivers == 0 || receivers > MAX_CONNECTIONS {
         return Err(format!(
             "connections must be between 1 and {MAX_CONNECTIONS}"
@@ -114,8 +151,17 @@ pub fn worker_args(
     total: u64,
 ) -> Vec<(&'static str, String)> {
     let rate = plan::worker_rate(args.connect_rate as f64, share.count, total);
+    let protocol = match args.protocol() {
+        Protocol::Native => "native",
+        Protocol::Pusher => "pusher",
+        Protocol::Sse => "sse",
+    };
     vec![
-        ("--url", args.url.clone()),
+        (
+            "--url",
+            format!("ws://{}{}", layout.target.host_header, layout.target.path),
+        ),
+        ("--protocol", protocol.to_string()),
         ("--first", share.first.to_string()),
         ("--count", share.count.to_string()),
         ("--source-ips", layout.sources.addrs_arg()),

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::pusher;
 use crate::stamp::{self, now_ns};
 use crate::ws::{self, opcode, KeyGen};
 
@@ -52,6 +53,8 @@ pub struct Upgraded {
     /// The channel this connection publishes to in the chat scenario, and how many other connections
     /// share it (the deliveries one publish should make).
     pub room: Option<(String, u64)>,
+    /// A Server-Sent Events stream rather than a WebSocket: its bytes are events, not frames.
+    pub sse: bool,
 }
 
 /// A connection being held.
@@ -62,6 +65,8 @@ struct HeldConnection {
     partial: Vec<u8>,
     /// See [`Upgraded::room`].
     room: Option<(String, u64)>,
+    /// See [`Upgraded::sse`].
+    sse: bool,
 }
 
 /// Publishing from the held connections (chat): `count` messages at `rate` per second in total,
@@ -221,6 +226,7 @@ fn hold_loop(
                     stream: upgraded.stream,
                     partial: Vec::new(),
                     room: upgraded.room,
+                    sse: upgraded.sse,
                 };
                 // Frames that came with the handshake are handled before anything read later.
                 if upgraded.pending.is_empty() || absorb(&mut conn, &upgraded.pending, state) {
@@ -335,7 +341,7 @@ fn publish_due(
 fn absorb(conn: &mut HeldConnection, bytes: &[u8], state: &mut HoldState) -> bool {
     conn.partial.extend_from_slice(bytes);
     let now = now_ns();
-    match answer_frames(&conn.partial, &conn.stream, state, now) {
+    match answer(conn.sse, &conn.partial, &conn.stream, state, now) {
         Some(used) => {
             conn.partial.drain(..used);
             true
@@ -366,7 +372,7 @@ fn service_with(conn: &mut HeldConnection, state: &mut HoldState, scratch: &mut 
         let now = now_ns();
         let alive = if conn.partial.is_empty() {
             // The usual case: whole frames in one read, nothing kept.
-            match answer_frames(&scratch[..n], &conn.stream, state, now) {
+            match answer(conn.sse, &scratch[..n], &conn.stream, state, now) {
                 Some(used) => {
                     conn.partial.extend_from_slice(&scratch[used..n]);
                     true
@@ -375,7 +381,7 @@ fn service_with(conn: &mut HeldConnection, state: &mut HoldState, scratch: &mut 
             }
         } else {
             conn.partial.extend_from_slice(&scratch[..n]);
-            match answer_frames(&conn.partial, &conn.stream, state, now) {
+            match answer(conn.sse, &conn.partial, &conn.stream, state, now) {
                 Some(used) => {
                     conn.partial.drain(..used);
                     if conn.partial.is_empty() {
@@ -395,6 +401,44 @@ fn service_with(conn: &mut HeldConnection, state: &mut HoldState, scratch: &mut 
             return true;
         }
     }
+}
+
+/// Handles what a connection received: WebSocket frames, or Server-Sent Events when `sse`.
+fn answer(
+    sse: bool,
+    buf: &[u8],
+    stream: &TcpStream,
+    state: &mut HoldState,
+    now: u64,
+) -> Option<usize> {
+    if sse {
+        Some(answer_events(buf, state, now))
+    } else {
+        answer_frames(buf, stream, state, now)
+    }
+}
+
+/// Handles every complete Server-Sent Event (up to its blank line) at the start of `buf`: a delivery
+/// for each stamped one; heartbeat comments and control events only need reading. Returns how many
+/// bytes were consumed. An SSE stream ends only by its connection closing.
+fn answer_events(buf: &[u8], state: &mut HoldState, now: u64) -> usize {
+    let mut at = 0;
+    let mut delivered = 0;
+    while let Some(end) = memchr::memmem::find(&buf[at..], b"\n\n") {
+        if let Some(sent) = stamp::find_stamp(&buf[at..at + end]) {
+            let us = (now.saturating_sub(sent) / 1_000).clamp(1, MAX_LATENCY_US);
+            let _ = state.latency_us.record(us);
+            delivered += 1;
+        }
+        at += end + 2;
+    }
+    if delivered > 0 {
+        state
+            .counters
+            .delivered
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+    at
 }
 
 /// Handles every complete frame at the start of `buf`: pongs for pings, a delivery for a stamped text
@@ -421,6 +465,13 @@ fn answer_frames(
                 // A pong of a few bytes fits any socket buffer; if it does not, the server's
                 // heartbeat will say so by closing, and that is counted.
                 let _ = stream.write_all(&ws::pong_frame(payload, mask));
+            }
+            opcode::TEXT if memchr::memmem::find(payload, pusher::PING_EVENT).is_some() => {
+                let mask = (state.keys.next_u64() as u32).to_ne_bytes();
+                let mut pong = Vec::with_capacity(pusher::PONG_MESSAGE.len() + 8);
+                ws::write_masked_text_frame(&mut pong, pusher::PONG_MESSAGE, mask);
+                // As for a pong frame: tiny, and a server that misses it closes, which is counted.
+                let _ = stream.write_all(&pong);
             }
             opcode::TEXT => {
                 if let Some(sent) = stamp::find_stamp(payload) {
@@ -470,6 +521,7 @@ mod tests {
                 stream: client,
                 pending: Vec::new(),
                 room: None,
+                sse: false,
             })
             .unwrap();
 
@@ -516,6 +568,7 @@ mod tests {
                 stream: client,
                 pending: frame.clone(),
                 room: None,
+                sse: false,
             })
             .unwrap();
         server.write_all(&frame).unwrap();
@@ -532,6 +585,42 @@ mod tests {
         quit.store(true, Ordering::Relaxed);
         let latency = holder.join();
         assert_eq!(latency.len(), 2);
+        assert!(latency.min() >= 2_000, "latency {} us", latency.min());
+    }
+
+    #[test]
+    fn stamped_server_sent_events_count_as_deliveries_and_comments_do_not() {
+        let quit = Arc::new(AtomicBool::new(false));
+        let holder = Holder::spawn(Arc::clone(&quit), None).unwrap();
+        let (client, mut server) = pair();
+        let mut event = b"event: notification\nid: 1\ndata: {\"data\":".to_vec();
+        stamp::write_stamp_object(&mut event, now_ns().saturating_sub(2_000_000));
+        event.extend_from_slice(b"}\n\n");
+        holder
+            .sender()
+            .send(Upgraded {
+                stream: client,
+                pending: b"retry: 1000\n\n: ping\n\n".to_vec(),
+                room: None,
+                sse: true,
+            })
+            .unwrap();
+        // One event split over two writes, then a heartbeat comment.
+        let (first, second) = event.split_at(10);
+        server.write_all(first).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        server.write_all(second).unwrap();
+        server.write_all(b": ping\n\n").unwrap();
+        let start = Instant::now();
+        while holder.counters().delivered.load(Ordering::Relaxed) < 1 && start.elapsed() < PATIENCE
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        quit.store(true, Ordering::Relaxed);
+        assert_eq!(holder.counters().delivered.load(Ordering::Relaxed), 1);
+        assert_eq!(holder.dropped(), 0);
+        let latency = holder.join();
         assert!(latency.min() >= 2_000, "latency {} us", latency.min());
     }
 }

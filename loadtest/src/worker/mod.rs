@@ -103,6 +103,9 @@ pub struct WorkerArgs {
     /// This worker's publish rate, messages per second.
     #[arg(long, default_value_t = 0.0)]
     pub publish_rate: f64,
+    /// The protocol the connections speak (how they subscribe).
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: ws::Protocol,
 }
 
 /// Why one connection could not be opened.
@@ -161,6 +164,8 @@ struct ConnectJob {
     channel: Option<(String, u64, u64)>,
     /// Publishing after start: (count, rate).
     publish: Option<(u64, f64)>,
+    /// How connections subscribe.
+    protocol: ws::Protocol,
 }
 
 /// Runs a worker to the end; the exit code tells the parent nothing it did not already read.
@@ -220,6 +225,7 @@ fn prepare(args: &WorkerArgs) -> Result<ConnectJob, String> {
             .clone()
             .map(|c| (c, args.room_size, args.total.max(args.first + args.count))),
         publish: (args.publish_count > 0).then_some((args.publish_count, args.publish_rate)),
+        protocol: args.protocol,
     })
 }
 
@@ -401,6 +407,9 @@ fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Up
         .map_err(OpenError::Socket)?;
     let user = format!("{}{}", job.user_prefix, index);
     let path = job.target.path_for_user(&user);
+    if job.protocol == ws::Protocol::Sse {
+        return open_event_stream(job, stream, &path, index);
+    }
     let mut pending = ws::client_handshake(
         &mut stream,
         &job.target.host_header,
@@ -411,7 +420,7 @@ fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Up
     let room = match &job.channel {
         Some((channel, room_size, total)) => {
             let (name, members) = plan::room_of(channel, index, *room_size, *total);
-            ws::subscribe_and_wait(&mut stream, &name, &mut pending, keys)
+            ws::subscribe_and_wait(&mut stream, &name, &mut pending, keys, job.protocol)
                 .map_err(OpenError::Handshake)?;
             Some((name, members.saturating_sub(1)))
         }
@@ -422,6 +431,35 @@ fn open_connection(job: &ConnectJob, index: u64, keys: &mut KeyGen) -> Result<Up
         stream,
         pending,
         room,
+        sse: false,
+    })
+}
+
+/// The Server-Sent Events form of [`open_connection`]: the stream's request (its room as `channels=`)
+/// and its `200` answer instead of an upgrade and a subscribe.
+fn open_event_stream(
+    job: &ConnectJob,
+    mut stream: TcpStream,
+    path: &str,
+    index: u64,
+) -> Result<Upgraded, OpenError> {
+    let path = match &job.channel {
+        Some((channel, room_size, total)) => {
+            format!(
+                "{path}&channels={}",
+                plan::room_of(channel, index, *room_size, *total).0
+            )
+        }
+        None => path.to_string(),
+    };
+    let pending = ws::open_event_stream(&mut stream, &job.target.host_header, &path)
+        .map_err(OpenError::Handshake)?;
+    stream.set_nonblocking(true).map_err(OpenError::Socket)?;
+    Ok(Upgraded {
+        stream,
+        pending,
+        room: None,
+        sse: true,
     })
 }
 
