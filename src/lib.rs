@@ -44,6 +44,11 @@
 //!   [`bus::wire`] is the envelope on Redis, [`bus::recent`] the ids delivered lately (no duplicates)
 //!   and [`bus::peers`] the other nodes' liveness (a node that dies before publishing what it committed
 //!   is caught up by the others from the store).
+//! - [`presence`]: who is on each presence channel (`presence-…`), per connection, per user on this
+//!   node (across shards, one mutex touched only on presence subscribe, unsubscribe and close) and
+//!   across nodes; the native `join`/`leave` events and the member lists come from it, and Pusher's
+//!   presence channels are to use the same registry. The bus carries its changes between nodes
+//!   (`bus::presence_sync`).
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
@@ -68,7 +73,7 @@
 //! connection
 //! shard        api
 //! bus          auth
-//! config       ws
+//! config       ws          presence
 //! store        delivery    json_input
 //! scheduler    audit
 //! model        http        json_depth   metrics   tls
@@ -111,6 +116,7 @@ pub mod json_input;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod presence;
 pub mod scheduler;
 pub mod server;
 pub mod shard;

@@ -250,6 +250,8 @@ pub enum Route {
     ReadAll,
     /// `DELETE …/:user_id/:id`.
     Delete,
+    /// `GET /api/v1/channels/:channel/presence`.
+    Presence,
     /// `GET /health`.
     Health,
     /// `GET /metrics`.
@@ -266,7 +268,7 @@ pub enum Route {
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 16] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -276,6 +278,7 @@ impl Route {
         Route::Read,
         Route::ReadAll,
         Route::Delete,
+        Route::Presence,
         Route::Health,
         Route::Metrics,
         Route::WebSocket,
@@ -296,6 +299,7 @@ impl Route {
             Route::Read => "read",
             Route::ReadAll => "read_all",
             Route::Delete => "delete",
+            Route::Presence => "presence",
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::WebSocket => "ws",

@@ -344,7 +344,14 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 node_timeout: Duration::from_millis(config.redis_node_timeout_ms),
             };
             let thread =
-                redis_bus::spawn_bus_thread(bus_config, &bus, queue, senders, store.clone())
+                redis_bus::spawn_bus_thread(
+                bus_config,
+                &bus,
+                queue,
+                senders,
+                store.clone(),
+                fanout.presence().clone(),
+            )
                     .map_err(StartupError::Bus)?;
             Some((bus, thread))
         }

@@ -42,6 +42,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",
     ),
     (
+        "presence",
+        &["model", "delivery"],
+        "the presence registry is node-wide state that shards, the bus thread and the API all touch, so it names none of them",
+    ),
+    (
         "audit",
         &["model"],
         "the audit log is a sink that every layer (api, auth, bus, shard) writes to, so it sits below them",

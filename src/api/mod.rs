@@ -13,6 +13,7 @@
 mod assets;
 mod notifications;
 mod openapi;
+mod presence;
 mod status;
 
 use crate::audit::{Audit, Caller, Event, Origin};
@@ -71,6 +72,8 @@ enum Endpoint {
     Read(String, String),
     ReadAll(String),
     Delete(String, String),
+    /// `GET /api/v1/channels/:channel/presence`.
+    Presence(String),
     Health,
     Metrics,
     /// `GET /`: the monitor and demo page.
@@ -111,6 +114,9 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Delete, ["api", "v1", "notifications", user, id]) => {
             Endpoint::Delete(user.to_string(), id.to_string())
         }
+        (Get, ["api", "v1", "channels", channel, "presence"]) => {
+            Endpoint::Presence(channel.to_string())
+        }
         (Post, ["notifications"]) => Endpoint::Send,
         (Get, ["notifications"]) => Endpoint::HistoryByQuery,
         (Get, ["health"]) => Endpoint::Health,
@@ -145,6 +151,7 @@ impl Endpoint {
             Endpoint::Read(..) => Route::Read,
             Endpoint::ReadAll(_) => Route::ReadAll,
             Endpoint::Delete(..) => Route::Delete,
+            Endpoint::Presence(_) => Route::Presence,
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
             Endpoint::WebSocket => Route::WebSocket,
@@ -221,6 +228,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::Read(user, id) => notifications::read(ctx, head, user, &id).await,
         Endpoint::ReadAll(user) => notifications::read_all(ctx, head, user).await,
         Endpoint::Delete(user, id) => notifications::delete(ctx, head, user, &id).await,
+        Endpoint::Presence(channel) => presence::members(ctx, channel).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx).await,
         Endpoint::Page => assets::index(),

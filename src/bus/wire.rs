@@ -1,10 +1,13 @@
 //! The envelope of a message on Redis: what one node tells the others.
 //!
 //! ```text
-//! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message
+//! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message,
+//!              b'J' a presence change of the origin node
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
-//! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is
+//! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
+//!              J: {"channel","user_id","user_info"?,"present"} (the user's first connection on the
+//!              origin node came, `true`, or its last one went, `false`)
 //! ```
 //!
 //! The notification travels as the same JSON the API shows, so a node decodes it once into a
@@ -22,6 +25,8 @@ use crate::model::{parse_time, Notification};
 const KIND_NOTIFICATION: u8 = b'N';
 /// Kind byte of a client's channel message.
 const KIND_MESSAGE: u8 = b'M';
+/// Kind byte of a presence change on the origin node.
+const KIND_PRESENCE: u8 = b'J';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -33,6 +38,42 @@ pub enum Envelope<'a> {
     Notification(Arc<Notification>),
     /// A client message: the payload of its WebSocket text frame.
     Message(&'a [u8]),
+    /// A user's presence on the origin node changed.
+    Presence(NodePresence),
+}
+
+/// A presence change on one node: its user's first connection on the channel came, or its last one
+/// went. Whether that makes the user join or leave is for each receiving node to decide.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct NodePresence {
+    /// The presence channel.
+    pub channel: String,
+    /// The user.
+    pub user_id: String,
+    /// The member's `user_info` JSON text, if its connection kind gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "raw_json")]
+    pub user_info: Option<String>,
+    /// `true`: the user is on the channel on the origin node now; `false`: no longer.
+    pub present: bool,
+}
+
+/// `user_info` travels as the JSON value it is, not as a string holding JSON.
+mod raw_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(text) => RawValue::from_string(text.clone())
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Box<RawValue>>::deserialize(d)?.map(|raw| raw.get().to_owned()))
+    }
 }
 
 /// Why an envelope could not be read (a foreign publisher on our prefix, or a bug).
@@ -57,6 +98,16 @@ pub fn encode_message(origin: Uuid, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Encodes a presence change of node `origin`.
+pub fn encode_presence(origin: Uuid, change: &NodePresence) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 96 + change.channel.len());
+    out.push(KIND_PRESENCE);
+    out.extend_from_slice(origin.as_bytes());
+    // Plain strings and a value that was valid JSON when it was accepted: this cannot fail.
+    serde_json::to_writer(&mut out, change).expect("a presence change serializes");
+    out
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -75,6 +126,9 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
             decode_notification(payload).map(|n| Envelope::Notification(Arc::new(n)))
         }
         KIND_MESSAGE => Ok(Envelope::Message(payload)),
+        KIND_PRESENCE => serde_json::from_slice(payload)
+            .map(Envelope::Presence)
+            .map_err(|e| WireError(format!("bad presence change: {e}"))),
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
 }
@@ -164,6 +218,36 @@ mod tests {
             Envelope::Notification(back) => assert_eq!(*back, fired),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_presence_change_survives_the_trip_with_its_user_info_as_json() {
+        let origin = Uuid::now_v7();
+        for user_info in [None, Some(r#"{"name":"Ann","tags":[1,2]}"#.to_owned())] {
+            let change = NodePresence {
+                channel: "presence-room".into(),
+                user_id: "u\"1".into(),
+                user_info,
+                present: true,
+            };
+            let bytes = encode_presence(origin, &change);
+            assert_eq!(origin_of(&bytes), Some(origin));
+            match decode(&bytes).unwrap() {
+                Envelope::Presence(back) => assert_eq!(back, change),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut bad = encode_presence(
+            origin,
+            &NodePresence {
+                channel: "presence-a".into(),
+                user_id: "u".into(),
+                user_info: None,
+                present: false,
+            },
+        );
+        bad.truncate(HEADER_LEN + 3);
+        assert!(decode(&bad).is_err());
     }
 
     #[test]

@@ -36,6 +36,40 @@ pub enum Content {
     /// A client's ephemeral channel message: its JSON object
     /// (`{"event":"message","channel","from","data"}`), the payload of its native frame.
     ClientMessage(Bytes),
+    /// A user joined or left a presence channel (`crate::presence`): natively the `join`/`leave`
+    /// event; kept whole so that other encodings (Pusher's `member_added`/`member_removed`) render
+    /// the same change.
+    Presence(PresenceChange),
+}
+
+/// A user's first connection on a presence channel (on any shard of any node) came, or its last one
+/// went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The presence channel.
+    pub channel: String,
+    /// The user who joined or left.
+    pub user_id: String,
+    /// The member's `user_info` JSON text (Pusher's `channel_data`); `None` for native members.
+    pub user_info: Option<String>,
+    /// `true`: joined; `false`: left.
+    pub joined: bool,
+}
+
+impl PresenceChange {
+    /// The native event's JSON: `{"event":"join"|"leave","channel","user_id"}`.
+    fn write_native_json(&self, out: &mut Vec<u8>) {
+        let head: &[u8] = if self.joined {
+            b"{\"event\":\"join\",\"channel\":"
+        } else {
+            b"{\"event\":\"leave\",\"channel\":"
+        };
+        out.extend_from_slice(head);
+        write_json_str(out, &self.channel);
+        out.extend_from_slice(b",\"user_id\":");
+        write_json_str(out, &self.user_id);
+        out.push(b'}');
+    }
 }
 
 /// A wire format deliveries are written in. One per distinct format, not per connection kind: kinds
@@ -114,6 +148,14 @@ impl Frames {
         }
     }
 
+    /// The native frames of a presence change: it names its channel in its body, so one frame.
+    fn native_of_presence(change: &PresenceChange) -> Frames {
+        let frame = text_frame(64 + change.channel.len() + change.user_id.len(), |out| {
+            change.write_native_json(out)
+        });
+        Frames::native_of_client_message(frame)
+    }
+
     /// The native frames of any content (what [`Encoding::encode`] does for the native format).
     fn native(content: &Content, _channels: &[String]) -> Frames {
         match content {
@@ -123,6 +165,7 @@ impl Frames {
                     out.extend_from_slice(payload)
                 }))
             }
+            Content::Presence(change) => Frames::native_of_presence(change),
         }
     }
 }
@@ -215,6 +258,20 @@ impl Delivery {
         )
     }
 
+    /// A presence change, to the subscribers of its channel. Not stored, like a client message: a
+    /// client that reconnects asks for the member list rather than a replay of changes.
+    pub fn of_presence_change(change: PresenceChange) -> Delivery {
+        let native = Frames::native_of_presence(&change);
+        Delivery::new(
+            None,
+            None,
+            vec![change.channel.clone()],
+            false,
+            Content::Presence(change),
+            native,
+        )
+    }
+
     /// The delivery's frames in `encoding`: the native ones as encoded when the delivery was made;
     /// any other encoded now by the first caller, once (a concurrent caller on another shard waits for
     /// that encoding rather than making a second one).
@@ -277,6 +334,31 @@ mod tests {
         let again = Encoding::NativeWebSocket.encode(&m.content, &m.channels);
         assert_eq!(again.plain, m.native.plain);
         assert_eq!(m.native.get(Via::Channel(0)), &m.native.plain);
+    }
+
+    #[test]
+    fn a_presence_change_is_the_join_or_leave_event_for_its_channel() {
+        let change = PresenceChange {
+            channel: "presence-room".into(),
+            user_id: "u\"7".into(),
+            user_info: Some(r#"{"name":"Ann"}"#.into()),
+            joined: true,
+        };
+        let d = Delivery::of_presence_change(change.clone());
+        let v = payload_json(&d.native.plain);
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"join","channel":"presence-room","user_id":"u\"7"})
+        );
+        assert_eq!(d.native.get(Via::Channel(0)), &d.native.plain);
+        assert_eq!(d.channels, ["presence-room"]);
+        let left = Delivery::of_presence_change(PresenceChange {
+            joined: false,
+            ..change
+        });
+        assert_eq!(payload_json(&left.native.plain)["event"], "leave");
+        let again = Encoding::NativeWebSocket.encode(&left.content, &left.channels);
+        assert_eq!(again.plain, left.native.plain);
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.
