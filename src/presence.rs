@@ -396,7 +396,11 @@ mod tests {
         assert!(first.node_changed);
         assert!(first.event.as_ref().is_some_and(|e| e.joined));
         let second = p.join("presence-a", "u1", None, conn(1, 1));
-        assert_eq!(second, Outcome::default(), "a second connection changes nothing");
+        assert_eq!(
+            second,
+            Outcome::default(),
+            "a second connection changes nothing"
+        );
         assert_eq!(
             p.join("presence-a", "u1", None, conn(1, 1)),
             Outcome::default()
@@ -432,14 +436,18 @@ mod tests {
         p.apply_remote(b, "presence-y", "u2", None, true);
         let left = p.node_gone(a);
         assert_eq!(left.len(), 1);
-        assert_eq!((left[0].channel.as_str(), left[0].joined), ("presence-x", false));
+        assert_eq!(
+            (left[0].channel.as_str(), left[0].joined),
+            ("presence-x", false)
+        );
         assert_eq!(users(&p, "presence-y"), ["u2"]);
         let member = |u: &str| Member {
             user_id: u.into(),
             user_info: None,
         };
         let events = p.replace_remote("presence-y", &[(b, vec![member("u3")])], true);
-        let mut seen: Vec<(String, bool)> = events.into_iter().map(|e| (e.user_id, e.joined)).collect();
+        let mut seen: Vec<(String, bool)> =
+            events.into_iter().map(|e| (e.user_id, e.joined)).collect();
         seen.sort();
         assert_eq!(seen, [("u2".to_string(), false), ("u3".to_string(), true)]);
         assert!(p

@@ -343,8 +343,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 max_replay: config.max_replay,
                 node_timeout: Duration::from_millis(config.redis_node_timeout_ms),
             };
-            let thread =
-                redis_bus::spawn_bus_thread(
+            let thread = redis_bus::spawn_bus_thread(
                 bus_config,
                 &bus,
                 queue,
@@ -352,7 +351,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 store.clone(),
                 fanout.presence().clone(),
             )
-                    .map_err(StartupError::Bus)?;
+            .map_err(StartupError::Bus)?;
             Some((bus, thread))
         }
         _ => None,

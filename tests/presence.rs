@@ -124,7 +124,10 @@ fn other_channels_are_not_presence_channels_and_presence_needs_a_subscription() 
     c.expect_silence(Duration::from_millis(200));
 
     let e = ask(&mut c, "news");
-    assert_eq!((e["event"].as_str(), e["code"].as_str()), (Some("error"), Some("invalid_field")));
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("invalid_field"))
+    );
     let e = ask(&mut c, "presence-room");
     assert_eq!(e["code"], "not_subscribed", "{e}");
     let e = ask(&mut c, "presence bad");

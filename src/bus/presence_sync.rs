@@ -14,7 +14,7 @@
 //! **Between nodes.** The change itself travels as a `J` envelope (`wire.rs`) on the channel's Redis
 //! channel (`<prefix>c:C`), which exactly the nodes with subscribers on `C` listen to; each decides from
 //! its own view whether the user joined or left, and tells its own subscribers. A node reads the other
-//! nodes' hashes of `C` when it starts listening to `C` (after the subscription is confirmed, so no
+//! nodes' hashes of `C` (the nodes of the `peers.rs` set) when it starts listening to `C` (after the subscription is confirmed, so no
 //! envelope falls between the read and the live stream), again after every reconnect and when a node it
 //! had not seen starts announcing itself, and for `GET /api/v1/channels/:channel/presence`. A node
 //! writes its hash before it publishes the change: a node whose subscription comes too late for the

@@ -909,7 +909,8 @@ impl BusThread {
 
     /// Puts this node's presence change in the outbox, for the nodes listening to its channel.
     fn push_presence(&mut self, change: &NodePresence) {
-        let name = Topic::Channel(change.channel.as_str().into()).redis_channel(&self.config.prefix);
+        let name =
+            Topic::Channel(change.channel.as_str().into()).redis_channel(&self.config.prefix);
         self.outbox.push_back(Outgoing {
             id: None,
             channels: vec![name],
@@ -937,7 +938,7 @@ impl BusThread {
                     self.flush_outbox(link).await?;
                 }
                 PresenceOp::Query { channel, reply } => {
-                    let peers: Vec<Uuid> = self.peers.known().collect();
+                    let peers = self.presence_peers(link).await?;
                     let remote = presence_sync::read(link, &prefix, &channel, &peers).await?;
                     let mut all: BTreeMap<String, Option<String>> = self
                         .presence
@@ -962,12 +963,31 @@ impl BusThread {
     /// Reads the other live nodes' members of presence channel `channel` into the registry; on a
     /// reread, this node's subscribers hear of what changed since the last read.
     async fn read_presence(&mut self, link: &mut Link, channel: &str) -> Result<(), RedisError> {
-        let peers: Vec<Uuid> = self.peers.known().collect();
+        let peers = self.presence_peers(link).await?;
         let remote = presence_sync::read(link, &self.config.prefix, channel, &peers).await?;
         let reread = !self.presence_read.insert(channel.into());
         let events = self.presence.replace_remote(channel, &remote, reread);
         self.deliver_presence(events);
         Ok(())
+    }
+
+    /// The other nodes whose presence hashes a read looks at: those in the nodes set (a node that
+    /// started a moment ago is there before this node's next announcement sees it) and those this node
+    /// saw alive. A dead node's hashes expire with its key, and its members read meanwhile leave with
+    /// it (`Presence::node_gone` when it is taken for gone or out of the set).
+    async fn presence_peers(&self, link: &mut Link) -> Result<Vec<Uuid>, RedisError> {
+        let mut smembers = redis::cmd("SMEMBERS");
+        smembers.arg(peers::nodes_set_key(&self.config.prefix));
+        let listed: Vec<String> = link.query_cmd(&smembers).await?;
+        let mut ids: Vec<Uuid> = listed
+            .iter()
+            .filter_map(|m| Uuid::try_parse(m).ok())
+            .chain(self.peers.known())
+            .filter(|id| *id != self.origin)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// A new session: this node's hashes written again whole, and each of its members announced again
