@@ -26,7 +26,7 @@ mod tests {
     /// Every endpoint once, numbered by an exhaustive match: a new endpoint does not compile until it
     /// has a number here, and then [`every_route_of_the_router_is_described`] fails until the
     /// description has an operation that reaches it.
-    const ENDPOINTS: usize = 16;
+    const ENDPOINTS: usize = 17;
 
     fn number(e: &Endpoint) -> usize {
         match e {
@@ -46,6 +46,7 @@ mod tests {
             Endpoint::WebSocket => 13,
             Endpoint::Page => 14,
             Endpoint::Asset(_) => 15,
+            Endpoint::Presence(_) => 16,
         }
     }
 
@@ -79,6 +80,7 @@ mod tests {
             .map(|segment| match segment {
                 "{user_id}" => "u1",
                 "{name}" => "monitor.js",
+                "{channel}" => "presence-room",
                 s if s.starts_with('{') => "0190b3c4-5d6e-7f00-8a00-0123456789ab",
                 s => s,
             })
