@@ -51,6 +51,11 @@
 //! - [`pusher`]: the Pusher Channels protocol 7 and HTTP API, pure: the apps (`PUSHER_APPS`), the
 //!   HMAC-SHA256 signatures, the protocol's messages and socket ids. Its session is
 //!   `connection::pusher`, its HTTP routes `api::pusher`, its frames `delivery::Encoding::Pusher`.
+//! - [`presence`]: who is on each presence channel (`presence-…`), per connection, per user on this
+//!   node (across shards, one mutex touched only on presence subscribe, unsubscribe and close) and
+//!   across nodes; the native `join`/`leave` events and the member lists come from it, and Pusher's
+//!   presence channels are to use the same registry. The bus carries its changes between nodes
+//!   (`bus::presence_sync`).
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
@@ -75,7 +80,7 @@
 //! connection
 //! shard        api
 //! bus          auth
-//! config       ws
+//! config       ws          presence
 //! store        delivery    json_input   pusher
 //! scheduler    audit
 //! model        http        json_depth   metrics   tls
@@ -125,6 +130,7 @@ pub mod json_input;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod presence;
 pub mod pusher;
 pub mod scheduler;
 pub mod server;

@@ -252,6 +252,8 @@ pub enum Route {
     Seen,
     /// `DELETE …/:user_id/:id`.
     Delete,
+    /// `GET /api/v1/channels/:channel/presence`.
+    Presence,
     /// `GET /health`.
     Health,
     /// `GET /metrics`.
@@ -274,7 +276,7 @@ pub enum Route {
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 19] = [
+    pub const ALL: [Route; 20] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -285,6 +287,7 @@ impl Route {
         Route::ReadAll,
         Route::Seen,
         Route::Delete,
+        Route::Presence,
         Route::Health,
         Route::Metrics,
         Route::WebSocket,
@@ -309,6 +312,7 @@ impl Route {
             Route::ReadAll => "read_all",
             Route::Seen => "seen",
             Route::Delete => "delete",
+            Route::Presence => "presence",
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::WebSocket => "ws",

@@ -347,9 +347,15 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
                 max_replay: config.max_replay,
                 node_timeout: Duration::from_millis(config.redis_node_timeout_ms),
             };
-            let thread =
-                redis_bus::spawn_bus_thread(bus_config, &bus, queue, senders, store.clone())
-                    .map_err(StartupError::Bus)?;
+            let thread = redis_bus::spawn_bus_thread(
+                bus_config,
+                &bus,
+                queue,
+                senders,
+                store.clone(),
+                fanout.presence().clone(),
+            )
+            .map_err(StartupError::Bus)?;
             Some((bus, thread))
         }
         _ => None,

@@ -47,6 +47,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "the Pusher protocol and signatures are pure: the session lives in `connection`, the routes in `api`, the frames in `delivery`",
     ),
     (
+        "presence",
+        &["model", "delivery"],
+        "the presence registry is node-wide state that shards, the bus thread and the API all touch, so it names none of them",
+    ),
+    (
         "audit",
         &["model"],
         "the audit log is a sink that every layer (api, auth, bus, shard) writes to, so it sits below them",

@@ -333,7 +333,7 @@ fn websocket_message_errors_are_worded_like_http_ones() {
         (
             r#"{"action":"dance"}"#,
             "unknown_action",
-            r#"unknown action "dance": expected subscribe, unsubscribe, publish, ping, read, seen, resume or refresh"#,
+            r#"unknown action "dance": expected subscribe, unsubscribe, publish, ping, read, seen, resume, refresh or presence"#,
         ),
     ] {
         client.ws.send(tungstenite::Message::text(text)).unwrap();

@@ -13,6 +13,7 @@
 mod assets;
 mod notifications;
 mod openapi;
+mod presence;
 mod pusher;
 mod status;
 
@@ -74,6 +75,8 @@ enum Endpoint {
     /// `PUT /api/v1/notifications/:user_id/seen`.
     Seen(String),
     Delete(String, String),
+    /// `GET /api/v1/channels/:channel/presence`.
+    Presence(String),
     Health,
     Metrics,
     /// `GET /`: the monitor and demo page.
@@ -125,6 +128,9 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Delete, ["api", "v1", "notifications", user, id]) => {
             Endpoint::Delete(user.to_string(), id.to_string())
         }
+        (Get, ["api", "v1", "channels", channel, "presence"]) => {
+            Endpoint::Presence(channel.to_string())
+        }
         (Post, ["notifications"]) => Endpoint::Send,
         (Get, ["notifications"]) => Endpoint::HistoryByQuery,
         (Get, ["health"]) => Endpoint::Health,
@@ -174,6 +180,7 @@ impl Endpoint {
             Endpoint::ReadAll(_) => Route::ReadAll,
             Endpoint::Seen(_) => Route::Seen,
             Endpoint::Delete(..) => Route::Delete,
+            Endpoint::Presence(_) => Route::Presence,
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
             Endpoint::WebSocket => Route::WebSocket,
@@ -254,6 +261,7 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::ReadAll(user) => notifications::read_all(ctx, head, user).await,
         Endpoint::Seen(user) => notifications::seen(ctx, user, body).await,
         Endpoint::Delete(user, id) => notifications::delete(ctx, head, user, &id).await,
+        Endpoint::Presence(channel) => presence::members(ctx, channel).await,
         Endpoint::Health => status::health(ctx).await,
         Endpoint::Metrics => status::metrics(ctx).await,
         Endpoint::Page => assets::index(),

@@ -27,7 +27,7 @@ mod tests {
     /// Every endpoint once, numbered by an exhaustive match: a new endpoint does not compile until it
     /// has a number here, and then [`every_route_of_the_router_is_described`] fails until the
     /// description has an operation that reaches it.
-    const ENDPOINTS: usize = 24;
+    const ENDPOINTS: usize = 25;
 
     fn number(e: &Endpoint) -> usize {
         match e {
@@ -57,6 +57,7 @@ mod tests {
                 PusherCall::Channel(_) => 19,
                 PusherCall::TerminateUser(_) => 20,
             },
+            Endpoint::Presence(_) => 16,
         }
     }
 
@@ -90,6 +91,7 @@ mod tests {
             .map(|segment| match segment {
                 "{user_id}" => "u1",
                 "{name}" => "monitor.js",
+                "{channel}" => "presence-room",
                 s if s.starts_with('{') => "0190b3c4-5d6e-7f00-8a00-0123456789ab",
                 s => s,
             })

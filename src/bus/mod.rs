@@ -17,10 +17,15 @@
 //! nodes and routes what they publish to this node's interested shards ([`interest`]), each frame
 //! encoded once per node ([`wire`]), each notification delivered once per node ([`recent`]); each node
 //! announces itself, so that the others catch up what a node that died had not published ([`peers`]).
+//!
+//! Presence changes (`crate::presence`) go the same ways: a change on this node goes to every shard's
+//! inbox as a `join`/`leave` delivery and, with a bus, to the other nodes as a `J` envelope, with the
+//! node's members kept in Redis under an expiry ([`presence_sync`]).
 
 pub mod interest;
 pub mod link;
 pub mod peers;
+pub mod presence_sync;
 pub mod recent;
 pub mod redis_bus;
 pub mod wire;
@@ -30,11 +35,16 @@ use std::sync::Arc;
 use crate::audit::Audit;
 use crate::bus::interest::InterestSink;
 use crate::bus::redis_bus::{BusCmd, RedisBus};
+use crate::bus::wire::NodePresence;
 use crate::delivery::frame::frame_payload;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::Delivery;
 use crate::model::Notification;
+use crate::presence::{ConnRef, Member, Outcome, Presence};
 use crate::store::{CommitListener, UnreadCount};
+
+/// How long a presence query waits for the bus thread before the registry's view answers.
+const PRESENCE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Routes deliveries to shards, and with a Redis bus to the other nodes. Cheap to clone; one copy per
 /// shard and one on the store thread.
@@ -45,6 +55,8 @@ pub struct Fanout {
     bus: Option<RedisBus>,
     /// Told of every commit (`stored` and `fired` lines), on the store thread before delivery.
     audit: Audit,
+    /// Who is on each presence channel: the node's one registry, shared with the bus thread.
+    presence: Presence,
 }
 
 impl Fanout {
@@ -54,7 +66,80 @@ impl Fanout {
             shards: shards.into(),
             bus,
             audit: Audit::off(),
+            presence: Presence::new(),
         }
+    }
+
+    /// The node's presence registry.
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    /// Connection `conn` of `user_id` subscribed to presence channel `channel` (`user_info`: the JSON
+    /// text its kind carries, if any): the registry records it, and if the user joined, every shard's
+    /// subscribers of the channel hear it; if it is the user's first connection on this node, the other
+    /// nodes too.
+    pub fn presence_join(
+        &self,
+        channel: &str,
+        user_id: &str,
+        user_info: Option<&str>,
+        conn: ConnRef,
+    ) {
+        let outcome = self.presence.join(channel, user_id, user_info, conn);
+        self.presence_changed(channel, user_id, user_info, true, outcome);
+    }
+
+    /// Connection `conn` of `user_id` left presence channel `channel` (unsubscribed, or closed): as
+    /// [`Fanout::presence_join`], for the user's last connection.
+    pub fn presence_leave(&self, channel: &str, user_id: &str, conn: ConnRef) {
+        let outcome = self.presence.leave(channel, user_id, conn);
+        self.presence_changed(channel, user_id, None, false, outcome);
+    }
+
+    fn presence_changed(
+        &self,
+        channel: &str,
+        user_id: &str,
+        user_info: Option<&str>,
+        present: bool,
+        outcome: Outcome,
+    ) {
+        if let Some(event) = outcome.event {
+            let delivery = Arc::new(Delivery::of_presence_change(event));
+            self.send_to_other_shards(None, Arc::from([delivery]));
+        }
+        if let (true, Some(bus)) = (outcome.node_changed, &self.bus) {
+            bus.send_to_bus(BusCmd::Presence(NodePresence {
+                channel: channel.to_owned(),
+                user_id: user_id.to_owned(),
+                user_info: user_info.map(str::to_owned),
+                present,
+            }));
+        }
+    }
+
+    /// The members of presence channel `channel` on every node, sorted by user id: on a single node
+    /// the registry's; with a bus, read from Redis by the bus thread (every live node's members), or the
+    /// registry's view while Redis is away.
+    pub async fn presence_members(&self, channel: &str) -> Vec<Member> {
+        if let Some(bus) = &self.bus {
+            let (reply, answer) = futures_channel::oneshot::channel();
+            bus.send_to_bus(BusCmd::PresenceQuery {
+                channel: channel.to_owned(),
+                reply,
+            });
+            // Called on a shard: wait on glommio's timer, and answer from the registry if the bus
+            // thread is busy for longer (a catch-up) or the read failed.
+            let answer = std::pin::pin!(answer);
+            let deadline = std::pin::pin!(glommio::timer::sleep(PRESENCE_QUERY_TIMEOUT));
+            if let futures_util::future::Either::Left((Ok(members), _)) =
+                futures_util::future::select(answer, deadline).await
+            {
+                return members;
+            }
+        }
+        self.presence.members(channel)
     }
 
     /// The same fan-out, recording every commit it is told of in `audit`.

@@ -37,6 +37,12 @@
 //! notifications in id order whichever node reconnects first. For the nodes that did see the outage,
 //! those are copies of what their own catch-up found, and are dropped as duplicates.
 //!
+//! **Presence** (`presence_sync.rs`): a node-level presence change is a write to the node's hash of the
+//! channel, then a `J` envelope on the channel's Redis channel (in that order, see `presence_sync.rs`); a presence query reads every live
+//! node's hash. Changes and queries are applied in the order they were queued, after the batch's
+//! publishes. While Redis is away changes are not queued (the registry has them): each session
+//! rewrites the node's hashes, announces its members again and rereads the other nodes'.
+//!
 //! **Nodes that die** between a commit and its publish: see `peers.rs`. Each node announces on a timer
 //! that it is alive and how far its publishing has got; when one stops announcing, the others catch up
 //! from the store from that point, the same way as after an outage. In a Redis Cluster, a slot
@@ -60,12 +66,14 @@ use uuid::Uuid;
 use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
 use crate::bus::link::{describe, Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
+use crate::bus::presence_sync;
 use crate::bus::recent::RecentIds;
-use crate::bus::wire::{self, Envelope};
+use crate::bus::wire::{self, Envelope, NodePresence};
 use crate::config::RedisTarget;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, PresenceChange};
 use crate::model::{now_millis, Millis, Notification};
+use crate::presence::{is_presence_channel, Member, Presence};
 use crate::store::{ReplayQuery, Store, StoreError, UnreadCount};
 
 /// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
@@ -114,8 +122,30 @@ pub enum BusCmd {
         /// The event.
         event: crate::delivery::PusherEvent,
     },
+    /// A user's first connection on a presence channel came to this node, or its last one went
+    /// (already delivered locally): to the other nodes and the node's Redis hash.
+    Presence(NodePresence),
+    /// The members of a presence channel on every live node, read from Redis (the registry's view
+    /// while Redis is away); a dropped `reply` means the read failed.
+    PresenceQuery {
+        /// The presence channel.
+        channel: String,
+        /// Where the members go, sorted by user id.
+        reply: futures_channel::oneshot::Sender<Vec<Member>>,
+    },
     /// Leave Redis and end the thread.
     Stop,
+}
+
+/// Presence work of one batch, applied in queue order after the batch's publishes.
+enum PresenceOp {
+    /// Write a change of this node's members to its hash, then publish it.
+    Write(NodePresence),
+    /// Answer a member query.
+    Query {
+        channel: String,
+        reply: futures_channel::oneshot::Sender<Vec<Member>>,
+    },
 }
 
 /// How to reach Redis.
@@ -259,6 +289,7 @@ pub fn spawn_bus_thread(
     queue: UnboundedReceiver<BusCmd>,
     shards: Vec<ShardInbox>,
     store: Store,
+    presence: Presence,
 ) -> Result<JoinHandle<()>, String> {
     if config.target.tls() {
         check_tls_at_start(&config.target)?;
@@ -289,6 +320,9 @@ pub fn spawn_bus_thread(
         outage_since: None,
         outbox: VecDeque::new(),
         dropped_unpublished: 0,
+        presence,
+        presence_ops: Vec::new(),
+        presence_read: HashSet::new(),
         stopping: false,
     };
     std::thread::Builder::new()
@@ -403,6 +437,13 @@ struct BusThread {
     /// Per node taken for gone: ids below this were in the catch-up made for it, so a late copy of one
     /// (the node was only cut off, and publishes its outbox when it is back) is a duplicate.
     late_floors: HashMap<Uuid, (Uuid, Instant)>,
+    /// The node's presence registry (`crate::presence`), shared with the shards.
+    presence: Presence,
+    /// Presence writes and queries of the current batch, in queue order.
+    presence_ops: Vec<PresenceOp>,
+    /// Presence channels whose other nodes' members were read since this node began listening to
+    /// them: a reread (after a reconnect) announces what changed meanwhile; a first read does not.
+    presence_read: HashSet<Box<str>>,
     /// Set by [`BusCmd::Stop`].
     stopping: bool,
 }
@@ -460,6 +501,8 @@ impl BusThread {
     fn lost(&mut self) {
         self.up.store(false, Ordering::Relaxed);
         self.outbox.retain(|o| o.id.is_some());
+        // Queries in flight fail over to the registry's view; writes are redone by the next session.
+        self.presence_ops.clear();
         if self.outage_since.is_none() {
             let now = Instant::now();
             self.outage_since = Some((now_millis(), now));
@@ -492,6 +535,9 @@ impl BusThread {
         }
         if let Err(e) = self.announce(&mut link).await {
             return self.ended(e, &mut link).await;
+        }
+        if let Err(e) = self.republish_presence(&mut link).await {
+            return Ended::Lost(e);
         }
         if let Err(e) = self.sync_subscriptions(&mut link, Resync::Full).await {
             return Ended::Lost(e);
@@ -646,6 +692,10 @@ impl BusThread {
                         envelope: Bytes::from(envelope),
                     });
                 }
+                BusCmd::Presence(change) => self.presence_ops.push(PresenceOp::Write(change)),
+                BusCmd::PresenceQuery { channel, reply } => {
+                    self.presence_ops.push(PresenceOp::Query { channel, reply })
+                }
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -653,6 +703,7 @@ impl BusThread {
             }
         }
         self.flush_outbox(link).await.map_err(Ended::Lost)?;
+        self.run_presence_ops(link).await.map_err(Ended::Lost)?;
         if self.stopping {
             return Err(Ended::Stop);
         }
@@ -671,6 +722,11 @@ impl BusThread {
             // A count is as ephemeral: the next change of the user's count (or a reconnect, which
             // reads it) brings other nodes' badges back in line.
             BusCmd::Unread(_) => {}
+            // The registry keeps it; the next session writes and announces every member again.
+            BusCmd::Presence(_) => {}
+            BusCmd::PresenceQuery { channel, reply } => {
+                let _ = reply.send(self.presence.members(&channel));
+            }
             BusCmd::Stop => self.stopping = true,
         }
     }
@@ -770,9 +826,11 @@ impl BusThread {
         let reading = ids
             .iter()
             .zip(values.iter().map(|v| PeerState::parse(v.as_deref())));
+        let known_before: HashSet<Uuid> = self.peers.known().collect();
         let (gone, forget) = self
             .peers
             .observe(Instant::now(), reading.map(|(id, s)| (*id, s)));
+        let new_peer = self.peers.known().any(|id| !known_before.contains(&id));
         if !forget.is_empty() {
             let mut srem = redis::cmd("SREM");
             srem.arg(&set);
@@ -780,6 +838,27 @@ impl BusThread {
                 srem.arg(id.simple().to_string());
             }
             link.query_cmd::<()>(&srem).await?;
+        }
+        // Gone or stopped: its users leave here (a stopped node's left already, one by one).
+        let mut left = Vec::new();
+        for id in &forget {
+            left.extend(self.presence.node_gone(*id));
+        }
+        self.deliver_presence(left);
+        presence_sync::refresh(
+            link,
+            prefix,
+            self.origin,
+            self.config.node_timeout,
+            &self.presence.local_channels(),
+        )
+        .await?;
+        if new_peer {
+            // A node that started with this one may have had members before it was seen.
+            let channels: Vec<Box<str>> = self.presence_read.iter().cloned().collect();
+            for channel in channels {
+                self.read_presence(link, &channel).await?;
+            }
         }
         let now = Instant::now();
         self.late_floors
@@ -848,10 +927,150 @@ impl BusThread {
             "Redis subscriptions updated"
         );
         for t in remove {
+            if let Topic::Channel(c) = &t {
+                if self.presence_read.remove(c) {
+                    self.presence.forget_remote(c);
+                }
+            }
             self.subscribed.remove(&t);
+        }
+        // Subscribed first, read then: a change published after the read arrives live.
+        for t in &add {
+            if let Topic::Channel(c) = t {
+                if is_presence_channel(c) {
+                    self.read_presence(link, c).await?;
+                }
+            }
         }
         self.subscribed.extend(add);
         Ok(())
+    }
+
+    /// Puts this node's presence change in the outbox, for the nodes listening to its channel.
+    fn push_presence(&mut self, change: &NodePresence) {
+        let name =
+            Topic::Channel(change.channel.as_str().into()).redis_channel(&self.config.prefix);
+        self.outbox.push_back(Outgoing {
+            id: None,
+            channels: vec![name],
+            envelope: Bytes::from(wire::encode_presence(self.origin, change)),
+        });
+    }
+
+    /// Applies the batch's presence writes and queries, in queue order.
+    async fn run_presence_ops(&mut self, link: &mut Link) -> Result<(), RedisError> {
+        let prefix = self.config.prefix.clone();
+        for op in std::mem::take(&mut self.presence_ops) {
+            match op {
+                PresenceOp::Write(change) => {
+                    // The hash first: a node that subscribes to the channel after this publish reads
+                    // the hash after its subscription, so it sees the change one way or the other.
+                    presence_sync::write_change(
+                        link,
+                        &prefix,
+                        self.origin,
+                        self.config.node_timeout,
+                        &change,
+                    )
+                    .await?;
+                    self.push_presence(&change);
+                    self.flush_outbox(link).await?;
+                }
+                PresenceOp::Query { channel, reply } => {
+                    let peers = self.presence_peers(link).await?;
+                    let remote = presence_sync::read(link, &prefix, &channel, &peers).await?;
+                    let mut all: BTreeMap<String, Option<String>> = self
+                        .presence
+                        .members(&channel)
+                        .into_iter()
+                        .map(|m| (m.user_id, m.user_info))
+                        .collect();
+                    for m in remote.into_iter().flat_map(|(_, members)| members) {
+                        all.entry(m.user_id).or_insert(m.user_info);
+                    }
+                    let members = all
+                        .into_iter()
+                        .map(|(user_id, user_info)| Member { user_id, user_info })
+                        .collect();
+                    let _ = reply.send(members);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the other live nodes' members of presence channel `channel` into the registry; on a
+    /// reread, this node's subscribers hear of what changed since the last read.
+    async fn read_presence(&mut self, link: &mut Link, channel: &str) -> Result<(), RedisError> {
+        let peers = self.presence_peers(link).await?;
+        let remote = presence_sync::read(link, &self.config.prefix, channel, &peers).await?;
+        let reread = !self.presence_read.insert(channel.into());
+        let events = self.presence.replace_remote(channel, &remote, reread);
+        self.deliver_presence(events);
+        Ok(())
+    }
+
+    /// The other nodes whose presence hashes a read looks at: those in the nodes set (a node that
+    /// started a moment ago is there before this node's next announcement sees it) and those this node
+    /// saw alive. A dead node's hashes expire with its key, and its members read meanwhile leave with
+    /// it (`Presence::node_gone` when it is taken for gone or out of the set).
+    async fn presence_peers(&self, link: &mut Link) -> Result<Vec<Uuid>, RedisError> {
+        let mut smembers = redis::cmd("SMEMBERS");
+        smembers.arg(peers::nodes_set_key(&self.config.prefix));
+        let listed: Vec<String> = link.query_cmd(&smembers).await?;
+        let mut ids: Vec<Uuid> = listed
+            .iter()
+            .filter_map(|m| Uuid::try_parse(m).ok())
+            .chain(self.peers.known())
+            .filter(|id| *id != self.origin)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// A new session: this node's hashes written again whole, and each of its members announced again
+    /// to the nodes listening (those that took this node for gone meanwhile had them leave).
+    async fn republish_presence(&mut self, link: &mut Link) -> Result<(), RedisError> {
+        let local = self.presence.local_members();
+        if local.is_empty() {
+            return Ok(());
+        }
+        presence_sync::rewrite_all(
+            link,
+            &self.config.prefix,
+            self.origin,
+            self.config.node_timeout,
+            &local,
+        )
+        .await?;
+        for (channel, m) in local {
+            self.push_presence(&NodePresence {
+                channel,
+                user_id: m.user_id,
+                user_info: m.user_info,
+                present: true,
+            });
+        }
+        self.flush_outbox(link).await
+    }
+
+    /// Sends presence events to the shards with subscribers on their channels.
+    fn deliver_presence(&self, events: Vec<PresenceChange>) {
+        let mut per_shard: Vec<Vec<Arc<Delivery>>> = vec![Vec::new(); self.shards.len()];
+        for event in events {
+            let mask = self
+                .registry
+                .shards_for(&Topic::Channel(event.channel.as_str().into()));
+            if mask.is_empty() {
+                continue;
+            }
+            let delivery = Arc::new(Delivery::of_presence_change(event));
+            for shard in mask.shards() {
+                per_shard[shard].push(delivery.clone());
+            }
+        }
+        self.send_to_shards(per_shard);
     }
 
     /// Whether the current session should be subscribed to Redis channel `name`.
@@ -898,6 +1117,26 @@ impl BusThread {
                         continue;
                     }
                     (Delivery::of_notification(n), mask)
+                }
+                Ok(Envelope::Presence(change)) => {
+                    let Some(origin) = wire::origin_of(bytes) else {
+                        continue;
+                    };
+                    let event = self.presence.apply_remote(
+                        origin,
+                        &change.channel,
+                        &change.user_id,
+                        change.user_info.as_deref(),
+                        change.present,
+                    );
+                    let Some(event) = event else { continue };
+                    let mask = self
+                        .registry
+                        .shards_for(&Topic::Channel(change.channel.as_str().into()));
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::of_presence_change(event), mask)
                 }
                 Ok(Envelope::Message(payload)) => {
                     let Some(topic @ Topic::Channel(_)) =

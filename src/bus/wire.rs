@@ -3,12 +3,15 @@
 //! ```text
 //! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message,
 //!              b'U' a user's new unread count,
-//!              b'P' a Pusher event
+//!              b'P' a Pusher event,
+//!              b'J' a presence change of the origin node
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
 //! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
-//!              U: the count's version and the count (8 bytes each, big-endian), then the user i;
-//!              P: {"channel","name","data","except_socket"}, data as its JSON text
+//!              U: the count's version and the count (8 bytes each, big-endian), then the user id;
+//!              P: {"channel","name","data","except_socket"}, data as its JSON text;
+//!              J: {"channel","user_id","user_info"?,"present"} (the user's first connection on the
+//!              origin node came, `true`, or its last one went, `false`)
 //! ```
 //!
 //! A `U` goes to the user's topic, so only nodes holding one of the user's connections get it.
@@ -33,6 +36,8 @@ const KIND_MESSAGE: u8 = b'M';
 const KIND_UNREAD: u8 = b'U';
 /// Kind byte of a Pusher event (to one channel).
 const KIND_PUSHER_EVENT: u8 = b'P';
+/// Kind byte of a presence change on the origin node.
+const KIND_PRESENCE: u8 = b'J';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -60,6 +65,42 @@ pub enum Envelope<'a> {
         /// The event.
         event: PusherEvent,
     },
+    /// A user's presence on the origin node changed.
+    Presence(NodePresence),
+}
+
+/// A presence change on one node: its user's first connection on the channel came, or its last one
+/// went. Whether that makes the user join or leave is for each receiving node to decide.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct NodePresence {
+    /// The presence channel.
+    pub channel: String,
+    /// The user.
+    pub user_id: String,
+    /// The member's `user_info` JSON text, if its connection kind gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "raw_json")]
+    pub user_info: Option<String>,
+    /// `true`: the user is on the channel on the origin node now; `false`: no longer.
+    pub present: bool,
+}
+
+/// `user_info` travels as the JSON value it is, not as a string holding JSON.
+mod raw_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(text) => RawValue::from_string(text.clone())
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Box<RawValue>>::deserialize(d)?.map(|raw| raw.get().to_owned()))
+    }
 }
 
 /// Why an envelope could not be read (a foreign publisher on our prefix, or a bug).
@@ -125,6 +166,16 @@ struct WirePusherEvent<'a> {
     except_socket: Option<Box<str>>,
 }
 
+/// Encodes a presence change of node `origin`.
+pub fn encode_presence(origin: Uuid, change: &NodePresence) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 96 + change.channel.len());
+    out.push(KIND_PRESENCE);
+    out.extend_from_slice(origin.as_bytes());
+    // Plain strings and a value that was valid JSON when it was accepted: this cannot fail.
+    serde_json::to_writer(&mut out, change).expect("a presence change serializes");
+    out
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -156,6 +207,9 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
                 },
             })
         }
+        KIND_PRESENCE => serde_json::from_slice(payload)
+            .map(Envelope::Presence)
+            .map_err(|e| WireError(format!("bad presence change: {e}"))),
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
 }
@@ -301,6 +355,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_presence_change_survives_the_trip_with_its_user_info_as_json() {
+        let origin = Uuid::now_v7();
+        for user_info in [None, Some(r#"{"name":"Ann","tags":[1,2]}"#.to_owned())] {
+            let change = NodePresence {
+                channel: "presence-room".into(),
+                user_id: "u\"1".into(),
+                user_info,
+                present: true,
+            };
+            let bytes = encode_presence(origin, &change);
+            assert_eq!(origin_of(&bytes), Some(origin));
+            match decode(&bytes).unwrap() {
+                Envelope::Presence(back) => assert_eq!(back, change),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut bad = encode_presence(
+            origin,
+            &NodePresence {
+                channel: "presence-a".into(),
+                user_id: "u".into(),
+                user_info: None,
+                present: false,
+            },
+        );
+        bad.truncate(HEADER_LEN + 3);
+        assert!(decode(&bad).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::model::{now_millis, validate_channel_list, validate_user_id, Notification};
+use crate::presence::is_presence_channel;
 use crate::shard::hub::{Hub, LiveMark, SubscribeError};
 use crate::shard::outbound::{end_resume, send_frame, Sent};
 use crate::shard::Shard;
@@ -134,13 +135,14 @@ pub(crate) fn watch_expiry(shard: &Shard, hub: &mut Hub, id: ConnId, expires_at:
 /// Subscribes connection `id` to the channels its token's `grant` allows (all without a token), and
 /// returns the native control events to send, in API.md's order: `error` `forbidden` naming the
 /// channels the grant refuses, `subscribed` with the ones joined, `error` `too_many_channels` if the
-/// connection's cap cut the list.
+/// connection's cap cut the list; and the presence channels among them that the connection was not on
+/// before (for the caller to join, once the events are sent).
 pub(crate) fn subscribe(
     shard: &Shard,
     id: ConnId,
     grant: Option<&ChannelGrant>,
     mut channels: Vec<String>,
-) -> Vec<Bytes> {
+) -> (Vec<Bytes>, Vec<String>) {
     let mut events = Vec::new();
     if let Some(grant) = grant {
         let denied: Vec<String> = channels
@@ -159,9 +161,15 @@ pub(crate) fn subscribe(
     let mut hub = shard.hub.borrow_mut();
     let mut subscribed = Vec::with_capacity(channels.len());
     let mut refused = false;
+    let mut joined = Vec::new();
     for c in channels {
         match hub.subscribe(id, &c, shard.config.max_channels_per_connection) {
-            Ok(_) => subscribed.push(c),
+            Ok(new) => {
+                if new && is_presence_channel(&c) {
+                    joined.push(c.clone());
+                }
+                subscribed.push(c)
+            }
             Err(SubscribeError::TooManyChannels) => refused = true,
         }
     }
@@ -176,7 +184,7 @@ pub(crate) fn subscribe(
             &format!("a connection may subscribe to at most {limit} channels"),
         ));
     }
-    events
+    (events, joined)
 }
 
 /// How a resume ended.

@@ -165,7 +165,9 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Stream> {
         stream.send(event);
     }
     if !params.channels.is_empty() {
-        let events = live::subscribe(
+        // A stream hears the joins and leaves of a presence channel but is not a member of it (it
+        // cannot leave as a WebSocket session does): the joined list is not used.
+        let (events, _joined) = live::subscribe(
             &shard,
             stream.conn.id,
             opened.grant.as_ref(),

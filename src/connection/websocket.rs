@@ -29,6 +29,7 @@ use crate::delivery::Delivery;
 use crate::http::request::RequestHead;
 use crate::metrics::{Refusal, Route};
 use crate::model::parse_notification_ids;
+use crate::presence::{is_presence_channel, ConnRef};
 use crate::shard::hub::ConnKind;
 use crate::shard::outbound::{begin_resume, queue_final_frame, send_frame};
 use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
@@ -202,6 +203,18 @@ impl Drop for Session {
     fn drop(&mut self) {
         // The user's slot taken in `open` (see `ConnectionCounts::admit_user`).
         self.conn.shard.auth.connections.release_user(&self.user);
+        // However the session ends, it leaves its presence channels (the hub entry goes after this,
+        // with the connection).
+        let presence: Vec<Rc<str>> = {
+            let hub = self.conn.shard.hub.borrow();
+            hub.channels_of(self.conn.id)
+                .into_iter()
+                .filter(|c| is_presence_channel(c))
+                .collect()
+        };
+        for channel in presence {
+            self.left_presence(&channel);
+        }
     }
 }
 
@@ -360,10 +373,14 @@ impl Session {
             Action::Subscribe(channels) => self.subscribe(channels),
             Action::Unsubscribe(channels) => {
                 let mut hub = self.conn.shard.hub.borrow_mut();
-                for c in &channels {
-                    hub.unsubscribe(self.conn.id, c);
-                }
+                let left: Vec<&String> = channels
+                    .iter()
+                    .filter(|c| hub.unsubscribe(self.conn.id, c) && is_presence_channel(c))
+                    .collect();
                 drop(hub);
+                for c in left {
+                    self.left_presence(c);
+                }
                 debug!(user = %self.user, ?channels, "unsubscribed");
                 self.send(&protocol::channels_event("unsubscribed", &channels));
             }
@@ -402,7 +419,45 @@ impl Session {
                 Box::pin(self.resume(since)).await;
             }
             Action::Refresh(token) => self.refresh(&token),
+            Action::Presence(channel) => Box::pin(self.presence(channel)).await,
         }
+    }
+
+    /// This connection, node-wide, for the presence registry.
+    fn conn_ref(&self) -> ConnRef {
+        ConnRef {
+            shard: self.conn.shard.index,
+            conn: self.conn.id,
+        }
+    }
+
+    /// The connection left presence channel `channel` (unsubscribed, revoked, or closing).
+    fn left_presence(&self, channel: &str) {
+        self.conn
+            .shard
+            .fanout
+            .presence_leave(channel, &self.user, self.conn_ref());
+    }
+
+    /// Answers `{"action":"presence","channel"}` with the channel's members on every node. The channel
+    /// must be a presence channel the connection is subscribed to (so a token's grant bounds it).
+    async fn presence(&mut self, channel: String) {
+        if !is_presence_channel(&channel) {
+            return self.send_error(
+                "invalid_field",
+                "channel must be a presence channel (a name starting with presence-)",
+            );
+        }
+        let shard = self.conn.shard.clone();
+        if !shard.hub.borrow().is_subscribed(self.conn.id, &channel) {
+            return self.send_error(
+                "not_subscribed",
+                "subscribe to the presence channel before asking who is on it",
+            );
+        }
+        let members = shard.fanout.presence_members(&channel).await;
+        let users: Vec<String> = members.into_iter().map(|m| m.user_id).collect();
+        self.send(&protocol::presence_event(&channel, &users));
     }
 
     /// Replaces the connection's token: a later expiry, and the new token's channel grant (channels it
@@ -438,6 +493,9 @@ impl Session {
             }
             revoked
         };
+        for c in revoked.iter().filter(|c| is_presence_channel(c)) {
+            self.left_presence(c);
+        }
         self.grant = Some(Box::new(claims.grant));
         if !revoked.is_empty() {
             self.send(&protocol::channels_event("unsubscribed", &revoked));
@@ -446,7 +504,7 @@ impl Session {
     }
 
     fn subscribe(&mut self, channels: Vec<String>) {
-        let events = live::subscribe(
+        let (events, joined) = live::subscribe(
             &self.conn.shard,
             self.conn.id,
             self.grant.as_deref(),
@@ -455,6 +513,13 @@ impl Session {
         debug!(user = %self.user, "subscribed");
         for event in &events {
             self.send(event);
+        }
+        // After `subscribed`, so the connection's own `join` (through the inbox) comes after it.
+        let shard = self.conn.shard.clone();
+        for channel in joined {
+            shard
+                .fanout
+                .presence_join(&channel, &self.user, None, self.conn_ref());
         }
     }
 

@@ -49,6 +49,40 @@ pub enum Content {
     /// A Pusher event to one channel (from the Pusher HTTP API or a Pusher client's `client-` event):
     /// ephemeral, like a client message.
     PusherEvent(PusherEvent),
+    /// A user joined or left a presence channel (`crate::presence`): natively the `join`/`leave`
+    /// event; kept whole so that other encodings (Pusher's `member_added`/`member_removed`) render
+    /// the same change.
+    Presence(PresenceChange),
+}
+
+/// A user's first connection on a presence channel (on any shard of any node) came, or its last one
+/// went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The presence channel.
+    pub channel: String,
+    /// The user who joined or left.
+    pub user_id: String,
+    /// The member's `user_info` JSON text (Pusher's `channel_data`); `None` for native members.
+    pub user_info: Option<String>,
+    /// `true`: joined; `false`: left.
+    pub joined: bool,
+}
+
+impl PresenceChange {
+    /// The native event's JSON: `{"event":"join"|"leave","channel","user_id"}`.
+    fn write_native_json(&self, out: &mut Vec<u8>) {
+        let head: &[u8] = if self.joined {
+            b"{\"event\":\"join\",\"channel\":"
+        } else {
+            b"{\"event\":\"leave\",\"channel\":"
+        };
+        out.extend_from_slice(head);
+        write_json_str(out, &self.channel);
+        out.extend_from_slice(b",\"user_id\":");
+        write_json_str(out, &self.user_id);
+        out.push(b'}');
+    }
 }
 
 /// A Pusher-protocol event, as it travels (one per channel: Pusher delivers an event triggered on
@@ -166,6 +200,14 @@ impl Frames {
         }
     }
 
+    /// The native frames of a presence change: it names its channel in its body, so one frame.
+    fn native_of_presence(change: &PresenceChange) -> Frames {
+        let frame = text_frame(64 + change.channel.len() + change.user_id.len(), |out| {
+            change.write_native_json(out)
+        });
+        Frames::native_of_client_message(frame)
+    }
+
     /// The SSE events of any content (see [`sse`]): a notification's events carry its id, so an
     /// `EventSource` resumes from it; a client message is the control-style `event: message`.
     fn sse(content: &Content, channels: &[String]) -> Frames {
@@ -194,6 +236,14 @@ impl Frames {
                 plain: sse::control_of_frame(&unread_frame(*count)),
                 per_channel: Vec::new(),
             },
+            // `event: join` / `event: leave`, with the native event's JSON.
+            Content::Presence(change) => {
+                let event = sse::control_of_frame(&Frames::native_of_presence(change).plain);
+                Frames {
+                    per_channel: vec![event.clone()],
+                    plain: event,
+                }
+            }
             // `event: pusher_event`, with the native event's JSON.
             Content::PusherEvent(event) => {
                 let channel = channels.first().map_or("", String::as_str);
@@ -228,6 +278,7 @@ impl Frames {
                     out.extend_from_slice(payload)
                 }))
             }
+            Content::Presence(change) => Frames::native_of_presence(change),
         }
     }
 }
@@ -314,6 +365,12 @@ impl Frames {
                 Frames::native_of_client_message(frame)
             } // Never written: the Pusher protocol has no unread event, and the shard's unread flusher
             // writes only to native and SSE connections.
+            // Never written either: a Pusher connection cannot subscribe to a `presence-` channel
+            // until Pusher presence is wired to the registry (docs/API.md, "Pusher Channels").
+            Content::Presence(_) => Frames {
+                plain: Bytes::new(),
+                per_channel: Vec::new(),
+            },
             Content::Unread { .. } => Frames {
                 plain: Bytes::new(),
                 per_channel: Vec::new(),
@@ -466,6 +523,20 @@ impl Delivery {
         }
     }
 
+    /// A presence change, to the subscribers of its channel. Not stored, like a client message: a
+    /// client that reconnects asks for the member list rather than a replay of changes.
+    pub fn of_presence_change(change: PresenceChange) -> Delivery {
+        let native = Frames::native_of_presence(&change);
+        Delivery::new(
+            None,
+            None,
+            vec![change.channel.clone()],
+            false,
+            Content::Presence(change),
+            native,
+        )
+    }
+
     /// The delivery's frames in `encoding`: the native ones as encoded when the delivery was made;
     /// any other encoded now by the first caller, once (a concurrent caller on another shard waits for
     /// that encoding rather than making a second one).
@@ -568,6 +639,31 @@ mod tests {
         let again = Encoding::NativeWebSocket.encode(&d.content, &d.channels);
         assert_eq!(again.plain, d.native.plain);
         assert_eq!(Delivery::of_notification(notification()).unread(), None);
+    }
+
+    #[test]
+    fn a_presence_change_is_the_join_or_leave_event_for_its_channel() {
+        let change = PresenceChange {
+            channel: "presence-room".into(),
+            user_id: "u\"7".into(),
+            user_info: Some(r#"{"name":"Ann"}"#.into()),
+            joined: true,
+        };
+        let d = Delivery::of_presence_change(change.clone());
+        let v = payload_json(&d.native.plain);
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"join","channel":"presence-room","user_id":"u\"7"})
+        );
+        assert_eq!(d.native.get(Via::Channel(0)), &d.native.plain);
+        assert_eq!(d.channels, ["presence-room"]);
+        let left = Delivery::of_presence_change(PresenceChange {
+            joined: false,
+            ..change
+        });
+        assert_eq!(payload_json(&left.native.plain)["event"], "leave");
+        let again = Encoding::NativeWebSocket.encode(&left.content, &left.channels);
+        assert_eq!(again.plain, left.native.plain);
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.

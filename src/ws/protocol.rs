@@ -39,6 +39,8 @@ pub enum Action {
     /// `{"action":"seen","ids":[...]}`: the ids as sent; the session checks them
     /// (`model::parse_notification_ids`) against `MAX_SEEN_IDS`, which this pure parser does not know.
     Seen(Vec<String>),
+    /// `{"action":"presence","channel":"presence-…"}`: who is on a presence channel.
+    Presence(String),
 }
 
 /// Why a client message was refused; sent back as an `error` event, the connection stays open.
@@ -128,9 +130,17 @@ pub fn parse_action(text: &mut [u8], max_depth: usize) -> Result<Action, Protoco
             Some(token) if !token.is_empty() => Ok(Action::Refresh(token)),
             _ => Err(FieldError::new("token", "is required").into()),
         },
+        "presence" => {
+            let channel = raw
+                .channel
+                .ok_or_else(|| FieldError::new("channel", "is required"))?;
+            validate_channel_list("channel", std::slice::from_ref(&channel))
+                .map_err(|_| FieldError::new("channel", "is not a valid channel name"))?;
+            Ok(Action::Presence(channel))
+        }
         other => Err(ProtocolError::new(
             "unknown_action",
-            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read, seen, resume or refresh"),
+            format!("unknown action {other:?}: expected subscribe, unsubscribe, publish, ping, read, seen, resume, refresh or presence"),
         )),
     }
 }
@@ -155,6 +165,20 @@ pub fn channels_event(event: &str, channels: &[String]) -> Bytes {
             write_json_str(out, event);
             out.extend_from_slice(b",\"channels\":");
             write_json_str_array(out, channels);
+            out.push(b'}');
+        },
+    )
+}
+
+/// `{"event":"presence","channel","users":[...]}`: the answer to the `presence` action.
+pub fn presence_event(channel: &str, users: &[String]) -> Bytes {
+    text_frame(
+        48 + channel.len() + users.iter().map(|u| u.len() + 3).sum::<usize>(),
+        |out| {
+            out.extend_from_slice(b"{\"event\":\"presence\",\"channel\":");
+            write_json_str(out, channel);
+            out.extend_from_slice(b",\"users\":");
+            write_json_str_array(out, users);
             out.push(b'}');
         },
     )
@@ -255,6 +279,29 @@ mod tests {
         assert_eq!(
             parse(r#"{"action":"refresh"}"#).unwrap_err().code,
             "invalid_field"
+        );
+    }
+
+    #[test]
+    fn presence_names_one_channel() {
+        assert_eq!(
+            parse(r#"{"action":"presence","channel":"presence-room"}"#),
+            Ok(Action::Presence("presence-room".into()))
+        );
+        assert_eq!(
+            parse(r#"{"action":"presence"}"#).unwrap_err().code,
+            "invalid_field"
+        );
+        assert_eq!(
+            parse(r#"{"action":"presence","channel":"no spaces"}"#)
+                .unwrap_err()
+                .code,
+            "invalid_field"
+        );
+        let f = presence_event("presence-room", &["u1".into(), "u\"2".into()]);
+        assert_eq!(
+            &f[2..],
+            br#"{"event":"presence","channel":"presence-room","users":["u1","u\"2"]}"#
         );
     }
 
