@@ -111,6 +111,7 @@ pub mod json_input;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod preferences;
 pub mod scheduler;
 pub mod server;
 pub mod shard;

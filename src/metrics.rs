@@ -260,13 +260,15 @@ pub enum Route {
     Page,
     /// `GET /openapi.yaml`.
     OpenApi,
+    /// `GET` and `PUT /api/v1/users/:user_id/preferences`.
+    Preferences,
     /// No route: 404, 405, or a request that could not be parsed.
     None,
 }
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 16] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -281,6 +283,7 @@ impl Route {
         Route::WebSocket,
         Route::Page,
         Route::OpenApi,
+        Route::Preferences,
         Route::None,
     ];
 
@@ -301,6 +304,7 @@ impl Route {
             Route::WebSocket => "ws",
             Route::Page => "page",
             Route::OpenApi => "openapi",
+            Route::Preferences => "preferences",
             Route::None => "none",
         }
     }

@@ -66,6 +66,7 @@ use crate::config::RedisTarget;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::Delivery;
 use crate::model::{now_millis, Millis, Notification};
+use crate::preferences::Registry;
 use crate::store::{ReplayQuery, Store, StoreError};
 
 /// First pause after a failed connection; it doubles up to [`MAX_BACKOFF`].
@@ -103,6 +104,16 @@ pub enum BusCmd {
         /// The frame's JSON payload.
         payload: Bytes,
     },
+    /// A user's preferences changed on this node (already applied here): tell the others.
+    Preferences {
+        /// Whose.
+        user: Arc<str>,
+        /// Their stored JSON; `None`: back to the defaults.
+        stored: Option<String>,
+    },
+    /// Notifications this node released at the end of their users' quiet hours (already delivered
+    /// locally): to their users' connections on the other nodes.
+    Released(Vec<Arc<Notification>>),
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -248,6 +259,7 @@ pub fn spawn_bus_thread(
     queue: UnboundedReceiver<BusCmd>,
     shards: Vec<ShardInbox>,
     store: Store,
+    preferences: Arc<Registry>,
 ) -> Result<JoinHandle<()>, String> {
     if config.target.tls() {
         check_tls_at_start(&config.target)?;
@@ -279,6 +291,7 @@ pub fn spawn_bus_thread(
         outbox: VecDeque::new(),
         dropped_unpublished: 0,
         stopping: false,
+        preferences,
     };
     std::thread::Builder::new()
         .name("redis-bus".into())
@@ -394,6 +407,8 @@ struct BusThread {
     late_floors: HashMap<Uuid, (Uuid, Instant)>,
     /// Set by [`BusCmd::Stop`].
     stopping: bool,
+    /// The node's users' preferences, which other nodes' changes update.
+    preferences: Arc<Registry>,
 }
 
 impl BusThread {
@@ -610,6 +625,9 @@ impl BusThread {
                         envelope: Bytes::from(wire::encode_message(self.origin, &payload)),
                     });
                 }
+                cmd @ (BusCmd::Preferences { .. } | BusCmd::Released(_)) => {
+                    self.push_preferences_matter(cmd)
+                }
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -632,7 +650,41 @@ impl BusThread {
             BusCmd::Committed(list) => self.push_committed(list),
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
             BusCmd::Message { .. } => {}
+            // Kept like a client message until the outage is recorded, then dropped with them: a
+            // node that misses a change reads every user's preferences again at its next start.
+            cmd @ (BusCmd::Preferences { .. } | BusCmd::Released(_)) => {
+                self.push_preferences_matter(cmd)
+            }
             BusCmd::Stop => self.stopping = true,
+        }
+    }
+
+    /// Puts a change of preferences (to every node, on the broadcast channel) or released
+    /// notifications (to their users' channels) in the outbox.
+    fn push_preferences_matter(&mut self, cmd: BusCmd) {
+        match cmd {
+            BusCmd::Preferences { user, stored } => self.outbox.push_back(Outgoing {
+                id: None,
+                channels: vec![self.broadcast.clone()],
+                envelope: Bytes::from(wire::encode_preferences(
+                    self.origin,
+                    &user,
+                    stored.as_deref(),
+                )),
+            }),
+            BusCmd::Released(list) => {
+                for n in list {
+                    let Some(user) = &n.user_id else { continue };
+                    self.outbox.push_back(Outgoing {
+                        id: None,
+                        channels: vec![
+                            Topic::User(user.as_str().into()).redis_channel(&self.config.prefix)
+                        ],
+                        envelope: Bytes::from(wire::encode_released(self.origin, &n)),
+                    });
+                }
+            }
+            _ => {}
         }
     }
 
@@ -874,6 +926,25 @@ impl BusThread {
                         continue;
                     }
                     (Delivery::of_client_payload(&channel, payload), mask)
+                }
+                Ok(Envelope::Preferences(user, preferences)) => {
+                    let preferences = preferences.map(Arc::new);
+                    self.preferences.set(&user, preferences.clone());
+                    let name: Arc<str> = Arc::from(user);
+                    for shard in &self.shards {
+                        shard.send_to_shard(ShardMsg::Preferences(name.clone(), preferences.clone()));
+                    }
+                    continue;
+                }
+                Ok(Envelope::Released(n)) => {
+                    let Some(user) = n.user_id.as_deref() else {
+                        continue;
+                    };
+                    let mask = self.registry.shards_for(&Topic::User(user.into()));
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::release_of(n), mask)
                 }
                 Err(e) => {
                     debug!(

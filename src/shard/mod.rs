@@ -298,7 +298,10 @@ where
     let shard = Rc::new(Shard {
         index: setup.index,
         config: setup.config,
-        hub: RefCell::new(Hub::with_interest(setup.fanout.interest_sink(setup.index))),
+        hub: RefCell::new(
+            Hub::with_interest(setup.fanout.interest_sink(setup.index))
+                .with_preferences(setup.fanout.preferences().clone()),
+        ),
         store: setup.store,
         fanout: setup.fanout,
         metrics: setup.metrics,
@@ -476,6 +479,9 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
                 ShardMsg::Shutdown => {
                     shard.flush_deliveries();
                     shard.begin_shutdown();
+                }
+                ShardMsg::Preferences(user, preferences) => {
+                    shard.hub.borrow_mut().preferences_changed(&user, preferences);
                 }
             }
             handled += 1;

@@ -42,6 +42,7 @@ mod writer;
 
 pub use error::{BackendError, OpenError, StoreError};
 pub use idempotency::{IdempotencyKey, Receipt, Stamp};
+pub use backend::StoredPreferences;
 pub use sqlite::SqliteSynchronous;
 
 use std::fmt;
@@ -59,7 +60,7 @@ use futures_channel::oneshot;
 use uuid::Uuid;
 
 use crate::metrics::{Exposition, Histogram, Kind, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS};
-use crate::model::{NewNotification, Notification};
+use crate::model::{Millis, NewNotification, Notification};
 
 use reader::ReadOp;
 use writer::WriteOp;
@@ -170,6 +171,9 @@ pub struct StoreConfig {
     pub retention: Option<std::time::Duration>,
     /// `SQLITE_SYNCHRONOUS`: what a SQLite commit waits for (ignored by PostgreSQL).
     pub sqlite_synchronous: SqliteSynchronous,
+    /// The node's users' preferences: the store thread holds back (and records for later) what a
+    /// user's quiet hours hold when it commits (see `crate::preferences`).
+    pub preferences: Arc<crate::preferences::Registry>,
 }
 
 impl StoreConfig {
@@ -181,6 +185,7 @@ impl StoreConfig {
             max_batch: DEFAULT_MAX_BATCH,
             retention: None,
             sqlite_synchronous: SqliteSynchronous::default(),
+            preferences: Arc::default(),
         }
     }
 }
@@ -250,6 +255,13 @@ pub trait CommitListener: Send + 'static {
     /// here, so delivery order is commit order. Not called for a commit that inserted nothing, nor for
     /// a failed batch. It runs on the store thread: it must hand work off (push to queues), not do it.
     fn committed(&self, inserted: &[Arc<Notification>]);
+
+    /// Called on the store thread after a commit that claimed notifications whose quiet hours ended
+    /// (API.md, "Preferences"), in id order: push each to its user's connections. Like
+    /// [`CommitListener::committed`], it must hand the work off.
+    fn released(&self, released: &[Arc<Notification>]) {
+        let _ = released;
+    }
 }
 
 /// The outcome of a write that may carry an `Idempotency-Key`.
@@ -559,6 +571,7 @@ impl Store {
             config.max_batch.max(1),
             config.retention,
             counters.clone(),
+            config.preferences.clone(),
         )
         .map_err(spawn_err)?;
         let store = Store {
@@ -693,6 +706,26 @@ impl Store {
     /// of the channels, OR were broadcast; ascending id order, each once, at most `limit`.
     pub fn replay(&self, query: ReplayQuery) -> StoreFuture<Vec<Arc<Notification>>> {
         self.read(|reply| ReadOp::Replay { query, reply })
+    }
+
+    /// Stores `user_id`'s preferences (`Some`: their stored JSON), or with `None` forgets them (the
+    /// defaults); resolves to when they were set.
+    pub fn set_preferences(&self, user_id: String, stored: Option<String>) -> StoreFuture<Millis> {
+        self.write(|reply| WriteOp::SetPreferences {
+            user_id,
+            stored,
+            reply,
+        })
+    }
+
+    /// `user_id`'s stored preferences, `None` for a user who has the defaults.
+    pub fn preferences(&self, user_id: String) -> StoreFuture<Option<StoredPreferences>> {
+        self.read(|reply| ReadOp::Preferences { user_id, reply })
+    }
+
+    /// Every user's stored preferences (start-up fills the node's registry with them).
+    pub fn all_preferences(&self) -> StoreFuture<Vec<(String, StoredPreferences)>> {
+        self.read(|reply| ReadOp::AllPreferences { reply })
     }
 
     /// Liveness: a trivial query on a reader connection.

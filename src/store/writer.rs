@@ -33,10 +33,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{BackendError, BatchClock, WriteBackend, WriteOutcome, WriteRequest};
+use super::backend::{
+    BackendError, BatchClock, Held, WriteBackend, WriteOutcome, WriteRequest,
+};
 use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
 use super::{CommitListener, Committed, Counters, StoreError};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
+use crate::preferences::{Registry, Verdict};
 use crate::scheduler::{Maintenance, Scheduler};
 
 /// The name of the store thread, as shown by `top -H` and in panics.
@@ -101,6 +104,15 @@ pub(crate) enum WriteOp {
         /// Whether it was there.
         reply: Reply<bool>,
     },
+    /// See [`super::Store::set_preferences`].
+    SetPreferences {
+        /// Whose.
+        user_id: String,
+        /// The stored JSON, or `None` for the defaults.
+        stored: Option<String>,
+        /// When they were set.
+        reply: Reply<Millis>,
+    },
 }
 
 impl WriteOp {
@@ -130,6 +142,8 @@ enum Replier {
     MarkAllRead(Reply<u64>),
     /// Of a [`WriteOp::Delete`].
     Delete(Reply<bool>),
+    /// [`WriteOutcome::PreferencesSet`], answered with the batch's time.
+    PreferencesSet(Reply<Millis>, Millis),
 }
 
 impl Replier {
@@ -176,6 +190,9 @@ impl Replier {
             (Replier::Delete(tx), _, Some(WriteOutcome::Deleted(found))) => {
                 let _ = tx.send(Ok(found));
             }
+            (Replier::PreferencesSet(tx, at), _, Some(WriteOutcome::PreferencesSet)) => {
+                let _ = tx.send(Ok(at));
+            }
             // A backend bug, never data: answer rather than panic the only write thread.
             (replier, _, _) => replier.fail(StoreError::internal(
                 "store backend answered a different request than it was given",
@@ -193,6 +210,7 @@ impl Replier {
             Replier::MarkRead(tx) => drop(tx.send(Err(error))),
             Replier::MarkAllRead(tx) => drop(tx.send(Err(error))),
             Replier::Delete(tx) => drop(tx.send(Err(error))),
+            Replier::PreferencesSet(tx, _) => drop(tx.send(Err(error))),
         }
     }
 }
@@ -205,6 +223,7 @@ pub(crate) fn spawn<B: WriteBackend>(
     max_batch: usize,
     retention: Option<Duration>,
     counters: Arc<Counters>,
+    preferences: Arc<Registry>,
 ) -> std::io::Result<JoinHandle<()>> {
     let writer = Writer {
         backend,
@@ -217,6 +236,7 @@ pub(crate) fn spawn<B: WriteBackend>(
         closing: false,
         scheduler: Scheduler::new(retention, Instant::now()),
         outage: None,
+        preferences,
     };
     std::thread::Builder::new()
         .name(THREAD_NAME.to_owned())
@@ -245,6 +265,8 @@ struct Writer<B> {
     scheduler: Scheduler,
     /// Set while batches keep failing, so an outage is logged once and then summarized.
     outage: Option<Outage>,
+    /// Whose quiet hours hold back what this thread commits (see [`Writer::hold_quiet`]).
+    preferences: Arc<Registry>,
 }
 
 /// How often a continuing store outage is logged again (the scheduler alone tries 10 times a second).
@@ -367,6 +389,13 @@ impl<B: WriteBackend> Writer<B> {
                 limit: purge.limit,
             });
         }
+        if fire_due.is_some() {
+            // With the scheduler's tick: quiet hours that ended release what they held. Before
+            // FireDue, which must stay last; it assigns no ids.
+            requests.push(WriteRequest::ReleaseQuiet {
+                limit: RELEASE_PER_BATCH,
+            });
+        }
         if let Some(limit) = fire_due {
             // Last in the batch: its ids must be above every other id the batch assigned.
             requests.push(WriteRequest::FireDue { limit });
@@ -438,6 +467,14 @@ impl<B: WriteBackend> Writer<B> {
                 WriteOp::Delete { user_id, id, reply } => {
                     (WriteRequest::Delete { user_id, id }, Replier::Delete(reply))
                 }
+                WriteOp::SetPreferences {
+                    user_id,
+                    stored,
+                    reply,
+                } => (
+                    WriteRequest::SetPreferences { user_id, stored },
+                    Replier::PreferencesSet(reply, now),
+                ),
             };
             requests.push(request);
             repliers.push(replier);
@@ -502,7 +539,14 @@ impl<B: WriteBackend> Writer<B> {
         Outage::ended(&mut self.outage);
         let client_requests = requests
             .iter()
-            .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
+            .filter(|r| {
+                !matches!(
+                    r,
+                    WriteRequest::FireDue { .. }
+                        | WriteRequest::Purge { .. }
+                        | WriteRequest::ReleaseQuiet { .. }
+                )
+            })
             .count();
         // An idle scheduler tick that found nothing is a transaction, but not a commit anyone
         // waited for: counting it would show ten commits a second on an idle server.
@@ -518,6 +562,22 @@ impl<B: WriteBackend> Writer<B> {
         }
         Counters::add(&self.counters.write_ops, client_requests as u64);
         Counters::add(&self.counters.inserted, inserted.len() as u64);
+
+        self.hold_quiet(&inserted);
+        let released: Vec<Arc<Notification>> = outcomes
+            .iter()
+            .flat_map(|o| match o {
+                WriteOutcome::Released(list) => list.as_slice(),
+                _ => &[],
+            })
+            .cloned()
+            .collect();
+        if !released.is_empty() {
+            let listener = &self.listener;
+            if catch_unwind(AssertUnwindSafe(|| listener.released(&released))).is_err() {
+                tracing::error!(count = released.len(), "commit listener panicked on a release");
+            }
+        }
 
         if !inserted.is_empty() {
             // The data is committed whatever the listener does. A panic in it is a bug elsewhere; it
@@ -535,6 +595,50 @@ impl<B: WriteBackend> Writer<B> {
         }
     }
 }
+
+impl<B: WriteBackend> Writer<B> {
+    /// Records, in a transaction of its own right after the commit and before the listener hears
+    /// of it, the notifications of `inserted` that their users' quiet hours hold back, so they are
+    /// pushed when the quiet hours end, after a restart too (API.md, "Preferences"). The shards make
+    /// the same decision from the same preferences and the notification's own timestamp, and hold
+    /// back its live push. Nothing is written when no user has preferences. If this write fails,
+    /// the notifications stay stored (history, unread) but are not pushed when the quiet hours end:
+    /// logged, as the one loss a database failure between two commits can cause.
+    fn hold_quiet(&mut self, inserted: &[Arc<Notification>]) {
+        if inserted.is_empty() || self.preferences.is_empty() {
+            return;
+        }
+        let held: Vec<Held> = inserted
+            .iter()
+            .filter_map(|n| {
+                let user = n.user_id.as_deref()?;
+                let prefs = self.preferences.get(user)?;
+                match prefs.verdict(user, n, false) {
+                    Verdict::HoldUntil(release_at) => Some(Held {
+                        id: n.id,
+                        user_id: user.to_owned(),
+                        release_at,
+                    }),
+                    _ => None,
+                }
+            })
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let count = held.len();
+        let request = [WriteRequest::HoldQuiet { held }];
+        if let Err(e) = self
+            .backend
+            .apply_batch(&request, BatchClock::at(now_millis(), &mut self.ids))
+        {
+            tracing::error!(error = %e, count, "could not record notifications held by quiet hours; they will not be pushed when the quiet hours end");
+        }
+    }
+}
+
+/// Most held notifications one scheduler tick releases (the rest follow at the next ticks).
+const RELEASE_PER_BATCH: usize = 1000;
 
 #[cfg(test)]
 mod tests {
@@ -645,7 +749,15 @@ mod tests {
             fail_batches,
         };
         let listener = Box::new(RecordingListener(seen.clone()));
-        spawn(backend, rx, listener, max_batch, None, Arc::default())
+        spawn(
+            backend,
+            rx,
+            listener,
+            max_batch,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
             .unwrap()
             .join()
             .unwrap();
@@ -735,7 +847,16 @@ mod tests {
             batches: Arc::default(),
             fail_batches: Vec::new(),
         };
-        let handle = spawn(backend, rx, Box::new(Panics), 8, None, Arc::default()).unwrap();
+        let handle = spawn(
+            backend,
+            rx,
+            Box::new(Panics),
+            8,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap();
         assert_eq!(done(block_on(fut)).unwrap().len(), 1);
         assert!(handle.join().is_ok(), "the store thread survived");
     }

@@ -453,6 +453,11 @@ async fn run_step(
                 let changed = tx.execute(&statements.delete, &[id, user_id]).await?;
                 WriteOutcome::Deleted(changed > 0)
             }
+            WriteRequest::SetPreferences { .. }
+            | WriteRequest::HoldQuiet { .. }
+            | WriteRequest::ReleaseQuiet { .. } => {
+                super::preferences::apply(tx, request, now).await?
+            }
             WriteRequest::Insert { .. } | WriteRequest::FireDue { .. } => {
                 return Err(Failure::Data(
                     "an insert or claim planned as a single statement (a planning bug)".to_owned(),
