@@ -23,7 +23,8 @@
 //!   `shard::timeouts` the connections' deadlines, swept by the shard.
 //! - [`delivery`]: what crosses threads on its way to a connection: the [`delivery::Delivery`] and its
 //!   frames per encoding, the server text frame ([`delivery::frame`]), and the shard inbox
-//!   ([`delivery::inbox`]) through which other threads hand a shard work. A leaf: only [`model`].
+//!   ([`delivery::inbox`]) through which other threads hand a shard work. Imports only [`model`]
+//!   and [`preferences`] (a change of a user's preferences is an inbox message).
 //! - [`http`]: the hand-rolled HTTP/1.1 request parser (httparse) and response writer, with limits.
 //! - [`ws`]: the WebSocket wire: handshake, frame codec (tungstenite's frame header on our own
 //!   buffers) and the JSON protocol of API.md, all pure.
@@ -45,6 +46,10 @@
 //!   and [`bus::peers`] the other nodes' liveness (a node that dies before publishing what it committed
 //!   is caught up by the others from the store).
 //! - [`model`]: the notification, its validation and its JSON encoding.
+//! - [`preferences`]: per-user preferences (muted types and channels, quiet hours in an IANA time
+//!   zone), their validation and JSON, the one rule that decides whether a notification is pushed to
+//!   a user's connections, held until quiet hours end, or not pushed, and the node's in-memory copy
+//!   of every user's ([`preferences::Registry`]), which shards, the store thread and the bus read.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
 //! - [`json_input`]: the parse of client JSON (request bodies, WebSocket messages): escapes checked
@@ -70,7 +75,7 @@
 //! bus          auth
 //! config       ws
 //! store        delivery    json_input
-//! scheduler    audit
+//! scheduler    audit       preferences
 //! model        http        json_depth   metrics   tls
 //! ```
 //!

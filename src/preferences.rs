@@ -167,17 +167,36 @@ impl QuietHoursInput {
     }
 }
 
-/// Parses `"HH:MM"` (two digits each, 00:00 to 23:59).
+/// Parses `"HH:MM"` or `"HH:MM:SS"` (two digits each, 00:00 to 23:59:59).
 fn local_time(field: &str, value: Option<String>) -> Result<Time, FieldError> {
     let value = value.ok_or_else(|| FieldError::new(field, "is required"))?;
-    let bad = || FieldError::new(field, "must be a local time \"HH:MM\" from 00:00 to 23:59");
+    let bad = || {
+        FieldError::new(
+            field,
+            "must be a local time \"HH:MM\" or \"HH:MM:SS\" from 00:00 to 23:59:59",
+        )
+    };
     let b = value.as_bytes();
-    if b.len() != 5 || b[2] != b':' || !b.iter().enumerate().all(|(i, c)| i == 2 || c.is_ascii_digit()) {
+    let shaped = (b.len() == 5 || b.len() == 8)
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| if i % 3 == 2 { *c == b':' } else { c.is_ascii_digit() });
+    if !shaped {
         return Err(bad());
     }
-    let hour = (b[0] - b'0') * 10 + (b[1] - b'0');
-    let minute = (b[3] - b'0') * 10 + (b[4] - b'0');
-    Time::new(hour as i8, minute as i8, 0, 0).map_err(|_| bad())
+    let two = |at: usize| ((b[at] - b'0') * 10 + (b[at + 1] - b'0')) as i8;
+    let second = if b.len() == 8 { two(6) } else { 0 };
+    Time::new(two(0), two(3), second, 0).map_err(|_| bad())
+}
+
+/// A local time as the API writes it: `"HH:MM"`, with `":SS"` when the seconds are not zero.
+fn write_local_time(out: &mut Vec<u8>, t: Time) {
+    let text = if t.second() == 0 {
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    } else {
+        format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second())
+    };
+    write_json_str(out, &text);
 }
 
 /// Keeps the first of each repeated entry, in order.
@@ -319,11 +338,10 @@ impl Preferences {
         match &self.quiet_hours {
             None => out.extend_from_slice(b"null"),
             Some(q) => {
-                let hhmm = |t: Time| format!("{:02}:{:02}", t.hour(), t.minute());
                 out.extend_from_slice(b"{\"start\":");
-                write_json_str(out, &hhmm(q.start));
+                write_local_time(out, q.start);
                 out.extend_from_slice(b",\"end\":");
-                write_json_str(out, &hhmm(q.end));
+                write_local_time(out, q.end);
                 out.extend_from_slice(b",\"time_zone\":");
                 write_json_str(out, &q.time_zone_name);
                 out.push(b'}');
@@ -454,6 +472,9 @@ mod tests {
         };
         assert!(err(q("25:00", "07:00", "UTC")).starts_with("quiet_hours.start"));
         assert!(err(q("22:00", "7:00", "UTC")).starts_with("quiet_hours.end"));
+        assert!(err(q("22:00", "07:00:60", "UTC")).starts_with("quiet_hours.end"));
+        assert!(err(q("22:00", "07-00", "UTC")).starts_with("quiet_hours.end"));
+        assert!(q("22:00:30", "07:00", "UTC").validate(limits).is_ok());
         assert!(err(q("22:00", "22:00", "UTC")).starts_with("quiet_hours.end"));
         assert!(err(q("22:00", "07:00", "Mars/Olympus")).starts_with("quiet_hours.time_zone"));
         let ok = q("22:00", "07:00", "America/New_York").validate(limits).unwrap();

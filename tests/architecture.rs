@@ -38,8 +38,13 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "delivery",
-        &["model"],
+        &["model", "preferences"],
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",
+    ),
+    (
+        "preferences",
+        &["model"],
+        "users' preferences are read by the store thread, the shards and the bus, so they sit below them",
     ),
     (
         "audit",

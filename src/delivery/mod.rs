@@ -4,7 +4,8 @@
 //!
 //! This is the leaf every thread shares: the store thread's fan-out and the bus thread make deliveries
 //! and send them to shard inboxes, and the shards route them to their connections; none of them needs
-//! another's module for that. It imports nothing of the crate but [`crate::model`].
+//! another's module for that. It imports nothing of the crate but [`crate::model`] and
+//! [`crate::preferences`] (a change of a user's preferences is a shard inbox message).
 //!
 //! # Encoded once per encoding, never per connection
 //!
