@@ -206,10 +206,14 @@ impl Shard {
         let max_outbound = self.config.max_outbound_bytes;
         let mut delivered = [0, 0]; // [plain frame, a channel's frame], for the kinds in /metrics
         let mut batch = self.write_batch.borrow_mut();
+        // A notification released at the end of quiet hours is older than what was delivered live
+        // since: it must not become the connection's first live id (`LiveMark`), which would keep a
+        // resume from replaying what came between.
+        let live_id = if delivery.released { None } else { delivery.id };
         self.hub
             .borrow_mut()
             .for_each_target(delivery, skip, |id, conn, frame| {
-                if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
+                if batch.deliver(id, conn, live_id, frame, max_outbound) == Sent::Accepted {
                     delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
                 }
             });
