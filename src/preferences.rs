@@ -130,7 +130,10 @@ impl PreferencesInput {
                 ));
             }
         }
-        let quiet_hours = self.quiet_hours.map(QuietHoursInput::validate).transpose()?;
+        let quiet_hours = self
+            .quiet_hours
+            .map(QuietHoursInput::validate)
+            .transpose()?;
         Ok(Preferences {
             muted_types,
             muted_channels,
@@ -178,9 +181,13 @@ fn local_time(field: &str, value: Option<String>) -> Result<Time, FieldError> {
     };
     let b = value.as_bytes();
     let shaped = (b.len() == 5 || b.len() == 8)
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| if i % 3 == 2 { *c == b':' } else { c.is_ascii_digit() });
+        && b.iter().enumerate().all(|(i, c)| {
+            if i % 3 == 2 {
+                *c == b':'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
     if !shaped {
         return Err(bad());
     }
@@ -268,8 +275,7 @@ impl Preferences {
         }
         let addressed = n.user_id.as_deref() == Some(user);
         if !addressed
-            && n
-                .channels
+            && n.channels
                 .iter()
                 .any(|c| self.muted_channels.iter().any(|m| m == c))
         {
@@ -423,7 +429,11 @@ mod tests {
             q.window_end(ms("2026-01-11T02:00:00Z")),
             Some(ms("2026-01-11T06:00:00Z"))
         );
-        assert_eq!(q.window_end(ms("2026-01-11T06:00:00Z")), None, "end is exclusive");
+        assert_eq!(
+            q.window_end(ms("2026-01-11T06:00:00Z")),
+            None,
+            "end is exclusive"
+        );
         assert_eq!(q.window_end(ms("2026-01-11T12:00:00Z")), None);
     }
 
@@ -477,7 +487,9 @@ mod tests {
         assert!(q("22:00:30", "07:00", "UTC").validate(limits).is_ok());
         assert!(err(q("22:00", "22:00", "UTC")).starts_with("quiet_hours.end"));
         assert!(err(q("22:00", "07:00", "Mars/Olympus")).starts_with("quiet_hours.time_zone"));
-        let ok = q("22:00", "07:00", "America/New_York").validate(limits).unwrap();
+        let ok = q("22:00", "07:00", "America/New_York")
+            .validate(limits)
+            .unwrap();
         assert_eq!(Preferences::from_stored(&ok.to_stored()).unwrap(), ok);
     }
 }

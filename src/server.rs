@@ -21,8 +21,8 @@ use crate::config::Config;
 use crate::connection;
 use crate::delivery::inbox::inbox;
 use crate::metrics::Metrics;
-use crate::shard::{spawn_shard, ShardSetup};
 use crate::preferences::{Preferences, Registry};
+use crate::shard::{spawn_shard, ShardSetup};
 use crate::store::{OpenError, Store, StoreConfig, StoreUrl};
 
 /// Accept backlog per listener (the kernel caps it at `net.core.somaxconn`).
@@ -390,16 +390,15 @@ pub fn run(config: Config) -> Result<(), StartupError> {
                 max_replay: config.max_replay,
                 node_timeout: Duration::from_millis(config.redis_node_timeout_ms),
             };
-            let thread =
-                redis_bus::spawn_bus_thread(
-                    bus_config,
-                    &bus,
-                    queue,
-                    senders,
-                    store.clone(),
-                    preferences.clone(),
-                )
-                .map_err(StartupError::Bus)?;
+            let thread = redis_bus::spawn_bus_thread(
+                bus_config,
+                &bus,
+                queue,
+                senders,
+                store.clone(),
+                preferences.clone(),
+            )
+            .map_err(StartupError::Bus)?;
             Some((bus, thread))
         }
         _ => None,

@@ -72,12 +72,29 @@ fn round_trip_and_validation(env: &[(&str, &str)]) {
 
     let refused = |body: Value, needle: &str| {
         let r = put(&server, "ana", &body);
-        r.assert_error(needle, 400, if needle == "unknown field" { "invalid_json" } else { "invalid_field" });
+        r.assert_error(
+            needle,
+            400,
+            if needle == "unknown field" {
+                "invalid_json"
+            } else {
+                "invalid_field"
+            },
+        );
         let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
-        assert!(message.contains(needle), "{message:?} should name {needle:?}");
+        assert!(
+            message.contains(needle),
+            "{message:?} should name {needle:?}"
+        );
     };
-    refused(json!({"muted_types": ["a", "b", "c"]}), "PREFERENCES_MAX_MUTED_TYPES");
-    refused(json!({"muted_channels": ["no spaces"]}), "muted_channels[0]");
+    refused(
+        json!({"muted_types": ["a", "b", "c"]}),
+        "PREFERENCES_MAX_MUTED_TYPES",
+    );
+    refused(
+        json!({"muted_channels": ["no spaces"]}),
+        "muted_channels[0]",
+    );
     refused(
         json!({"quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Mars/Olympus"}}),
         "quiet_hours.time_zone",
@@ -90,7 +107,10 @@ fn round_trip_and_validation(env: &[(&str, &str)]) {
         json!({"quiet_hours": {"start": "07:00", "end": "07:00", "time_zone": "UTC"}}),
         "quiet_hours.end",
     );
-    refused(json!({"quiet_hours": {"start": "22:00", "end": "07:00"}}), "quiet_hours.time_zone");
+    refused(
+        json!({"quiet_hours": {"start": "22:00", "end": "07:00"}}),
+        "quiet_hours.time_zone",
+    );
     refused(json!({"mute_types": ["promo"]}), "unknown field");
     let not_json = server.request("PUT", "/api/v1/users/ana/preferences", Some("[1]"));
     not_json.assert_error("array body", 400, "invalid_json");
@@ -136,7 +156,8 @@ fn muted_types_and_channels(env: &[(&str, &str)]) {
     // A muted channel: its notifications are not pushed to her, unless addressed to her.
     server.send(json!({"channels": ["news"], "message": "headline"}));
     expect_marker_next(&server, "ana", &mut ana);
-    let addressed = server.send(json!({"user_id": "ana", "channels": ["news"], "message": "for you"}));
+    let addressed =
+        server.send(json!({"user_id": "ana", "channels": ["news"], "message": "for you"}));
     assert_eq!(ana.expect_notification()["id"], addressed.as_str());
     server.send(json!({"channels": ["sport"], "message": "goal"}));
     assert_eq!(ana.expect_notification()["message"], "goal");
@@ -188,7 +209,11 @@ fn quiet_hours(env: &[(&str, &str)]) {
     let held = server.send(json!({"user_id": "ana", "message": "while asleep"}));
     let urgent = server.send(json!({"user_id": "ana", "message": "fire alarm", "urgent": true}));
     let n = ana.expect_notification();
-    assert_eq!(n["id"], urgent.as_str(), "urgent is pushed at once, the held one is not: {n}");
+    assert_eq!(
+        n["id"],
+        urgent.as_str(),
+        "urgent is pushed at once, the held one is not: {n}"
+    );
     assert_eq!(n["urgent"], true);
     // In history and unread at once.
     let history = server.get("/api/v1/notifications/user/ana").json();
@@ -281,7 +306,10 @@ fn two_nodes_honour_preferences_set_through_either_and_release_once() {
         assert_eq!(laptop.expect_notification()["id"], id.as_str());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(honoured, "node B never honoured the preferences set through A");
+    assert!(
+        honoured,
+        "node B never honoured the preferences set through A"
+    );
     a.send(json!({"user_id": "ana", "type": "promo", "message": "via A"}));
     let id = a.send(json!({"user_id": "ana", "message": "marker"}));
     for device in [&mut phone, &mut laptop] {

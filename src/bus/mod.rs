@@ -90,10 +90,7 @@ impl Fanout {
             shard.send_to_shard(ShardMsg::Preferences(name.clone(), preferences.clone()));
         }
         if let (Some(bus), false) = (&self.bus, from_bus) {
-            bus.send_to_bus(BusCmd::Preferences {
-                user: name,
-                stored,
-            });
+            bus.send_to_bus(BusCmd::Preferences { user: name, stored });
         }
     }
 

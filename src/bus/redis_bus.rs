@@ -932,7 +932,10 @@ impl BusThread {
                     self.preferences.set(&user, preferences.clone());
                     let name: Arc<str> = Arc::from(user);
                     for shard in &self.shards {
-                        shard.send_to_shard(ShardMsg::Preferences(name.clone(), preferences.clone()));
+                        shard.send_to_shard(ShardMsg::Preferences(
+                            name.clone(),
+                            preferences.clone(),
+                        ));
                     }
                     continue;
                 }

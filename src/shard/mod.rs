@@ -485,7 +485,10 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
                     shard.begin_shutdown();
                 }
                 ShardMsg::Preferences(user, preferences) => {
-                    shard.hub.borrow_mut().preferences_changed(&user, preferences);
+                    shard
+                        .hub
+                        .borrow_mut()
+                        .preferences_changed(&user, preferences);
                 }
             }
             handled += 1;

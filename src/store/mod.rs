@@ -40,9 +40,9 @@ mod reader;
 mod sqlite;
 mod writer;
 
+pub use backend::StoredPreferences;
 pub use error::{BackendError, OpenError, StoreError};
 pub use idempotency::{IdempotencyKey, Receipt, Stamp};
-pub use backend::StoredPreferences;
 pub use sqlite::SqliteSynchronous;
 
 use std::fmt;

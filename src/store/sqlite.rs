@@ -48,8 +48,8 @@ use std::sync::Arc;
 
 use super::backend::{
     fire_in_due_order, first_id_of, history_before, history_fetch, history_page, migrations,
-    sql_int, warn_if_schema_is_newer, Applied, BackendError, BatchClock, Held, Migration, ReadBackend,
-    StoredPreferences, WriteBackend, WriteOutcome, WriteRequest,
+    sql_int, warn_if_schema_is_newer, Applied, BackendError, BatchClock, Held, Migration,
+    ReadBackend, StoredPreferences, WriteBackend, WriteOutcome, WriteRequest,
 };
 use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
 use super::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
@@ -782,7 +782,8 @@ const HOLD_QUIET: &str =
 const DUE_QUIET: &str =
     "SELECT notification_id FROM quiet_held WHERE release_at <= ?1 ORDER BY release_at LIMIT ?2";
 const UNHOLD_QUIET: &str = "DELETE FROM quiet_held WHERE notification_id = ?1";
-const NOTIFICATION_BY_ID: &str = concat!("SELECT ", columns!(), " FROM notifications WHERE id = ?1");
+const NOTIFICATION_BY_ID: &str =
+    concat!("SELECT ", columns!(), " FROM notifications WHERE id = ?1");
 
 /// [`WriteRequest::SetPreferences`].
 fn set_preferences(
@@ -816,7 +817,9 @@ fn hold_quiet(tx: &Transaction<'_>, held: &[Held]) -> rusqlite::Result<WriteOutc
 fn release_quiet(tx: &Transaction<'_>, now: i64, limit: usize) -> rusqlite::Result<WriteOutcome> {
     let due = tx
         .prepare_cached(DUE_QUIET)?
-        .query_map(params![now, sql_int(limit)], |row| row.get::<_, [u8; 16]>(0))?
+        .query_map(params![now, sql_int(limit)], |row| {
+            row.get::<_, [u8; 16]>(0)
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut released = Vec::with_capacity(due.len());
     for id in due {

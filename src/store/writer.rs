@@ -33,9 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{
-    BackendError, BatchClock, Held, WriteBackend, WriteOutcome, WriteRequest,
-};
+use super::backend::{BackendError, BatchClock, Held, WriteBackend, WriteOutcome, WriteRequest};
 use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
 use super::{CommitListener, Committed, Counters, StoreError};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
@@ -575,7 +573,10 @@ impl<B: WriteBackend> Writer<B> {
         if !released.is_empty() {
             let listener = &self.listener;
             if catch_unwind(AssertUnwindSafe(|| listener.released(&released))).is_err() {
-                tracing::error!(count = released.len(), "commit listener panicked on a release");
+                tracing::error!(
+                    count = released.len(),
+                    "commit listener panicked on a release"
+                );
             }
         }
 
@@ -758,9 +759,9 @@ mod tests {
             Arc::default(),
             Arc::default(),
         )
-            .unwrap()
-            .join()
-            .unwrap();
+        .unwrap()
+        .join()
+        .unwrap();
         let batches = batches.lock().unwrap().clone();
         let seen = seen.lock().unwrap().clone();
         (batches, seen)
