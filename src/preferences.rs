@@ -223,7 +223,7 @@ impl QuietHours {
     /// DST change moves the window with the wall clock; an end that falls in a DST gap ends at the
     /// first instant after the gap, one in a repeated hour at its first occurrence.
     pub fn window_end(&self, at: Millis) -> Option<Millis> {
-        let at = Timestamp::from_millisecond(at as i64).ok()?;
+        let at = Timestamp::from_millisecond(at).ok()?;
         let local = at.to_zoned(self.time_zone.clone());
         let now = local.time();
         let today = local.date();
@@ -270,7 +270,7 @@ impl Preferences {
     /// has these preferences. `released`: `n` is being pushed because its quiet hours ended, so
     /// quiet hours no longer apply to it.
     pub fn verdict(&self, user: &str, n: &Notification, released: bool) -> Verdict {
-        if self.muted_types.iter().any(|t| *t == n.kind) {
+        if self.muted_types.contains(&n.kind) {
             return Verdict::Drop;
         }
         let addressed = n.user_id.as_deref() == Some(user);

@@ -338,6 +338,7 @@ mod tests {
                 max_batch: 16,
                 retention: None,
                 sqlite_synchronous: Default::default(),
+                preferences: Default::default(),
             },
             Box::new(fanout.clone()),
         )

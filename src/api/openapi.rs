@@ -26,7 +26,7 @@ mod tests {
     /// Every endpoint once, numbered by an exhaustive match: a new endpoint does not compile until it
     /// has a number here, and then [`every_route_of_the_router_is_described`] fails until the
     /// description has an operation that reaches it.
-    const ENDPOINTS: usize = 16;
+    const ENDPOINTS: usize = 18;
 
     fn number(e: &Endpoint) -> usize {
         match e {
@@ -46,6 +46,8 @@ mod tests {
             Endpoint::WebSocket => 13,
             Endpoint::Page => 14,
             Endpoint::Asset(_) => 15,
+            Endpoint::GetPreferences(_) => 16,
+            Endpoint::PutPreferences(_) => 17,
         }
     }
 

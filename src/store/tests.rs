@@ -294,6 +294,7 @@ fn to_user(user: &str, message: &str) -> NewNotification {
         broadcast: false,
         data: r#"{"k":"v"}"#.into(),
         scheduled_at: None,
+        urgent: false,
     }
 }
 

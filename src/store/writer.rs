@@ -662,7 +662,14 @@ mod tests {
             // Only the callers' requests count; the scheduler's and retention's ride along.
             let client = requests
                 .iter()
-                .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
+                .filter(|r| {
+                    !matches!(
+                        r,
+                        WriteRequest::FireDue { .. }
+                            | WriteRequest::Purge { .. }
+                            | WriteRequest::ReleaseQuiet { .. }
+                    )
+                })
                 .count();
             if client == 0 {
                 return Ok(requests.iter().map(|_| WriteOutcome::Purged(0)).collect());
@@ -684,6 +691,9 @@ mod tests {
                     WriteRequest::MarkRead { .. } => WriteOutcome::MarkedRead(None),
                     WriteRequest::MarkAllRead { .. } => WriteOutcome::MarkedAllRead(7),
                     WriteRequest::Delete { .. } => WriteOutcome::Deleted(true),
+                    WriteRequest::SetPreferences { .. } => WriteOutcome::PreferencesSet,
+                    WriteRequest::HoldQuiet { .. } => WriteOutcome::Held,
+                    WriteRequest::ReleaseQuiet { .. } => WriteOutcome::Released(Vec::new()),
                 })
                 .collect())
         }
@@ -707,6 +717,7 @@ mod tests {
             broadcast: false,
             data: "{}".into(),
             scheduled_at: None,
+            urgent: false,
         }
     }
 
