@@ -54,8 +54,10 @@ fn the_url_options_put_the_tables_in_the_schema_and_logs_never_show_the_password
             "idempotency_keys",
             "notification_channels",
             "notifications",
+            "quiet_held",
             "scheduled_notifications",
-            "schema_migrations"
+            "schema_migrations",
+            "user_preferences"
         ]
     );
     reader.ping().unwrap();
