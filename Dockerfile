@@ -25,6 +25,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/notification-service /usr/local/bin/notification-service
 
 FROM debian:bookworm-slim
+# Quiet hours read IANA time zones from the system's database (src/preferences.rs); slim has none.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tzdata \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged uid; /data is the SQLite store's folder and the only place the server writes.
 RUN groupadd --system --gid 10001 notif \
     && useradd --system --uid 10001 --gid notif --home-dir /data --shell /usr/sbin/nologin notif \

@@ -257,6 +257,24 @@ pub struct Config {
     #[arg(long, global = true, env = "MAX_POLL_TIMEOUT_S", default_value_t = 60)]
     pub max_poll_timeout_s: u64,
 
+    /// Most notification types one user may mute (`PUT /api/v1/users/:user_id/preferences`).
+    #[arg(
+        long,
+        global = true,
+        env = "PREFERENCES_MAX_MUTED_TYPES",
+        default_value_t = 100
+    )]
+    pub preferences_max_muted_types: usize,
+
+    /// Most channels one user may mute (`PUT /api/v1/users/:user_id/preferences`).
+    #[arg(
+        long,
+        global = true,
+        env = "PREFERENCES_MAX_MUTED_CHANNELS",
+        default_value_t = 100
+    )]
+    pub preferences_max_muted_channels: usize,
+
     /// Seconds a graceful shutdown waits for in-flight requests before closing anyway.
     #[arg(long, global = true, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,

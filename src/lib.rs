@@ -27,7 +27,8 @@
 //!   `shard::unread` writes the users' newest unread counts (the `unread` event), coalesced per user.
 //! - [`delivery`]: what crosses threads on its way to a connection: the [`delivery::Delivery`] and its
 //!   frames per encoding, the server text frame ([`delivery::frame`]), and the shard inbox
-//!   ([`delivery::inbox`]) through which other threads hand a shard work. A leaf: only [`model`].
+//!   ([`delivery::inbox`]) through which other threads hand a shard work. Imports only [`model`]
+//!   and [`preferences`] (a change of a user's preferences is an inbox message).
 //! - [`http`]: the hand-rolled HTTP/1.1 request parser (httparse) and response writer, with limits.
 //! - [`ws`]: the WebSocket wire: handshake, frame codec (tungstenite's frame header on our own
 //!   buffers) and the JSON protocol of API.md, all pure.
@@ -57,6 +58,10 @@
 //!   presence channels are to use the same registry. The bus carries its changes between nodes
 //!   (`bus::presence_sync`).
 //! - [`model`]: the notification, its validation and its JSON encoding.
+//! - [`preferences`]: per-user preferences (muted types and channels, quiet hours in an IANA time
+//!   zone), their validation and JSON, the one rule that decides whether a notification is pushed to
+//!   a user's connections, held until quiet hours end, or not pushed, and the node's in-memory copy
+//!   of every user's ([`preferences::Registry`]), which shards, the store thread and the bus read.
 //! - [`json_depth`]: the nesting bound checked before any client JSON is parsed (a deep `[[[[…` would
 //!   otherwise overflow a shard's stack).
 //! - [`json_input`]: the parse of client JSON (request bodies, WebSocket messages): escapes checked
@@ -82,7 +87,7 @@
 //! bus          auth
 //! config       ws          presence
 //! store        delivery    json_input   pusher
-//! scheduler    audit
+//! scheduler    audit       preferences
 //! model        http        json_depth   metrics   tls
 //! ```
 //!
@@ -130,6 +135,7 @@ pub mod json_input;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod preferences;
 pub mod presence;
 pub mod pusher;
 pub mod scheduler;

@@ -270,13 +270,15 @@ pub enum Route {
     OpenApi,
     /// The Pusher protocol's upgrade at `/app/{key}` and the Pusher HTTP API at `/apps/{id}/…`.
     Pusher,
+    /// `GET` and `PUT /api/v1/users/:user_id/preferences`.
+    Preferences,
     /// No route: 404, 405, or a request that could not be parsed.
     None,
 }
 
 impl Route {
     /// Every route, in declaration order (the order of their counters).
-    pub const ALL: [Route; 20] = [
+    pub const ALL: [Route; 21] = [
         Route::Send,
         Route::Batch,
         Route::Schedule,
@@ -296,6 +298,7 @@ impl Route {
         Route::Page,
         Route::OpenApi,
         Route::Pusher,
+        Route::Preferences,
         Route::None,
     ];
 
@@ -321,6 +324,7 @@ impl Route {
             Route::Page => "page",
             Route::OpenApi => "openapi",
             Route::Pusher => "pusher",
+            Route::Preferences => "preferences",
             Route::None => "none",
         }
     }

@@ -61,6 +61,9 @@ pub struct Notification {
     /// firing gives the notification a new id of its own. `None` for sends and batches, and for a
     /// schedule still pending (whose own `id` is the schedule's id).
     pub schedule_id: Option<Uuid>,
+    /// The producer's `"urgent": true`: pushed live even in the user's quiet hours (API.md,
+    /// "Preferences"). Decided at commit, so it is carried live and between nodes, not stored.
+    pub urgent: bool,
 }
 
 /// A validated notification that has no id or timestamp yet: the store assigns both at commit.
@@ -82,6 +85,8 @@ pub struct NewNotification {
     pub data: String,
     /// See [`Notification::scheduled_at`].
     pub scheduled_at: Option<Millis>,
+    /// See [`Notification::urgent`].
+    pub urgent: bool,
 }
 
 impl NewNotification {
@@ -102,6 +107,7 @@ impl NewNotification {
             seen_at: None,
             scheduled_at: self.scheduled_at,
             schedule_id: None,
+            urgent: self.urgent,
         }
     }
 }
@@ -176,6 +182,8 @@ pub struct SendInput {
     pub data: Option<serde_json::Value>,
     /// `scheduled_at`, read by the schedule route only (RFC 3339, any offset).
     pub scheduled_at: Option<String>,
+    /// `urgent`: pushed even in the user's quiet hours.
+    pub urgent: Option<bool>,
 }
 
 /// A field that failed validation, named so the producer knows what to fix.
@@ -304,6 +312,7 @@ impl SendInput {
             broadcast,
             data,
             scheduled_at: None,
+            urgent: self.urgent.unwrap_or(false),
         })
     }
 }
@@ -324,6 +333,13 @@ impl SendInput {
                 )
             })?,
         };
+        // A pending schedule does not store it yet; refused rather than lost when it fires.
+        if self.urgent.is_some() {
+            return Err(FieldError::new(
+                "urgent",
+                "is not accepted by POST /api/v1/notifications/schedule yet",
+            ));
+        }
         if scheduled_at > now + MAX_SCHEDULE_AHEAD_MS {
             return Err(FieldError::new(
                 "scheduled_at",
@@ -527,6 +543,10 @@ impl Notification {
         write_json_str_array(out, &self.channels);
         if self.broadcast {
             out.extend_from_slice(b",\"broadcast\":true");
+        }
+        // Like `broadcast`, only when set: the object of a plain send stays what it was.
+        if self.urgent {
+            out.extend_from_slice(b",\"urgent\":true");
         }
         if let Some(channel) = channel {
             out.extend_from_slice(b",\"channel\":");

@@ -21,8 +21,9 @@ use crate::config::Config;
 use crate::connection;
 use crate::delivery::inbox::inbox;
 use crate::metrics::Metrics;
+use crate::preferences::{Preferences, Registry};
 use crate::shard::{spawn_shard, ShardSetup};
-use crate::store::{Store, StoreConfig, StoreUrl};
+use crate::store::{OpenError, Store, StoreConfig, StoreUrl};
 
 /// Accept backlog per listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -289,6 +290,44 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
+/// Fills the node's registry with every user's stored preferences, before any shard serves: the
+/// delivery path reads them from memory only (see `crate::preferences`). A row that no longer reads
+/// (written by a newer version, say) is logged and skipped, rather than keep the node from starting.
+fn load_preferences(store: &Store, registry: &Registry) -> Result<(), OpenError> {
+    let rows = wait_for(store.all_preferences()).map_err(|e| OpenError::Io {
+        context: "cannot read the users' preferences".to_owned(),
+        cause: std::io::Error::other(e.to_string()),
+    })?;
+    let count = rows.len();
+    for (user, stored) in rows {
+        match Preferences::from_stored(&stored.json) {
+            Ok(p) => registry.set(&user, Some(Arc::new(p))),
+            Err(error) => warn!(user, error, "skipped a user's unreadable preferences"),
+        }
+    }
+    info!(users = count, "preferences loaded");
+    Ok(())
+}
+
+/// Waits on this (non-shard) thread for a future, parking between polls.
+fn wait_for<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
 pub fn run(mut config: Config) -> Result<(), StartupError> {
     config.load_pusher().map_err(StartupError::Setting)?;
@@ -306,8 +345,10 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
     let bus = redis_target.is_some().then(RedisBus::new);
     let (audit, audit_thread) =
         Audit::start(&config.audit_log, config.audit_queue).map_err(StartupError::Audit)?;
+    let preferences = Arc::new(Registry::new());
     let fanout = Fanout::new(senders.clone(), bus.as_ref().map(|(b, _)| b.clone()))
-        .with_audit(audit.clone());
+        .with_audit(audit.clone())
+        .with_preferences(preferences.clone());
     let metrics = Arc::new(Metrics::new(shards));
 
     let url =
@@ -325,6 +366,7 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
         max_batch: config.store_max_batch,
         retention: config.retention(),
         sqlite_synchronous: config.sqlite_synchronous,
+        preferences: preferences.clone(),
     };
     let (store, store_threads) =
         Store::open(&store_config, Box::new(fanout.clone())).map_err(|cause| {
@@ -333,6 +375,11 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
                 cause,
             }
         })?;
+
+    load_preferences(&store, &preferences).map_err(|cause| StartupError::Store {
+        url: shown_url.clone(),
+        cause,
+    })?;
 
     let auth = Arc::new(Auth::from_config(
         &config,
@@ -354,6 +401,7 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
                 senders,
                 store.clone(),
                 fanout.presence().clone(),
+                preferences.clone(),
             )
             .map_err(StartupError::Bus)?;
             Some((bus, thread))

@@ -38,7 +38,7 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "delivery",
-        &["model"],
+        &["model", "preferences"],
         "what crosses threads (deliveries, frames, shard inbox messages) is the shared leaf",
     ),
     (
@@ -50,6 +50,11 @@ const ONLY_IMPORTS: &[(&str, &[&str], &str)] = &[
         "presence",
         &["model", "delivery"],
         "the presence registry is node-wide state that shards, the bus thread and the API all touch, so it names none of them",
+    ),
+    (
+        "preferences",
+        &["model"],
+        "users' preferences are read by the store thread, the shards and the bus, so they sit below them",
     ),
     (
         "audit",

@@ -35,6 +35,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(!value.is_null());
         }
         Ok(Action::Refresh(token)) => assert!(!token.is_empty()),
+        Ok(Action::Seen(ids)) => assert!(!ids.is_empty()),
+        Ok(Action::Presence(channel)) => assert!(is_valid_channel(&channel)),
         Ok(Action::Ping | Action::Read(_) | Action::Resume(_)) => {}
         Err(e) => {
             assert!(!e.code.is_empty());

@@ -13,6 +13,7 @@
 mod assets;
 mod notifications;
 mod openapi;
+mod preferences;
 mod presence;
 mod pusher;
 mod status;
@@ -85,6 +86,10 @@ enum Endpoint {
     Asset(String),
     /// `GET /openapi.yaml`: the OpenAPI description of this API.
     OpenApi,
+    /// `GET /api/v1/users/:user_id/preferences`.
+    GetPreferences(String),
+    /// `PUT /api/v1/users/:user_id/preferences`.
+    PutPreferences(String),
     /// `GET /ws` without a proper upgrade reaches the session's handshake check instead; other methods
     /// on `/ws` get 405 from here.
     WebSocket,
@@ -130,6 +135,12 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         }
         (Get, ["api", "v1", "channels", channel, "presence"]) => {
             Endpoint::Presence(channel.to_string())
+        }
+        (Get, ["api", "v1", "users", user, "preferences"]) => {
+            Endpoint::GetPreferences(user.to_string())
+        }
+        (Put, ["api", "v1", "users", user, "preferences"]) => {
+            Endpoint::PutPreferences(user.to_string())
         }
         (Post, ["notifications"]) => Endpoint::Send,
         (Get, ["notifications"]) => Endpoint::HistoryByQuery,
@@ -189,6 +200,7 @@ impl Endpoint {
             Endpoint::Page | Endpoint::Asset(_) => Route::Page,
             Endpoint::OpenApi => Route::OpenApi,
             Endpoint::Pusher(..) => Route::Pusher,
+            Endpoint::GetPreferences(_) | Endpoint::PutPreferences(_) => Route::Preferences,
         }
     }
 }
@@ -224,7 +236,11 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
     let route = endpoint.route();
     let json_body = matches!(
         endpoint,
-        Endpoint::Send | Endpoint::Batch | Endpoint::Schedule | Endpoint::Seen(_)
+        Endpoint::Send
+            | Endpoint::Batch
+            | Endpoint::Schedule
+            | Endpoint::Seen(_)
+            | Endpoint::PutPreferences(_)
     );
     if json_body {
         if head.header("content-type").is_some() && !head.content_type_is_json() {
@@ -267,6 +283,8 @@ async fn answer(ctx: &ApiContext<'_>, head: &RequestHead, body: &mut [u8]) -> (R
         Endpoint::Page => assets::index(),
         Endpoint::Asset(name) => assets::asset(&name),
         Endpoint::OpenApi => openapi::openapi(),
+        Endpoint::GetPreferences(user) => preferences::get(ctx, user).await,
+        Endpoint::PutPreferences(user) => preferences::put(ctx, user, body).await,
         Endpoint::WebSocket => {
             Response::error(400, "bad_handshake", "expected a WebSocket upgrade")
         }
@@ -372,6 +390,7 @@ mod tests {
                 max_batch: 16,
                 retention: None,
                 sqlite_synchronous: Default::default(),
+                preferences: Default::default(),
             },
             Box::new(fanout.clone()),
         )

@@ -42,12 +42,15 @@ pub const MAX_PAGE: usize = 500;
 
 /// Parses a JSON body in place (simd-json, through `json_input`: nesting bounded by `max_depth`,
 /// escapes checked, errors worded for people and naming the field).
-fn parse_body<T: DeserializeOwned>(body: &mut [u8], max_depth: usize) -> Result<T, Response> {
+pub(super) fn parse_body<T: DeserializeOwned>(
+    body: &mut [u8],
+    max_depth: usize,
+) -> Result<T, Response> {
     parse_object(body, max_depth, "the body")
         .map_err(|e| Response::error(400, "invalid_json", &e.0))
 }
 
-fn invalid_field(e: &FieldError) -> Response {
+pub(super) fn invalid_field(e: &FieldError) -> Response {
     let code = if e.field == "target" {
         "no_target"
     } else {

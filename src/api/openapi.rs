@@ -27,7 +27,7 @@ mod tests {
     /// Every endpoint once, numbered by an exhaustive match: a new endpoint does not compile until it
     /// has a number here, and then [`every_route_of_the_router_is_described`] fails until the
     /// description has an operation that reaches it.
-    const ENDPOINTS: usize = 25;
+    const ENDPOINTS: usize = 27;
 
     fn number(e: &Endpoint) -> usize {
         match e {
@@ -51,13 +51,15 @@ mod tests {
             Endpoint::Poll => 17,
             Endpoint::Seen(_) => 18,
             Endpoint::Pusher(_, call) => match call {
-                PusherCall::Events => 16,
-                PusherCall::BatchEvents => 17,
-                PusherCall::Channels => 18,
-                PusherCall::Channel(_) => 19,
-                PusherCall::TerminateUser(_) => 20,
+                PusherCall::Events => 19,
+                PusherCall::BatchEvents => 20,
+                PusherCall::Channels => 21,
+                PusherCall::Channel(_) => 22,
+                PusherCall::TerminateUser(_) => 23,
             },
-            Endpoint::Presence(_) => 16,
+            Endpoint::Presence(_) => 24,
+            Endpoint::GetPreferences(_) => 25,
+            Endpoint::PutPreferences(_) => 26,
         }
     }
 

@@ -40,6 +40,7 @@ use crate::delivery::frame::frame_payload;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::Delivery;
 use crate::model::Notification;
+use crate::preferences::{Preferences, Registry};
 use crate::presence::{ConnRef, Member, Outcome, Presence};
 use crate::store::{CommitListener, UnreadCount};
 
@@ -57,6 +58,9 @@ pub struct Fanout {
     audit: Audit,
     /// Who is on each presence channel: the node's one registry, shared with the bus thread.
     presence: Presence,
+    /// The node's users' preferences, which this fan-out keeps current (see
+    /// [`Fanout::preferences_changed`]).
+    preferences: Arc<Registry>,
 }
 
 impl Fanout {
@@ -67,6 +71,39 @@ impl Fanout {
             bus,
             audit: Audit::off(),
             presence: Presence::new(),
+            preferences: Arc::default(),
+        }
+    }
+
+    /// The same fan-out, keeping `registry` current with every user's preferences.
+    pub fn with_preferences(mut self, registry: Arc<Registry>) -> Fanout {
+        self.preferences = registry;
+        self
+    }
+
+    /// The node's users' preferences.
+    pub fn preferences(&self) -> &Arc<Registry> {
+        &self.preferences
+    }
+
+    /// `user`'s preferences changed (`stored` is their stored JSON; `None`: back to the defaults):
+    /// here, and with `from_bus` false also on the other nodes, through the bus. The registry
+    /// first, then every shard's copy, so a connection arriving meanwhile reads the new ones.
+    pub fn preferences_changed(
+        &self,
+        user: &str,
+        preferences: Option<Preferences>,
+        stored: Option<String>,
+        from_bus: bool,
+    ) {
+        let preferences = preferences.map(Arc::new);
+        self.preferences.set(user, preferences.clone());
+        let name: Arc<str> = Arc::from(user);
+        for shard in self.shards.iter() {
+            shard.send_to_shard(ShardMsg::Preferences(name.clone(), preferences.clone()));
+        }
+        if let (Some(bus), false) = (&self.bus, from_bus) {
+            bus.send_to_bus(BusCmd::Preferences { user: name, stored });
         }
     }
 
@@ -256,6 +293,17 @@ impl CommitListener for Fanout {
         self.send_to_other_shards(None, deliveries);
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Unread(counts.to_vec()));
+        }
+    }
+
+    fn released(&self, released: &[Arc<Notification>]) {
+        let deliveries: Arc<[Arc<Delivery>]> = released
+            .iter()
+            .map(|n| Arc::new(Delivery::release_of(n.clone())))
+            .collect();
+        self.send_to_other_shards(None, deliveries);
+        if let Some(bus) = &self.bus {
+            bus.send_to_bus(BusCmd::Released(released.to_vec()));
         }
     }
 }

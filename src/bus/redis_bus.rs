@@ -73,6 +73,7 @@ use crate::config::RedisTarget;
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::{Delivery, PresenceChange};
 use crate::model::{now_millis, Millis, Notification};
+use crate::preferences::Registry;
 use crate::presence::{is_presence_channel, Member, Presence};
 use crate::store::{ReplayQuery, Store, StoreError, UnreadCount};
 
@@ -133,6 +134,16 @@ pub enum BusCmd {
         /// Where the members go, sorted by user id.
         reply: futures_channel::oneshot::Sender<Vec<Member>>,
     },
+    /// A user's preferences changed on this node (already applied here): tell the others.
+    Preferences {
+        /// Whose.
+        user: Arc<str>,
+        /// Their stored JSON; `None`: back to the defaults.
+        stored: Option<String>,
+    },
+    /// Notifications this node released at the end of their users' quiet hours (already delivered
+    /// locally): to their users' connections on the other nodes.
+    Released(Vec<Arc<Notification>>),
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -290,6 +301,7 @@ pub fn spawn_bus_thread(
     shards: Vec<ShardInbox>,
     store: Store,
     presence: Presence,
+    preferences: Arc<Registry>,
 ) -> Result<JoinHandle<()>, String> {
     if config.target.tls() {
         check_tls_at_start(&config.target)?;
@@ -324,6 +336,7 @@ pub fn spawn_bus_thread(
         presence_ops: Vec::new(),
         presence_read: HashSet::new(),
         stopping: false,
+        preferences,
     };
     std::thread::Builder::new()
         .name("redis-bus".into())
@@ -446,6 +459,8 @@ struct BusThread {
     presence_read: HashSet<Box<str>>,
     /// Set by [`BusCmd::Stop`].
     stopping: bool,
+    /// The node's users' preferences, which other nodes' changes update.
+    preferences: Arc<Registry>,
 }
 
 impl BusThread {
@@ -696,6 +711,9 @@ impl BusThread {
                 BusCmd::PresenceQuery { channel, reply } => {
                     self.presence_ops.push(PresenceOp::Query { channel, reply })
                 }
+                cmd @ (BusCmd::Preferences { .. } | BusCmd::Released(_)) => {
+                    self.push_preferences_matter(cmd)
+                }
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -727,7 +745,41 @@ impl BusThread {
             BusCmd::PresenceQuery { channel, reply } => {
                 let _ = reply.send(self.presence.members(&channel));
             }
+            // Kept like a client message until the outage is recorded, then dropped with them: a
+            // node that misses a change reads every user's preferences again at its next start.
+            cmd @ (BusCmd::Preferences { .. } | BusCmd::Released(_)) => {
+                self.push_preferences_matter(cmd)
+            }
             BusCmd::Stop => self.stopping = true,
+        }
+    }
+
+    /// Puts a change of preferences (to every node, on the broadcast channel) or released
+    /// notifications (to their users' channels) in the outbox.
+    fn push_preferences_matter(&mut self, cmd: BusCmd) {
+        match cmd {
+            BusCmd::Preferences { user, stored } => self.outbox.push_back(Outgoing {
+                id: None,
+                channels: vec![self.broadcast.clone()],
+                envelope: Bytes::from(wire::encode_preferences(
+                    self.origin,
+                    &user,
+                    stored.as_deref(),
+                )),
+            }),
+            BusCmd::Released(list) => {
+                for n in list {
+                    let Some(user) = &n.user_id else { continue };
+                    self.outbox.push_back(Outgoing {
+                        id: None,
+                        channels: vec![
+                            Topic::User(user.as_str().into()).redis_channel(&self.config.prefix)
+                        ],
+                        envelope: Bytes::from(wire::encode_released(self.origin, &n)),
+                    });
+                }
+            }
+            _ => {}
         }
     }
 
@@ -1175,6 +1227,28 @@ impl BusThread {
                         continue;
                     }
                     (Delivery::of_pusher_event(&channel, event), mask)
+                }
+                Ok(Envelope::Preferences(user, preferences)) => {
+                    let preferences = preferences.map(Arc::new);
+                    self.preferences.set(&user, preferences.clone());
+                    let name: Arc<str> = Arc::from(user);
+                    for shard in &self.shards {
+                        shard.send_to_shard(ShardMsg::Preferences(
+                            name.clone(),
+                            preferences.clone(),
+                        ));
+                    }
+                    continue;
+                }
+                Ok(Envelope::Released(n)) => {
+                    let Some(user) = n.user_id.as_deref() else {
+                        continue;
+                    };
+                    let mask = self.registry.shards_for(&Topic::User(user.into()));
+                    if mask.is_empty() {
+                        continue;
+                    }
+                    (Delivery::release_of(n), mask)
                 }
                 Err(e) => {
                     debug!(

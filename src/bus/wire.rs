@@ -4,14 +4,18 @@
 //! byte 0       kind: b'N' a committed notification, b'M' a client's ephemeral channel message,
 //!              b'U' a user's new unread count,
 //!              b'P' a Pusher event,
-//!              b'J' a presence change of the origin node
+//!              b'J' a presence change of the origin node,
+//!              b'Q' a preferences matter (byte 17 says which: b'p' a user's preferences changed,
+//!              b'r' a notification released because its user's quiet hours ended)
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
 //! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
 //!              U: the count's version and the count (8 bytes each, big-endian), then the user id;
 //!              P: {"channel","name","data","except_socket"}, data as its JSON text;
 //!              J: {"channel","user_id","user_info"?,"present"} (the user's first connection on the
-//!              origin node came, `true`, or its last one went, `false`)
+//!              origin node came, `true`, or its last one went, `false`);
+//!              Q p: `{"user_id":…,"preferences":{…}|null}` (null: back to the defaults);
+//!              Q r: the notification as API.md's JSON object
 //! ```
 //!
 //! A `U` goes to the user's topic, so only nodes holding one of the user's connections get it.
@@ -27,6 +31,7 @@ use uuid::Uuid;
 
 use crate::delivery::PusherEvent;
 use crate::model::{parse_time, write_json_str, Notification};
+use crate::preferences::Preferences;
 
 /// Kind byte of a committed notification.
 const KIND_NOTIFICATION: u8 = b'N';
@@ -38,6 +43,12 @@ const KIND_UNREAD: u8 = b'U';
 const KIND_PUSHER_EVENT: u8 = b'P';
 /// Kind byte of a presence change on the origin node.
 const KIND_PRESENCE: u8 = b'J';
+/// Kind byte of a preferences matter (see the module docs).
+const KIND_PREFERENCES: u8 = b'Q';
+/// After [`KIND_PREFERENCES`]: a user's preferences changed.
+const PREFERENCES_CHANGED: u8 = b'p';
+/// After [`KIND_PREFERENCES`]: a notification released at the end of quiet hours.
+const QUIET_RELEASED: u8 = b'r';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -67,6 +78,10 @@ pub enum Envelope<'a> {
     },
     /// A user's presence on the origin node changed.
     Presence(NodePresence),
+    /// A user's preferences changed on another node (`None`: back to the defaults).
+    Preferences(String, Option<Preferences>),
+    /// A notification whose user's quiet hours ended, to push to that user's connections.
+    Released(Arc<Notification>),
 }
 
 /// A presence change on one node: its user's first connection on the channel came, or its last one
@@ -176,6 +191,31 @@ pub fn encode_presence(origin: Uuid, change: &NodePresence) -> Vec<u8> {
     out
 }
 
+/// Encodes a change of `user_id`'s preferences (`stored`: their stored JSON, `None` for the
+/// defaults) from node `origin`.
+pub fn encode_preferences(origin: Uuid, user_id: &str, stored: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 64 + user_id.len() + stored.map_or(0, str::len));
+    out.push(KIND_PREFERENCES);
+    out.extend_from_slice(origin.as_bytes());
+    out.push(PREFERENCES_CHANGED);
+    out.extend_from_slice(b"{\"user_id\":");
+    write_json_str(&mut out, user_id);
+    out.extend_from_slice(b",\"preferences\":");
+    out.extend_from_slice(stored.unwrap_or("null").as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// Encodes a notification released at the end of its user's quiet hours, from node `origin`.
+pub fn encode_released(origin: Uuid, n: &Notification) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 321 + n.message.len() + n.data.len());
+    out.push(KIND_PREFERENCES);
+    out.extend_from_slice(origin.as_bytes());
+    out.push(QUIET_RELEASED);
+    n.write_json(&mut out, None);
+    out
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -210,6 +250,13 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
         KIND_PRESENCE => serde_json::from_slice(payload)
             .map(Envelope::Presence)
             .map_err(|e| WireError(format!("bad presence change: {e}"))),
+        KIND_PREFERENCES => match payload.split_first() {
+            Some((&PREFERENCES_CHANGED, json)) => decode_preferences(json),
+            Some((&QUIET_RELEASED, json)) => {
+                decode_notification(json).map(|n| Envelope::Released(Arc::new(n)))
+            }
+            _ => Err(WireError("unknown preferences envelope".into())),
+        },
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
 }
@@ -253,6 +300,27 @@ struct WireNotification<'a> {
     /// Present only on a fired schedule.
     #[serde(default)]
     schedule_id: Option<&'a str>,
+    /// Present only when the producer said so.
+    #[serde(default)]
+    urgent: bool,
+}
+
+/// A change of preferences as sent between nodes.
+#[derive(Deserialize)]
+struct WirePreferences<'a> {
+    user_id: String,
+    #[serde(borrow)]
+    preferences: Option<&'a serde_json::value::RawValue>,
+}
+
+fn decode_preferences(payload: &[u8]) -> Result<Envelope<'_>, WireError> {
+    let w: WirePreferences =
+        serde_json::from_slice(payload).map_err(|e| WireError(format!("bad preferences: {e}")))?;
+    let preferences = w
+        .preferences
+        .map(|raw| Preferences::from_stored(raw.get()).map_err(WireError))
+        .transpose()?;
+    Ok(Envelope::Preferences(w.user_id, preferences))
 }
 
 fn decode_notification(payload: &[u8]) -> Result<Notification, WireError> {
@@ -274,6 +342,7 @@ fn decode_notification(payload: &[u8]) -> Result<Notification, WireError> {
         delivered_at: None,
         seen_at: None,
         scheduled_at: w.scheduled_at.map(time).transpose()?,
+        urgent: w.urgent,
         schedule_id: w
             .schedule_id
             .map(|s| Uuid::parse_str(s).map_err(|e| WireError(format!("bad schedule_id: {e}"))))
@@ -395,6 +464,14 @@ mod tests {
             matches!(decode(&bytes), Ok(Envelope::Message(p)) if p == br#"{"event":"message"}"#)
         );
         assert!(decode(b"N").is_err());
+        let mut q = encode_preferences(origin, "u1", None);
+        assert!(matches!(decode(&q), Ok(Envelope::Preferences(u, None)) if u == "u1"));
+        q = encode_preferences(origin, "u1", Some(r#"{"muted_types":["promo"]}"#));
+        assert!(
+            matches!(decode(&q), Ok(Envelope::Preferences(_, Some(p))) if p.muted_types == ["promo"])
+        );
+        q.truncate(HEADER_LEN + 1);
+        assert!(decode(&q).is_err());
         let mut bad = encode_message(origin, b"{}");
         bad[0] = b'N';
         assert!(decode(&bad).is_err());

@@ -13,6 +13,7 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 
 use crate::delivery::Delivery;
+use crate::preferences::Preferences;
 
 /// A connection's slot in its shard's hub (`shard::hub`), which hands it out. Valid only on that
 /// shard, and only until the connection goes away; it is here because a shard's own inbox names the
@@ -43,6 +44,9 @@ pub enum ShardMsg {
     /// Close this shard's Pusher connections signed in as this user (the Pusher HTTP API's
     /// `terminate_connections`).
     TerminateUser(Box<str>),
+    /// A user's preferences changed (here or on another node): the shard's copy, kept beside the
+    /// user's interned name, follows (`None`: back to the defaults).
+    Preferences(Arc<str>, Option<Arc<Preferences>>),
 }
 
 /// The sending side of a shard's inbox; cheap to clone and usable from any thread.

@@ -4,7 +4,8 @@
 //!
 //! This is the leaf every thread shares: the store thread's fan-out and the bus thread make deliveries
 //! and send them to shard inboxes, and the shards route them to their connections; none of them needs
-//! another's module for that. It imports nothing of the crate but [`crate::model`].
+//! another's module for that. It imports nothing of the crate but [`crate::model`] and
+//! [`crate::preferences`] (a change of a user's preferences is a shard inbox message).
 //!
 //! # Encoded once per encoding, never per connection
 //!
@@ -414,6 +415,9 @@ pub struct Delivery {
     /// When the delivery was made: right after its commit (or on arrival from Redis, or at a client's
     /// publish). Shards time their first write from it (`notif_commit_to_write_seconds`).
     pub made_at: Instant,
+    /// A notification its user's quiet hours held back, pushed now that they ended: to the user's
+    /// connections only, and quiet hours no longer hold it (see `crate::preferences`).
+    pub released: bool,
 }
 
 impl Delivery {
@@ -435,7 +439,27 @@ impl Delivery {
             native,
             lazy: Default::default(),
             made_at: Instant::now(),
+            released: false,
         }
+    }
+
+    /// The delivery of a notification whose quiet hours ended: to its user only (its channels'
+    /// subscribers got it, or not, when it was committed), with its plain native frame.
+    pub fn release_of(n: Arc<Notification>) -> Delivery {
+        let plain = Frames::native_of_notification(&n).plain;
+        let mut d = Delivery::new(
+            Some(n.id),
+            n.user_id.clone(),
+            Vec::new(),
+            false,
+            Content::Notification(n),
+            Frames {
+                plain,
+                per_channel: Vec::new(),
+            },
+        );
+        d.released = true;
+        d
     }
 
     /// The delivery of a committed notification, with its native frames encoded once.

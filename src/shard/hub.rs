@@ -25,13 +25,15 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 
 use smallvec::SmallVec;
 
 use crate::bus::interest::{InterestSink, Topic};
 use crate::delivery::inbox::ConnId;
-use crate::delivery::{Delivery, Encoding, Via};
+use crate::delivery::{Content, Delivery, Encoding, Via};
+use crate::preferences::{Preferences, Registry, Verdict};
 use crate::shard::outbound::Outbox;
 use crate::shard::timeouts::Tick;
 
@@ -207,6 +209,9 @@ struct NameEntry {
     /// any. Lives and dies with the user's entry, so a shard keeps it only while it holds one of
     /// the user's connections.
     unread: (u64, u64),
+    /// A user's preferences (`None`: the defaults, and always for a channel), kept here so the
+    /// delivery path checks them without a lookup: one `None` test for a user who has none.
+    preferences: Option<Arc<Preferences>>,
 }
 
 /// A table of interned names (users or channels) with their member connections.
@@ -231,6 +236,7 @@ impl NameTable {
             name: name.clone(),
             members: SmallVec::new(),
             unread: (0, 0),
+            preferences: None,
         }) as NameId;
         self.by_name.insert(name, id);
         (id, true)
@@ -298,6 +304,9 @@ pub struct Hub {
     interest: Option<InterestSink>,
     /// Below this many connections the tables are shrunk (see [`Hub::shrink_if_sparse`]).
     shrink_below: usize,
+    /// The node's users' preferences, read when a user's first connection arrives on this shard;
+    /// later changes arrive as [`Hub::preferences_changed`]. `None`: nobody has preferences (tests).
+    preferences: Option<Arc<Registry>>,
 }
 
 impl Hub {
@@ -312,6 +321,19 @@ impl Hub {
         Hub {
             interest,
             ..Hub::default()
+        }
+    }
+
+    /// The same hub, reading its users' preferences from `registry`.
+    pub fn with_preferences(mut self, registry: Arc<Registry>) -> Hub {
+        self.preferences = Some(registry);
+        self
+    }
+
+    /// A user's preferences changed: the shard's copy follows, if the user is connected here.
+    pub fn preferences_changed(&mut self, user: &str, preferences: Option<Arc<Preferences>>) {
+        if let Some(id) = self.users.lookup(user) {
+            self.users.entries[id as usize].preferences = preferences;
         }
     }
 
@@ -402,6 +424,9 @@ impl Hub {
         let (user_id, new) = self.users.intern(user);
         if new {
             self.interest_changed(|| Topic::User(user.into()), true);
+            if let Some(registry) = &self.preferences {
+                self.users.entries[user_id as usize].preferences = registry.get(user);
+            }
         }
         self.users.add(user_id, id);
         let conn = &mut self.conns[id as usize];
@@ -642,6 +667,15 @@ impl Hub {
             Vec::new()
         };
         let conns = &mut self.conns;
+        let users = &self.users;
+        // Preferences apply to stored notifications only (not to a client's ephemeral messages).
+        let stored = match &delivery.content {
+            Content::Notification(n) => Some(&**n),
+            Content::ClientMessage(_)
+            | Content::Unread { .. }
+            | Content::PusherEvent(_)
+            | Content::Presence(_) => None,
+        };
         // `native` is the frame the target chose in the native encoding, picked once per target as
         // before kinds existed; another kind's frame is fetched (made once per delivery) only for it.
         let mut visit = |id: ConnId, native: &bytes::Bytes, via: Via| {
@@ -651,6 +685,14 @@ impl Hub {
                 let Some(encoding) = c.kind.encoding() else {
                     return;
                 };
+                if let (Some(n), Some(user)) = (stored, c.user) {
+                    let entry = &users.entries[(user.get() - 1) as usize];
+                    if let Some(prefs) = &entry.preferences {
+                        if prefs.verdict(&entry.name, n, delivery.released) != Verdict::Push {
+                            return;
+                        }
+                    }
+                }
                 if encoding == Encoding::NativeWebSocket {
                     deliver(id, c, native);
                 } else {
@@ -681,7 +723,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::{Content, Frames};
+    use crate::delivery::Frames;
     use bytes::Bytes;
 
     fn delivery(user: Option<&str>, channels: &[&str], broadcast: bool) -> Delivery {

@@ -222,6 +222,10 @@ impl Shard {
         let max_outbound = self.config.max_outbound_bytes;
         let mut delivered = [0, 0]; // [plain frame, a channel's frame], for the kinds in /metrics
         let mut batch = self.write_batch.borrow_mut();
+        // A notification released at the end of quiet hours is older than what was delivered live
+        // since: it must not become the connection's first live id (`LiveMark`), which would keep a
+        // resume from replaying what came between.
+        let live_id = if delivery.released { None } else { delivery.id };
         let mut hub = self.hub.borrow_mut();
         // A stored notification's receipt: only a connection of its own user counts (not a channel
         // subscriber or a broadcast listener), and one per shard is enough.
@@ -242,7 +246,7 @@ impl Shard {
                 }
                 return;
             }
-            if batch.deliver(id, conn, delivery.id, frame, max_outbound) == Sent::Accepted {
+            if batch.deliver(id, conn, live_id, frame, max_outbound) == Sent::Accepted {
                 delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
                 reached_user |= receipt_for.is_some_and(|(_, key)| conn.is_user(key));
             }
@@ -347,7 +351,10 @@ where
     let shard = Rc::new(Shard {
         index: setup.index,
         config: setup.config,
-        hub: RefCell::new(Hub::with_interest(setup.fanout.interest_sink(setup.index))),
+        hub: RefCell::new(
+            Hub::with_interest(setup.fanout.interest_sink(setup.index))
+                .with_preferences(setup.fanout.preferences().clone()),
+        ),
         store: setup.store,
         fanout: setup.fanout,
         metrics: setup.metrics,
@@ -571,6 +578,12 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
                 ShardMsg::Shutdown => {
                     shard.flush_deliveries();
                     shard.begin_shutdown();
+                }
+                ShardMsg::Preferences(user, preferences) => {
+                    shard
+                        .hub
+                        .borrow_mut()
+                        .preferences_changed(&user, preferences);
                 }
             }
             handled += 1;

@@ -108,6 +108,39 @@ pub(crate) enum WriteRequest {
         /// Which notification.
         id: Uuid,
     },
+    /// Store a user's preferences (`Some`: their stored JSON, see `Preferences::to_stored`), or
+    /// forget them (`None`: back to the defaults). Answers [`WriteOutcome::PreferencesSet`].
+    SetPreferences {
+        /// Whose.
+        user_id: String,
+        /// The stored JSON, or `None` for the defaults.
+        stored: Option<String>,
+    },
+    /// Remember notifications that quiet hours hold back, to push when they end. Answers
+    /// [`WriteOutcome::Held`].
+    HoldQuiet {
+        /// One row per held notification.
+        held: Vec<Held>,
+    },
+    /// Claim up to `limit` held notifications whose quiet hours ended by the batch's `now` (on
+    /// PostgreSQL with `FOR UPDATE SKIP LOCKED`, so concurrent nodes never claim the same one), remove
+    /// their rows, and answer [`WriteOutcome::Released`] with the notifications still stored, in id
+    /// order.
+    ReleaseQuiet {
+        /// Most to release in this batch.
+        limit: usize,
+    },
+}
+
+/// A notification held back by its user's quiet hours.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Held {
+    /// The notification.
+    pub id: Uuid,
+    /// Its user (whose quiet hours hold it).
+    pub user_id: String,
+    /// When the quiet hours end.
+    pub release_at: Millis,
 }
 
 /// What one [`WriteRequest`] did, in the same position of the batch.
@@ -140,6 +173,12 @@ pub(crate) enum WriteOutcome {
     Fired(Vec<Arc<Notification>>),
     /// How many notifications [`WriteRequest::Purge`] deleted.
     Purged(u64),
+    /// [`WriteRequest::SetPreferences`] was applied.
+    PreferencesSet,
+    /// [`WriteRequest::HoldQuiet`] was applied.
+    Held,
+    /// What [`WriteRequest::ReleaseQuiet`] claimed, in id order.
+    Released(Vec<Arc<Notification>>),
 }
 
 impl From<KeyVerdict> for WriteOutcome {
@@ -234,6 +273,19 @@ pub(crate) trait ReadBackend: Send + 'static {
     fn ping(&mut self) -> Result<(), BackendError>;
     /// How many scheduled notifications are pending (for `/metrics`).
     fn scheduled_pending(&mut self) -> Result<u64, BackendError>;
+    /// A user's stored preferences (see [`super::Store::preferences`]).
+    fn preferences(&mut self, user_id: &str) -> Result<Option<StoredPreferences>, BackendError>;
+    /// Every user's stored preferences, to fill a node's registry at start-up.
+    fn all_preferences(&mut self) -> Result<Vec<(String, StoredPreferences)>, BackendError>;
+}
+
+/// A user's preferences as stored: their JSON (`Preferences::to_stored`) and when they were set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPreferences {
+    /// The JSON object.
+    pub json: String,
+    /// When they were set (milliseconds since the epoch).
+    pub updated_at: Millis,
 }
 
 /// A due scheduled notification as it is stored when it fires: a new id (commit order) and creation
@@ -365,6 +417,15 @@ macro_rules! migrations {
                 )),
             },
             $crate::store::backend::Migration {
+                version: 4,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0004_user_counters.sql"
+                )),
+            },
+            $crate::store::backend::Migration {
                 version: 5,
                 sql: include_str!(concat!(
                     env!("CARGO_MANIFEST_DIR"),
@@ -374,12 +435,12 @@ macro_rules! migrations {
                 )),
             },
             $crate::store::backend::Migration {
-                version: 4,
+                version: 6,
                 sql: include_str!(concat!(
                     env!("CARGO_MANIFEST_DIR"),
                     "/migrations/",
                     $dialect,
-                    "/0004_user_counters.sql"
+                    "/0006_preferences.sql"
                 )),
             },
         ]

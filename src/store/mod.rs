@@ -40,6 +40,7 @@ mod reader;
 mod sqlite;
 mod writer;
 
+pub use backend::StoredPreferences;
 pub use error::{BackendError, OpenError, StoreError};
 pub use idempotency::{IdempotencyKey, Receipt, Stamp};
 pub use sqlite::SqliteSynchronous;
@@ -170,6 +171,9 @@ pub struct StoreConfig {
     pub retention: Option<std::time::Duration>,
     /// `SQLITE_SYNCHRONOUS`: what a SQLite commit waits for (ignored by PostgreSQL).
     pub sqlite_synchronous: SqliteSynchronous,
+    /// The node's users' preferences: the store thread holds back (and records for later) what a
+    /// user's quiet hours hold when it commits (see `crate::preferences`).
+    pub preferences: Arc<crate::preferences::Registry>,
 }
 
 impl StoreConfig {
@@ -181,6 +185,7 @@ impl StoreConfig {
             max_batch: DEFAULT_MAX_BATCH,
             retention: None,
             sqlite_synchronous: SqliteSynchronous::default(),
+            preferences: Arc::default(),
         }
     }
 }
@@ -258,6 +263,13 @@ pub trait CommitListener: Send + 'static {
     /// default ignores them.
     fn unread_changed(&self, counts: &[UnreadCount]) {
         let _ = counts;
+    }
+
+    /// Called on the store thread after a commit that claimed notifications whose quiet hours ended
+    /// (API.md, "Preferences"), in id order: push each to its user's connections. Like
+    /// [`CommitListener::committed`], it must hand the work off.
+    fn released(&self, released: &[Arc<Notification>]) {
+        let _ = released;
     }
 }
 
@@ -598,6 +610,7 @@ impl Store {
             config.max_batch.max(1),
             config.retention,
             counters.clone(),
+            config.preferences.clone(),
         )
         .map_err(spawn_err)?;
         let store = Store {
@@ -764,6 +777,26 @@ impl Store {
     /// connection from the counters the store thread keeps: one row, whatever the inbox's size.
     pub fn unread(&self, user_id: String) -> StoreFuture<UnreadCount> {
         self.read(|reply| ReadOp::Unread { user_id, reply })
+    }
+
+    /// Stores `user_id`'s preferences (`Some`: their stored JSON), or with `None` forgets them (the
+    /// defaults); resolves to when they were set.
+    pub fn set_preferences(&self, user_id: String, stored: Option<String>) -> StoreFuture<Millis> {
+        self.write(|reply| WriteOp::SetPreferences {
+            user_id,
+            stored,
+            reply,
+        })
+    }
+
+    /// `user_id`'s stored preferences, `None` for a user who has the defaults.
+    pub fn preferences(&self, user_id: String) -> StoreFuture<Option<StoredPreferences>> {
+        self.read(|reply| ReadOp::Preferences { user_id, reply })
+    }
+
+    /// Every user's stored preferences (start-up fills the node's registry with them).
+    pub fn all_preferences(&self) -> StoreFuture<Vec<(String, StoredPreferences)>> {
+        self.read(|reply| ReadOp::AllPreferences { reply })
     }
 
     /// Liveness: a trivial query on a reader connection.

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 use futures_channel::oneshot;
 
-use super::backend::ReadBackend;
+use super::backend::{ReadBackend, StoredPreferences};
 use super::{Counters, HistoryPage, HistoryQuery, ReplayQuery, StoreError, UnreadCount};
 use crate::model::Notification;
 
@@ -65,6 +65,18 @@ pub(crate) enum ReadOp {
     PendingScheduled {
         /// How many are pending.
         reply: Reply<u64>,
+    },
+    /// See [`super::Store::preferences`].
+    Preferences {
+        /// Whose.
+        user_id: String,
+        /// The stored preferences, if any.
+        reply: Reply<Option<StoredPreferences>>,
+    },
+    /// See [`super::Store::all_preferences`].
+    AllPreferences {
+        /// Every user's.
+        reply: Reply<Vec<(String, StoredPreferences)>>,
     },
     /// See [`super::Store::close`]: this reader stops.
     Close,
@@ -135,6 +147,17 @@ fn serve<R: ReadBackend>(backend: &mut R, op: ReadOp, counters: &Counters) {
         ReadOp::PendingScheduled { reply } => {
             if !reply.is_canceled() {
                 let _ = reply.send(backend.scheduled_pending().map_err(unavailable));
+            }
+        }
+        ReadOp::Preferences { user_id, reply } => {
+            if !reply.is_canceled() {
+                Counters::add(&counters.reads, 1);
+                let _ = reply.send(backend.preferences(&user_id).map_err(unavailable));
+            }
+        }
+        ReadOp::AllPreferences { reply } => {
+            if !reply.is_canceled() {
+                let _ = reply.send(backend.all_preferences().map_err(unavailable));
             }
         }
         // Handled by the loop, which stops.

@@ -50,8 +50,8 @@ use std::sync::Arc;
 use super::backend::{
     fire_in_due_order, first_id_of, first_not_in_inbox, history_before, history_fetch,
     history_filters, history_page, migrations, sql_int, warn_if_schema_is_newer, Applied,
-    BackendError, BatchClock, CountersBackend, InboxCounters, Migration, ReadBackend, WriteBackend,
-    WriteOutcome, WriteRequest,
+    BackendError, BatchClock, CountersBackend, Held, InboxCounters, Migration, ReadBackend,
+    StoredPreferences, WriteBackend, WriteOutcome, WriteRequest,
 };
 use super::idempotency::{verdict, FoundRecord, IdempotencyRecord};
 use super::{HistoryPage, HistoryQuery, MarkedSeen, OpenError, ReplayQuery, UnreadCount};
@@ -336,6 +336,8 @@ fn notification_from_row(row: &Row<'_>) -> rusqlite::Result<Notification> {
         delivered_at: row.get(10)?,
         seen_at: row.get(11)?,
         scheduled_at: row.get(12)?,
+        // Not stored: it decided the live push when the notification was committed.
+        urgent: false,
         schedule_id: row.get::<_, Option<[u8; 16]>>(13)?.map(Uuid::from_bytes),
     })
 }
@@ -853,7 +855,79 @@ fn apply_one(
                 .execute(params![json_text(&pairs)?])?;
             Ok(WriteOutcome::RecordedDelivered(changed as u64))
         }
+        WriteRequest::SetPreferences { user_id, stored } => {
+            set_preferences(tx, user_id, stored.as_deref(), now)
+        }
+        WriteRequest::HoldQuiet { held } => hold_quiet(tx, held),
+        WriteRequest::ReleaseQuiet { limit } => release_quiet(tx, now, *limit),
     }
+}
+
+/// The preferences of a user: the defaults are no row.
+const SET_PREFERENCES: &str = "INSERT INTO user_preferences (user_id, preferences, updated_at) \
+     VALUES (?1, ?2, ?3) ON CONFLICT (user_id) DO UPDATE SET preferences = excluded.preferences, \
+     updated_at = excluded.updated_at";
+const FORGET_PREFERENCES: &str = "DELETE FROM user_preferences WHERE user_id = ?1";
+const PREFERENCES: &str = "SELECT preferences, updated_at FROM user_preferences WHERE user_id = ?1";
+const ALL_PREFERENCES: &str = "SELECT user_id, preferences, updated_at FROM user_preferences";
+/// `OR IGNORE`: a notification is held once.
+const HOLD_QUIET: &str =
+    "INSERT OR IGNORE INTO quiet_held (notification_id, user_id, release_at) VALUES (?1, ?2, ?3)";
+const DUE_QUIET: &str =
+    "SELECT notification_id FROM quiet_held WHERE release_at <= ?1 ORDER BY release_at LIMIT ?2";
+const UNHOLD_QUIET: &str = "DELETE FROM quiet_held WHERE notification_id = ?1";
+const NOTIFICATION_BY_ID: &str =
+    concat!("SELECT ", columns!(), " FROM notifications WHERE id = ?1");
+
+/// [`WriteRequest::SetPreferences`].
+fn set_preferences(
+    tx: &Transaction<'_>,
+    user_id: &str,
+    stored: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<WriteOutcome> {
+    match stored {
+        Some(json) => tx
+            .prepare_cached(SET_PREFERENCES)?
+            .execute(params![user_id, json, now])?,
+        None => tx
+            .prepare_cached(FORGET_PREFERENCES)?
+            .execute(params![user_id])?,
+    };
+    Ok(WriteOutcome::PreferencesSet)
+}
+
+/// [`WriteRequest::HoldQuiet`].
+fn hold_quiet(tx: &Transaction<'_>, held: &[Held]) -> rusqlite::Result<WriteOutcome> {
+    let mut insert = tx.prepare_cached(HOLD_QUIET)?;
+    for h in held {
+        insert.execute(params![h.id.as_bytes(), h.user_id, h.release_at])?;
+    }
+    Ok(WriteOutcome::Held)
+}
+
+/// [`WriteRequest::ReleaseQuiet`]: one writer per SQLite database, so claiming is reading and
+/// deleting in the batch's transaction.
+fn release_quiet(tx: &Transaction<'_>, now: i64, limit: usize) -> rusqlite::Result<WriteOutcome> {
+    let due = tx
+        .prepare_cached(DUE_QUIET)?
+        .query_map(params![now, sql_int(limit)], |row| {
+            row.get::<_, [u8; 16]>(0)
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut released = Vec::with_capacity(due.len());
+    for id in due {
+        tx.prepare_cached(UNHOLD_QUIET)?.execute(params![id])?;
+        if let Some(n) = tx
+            .prepare_cached(NOTIFICATION_BY_ID)?
+            .query_row(params![id], notification_from_row)
+            .optional()?
+        {
+            released.push(Arc::new(n));
+        }
+    }
+    released.sort_by_key(|n| n.id);
+    Ok(WriteOutcome::Released(released))
 }
 
 impl WriteBackend for SqliteWriter {
@@ -998,6 +1072,39 @@ impl ReadBackend for SqliteReader {
             .prepare_cached(SCHEDULED_PENDING)
             .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)))
             .map(|n| n.max(0) as u64)
+            .map_err(sqlite_error)
+    }
+
+    fn preferences(&mut self, user_id: &str) -> Result<Option<StoredPreferences>, BackendError> {
+        self.conn
+            .prepare_cached(PREFERENCES)
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user_id], |row| {
+                    Ok(StoredPreferences {
+                        json: row.get(0)?,
+                        updated_at: row.get(1)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(sqlite_error)
+    }
+
+    fn all_preferences(&mut self) -> Result<Vec<(String, StoredPreferences)>, BackendError> {
+        self.conn
+            .prepare_cached(ALL_PREFERENCES)
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| {
+                    Ok((
+                        row.get(0)?,
+                        StoredPreferences {
+                            json: row.get(1)?,
+                            updated_at: row.get(2)?,
+                        },
+                    ))
+                })?
+                .collect()
+            })
             .map_err(sqlite_error)
     }
 }

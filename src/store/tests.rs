@@ -305,6 +305,7 @@ fn to_user(user: &str, message: &str) -> NewNotification {
         broadcast: false,
         data: r#"{"k":"v"}"#.into(),
         scheduled_at: None,
+        urgent: false,
     }
 }
 
@@ -733,7 +734,10 @@ fn unread_counts_follow_every_change_once_per_batch_with_growing_versions(databa
 
     block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
     assert_eq!(reported(), vec![("u1".into(), 2)]);
-    // A second read of the same one changes nothing and reports nothing.
+    // A second read of the same one changes nothing and reports nothing. The writer tells a read
+    // that changed something by its `read_at` being the batch's time, so the second read must come
+    // in a later millisecond than the first.
+    std::thread::sleep(std::time::Duration::from_millis(2));
     block_on(f.store.mark_read("u1".into(), stored[0].id)).unwrap();
     assert_eq!(reported(), vec![]);
     assert!(block_on(f.store.delete("u1".into(), stored[1].id)).unwrap());

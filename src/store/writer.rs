@@ -34,10 +34,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
-use super::backend::{BackendError, BatchClock, WriteBackend, WriteOutcome, WriteRequest};
+use super::backend::{BackendError, BatchClock, Held, WriteBackend, WriteOutcome, WriteRequest};
 use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
 use super::{CommitListener, Committed, Counters, DeliveryReceipt, MarkedSeen, StoreError};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
+use crate::preferences::{Registry, Verdict};
 use crate::scheduler::{Maintenance, Scheduler};
 
 /// The name of the store thread, as shown by `top -H` and in panics.
@@ -116,6 +117,15 @@ pub(crate) enum WriteOp {
         /// What one shard delivered since its last hand-off.
         receipts: Vec<DeliveryReceipt>,
     },
+    /// See [`super::Store::set_preferences`].
+    SetPreferences {
+        /// Whose.
+        user_id: String,
+        /// The stored JSON, or `None` for the defaults.
+        stored: Option<String>,
+        /// When they were set.
+        reply: Reply<Millis>,
+    },
 }
 
 impl WriteOp {
@@ -147,6 +157,8 @@ enum Replier {
     Delete(Reply<bool>),
     /// Of a [`WriteOp::MarkSeen`].
     MarkSeen(Reply<MarkedSeen>),
+    /// [`WriteOutcome::PreferencesSet`], answered with the batch's time.
+    PreferencesSet(Reply<Millis>, Millis),
 }
 
 impl Replier {
@@ -196,6 +208,9 @@ impl Replier {
             (Replier::MarkSeen(tx), _, Some(WriteOutcome::MarkedSeen(marked))) => {
                 let _ = tx.send(Ok(marked));
             }
+            (Replier::PreferencesSet(tx, at), _, Some(WriteOutcome::PreferencesSet)) => {
+                let _ = tx.send(Ok(at));
+            }
             // A backend bug, never data: answer rather than panic the only write thread.
             (replier, _, _) => replier.fail(StoreError::internal(
                 "store backend answered a different request than it was given",
@@ -214,6 +229,7 @@ impl Replier {
             Replier::MarkAllRead(tx) => drop(tx.send(Err(error))),
             Replier::Delete(tx) => drop(tx.send(Err(error))),
             Replier::MarkSeen(tx) => drop(tx.send(Err(error))),
+            Replier::PreferencesSet(tx, _) => drop(tx.send(Err(error))),
         }
     }
 }
@@ -226,6 +242,7 @@ pub(crate) fn spawn<B: WriteBackend>(
     max_batch: usize,
     retention: Option<Duration>,
     counters: Arc<Counters>,
+    preferences: Arc<Registry>,
 ) -> std::io::Result<JoinHandle<()>> {
     let writer = Writer {
         backend,
@@ -239,6 +256,7 @@ pub(crate) fn spawn<B: WriteBackend>(
         scheduler: Scheduler::new(retention, Instant::now()),
         outage: None,
         receipts: Receipts::default(),
+        preferences,
     };
     std::thread::Builder::new()
         .name(THREAD_NAME.to_owned())
@@ -269,6 +287,8 @@ struct Writer<B> {
     outage: Option<Outage>,
     /// Delivery receipts waiting to be recorded.
     receipts: Receipts,
+    /// Whose quiet hours hold back what this thread commits (see [`Writer::hold_quiet`]).
+    preferences: Arc<Registry>,
 }
 
 /// Most delivery receipts the store thread keeps waiting (about 24 MiB). They wait only while their
@@ -450,6 +470,13 @@ impl<B: WriteBackend> Writer<B> {
                 limit: purge.limit,
             });
         }
+        if fire_due.is_some() {
+            // With the scheduler's tick: quiet hours that ended release what they held. Before
+            // FireDue, which must stay last; it assigns no ids.
+            requests.push(WriteRequest::ReleaseQuiet {
+                limit: RELEASE_PER_BATCH,
+            });
+        }
         if let Some(limit) = fire_due {
             // Last in the batch: its ids must be above every other id the batch assigned.
             requests.push(WriteRequest::FireDue { limit });
@@ -613,6 +640,14 @@ impl<B: WriteBackend> Writer<B> {
                     self.receipts.add(receipts);
                     continue;
                 }
+                WriteOp::SetPreferences {
+                    user_id,
+                    stored,
+                    reply,
+                } => (
+                    WriteRequest::SetPreferences { user_id, stored },
+                    Replier::PreferencesSet(reply, now),
+                ),
             };
             requests.push(request);
             repliers.push(replier);
@@ -677,7 +712,14 @@ impl<B: WriteBackend> Writer<B> {
         Outage::ended(&mut self.outage);
         let client_requests = requests
             .iter()
-            .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
+            .filter(|r| {
+                !matches!(
+                    r,
+                    WriteRequest::FireDue { .. }
+                        | WriteRequest::Purge { .. }
+                        | WriteRequest::ReleaseQuiet { .. }
+                )
+            })
             .count();
         // An idle scheduler tick that found nothing is a transaction, but not a commit anyone
         // waited for: counting it would show ten commits a second on an idle server.
@@ -693,6 +735,25 @@ impl<B: WriteBackend> Writer<B> {
         }
         Counters::add(&self.counters.write_ops, client_requests as u64);
         Counters::add(&self.counters.inserted, inserted.len() as u64);
+
+        self.hold_quiet(&inserted);
+        let released: Vec<Arc<Notification>> = outcomes
+            .iter()
+            .flat_map(|o| match o {
+                WriteOutcome::Released(list) => list.as_slice(),
+                _ => &[],
+            })
+            .cloned()
+            .collect();
+        if !released.is_empty() {
+            let listener = &self.listener;
+            if catch_unwind(AssertUnwindSafe(|| listener.released(&released))).is_err() {
+                tracing::error!(
+                    count = released.len(),
+                    "commit listener panicked on a release"
+                );
+            }
+        }
 
         if !inserted.is_empty() {
             // The data is committed whatever the listener does. A panic in it is a bug elsewhere; it
@@ -712,6 +773,50 @@ impl<B: WriteBackend> Writer<B> {
         }
     }
 }
+
+impl<B: WriteBackend> Writer<B> {
+    /// Records, in a transaction of its own right after the commit and before the listener hears
+    /// of it, the notifications of `inserted` that their users' quiet hours hold back, so they are
+    /// pushed when the quiet hours end, after a restart too (API.md, "Preferences"). The shards make
+    /// the same decision from the same preferences and the notification's own timestamp, and hold
+    /// back its live push. Nothing is written when no user has preferences. If this write fails,
+    /// the notifications stay stored (history, unread) but are not pushed when the quiet hours end:
+    /// logged, as the one loss a database failure between two commits can cause.
+    fn hold_quiet(&mut self, inserted: &[Arc<Notification>]) {
+        if inserted.is_empty() || self.preferences.is_empty() {
+            return;
+        }
+        let held: Vec<Held> = inserted
+            .iter()
+            .filter_map(|n| {
+                let user = n.user_id.as_deref()?;
+                let prefs = self.preferences.get(user)?;
+                match prefs.verdict(user, n, false) {
+                    Verdict::HoldUntil(release_at) => Some(Held {
+                        id: n.id,
+                        user_id: user.to_owned(),
+                        release_at,
+                    }),
+                    _ => None,
+                }
+            })
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let count = held.len();
+        let request = [WriteRequest::HoldQuiet { held }];
+        if let Err(e) = self
+            .backend
+            .apply_batch(&request, BatchClock::at(now_millis(), &mut self.ids))
+        {
+            tracing::error!(error = %e, count, "could not record notifications held by quiet hours; they will not be pushed when the quiet hours end");
+        }
+    }
+}
+
+/// Most held notifications one scheduler tick releases (the rest follow at the next ticks).
+const RELEASE_PER_BATCH: usize = 1000;
 
 #[cfg(test)]
 mod tests {
@@ -735,7 +840,14 @@ mod tests {
             // Only the callers' requests count; the scheduler's and retention's ride along.
             let client = requests
                 .iter()
-                .filter(|r| !matches!(r, WriteRequest::FireDue { .. } | WriteRequest::Purge { .. }))
+                .filter(|r| {
+                    !matches!(
+                        r,
+                        WriteRequest::FireDue { .. }
+                            | WriteRequest::Purge { .. }
+                            | WriteRequest::ReleaseQuiet { .. }
+                    )
+                })
                 .count();
             if client == 0 {
                 return Ok(requests.iter().map(|_| WriteOutcome::Purged(0)).collect());
@@ -763,6 +875,9 @@ mod tests {
                     WriteRequest::RecordDelivered { receipts } => {
                         WriteOutcome::RecordedDelivered(receipts.len() as u64)
                     }
+                    WriteRequest::SetPreferences { .. } => WriteOutcome::PreferencesSet,
+                    WriteRequest::HoldQuiet { .. } => WriteOutcome::Held,
+                    WriteRequest::ReleaseQuiet { .. } => WriteOutcome::Released(Vec::new()),
                 })
                 .collect())
         }
@@ -799,6 +914,7 @@ mod tests {
             broadcast: false,
             data: "{}".into(),
             scheduled_at: None,
+            urgent: false,
         }
     }
 
@@ -842,10 +958,18 @@ mod tests {
             fail_batches,
         };
         let listener = Box::new(RecordingListener(seen.clone()));
-        spawn(backend, rx, listener, max_batch, None, Arc::default())
-            .unwrap()
-            .join()
-            .unwrap();
+        spawn(
+            backend,
+            rx,
+            listener,
+            max_batch,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap()
+        .join()
+        .unwrap();
         let batches = batches.lock().unwrap().clone();
         let seen = seen.lock().unwrap().clone();
         (batches, seen)
@@ -932,7 +1056,16 @@ mod tests {
             batches: Arc::default(),
             fail_batches: Vec::new(),
         };
-        let handle = spawn(backend, rx, Box::new(Panics), 8, None, Arc::default()).unwrap();
+        let handle = spawn(
+            backend,
+            rx,
+            Box::new(Panics),
+            8,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap();
         assert_eq!(done(block_on(fut)).unwrap().len(), 1);
         assert!(handle.join().is_ok(), "the store thread survived");
     }

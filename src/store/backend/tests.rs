@@ -79,6 +79,7 @@ pub(crate) fn stored(id_seed: u128, user: Option<&str>, channels: &[&str]) -> Ar
         broadcast: false,
         data: r#"{"k": 1}"#.into(),
         scheduled_at: None,
+        urgent: false,
     };
     Arc::new(n.into_notification(Uuid::from_u128(id_seed), 1_000))
 }

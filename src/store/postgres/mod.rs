@@ -76,6 +76,7 @@
 //! planned into pipelined statements); `read.rs` the readers; `migrate.rs` the migration runner.
 
 mod migrate;
+mod preferences;
 mod read;
 mod rows;
 mod session;

@@ -12,7 +12,7 @@ use super::sql::{
 use crate::model::Notification;
 use crate::store::backend::{
     history_before, history_fetch, history_filters, history_page, sql_int, BackendError,
-    InboxCounters, ReadBackend,
+    InboxCounters, ReadBackend, StoredPreferences,
 };
 use crate::store::{HistoryPage, HistoryQuery, OpenError, ReplayQuery};
 
@@ -146,6 +146,16 @@ impl ReadBackend for PostgresReader {
             client.query_one(&statements.ping, &[]).await?;
             Ok(())
         })
+    }
+
+    fn preferences(&mut self, user_id: &str) -> Result<Option<StoredPreferences>, BackendError> {
+        self.link
+            .run(async |client, _| super::preferences::one(client, user_id).await)
+    }
+
+    fn all_preferences(&mut self) -> Result<Vec<(String, StoredPreferences)>, BackendError> {
+        self.link
+            .run(async |client, _| super::preferences::all(client).await)
     }
 
     fn scheduled_pending(&mut self) -> Result<u64, BackendError> {

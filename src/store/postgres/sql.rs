@@ -257,3 +257,34 @@ pub(super) const UNREAD_COUNTS: &str =
 pub(super) const PING: &str = "SELECT count(*) FROM schema_migrations";
 /// Pending scheduled notifications, every node's: a fired one leaves the table.
 pub(super) const SCHEDULED_PENDING: &str = "SELECT count(*) FROM scheduled_notifications";
+
+/// A user's preferences (API.md, "Preferences"); the defaults are no row.
+pub(super) const SET_PREFERENCES: &str =
+    "INSERT INTO user_preferences (user_id, preferences, updated_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (user_id) DO UPDATE SET preferences = excluded.preferences, \
+     updated_at = excluded.updated_at";
+/// Back to the defaults.
+pub(super) const FORGET_PREFERENCES: &str = "DELETE FROM user_preferences WHERE user_id = $1";
+/// One user's preferences.
+pub(super) const PREFERENCES: &str =
+    "SELECT preferences, updated_at FROM user_preferences WHERE user_id = $1";
+/// Every user's, for a node's start-up.
+pub(super) const ALL_PREFERENCES: &str =
+    "SELECT user_id, preferences, updated_at FROM user_preferences";
+/// Notifications quiet hours hold back, as parallel arrays; a notification is held once.
+pub(super) const HOLD_QUIET: &str =
+    "INSERT INTO quiet_held (notification_id, user_id, release_at) \
+     SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) ON CONFLICT DO NOTHING";
+/// Claims held notifications whose quiet hours ended (`$1` now, `$2` the limit) and reads those still
+/// stored. `SKIP LOCKED`: nodes releasing at the same moment each take other rows, so each is pushed
+/// once; the claim is the row's deletion, committed with the batch.
+pub(super) const RELEASE_QUIET: &str = concat!(
+    "WITH claimed AS (
+        DELETE FROM quiet_held WHERE notification_id IN (
+            SELECT notification_id FROM quiet_held WHERE release_at <= $1
+            ORDER BY release_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+        RETURNING notification_id
+    ) SELECT ",
+    columns!(),
+    " FROM notifications WHERE id IN (SELECT notification_id FROM claimed) ORDER BY id"
+);

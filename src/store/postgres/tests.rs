@@ -54,9 +54,11 @@ fn the_url_options_put_the_tables_in_the_schema_and_logs_never_show_the_password
             "idempotency_keys",
             "notification_channels",
             "notifications",
+            "quiet_held",
             "scheduled_notifications",
             "schema_migrations",
-            "user_counters"
+            "user_counters",
+            "user_preferences"
         ]
     );
     reader.ping().unwrap();

@@ -484,6 +484,11 @@ async fn run_step(
                     .await?;
                 WriteOutcome::RecordedDelivered(changed)
             }
+            WriteRequest::SetPreferences { .. }
+            | WriteRequest::HoldQuiet { .. }
+            | WriteRequest::ReleaseQuiet { .. } => {
+                super::preferences::apply(tx, request, now).await?
+            }
             WriteRequest::Insert { .. } | WriteRequest::FireDue { .. } => {
                 return Err(Failure::Data(
                     "an insert or claim planned as a single statement (a planning bug)".to_owned(),
