@@ -37,6 +37,8 @@ pub struct SseClient {
     pub headers: Vec<(String, String)>,
     /// The `id:` of the last event that had one: what an `EventSource` reconnects with.
     pub last_event_id: Option<String>,
+    /// The counts of the `unread` events [`SseClient::next`] set aside, in order.
+    pub unread_seen: Vec<u64>,
 }
 
 /// Opens a stream at `addr` with `query` and extra request `headers`; `Err` with the response when
@@ -84,12 +86,28 @@ pub fn open(
         reader,
         headers: parsed.headers,
         last_event_id: None,
+        unread_seen: Vec::new(),
     })
 }
 
 impl SseClient {
     /// The next event or comment; `None` at the end of the stream. Panics after the read timeout.
+    /// `unread` events (the user's unread count, sent after `connected` and on every change) are
+    /// set aside in [`SseClient::unread_seen`], as the WebSocket test client does, so tests of
+    /// other events need not expect them.
     pub fn next(&mut self) -> Option<Event> {
+        loop {
+            let event = self.next_any()?;
+            if event.name != "unread" {
+                return Some(event);
+            }
+            self.unread_seen
+                .push(event.json()["count"].as_u64().expect("a count"));
+        }
+    }
+
+    /// The next event or comment, `unread` included.
+    pub fn next_any(&mut self) -> Option<Event> {
         let mut event = Event {
             name: "message".into(),
             id: None,
@@ -170,7 +188,8 @@ impl SseClient {
         v
     }
 
-    /// Asserts that no event (comments aside) arrives for `dur`.
+    /// Asserts that no event (comments and `unread` events aside, see [`SseClient::next`]) arrives
+    /// for `dur`.
     pub fn expect_silence(&mut self, dur: Duration) {
         self.reader.get_ref().set_read_timeout(Some(dur)).unwrap();
         loop {
@@ -178,6 +197,20 @@ impl SseClient {
             match self.reader.read_line(&mut line) {
                 Ok(0) => panic!("the stream ended"),
                 Ok(_) if line.starts_with(':') || line == "\n" => continue,
+                Ok(_) if line == "event: unread\n" => {
+                    // The rest of the event: its data line and the blank line.
+                    let mut data = String::new();
+                    self.reader
+                        .read_line(&mut data)
+                        .expect("the unread event's data");
+                    let count = serde_json::from_str::<Value>(
+                        data.trim_end().strip_prefix("data: ").expect("a data line"),
+                    )
+                    .expect("JSON")["count"]
+                        .as_u64()
+                        .expect("a count");
+                    self.unread_seen.push(count);
+                }
                 Ok(_) => panic!("expected silence, got {line:?}"),
                 Err(_) => break,
             }
