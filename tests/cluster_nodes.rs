@@ -8,18 +8,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::pg::PgSchema;
-use common::redis::TestRedis;
+use common::redis::{cluster_node, TestRedis};
 use common::{TestServer, WsClient};
 use serde_json::json;
-
-/// A node of the cluster: its own process and port, the shared database and Redis.
-fn node(schema: &PgSchema, redis: &TestRedis) -> TestServer {
-    TestServer::start_with(&[
-        ("DATABASE_URL", &schema.url),
-        ("REDIS_URL", &redis.url),
-        ("REDIS_PREFIX", &redis.prefix),
-    ])
-}
 
 /// Sends a marker to `user` through `via` and expects it as the next frame of each of the user's
 /// `clients`: whatever they got before was checked, and nothing else (no duplicate) came in between.
@@ -40,9 +31,9 @@ fn three_nodes_deliver_users_channels_broadcasts_and_share_read_state() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let a = node(&schema, &redis);
-    let b = node(&schema, &redis);
-    let c = node(&schema, &redis);
+    let a = cluster_node(&schema, &redis);
+    let b = cluster_node(&schema, &redis);
+    let c = cluster_node(&schema, &redis);
     redis.wait_numsub("b", 3);
 
     // Alice has a phone on node A and a laptop on node B; a producer posts to node C.
@@ -126,8 +117,8 @@ fn redis_subscriptions_follow_connects_and_disconnects() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let a = node(&schema, &redis);
-    let b = node(&schema, &redis);
+    let a = cluster_node(&schema, &redis);
+    let b = cluster_node(&schema, &redis);
     redis.wait_numsub("b", 2);
     assert_eq!(
         redis.channels(),
@@ -190,9 +181,9 @@ fn scheduled_notifications_fire_once_across_three_nodes_while_one_is_killed() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let a = node(&schema, &redis);
-    let b = node(&schema, &redis);
-    let mut c = node(&schema, &redis);
+    let a = cluster_node(&schema, &redis);
+    let b = cluster_node(&schema, &redis);
+    let mut c = cluster_node(&schema, &redis);
     let mut watcher = a.ws("user_id=crowd");
     redis.wait_numsub("u:crowd", 1);
     let due = chrono::Utc::now() + chrono::Duration::milliseconds(1500);

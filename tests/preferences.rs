@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::pg::PgSchema;
-use common::redis::TestRedis;
+use common::redis::{cluster_node, TestRedis};
 use common::{HttpResponse, TestServer, WsClient};
 use serde_json::{json, Value};
 
@@ -273,13 +273,7 @@ fn two_nodes_honour_preferences_set_through_either_and_release_once() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let node = || {
-        TestServer::start_with(&[
-            ("DATABASE_URL", &schema.url),
-            ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-        ])
-    };
+    let node = || cluster_node(&schema, &redis);
     let a = node();
     let b = node();
     redis.wait_numsub("b", 2);

@@ -6,7 +6,7 @@
 mod common;
 
 use common::pg::PgSchema;
-use common::redis::TestRedis;
+use common::redis::{cluster_node, TestRedis};
 use common::{wait_for, TestServer, WsClient, WAIT};
 use serde_json::{json, Value};
 
@@ -259,13 +259,7 @@ fn a_delivery_through_redis_on_another_node_sets_delivered_at() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let node = |redis: &TestRedis| {
-        TestServer::start_with(&[
-            ("DATABASE_URL", &schema.url),
-            ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-        ])
-    };
+    let node = |redis: &TestRedis| cluster_node(&schema, redis);
     let a = node(&redis);
     let b = node(&redis);
     let mut phone = a.ws("user_id=frank");

@@ -8,17 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::pg::PgSchema;
-use common::redis::{PrivateRedis, TestRedis};
+use common::redis::{cluster_node, PrivateRedis};
 use common::{TestServer, WsClient};
 use serde_json::json;
-
-fn node(schema: &PgSchema, redis: &TestRedis) -> TestServer {
-    TestServer::start_with(&[
-        ("DATABASE_URL", &schema.url),
-        ("REDIS_URL", &redis.url),
-        ("REDIS_PREFIX", &redis.prefix),
-    ])
-}
 
 /// Waits until the node's `/health` reports `redis` as `state`, checking the status stays 200.
 fn wait_redis_health(server: &TestServer, state: &str) {
@@ -56,8 +48,8 @@ fn a_redis_restart_under_traffic_loses_and_duplicates_nothing() {
         return;
     };
     let redis = redis_server.as_test_redis();
-    let a = node(&schema, &redis);
-    let b = node(&schema, &redis);
+    let a = cluster_node(&schema, &redis);
+    let b = cluster_node(&schema, &redis);
     let mut alice = a.ws("user_id=alice");
     let mut bob = b.ws("user_id=bob&channels=news");
     bob.expect_event("subscribed");
@@ -131,8 +123,8 @@ fn a_node_started_while_redis_is_down_serves_locally_and_catches_up_when_it_come
     };
     let redis = redis_server.as_test_redis();
     redis_server.stop();
-    let a = node(&schema, &redis);
-    let b = node(&schema, &redis);
+    let a = cluster_node(&schema, &redis);
+    let b = cluster_node(&schema, &redis);
     wait_redis_health(&a, "down");
     let mut alice = a.ws("user_id=alice");
     let local = a.send(json!({"user_id": "alice", "message": "local"}));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::auth::{token, SECRET};
 use common::pg::PgSchema;
-use common::redis::TestRedis;
+use common::redis::{cluster_node, TestRedis};
 use common::sse::{self, poll, poll_ids, SseClient};
 use common::{TestServer, TestServerRef};
 use serde_json::json;
@@ -486,13 +486,7 @@ fn a_send_on_one_node_reaches_a_stream_and_a_poll_on_another() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let node = || {
-        TestServer::start_with(&[
-            ("DATABASE_URL", &schema.url),
-            ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-        ])
-    };
+    let node = || cluster_node(&schema, &redis);
     let (a, b) = (node(), node());
     let mut s = stream(&b, "user_id=x&channels=room");
     s.expect_event("subscribed");

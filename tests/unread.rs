@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pg::PgSchema;
-use common::redis::TestRedis;
+use common::redis::{cluster_node, TestRedis};
 use common::{TestServer, TestServerRef, WsClient};
 use serde_json::{json, Value};
 
@@ -255,13 +255,7 @@ fn a_read_on_one_node_updates_the_count_on_another() {
     let (Some(schema), Some(redis)) = (PgSchema::create(), TestRedis::shared()) else {
         return;
     };
-    let node = || {
-        TestServer::start_with(&[
-            ("DATABASE_URL", &schema.url),
-            ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-        ])
-    };
+    let node = || cluster_node(&schema, &redis);
     let a = node();
     let b = node();
     let mut on_a = a.ws("user_id=dee");

@@ -156,3 +156,13 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// A node of a cluster: its own process and port, sharing the test's PostgreSQL schema and its Redis
+/// (under the test's prefix) with the other nodes started the same way.
+pub fn cluster_node(schema: &super::pg::PgSchema, redis: &TestRedis) -> super::TestServer {
+    super::TestServer::start_with(&[
+        ("DATABASE_URL", &schema.url),
+        ("REDIS_URL", &redis.url),
+        ("REDIS_PREFIX", &redis.prefix),
+    ])
+}
