@@ -369,7 +369,7 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
         preferences: preferences.clone(),
     };
     let (store, store_threads) =
-        Store::open(&store_config, Box::new(fanout.clone())).map_err(|cause| {
+        Store::open(&store_config, Box::new(fanout.commit_listener())).map_err(|cause| {
             StartupError::Store {
                 url: shown_url.clone(),
                 cause,
@@ -419,7 +419,7 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
                 listener,
                 inbox,
                 config: config.clone(),
-                store: store.clone(),
+                store: store.for_shard(index),
                 fanout: fanout.clone(),
                 metrics: metrics.clone(),
                 auth: auth.clone(),
