@@ -198,6 +198,10 @@ mod tests {
         let mut again = Box::pin(rx.ready());
         assert!(again.as_mut().poll(&mut cx).is_pending());
         tx.send_to_shard(ShardMsg::Shutdown);
-        assert_eq!(wakes(), 2, "a message into an inbox waited on again wakes it again");
+        assert_eq!(
+            wakes(),
+            2,
+            "a message into an inbox waited on again wakes it again"
+        );
     }
 }

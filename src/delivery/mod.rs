@@ -624,14 +624,21 @@ mod tests {
     fn a_client_message_from_another_node_gets_the_same_frame() {
         let d = Delivery::of_client_message("room", "ann", &format!("\"{}\"", "x".repeat(300)));
         let again = Delivery::of_client_payload("room", &frame_payload(&d.native().plain));
-        assert_eq!(again.native().plain, d.native().plain, "16-bit length header");
+        assert_eq!(
+            again.native().plain,
+            d.native().plain,
+            "16-bit length header"
+        );
         assert_eq!(again.channels, d.channels);
     }
 
     #[test]
     fn the_native_frames_are_the_eager_ones_and_any_content_encodes_to_them() {
         let d = Delivery::of_notification(notification());
-        assert!(std::ptr::eq(d.frames(Encoding::NativeWebSocket), d.native()));
+        assert!(std::ptr::eq(
+            d.frames(Encoding::NativeWebSocket),
+            d.native()
+        ));
         let again = Encoding::NativeWebSocket.encode(&d.content, &d.channels);
         assert_eq!(again.plain, d.native().plain);
         assert_eq!(again.per_channel, d.native().per_channel);

@@ -193,9 +193,7 @@ impl Replier {
                     (WriteRequest::Insert { notifications, .. }, Some(WriteOutcome::Inserted)) => {
                         Ok(Committed::Fresh(notifications))
                     }
-                    (_, Some(WriteOutcome::Replayed(receipt))) => {
-                        Ok(Committed::Replayed(receipt))
-                    }
+                    (_, Some(WriteOutcome::Replayed(receipt))) => Ok(Committed::Replayed(receipt)),
                     (_, Some(WriteOutcome::KeyReused)) => Ok(Committed::KeyReused),
                     _ => Err(StoreError::internal(
                         "store backend answered a different request than it was given",
