@@ -1133,6 +1133,61 @@ mod tests {
     }
 
     #[test]
+    fn a_shards_insert_is_answered_by_the_listener_at_the_commits_end() {
+        struct Deferring(Arc<Mutex<Vec<usize>>>);
+        impl CommitListener for Deferring {
+            fn committed(&self, _: &[Arc<Notification>]) {}
+            fn commit_ended(&self, replies: Vec<ShardReply>) {
+                for reply in replies {
+                    self.0.lock().unwrap().push(reply.shard);
+                    reply.give();
+                }
+            }
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (reply, answer) = oneshot::channel();
+        tx.send(WriteOp::Insert {
+            batch: vec![new_notification("m")],
+            idempotency: None,
+            queued_at: Instant::now(),
+            shard: Some(3),
+            reply,
+        })
+        .unwrap();
+        let (direct, direct_future) = insert_op(1);
+        tx.send(direct).unwrap();
+        drop(tx);
+        let handed = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeBackend {
+            batches: Arc::default(),
+            fail_batches: Vec::new(),
+        };
+        spawn(
+            backend,
+            rx,
+            Arc::default(),
+            Box::new(Deferring(handed.clone())),
+            8,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap()
+        .join()
+        .unwrap();
+        assert_eq!(
+            *handed.lock().unwrap(),
+            vec![3],
+            "only the shard's insert went through the listener, with its shard"
+        );
+        assert_eq!(
+            done(block_on(StoreFuture::waiting(answer))).unwrap().len(),
+            1
+        );
+        assert_eq!(done(block_on(direct_future)).unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_panicking_listener_does_not_lose_the_reply() {
         struct Panics;
         impl CommitListener for Panics {
