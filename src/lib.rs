@@ -98,13 +98,14 @@
 //!     http::request::parse_head ─► api::notifications::send ─► model::SendInput::validate
 //!     ─► store::Store::insert ══ crossbeam queue ══► store thread: group commit (one
 //!        transaction for everything queued), ids assigned in commit order
-//!     ─► bus::Fanout (CommitListener): delivery::Delivery::of_notification encodes the native
-//!        frame once ══ delivery::inbox of every shard ══►
+//!     ─► bus::CommitFanout (CommitListener): delivery::Delivery::of_notification, then one
+//!        ShardMsg::Commit per shard (the commit's deliveries, and to shard N the reply)
+//!        ══ delivery::inbox ══►
 //!        shard M: Hub::for_each_target (user ∪ channels ∪ broadcast, once per connection,
-//!        the frame of the connection's kind)
+//!        the frame of the connection's kind, encoded once per node by the first shard needing it)
 //!        ─► outbound::WriteBatch: the frames of one inbox burst, then one non-blocking
 //!           sendmsg(2) per connection for all of its frames (or queue what the socket refuses)
-//!     ◄── the store thread replies; shard N answers 201 {"id","timestamp"}
+//!     ◄── shard N's pump gives the reply after the deliveries; shard N answers 201 {"id","timestamp"}
 //! ```
 //!
 //! With `REDIS_URL`, `bus::Fanout` also queues the commit for the bus thread, which publishes it to
@@ -113,8 +114,8 @@
 //!
 //! After each commit that changed users' unread counts (kept per user by the store in the same
 //! transaction, migration 4), the store thread reads them back and calls
-//! `CommitListener::unread_changed`: `bus::Fanout` hands each count to every shard's inbox as a
-//! delivery of `delivery::Content::Unread` (and to the bus thread, which publishes a `U` envelope on
+//! `CommitListener::unread_changed`: `bus::CommitFanout` hands each count to every shard's inbox
+//! (in the commit's one message) as a delivery of `delivery::Content::Unread` (and to the bus thread, which publishes a `U` envelope on
 //! the user's topic); a shard keeps the newest version per user and writes it every
 //! `UNREAD_COALESCE_MS` (`shard::unread`).
 //!

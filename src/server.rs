@@ -368,12 +368,10 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
         sqlite_synchronous: config.sqlite_synchronous,
         preferences: preferences.clone(),
     };
-    let (store, store_threads) =
-        Store::open(&store_config, Box::new(fanout.clone())).map_err(|cause| {
-            StartupError::Store {
-                url: shown_url.clone(),
-                cause,
-            }
+    let (store, store_threads) = Store::open(&store_config, Box::new(fanout.commit_listener()))
+        .map_err(|cause| StartupError::Store {
+            url: shown_url.clone(),
+            cause,
         })?;
 
     load_preferences(&store, &preferences).map_err(|cause| StartupError::Store {
@@ -419,7 +417,7 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
                 listener,
                 inbox,
                 config: config.clone(),
-                store: store.clone(),
+                store: store.for_shard(index),
                 fanout: fanout.clone(),
                 metrics: metrics.clone(),
                 auth: auth.clone(),

@@ -392,7 +392,7 @@ mod tests {
                 sqlite_synchronous: Default::default(),
                 preferences: Default::default(),
             },
-            Box::new(fanout.clone()),
+            Box::new(fanout.commit_listener()),
         )
         .unwrap();
         let config = Config::parse_from(["notification-service"]);

@@ -1,13 +1,15 @@
 //! Fan-out: from "this notification is committed" (or "this client published") to every shard that may
 //! hold an interested connection.
 //!
-//! The JSON frame is encoded here, once per notification ([`Delivery::of_notification`]), into a complete
-//! WebSocket text frame held in a reference-counted `Bytes`; every shard and every connection writes that
-//! same buffer (a notification reached through a channel carries a `"channel"` field, so there is one
-//! extra frame per target channel). No connection ever serializes anything.
+//! The JSON frame is encoded once per notification and node (by the first shard that has a connection
+//! for it, see [`Delivery::of_notification`]), into a complete WebSocket text frame held in a
+//! reference-counted `Bytes`; every shard and every connection writes that same buffer (a notification
+//! reached through a channel carries a `"channel"` field, so there is one extra frame per target
+//! channel). No connection ever serializes anything.
 //!
 //! In a single node the bus is in-process: committed notifications arrive from the store thread through
-//! [`CommitListener`], in commit order, and go to every shard's inbox; each shard drops what none of its
+//! [`CommitListener`] ([`CommitFanout`]), in commit order, and go to every shard's inbox, one message per
+//! commit and shard with the replies to that shard's sends; each shard drops what none of its
 //! connections wants (a hash lookup). Since one thread (the store thread) feeds every shard in commit order,
 //! a connection sees notifications in id order, which is what makes "resume after id X" exact.
 //!
@@ -37,12 +39,12 @@ use crate::bus::interest::InterestSink;
 use crate::bus::redis_bus::{BusCmd, RedisBus};
 use crate::bus::wire::NodePresence;
 use crate::delivery::frame::frame_payload;
-use crate::delivery::inbox::{ShardInbox, ShardMsg};
+use crate::delivery::inbox::{Completion, ShardInbox, ShardMsg};
 use crate::delivery::Delivery;
 use crate::model::Notification;
 use crate::preferences::{Preferences, Registry};
 use crate::presence::{ConnRef, Member, Outcome, Presence};
-use crate::store::{CommitListener, UnreadCount};
+use crate::store::{CommitListener, ShardReply, UnreadCount};
 
 /// How long a presence query waits for the bus thread before the registry's view answers.
 const PRESENCE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -210,7 +212,7 @@ impl Fanout {
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Message {
                 channel: channel.into(),
-                payload: frame_payload(&delivery.native.plain),
+                payload: frame_payload(&delivery.native().plain),
             });
         }
         self.send_to_other_shards(Some(from), Arc::from([delivery]));
@@ -265,19 +267,43 @@ impl Fanout {
     }
 }
 
-impl CommitListener for Fanout {
+/// The store thread's side of the fan-out ([`Fanout::commit_listener`]): it gathers what one commit
+/// has for the shards (its notifications, the unread counts it changed, what quiet hours released)
+/// and, at the commit's end, hands each shard ONE inbox message with all of it and the answers to
+/// that shard's writes, so a lone send costs each shard one wake (docs/architecture.md, "A lone
+/// send's wake-ups"). The deliveries are made here without their frames, which the shards encode
+/// (see [`Delivery::of_notification`]): this thread does only store work.
+#[derive(Debug)]
+pub struct CommitFanout {
+    /// Where the deliveries go.
+    fanout: Fanout,
+    /// The deliveries of the commit under way, in order. Only the store thread touches it.
+    pending: std::cell::RefCell<Vec<Arc<Delivery>>>,
+}
+
+impl Fanout {
+    /// The listener of the store thread's commits, over this fan-out.
+    pub fn commit_listener(&self) -> CommitFanout {
+        CommitFanout {
+            fanout: self.clone(),
+            pending: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl CommitListener for CommitFanout {
     fn committed(&self, inserted: &[Arc<Notification>]) {
         if inserted.is_empty() {
             return;
         }
         // Before the shards get it, so a notification's `stored` line comes before its `delivered`.
-        self.audit.committed(inserted);
-        let deliveries: Arc<[Arc<Delivery>]> = inserted
-            .iter()
-            .map(|n| Arc::new(Delivery::of_notification(n.clone())))
-            .collect();
-        self.send_to_other_shards(None, deliveries);
-        if let Some(bus) = &self.bus {
+        self.fanout.audit.committed(inserted);
+        self.pending.borrow_mut().extend(
+            inserted
+                .iter()
+                .map(|n| Arc::new(Delivery::of_notification(n.clone()))),
+        );
+        if let Some(bus) = &self.fanout.bus {
             bus.send_to_bus(BusCmd::Committed(inserted.to_vec()));
         }
     }
@@ -286,24 +312,54 @@ impl CommitListener for Fanout {
         if counts.is_empty() {
             return;
         }
-        let deliveries: Arc<[Arc<Delivery>]> = counts
-            .iter()
-            .map(|c| Arc::new(Delivery::of_unread(c.user_id.clone(), c.unread, c.version)))
-            .collect();
-        self.send_to_other_shards(None, deliveries);
-        if let Some(bus) = &self.bus {
+        self.pending.borrow_mut().extend(
+            counts
+                .iter()
+                .map(|c| Arc::new(Delivery::of_unread(c.user_id.clone(), c.unread, c.version))),
+        );
+        if let Some(bus) = &self.fanout.bus {
             bus.send_to_bus(BusCmd::Unread(counts.to_vec()));
         }
     }
 
     fn released(&self, released: &[Arc<Notification>]) {
-        let deliveries: Arc<[Arc<Delivery>]> = released
-            .iter()
-            .map(|n| Arc::new(Delivery::release_of(n.clone())))
-            .collect();
-        self.send_to_other_shards(None, deliveries);
-        if let Some(bus) = &self.bus {
+        if released.is_empty() {
+            return;
+        }
+        self.pending.borrow_mut().extend(
+            released
+                .iter()
+                .map(|n| Arc::new(Delivery::release_of(n.clone()))),
+        );
+        if let Some(bus) = &self.fanout.bus {
             bus.send_to_bus(BusCmd::Released(released.to_vec()));
+        }
+    }
+
+    fn commit_ended(&self, replies: Vec<ShardReply>) {
+        let deliveries = std::mem::take(&mut *self.pending.borrow_mut());
+        if deliveries.is_empty() && replies.is_empty() {
+            return;
+        }
+        let shards = &self.fanout.shards;
+        let mut answers: Vec<Vec<Completion>> = shards.iter().map(|_| Vec::new()).collect();
+        for reply in replies {
+            match answers.get_mut(reply.shard) {
+                Some(list) => list.push(Completion::new(reply.into_fn())),
+                // Not a shard of this fan-out (a handle made for a number it does not have):
+                // answered here rather than lost.
+                None => reply.give(),
+            }
+        }
+        let deliveries: Arc<[Arc<Delivery>]> = deliveries.into();
+        for (shard, replies) in shards.iter().zip(answers) {
+            if deliveries.is_empty() && replies.is_empty() {
+                continue;
+            }
+            shard.send_to_shard(ShardMsg::Commit {
+                deliveries: deliveries.clone(),
+                replies,
+            });
         }
     }
 }

@@ -11,11 +11,12 @@
 //!
 //! A delivery is encoded once for every wire format a receiving connection needs ([`Encoding`]), and
 //! every connection of that format writes the same reference-counted buffer. The native WebSocket
-//! frames are encoded eagerly, where the delivery is made (the store thread, the bus thread, or the
-//! publishing shard), since nearly every delivery goes to a native WebSocket and a shard must never
-//! serialize on its delivery path. Any other encoding is made lazily, by the first connection that needs
-//! it, once per delivery (a `OnceLock` per encoding), so a deployment without such connections pays
-//! nothing for it. docs/architecture.md ("Connection kinds") describes how a new kind plugs in.
+//! frames of an ephemeral delivery are encoded eagerly, where it is made (the publishing shard, the bus
+//! thread); a committed notification's are encoded by the first shard that has a connection for it
+//! ([`Delivery::native`]), once per node, so that the store thread, which every write waits for, does
+//! only store work, and a notification nobody here is connected for costs no encoding. Every other
+//! encoding is made lazily too, by the first connection that needs it, once per delivery (a `OnceLock`
+//! per encoding), so a deployment without such connections pays nothing for it. docs/architecture.md ("Connection kinds") describes how a new kind plugs in.
 
 pub mod frame;
 pub mod inbox;
@@ -408,8 +409,10 @@ pub struct Delivery {
     pub broadcast: bool,
     /// What is delivered, for the encodings made lazily.
     pub content: Content,
-    /// The native WebSocket frames, encoded when the delivery was made.
-    pub native: Frames,
+    /// The native WebSocket frames: encoded when the delivery was made, except a committed
+    /// notification's, which the first shard that has a connection for it encodes (see
+    /// [`Delivery::native`]).
+    native: OnceLock<Frames>,
     /// The other encodings' frames, each made by the first connection that needs it.
     lazy: [OnceLock<Frames>; LAZY_ENCODINGS],
     /// When the delivery was made: right after its commit (or on arrival from Redis, or at a client's
@@ -436,7 +439,7 @@ impl Delivery {
             channels,
             broadcast,
             content,
-            native,
+            native: OnceLock::from(native),
             lazy: Default::default(),
             made_at: Instant::now(),
             released: false,
@@ -462,17 +465,30 @@ impl Delivery {
         d
     }
 
-    /// The delivery of a committed notification, with its native frames encoded once.
+    /// The delivery of a committed notification. Its native frames are encoded once, by the first
+    /// caller of [`Delivery::native`] (the first shard that has a connection for it), not here: this
+    /// runs on the store thread (and the bus thread), which must do only what needs it, and a
+    /// notification nobody on this node is connected for is never encoded.
     pub fn of_notification(n: Arc<Notification>) -> Delivery {
-        let native = Frames::native_of_notification(&n);
-        Delivery::new(
-            Some(n.id),
-            n.user_id.clone(),
-            n.channels.clone(),
-            n.broadcast,
-            Content::Notification(n),
-            native,
-        )
+        Delivery {
+            id: Some(n.id),
+            user: n.user_id.clone(),
+            channels: n.channels.clone(),
+            broadcast: n.broadcast,
+            content: Content::Notification(n),
+            native: OnceLock::new(),
+            lazy: Default::default(),
+            made_at: Instant::now(),
+            released: false,
+        }
+    }
+
+    /// The native WebSocket frames: made with the delivery, or for a committed notification by the
+    /// first caller, once (a concurrent caller on another shard waits for that encoding rather than
+    /// making a second one).
+    pub fn native(&self) -> &Frames {
+        self.native
+            .get_or_init(|| Frames::native(&self.content, &self.channels))
     }
 
     /// The `unread` event of `user`'s connections: the count at `version`.
@@ -566,7 +582,7 @@ impl Delivery {
     /// that encoding rather than making a second one).
     pub fn frames(&self, encoding: Encoding) -> &Frames {
         match encoding.lazy_slot() {
-            None => &self.native,
+            None => self.native(),
             Some(slot) => {
                 self.lazy[slot].get_or_init(|| encoding.encode(&self.content, &self.channels))
             }
@@ -596,33 +612,40 @@ mod tests {
     fn a_notification_frame_is_one_text_frame_of_its_json() {
         let n = notification();
         let d = Delivery::of_notification(n.clone());
-        let v = payload_json(&d.native.plain);
+        let v = payload_json(&d.native().plain);
         assert_eq!(v["message"], "hi");
         assert!(v.get("channel").is_none());
-        let v = payload_json(&d.native.per_channel[0]);
+        let v = payload_json(&d.native().per_channel[0]);
         assert_eq!(v["channel"], "news");
-        assert_eq!(&frame_payload(&d.native.plain)[..], &n.to_json()[..]);
+        assert_eq!(&frame_payload(&d.native().plain)[..], &n.to_json()[..]);
     }
 
     #[test]
     fn a_client_message_from_another_node_gets_the_same_frame() {
         let d = Delivery::of_client_message("room", "ann", &format!("\"{}\"", "x".repeat(300)));
-        let again = Delivery::of_client_payload("room", &frame_payload(&d.native.plain));
-        assert_eq!(again.native.plain, d.native.plain, "16-bit length header");
+        let again = Delivery::of_client_payload("room", &frame_payload(&d.native().plain));
+        assert_eq!(
+            again.native().plain,
+            d.native().plain,
+            "16-bit length header"
+        );
         assert_eq!(again.channels, d.channels);
     }
 
     #[test]
     fn the_native_frames_are_the_eager_ones_and_any_content_encodes_to_them() {
         let d = Delivery::of_notification(notification());
-        assert!(std::ptr::eq(d.frames(Encoding::NativeWebSocket), &d.native));
+        assert!(std::ptr::eq(
+            d.frames(Encoding::NativeWebSocket),
+            d.native()
+        ));
         let again = Encoding::NativeWebSocket.encode(&d.content, &d.channels);
-        assert_eq!(again.plain, d.native.plain);
-        assert_eq!(again.per_channel, d.native.per_channel);
+        assert_eq!(again.plain, d.native().plain);
+        assert_eq!(again.per_channel, d.native().per_channel);
         let m = Delivery::of_client_message("room", "ann", "{}");
         let again = Encoding::NativeWebSocket.encode(&m.content, &m.channels);
-        assert_eq!(again.plain, m.native.plain);
-        assert_eq!(m.native.get(Via::Channel(0)), &m.native.plain);
+        assert_eq!(again.plain, m.native().plain);
+        assert_eq!(m.native().get(Via::Channel(0)), &m.native().plain);
     }
 
     #[test]
@@ -631,7 +654,7 @@ mod tests {
         let sse = d.frames(Encoding::Sse);
         assert!(std::ptr::eq(sse, d.frames(Encoding::Sse)), "made once");
         let text = std::str::from_utf8(&sse.per_channel[0]).unwrap();
-        let payload = frame_payload(&d.native.per_channel[0]);
+        let payload = frame_payload(&d.native().per_channel[0]);
         let json = std::str::from_utf8(&payload).unwrap();
         assert_eq!(
             text,
@@ -651,7 +674,7 @@ mod tests {
     fn an_unread_delivery_is_the_unread_event_to_its_user_only() {
         let d = Delivery::of_unread("u1".into(), 42, 7);
         assert_eq!(
-            payload_json(&d.native.plain),
+            payload_json(&d.native().plain),
             serde_json::json!({"event": "unread", "count": 42})
         );
         assert_eq!(d.unread(), Some((42, 7)));
@@ -661,7 +684,7 @@ mod tests {
         );
         assert!(d.channels.is_empty());
         let again = Encoding::NativeWebSocket.encode(&d.content, &d.channels);
-        assert_eq!(again.plain, d.native.plain);
+        assert_eq!(again.plain, d.native().plain);
         assert_eq!(Delivery::of_notification(notification()).unread(), None);
     }
 
@@ -674,20 +697,20 @@ mod tests {
             joined: true,
         };
         let d = Delivery::of_presence_change(change.clone());
-        let v = payload_json(&d.native.plain);
+        let v = payload_json(&d.native().plain);
         assert_eq!(
             v,
             serde_json::json!({"event":"join","channel":"presence-room","user_id":"u\"7"})
         );
-        assert_eq!(d.native.get(Via::Channel(0)), &d.native.plain);
+        assert_eq!(d.native().get(Via::Channel(0)), &d.native().plain);
         assert_eq!(d.channels, ["presence-room"]);
         let left = Delivery::of_presence_change(PresenceChange {
             joined: false,
             ..change
         });
-        assert_eq!(payload_json(&left.native.plain)["event"], "leave");
+        assert_eq!(payload_json(&left.native().plain)["event"], "leave");
         let again = Encoding::NativeWebSocket.encode(&left.content, &left.channels);
-        assert_eq!(again.plain, left.native.plain);
+        assert_eq!(again.plain, left.native().plain);
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.

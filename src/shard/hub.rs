@@ -702,20 +702,20 @@ impl Hub {
         };
         if let Some(user) = delivery.user.as_deref().and_then(|u| self.users.lookup(u)) {
             for &id in self.users.members(user) {
-                visit(id, &delivery.native.plain, Via::Plain);
+                visit(id, &delivery.native().plain, Via::Plain);
             }
         }
         for (i, channel) in delivery.channels.iter().enumerate() {
             if let Some(ch) = self.channels.lookup(channel) {
                 let via = Via::Channel(i);
-                let frame = delivery.native.get(via);
+                let frame = delivery.native().get(via);
                 for &id in self.channels.members(ch) {
                     visit(id, frame, via);
                 }
             }
         }
         for id in broadcast_to {
-            visit(id, &delivery.native.plain, Via::Plain);
+            visit(id, &delivery.native().plain, Via::Plain);
         }
     }
 }

@@ -247,7 +247,7 @@ impl Shard {
                 return;
             }
             if batch.deliver(id, conn, live_id, frame, max_outbound) == Sent::Accepted {
-                delivered[usize::from(!std::ptr::eq(frame, &delivery.native.plain))] += 1;
+                delivered[usize::from(!std::ptr::eq(frame, &delivery.native().plain))] += 1;
                 reached_user |= receipt_for.is_some_and(|(_, key)| conn.is_user(key));
             }
         });
@@ -526,6 +526,20 @@ async fn timeout_sweep(shard: Rc<Shard>) {
     }
 }
 
+impl Shard {
+    /// Routes deliveries from the inbox to this shard's connections: unread counts to the unread
+    /// flusher, the rest batched per connection.
+    fn route(&self, deliveries: &[Arc<Delivery>]) {
+        for d in deliveries {
+            if d.unread().is_some() {
+                self.unread.offer(&mut self.hub.borrow_mut(), d);
+            } else {
+                self.deliver_batched(d, self.excluded_here(d));
+            }
+        }
+    }
+}
+
 /// Routes inbox messages: deliveries to local connections, shutdown to `begin_shutdown`. The deliveries
 /// of one burst are written per connection at its end (and before every yield), so N queued messages
 /// cost each subscriber one write, not N.
@@ -535,13 +549,17 @@ async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
         let mut handled = 0;
         while let Some(msg) = inbox.try_next() {
             match msg {
-                ShardMsg::Deliver(deliveries) => {
-                    for d in deliveries.iter() {
-                        if d.unread().is_some() {
-                            shard.unread.offer(&mut shard.hub.borrow_mut(), d);
-                        } else {
-                            shard.deliver_batched(d, shard.excluded_here(d));
-                        }
+                ShardMsg::Deliver(deliveries) => shard.route(&deliveries),
+                ShardMsg::Commit {
+                    deliveries,
+                    replies,
+                } => {
+                    shard.route(&deliveries);
+                    // Each answer wakes its request's task here, a local wake; that task runs after
+                    // this burst, whose deliveries are written at its end, so a producer hears back
+                    // after its notification is on this shard's sockets.
+                    for reply in replies {
+                        reply.run();
                     }
                 }
                 ShardMsg::DeliverExcept(delivery, sender) => {

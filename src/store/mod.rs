@@ -271,6 +271,56 @@ pub trait CommitListener: Send + 'static {
     fn released(&self, released: &[Arc<Notification>]) {
         let _ = released;
     }
+
+    /// Called on the store thread once at the end of every successful commit, after the methods
+    /// above, with the answers to the commit's writes that a shard queued through its own handle
+    /// ([`Store::for_shard`]), instead of the store thread giving them itself: the listener hands
+    /// each shard the commit's deliveries and its answers in ONE hand-off, so a lone send wakes its
+    /// shard once, not once for the delivery and once more for the answer. The default gives them
+    /// at once.
+    fn commit_ended(&self, replies: Vec<ShardReply>) {
+        for reply in replies {
+            reply.give();
+        }
+    }
+}
+
+/// The answer to a write a shard queued through [`Store::for_shard`], for the [`CommitListener`] to
+/// hand to that shard (see [`CommitListener::commit_ended`]).
+pub struct ShardReply {
+    /// The shard that queued the write.
+    pub shard: usize,
+    /// Gives the answer (sends it on the write's reply channel).
+    give: Box<dyn FnOnce() + Send>,
+}
+
+impl ShardReply {
+    /// The answer to a write of shard `shard`, given by `give`.
+    pub(crate) fn new(shard: usize, give: impl FnOnce() + Send + 'static) -> ShardReply {
+        ShardReply {
+            shard,
+            give: Box::new(give),
+        }
+    }
+
+    /// Gives the answer, on whichever thread calls this: best on the shard's own, where waking the
+    /// waiting task is a local wake.
+    pub fn give(self) {
+        (self.give)()
+    }
+
+    /// The answer as a closure, for a queue that carries closures.
+    pub fn into_fn(self) -> Box<dyn FnOnce() + Send> {
+        self.give
+    }
+}
+
+impl fmt::Debug for ShardReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardReply")
+            .field("shard", &self.shard)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A user's unread count at some commit, ordered by `version`.
@@ -494,12 +544,17 @@ impl<T> Future for StoreFuture<T> {
 pub struct Store {
     /// To the store thread.
     writes: Sender<WriteOp>,
+    /// Wakes the store thread after a request is queued.
+    doorbell: Arc<writer::Doorbell>,
     /// To the reader pool (one queue; whichever reader is free takes the next request).
     reads: Sender<ReadOp>,
     /// The counters the threads update.
     counters: Arc<Counters>,
     /// How many reader threads [`Store::close`] must stop.
     reader_count: usize,
+    /// The shard this handle belongs to, if any: the answers to its inserts come back through the
+    /// [`CommitListener`] (see [`Store::for_shard`]).
+    shard: Option<usize>,
 }
 
 /// The store's threads. [`StoreThreads::join`] waits for them to finish.
@@ -603,9 +658,11 @@ impl Store {
             .map(|(i, b)| reader::spawn(i, b, read_rx.clone(), counters.clone()).map_err(spawn_err))
             .collect::<Result<Vec<_>, _>>()?;
         let reader_count = readers.len();
+        let doorbell = Arc::new(writer::Doorbell::default());
         let writer = writer::spawn(
             write_backend,
             write_rx,
+            doorbell.clone(),
             listener,
             config.max_batch.max(1),
             config.retention,
@@ -615,9 +672,11 @@ impl Store {
         .map_err(spawn_err)?;
         let store = Store {
             writes: write_tx,
+            doorbell,
             reads: read_tx,
             counters,
             reader_count,
+            shard: None,
         };
         Ok((
             store,
@@ -627,6 +686,17 @@ impl Store {
                 helpers,
             },
         ))
+    }
+
+    /// This handle for shard `shard`: the answers to the inserts it queues are handed to the
+    /// [`CommitListener`] with the shard's number ([`CommitListener::commit_ended`]), which gives them
+    /// on the shard together with the commit's deliveries, in one hand-off. Only for a handle used on
+    /// that shard's executor, whose inbox the listener reaches.
+    pub fn for_shard(&self, shard: usize) -> Store {
+        Store {
+            shard: Some(shard),
+            ..self.clone()
+        }
     }
 
     /// Assigns ids and timestamps (on the store thread, so id order is commit order) and commits all
@@ -645,6 +715,7 @@ impl Store {
                 batch,
                 idempotency: None,
                 queued_at: Instant::now(),
+                shard: self.shard,
                 reply,
             })
         };
@@ -673,6 +744,7 @@ impl Store {
             batch,
             idempotency: Some(key),
             queued_at: Instant::now(),
+            shard: self.shard,
             reply,
         })
     }
@@ -714,6 +786,7 @@ impl Store {
     pub fn close(&self) {
         // Blocking sends: this runs on the main thread at shutdown, behind whatever is queued.
         let _ = self.writes.send(WriteOp::Close);
+        self.doorbell.ring();
         for _ in 0..self.reader_count {
             let _ = self.reads.send(ReadOp::Close);
         }
@@ -743,7 +816,8 @@ impl Store {
 
     /// Hands delivery receipts to the store thread, which records them in batches (see
     /// `writer::Receipts`): nobody waits for them, and a shard calls this once per
-    /// `shard::receipts` interval, not per delivery. When the write queue is full the receipts
+    /// `shard::receipts` interval, not per delivery. It does not wake the store thread: they are
+    /// recorded after its next batch, or at its next scheduler tick at the latest. When the write queue is full the receipts
     /// come back, for the caller to keep and offer again later.
     pub fn record_delivered(
         &self,
@@ -875,7 +949,10 @@ impl Store {
     ) -> StoreFuture<T> {
         let (tx, rx) = oneshot::channel();
         match self.writes.try_send(op(tx)) {
-            Ok(()) => StoreFuture::waiting(rx),
+            Ok(()) => {
+                self.doorbell.ring();
+                StoreFuture::waiting(rx)
+            }
             Err(TrySendError::Full(_)) => StoreFuture::ready(Err(StoreError::Overloaded(
                 "write queue full: the store cannot keep up",
             ))),

@@ -10,6 +10,12 @@
 //! Order of events for a batch: assign ids (one generator, on this thread, so id order is commit order),
 //! apply and commit, call the [`CommitListener`] with everything the batch inserted, and only then reply.
 //! A caller that got `Ok` therefore knows its notification is durable AND already handed to delivery.
+//! The replies to inserts a shard queued through its own handle ([`super::Store::for_shard`]) are
+//! handed to the listener instead ([`CommitListener::commit_ended`]), which gives them on that shard in
+//! the same inbox message as the commit's deliveries: one hand-off and one wake per shard and commit.
+//!
+//! Idle, the thread is parked in the kernel until a request rings its [`Doorbell`] or the scheduler's
+//! next tick; it never spins.
 //! If the transaction fails, every request of the batch gets [`StoreError::Unavailable`] and the
 //! listener is not called: nothing is delivered that was not stored.
 //!
@@ -30,13 +36,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::thread::Thread;
+
+use crossbeam_channel::{Receiver, TryRecvError};
 use futures_channel::oneshot;
 use uuid::Uuid;
 
 use super::backend::{BackendError, BatchClock, Held, WriteBackend, WriteOutcome, WriteRequest};
 use super::idempotency::{IdempotencyKey, IdempotencyRecord, Receipt};
-use super::{CommitListener, Committed, Counters, DeliveryReceipt, MarkedSeen, StoreError};
+use super::{
+    CommitListener, Committed, Counters, DeliveryReceipt, MarkedSeen, ShardReply, StoreError,
+};
 use crate::model::{now_millis, IdGenerator, Millis, NewNotification, Notification};
 use crate::preferences::{Registry, Verdict};
 use crate::scheduler::{Maintenance, Scheduler};
@@ -57,6 +69,9 @@ pub(crate) enum WriteOp {
         idempotency: Option<IdempotencyKey>,
         /// When the request was queued, for the send → commit latency histogram.
         queued_at: Instant,
+        /// The shard that queued it, whose answer goes through the listener (see
+        /// [`super::Store::for_shard`]); `None`: answered by this thread.
+        shard: Option<usize>,
         /// The stored notifications, in batch order, or the verdict on the key.
         reply: Reply<Committed<Vec<Arc<Notification>>>>,
     },
@@ -141,8 +156,9 @@ impl WriteOp {
 
 /// The reply half of a [`WriteOp`], kept while its request is in the backend.
 enum Replier {
-    /// Of a [`WriteOp::Insert`].
-    Insert(Reply<Committed<Vec<Arc<Notification>>>>),
+    /// Of a [`WriteOp::Insert`], with the shard that queued it, if its answer goes through the
+    /// listener.
+    Insert(Reply<Committed<Vec<Arc<Notification>>>>, Option<usize>),
     /// Of a [`WriteOp::Schedule`].
     Schedule(Reply<Committed<Arc<Notification>>>),
     /// Of a [`WriteOp::CancelScheduled`].
@@ -162,16 +178,33 @@ enum Replier {
 }
 
 impl Replier {
-    /// Answers with the outcome of a committed request. A send error only means the caller stopped
-    /// waiting, which is not the store's concern.
-    fn complete(self, request: WriteRequest, outcome: Option<WriteOutcome>) {
+    /// Answers with the outcome of a committed request, or for an insert queued by a shard adds
+    /// the answer to `deferred`, for the listener to give on that shard. A send error only means the
+    /// caller stopped waiting, which is not the store's concern.
+    fn complete(
+        self,
+        request: WriteRequest,
+        outcome: Option<WriteOutcome>,
+        deferred: &mut Vec<ShardReply>,
+    ) {
         match (self, request, outcome) {
-            (
-                Replier::Insert(tx),
-                WriteRequest::Insert { notifications, .. },
-                Some(WriteOutcome::Inserted),
-            ) => {
-                let _ = tx.send(Ok(Committed::Fresh(notifications)));
+            (Replier::Insert(tx, shard), request, outcome) => {
+                let answer = match (request, outcome) {
+                    (WriteRequest::Insert { notifications, .. }, Some(WriteOutcome::Inserted)) => {
+                        Ok(Committed::Fresh(notifications))
+                    }
+                    (_, Some(WriteOutcome::Replayed(receipt))) => Ok(Committed::Replayed(receipt)),
+                    (_, Some(WriteOutcome::KeyReused)) => Ok(Committed::KeyReused),
+                    _ => Err(StoreError::internal(
+                        "store backend answered a different request than it was given",
+                    )),
+                };
+                match shard {
+                    Some(shard) => deferred.push(ShardReply::new(shard, move || {
+                        let _ = tx.send(answer);
+                    })),
+                    None => drop(tx.send(answer)),
+                }
             }
             (
                 Replier::Schedule(tx),
@@ -180,14 +213,8 @@ impl Replier {
             ) => {
                 let _ = tx.send(Ok(Committed::Fresh(notification)));
             }
-            (Replier::Insert(tx), _, Some(WriteOutcome::Replayed(receipt))) => {
-                let _ = tx.send(Ok(Committed::Replayed(receipt)));
-            }
             (Replier::Schedule(tx), _, Some(WriteOutcome::Replayed(receipt))) => {
                 let _ = tx.send(Ok(Committed::Replayed(receipt)));
-            }
-            (Replier::Insert(tx), _, Some(WriteOutcome::KeyReused)) => {
-                let _ = tx.send(Ok(Committed::KeyReused));
             }
             (Replier::Schedule(tx), _, Some(WriteOutcome::KeyReused)) => {
                 let _ = tx.send(Ok(Committed::KeyReused));
@@ -221,7 +248,7 @@ impl Replier {
     /// Answers with an error (the batch failed).
     fn fail(self, error: StoreError) {
         match self {
-            Replier::Insert(tx) => drop(tx.send(Err(error))),
+            Replier::Insert(tx, _) => drop(tx.send(Err(error))),
             Replier::Schedule(tx) => drop(tx.send(Err(error))),
             Replier::Cancel(tx) => drop(tx.send(Err(error))),
             Replier::Internal => {}
@@ -234,10 +261,38 @@ impl Replier {
     }
 }
 
-/// Starts the store thread over `backend`.
+/// How a [`super::Store`] wakes the store thread. The thread waits for its queue parked in the kernel
+/// (one futex wait), not in crossbeam's blocking receive, which spins and then calls `sched_yield`
+/// several times before it parks: after every lone request, a core burnt for nothing. A sender rings
+/// only when the thread said it sleeps, so a busy thread is never woken twice.
+#[derive(Debug, Default)]
+pub(crate) struct Doorbell {
+    /// Set by the thread before it parks; taken by the first sender after that.
+    sleeping: AtomicBool,
+    /// The store thread, once it runs.
+    thread: OnceLock<Thread>,
+}
+
+impl Doorbell {
+    /// Wakes the store thread if it sleeps: after a request was queued.
+    pub(crate) fn ring(&self) {
+        // SeqCst, against the thread's store of `sleeping` before its last look at the queue:
+        // either it sees this request, or this swap sees it sleeping.
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            if let Some(thread) = self.thread.get() {
+                thread.unpark();
+            }
+        }
+    }
+}
+
+/// Starts the store thread over `backend`; the [`super::Store`] handles ring `doorbell` after
+/// queueing on `queue`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn<B: WriteBackend>(
     backend: B,
     queue: Receiver<WriteOp>,
+    doorbell: Arc<Doorbell>,
     listener: Box<dyn CommitListener>,
     max_batch: usize,
     retention: Option<Duration>,
@@ -247,6 +302,7 @@ pub(crate) fn spawn<B: WriteBackend>(
     let writer = Writer {
         backend,
         queue,
+        doorbell,
         listener,
         ids: IdGenerator::new(),
         max_batch: max_batch.max(1),
@@ -269,6 +325,8 @@ struct Writer<B> {
     backend: B,
     /// Requests from every shard.
     queue: Receiver<WriteOp>,
+    /// How the senders wake this thread (see [`Writer::wait_for_request`]).
+    doorbell: Arc<Doorbell>,
     /// Told about every commit, before the replies.
     listener: Box<dyn CommitListener>,
     /// The only id generator for stored notifications: ids are assigned here, in commit order.
@@ -406,6 +464,7 @@ impl Outage {
 impl<B: WriteBackend> Writer<B> {
     /// Batches and commits until every sender is gone and the queue is empty.
     fn run(mut self) {
+        let _ = self.doorbell.thread.set(std::thread::current());
         let mut batch = Vec::new();
         while self.next_batch(&mut batch) {
             self.commit(std::mem::take(&mut batch));
@@ -426,17 +485,11 @@ impl<B: WriteBackend> Writer<B> {
     fn next_batch(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         let first = match self.carried.take() {
             Some(op) => op,
-            None => {
-                let wait = self
-                    .scheduler
-                    .next_tick()
-                    .saturating_duration_since(Instant::now());
-                match self.queue.recv_timeout(wait) {
-                    Ok(op) => op,
-                    Err(RecvTimeoutError::Timeout) => return true,
-                    Err(RecvTimeoutError::Disconnected) => return false,
-                }
-            }
+            None => match self.wait_for_request() {
+                Ok(Some(op)) => op,
+                Ok(None) => return true,
+                Err(TryRecvError::Disconnected) | Err(TryRecvError::Empty) => return false,
+            },
         };
         if matches!(first, WriteOp::Close) {
             self.closing = true;
@@ -458,6 +511,33 @@ impl<B: WriteBackend> Writer<B> {
             batch.push(op);
         }
         true
+    }
+
+    /// The next request, waiting for one until the scheduler's next tick (`Ok(None)` then), parked
+    /// without a spin (see [`Doorbell`]); `Err` once every sender is gone and the queue is empty.
+    /// A request that needs no answer soon (delivery receipts) does not ring: it waits for the next
+    /// batch or tick, and a last handle dropped without [`super::Store::close`] is noticed at the
+    /// next tick.
+    fn wait_for_request(&mut self) -> Result<Option<WriteOp>, TryRecvError> {
+        let deadline = self.scheduler.next_tick();
+        loop {
+            match self.queue.try_recv() {
+                Ok(op) => return Ok(Some(op)),
+                Err(TryRecvError::Disconnected) => return Err(TryRecvError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Say so, then look once more: a request queued before this store is seen by the
+            // look, one queued after it finds `sleeping` set and unparks (see `Doorbell::ring`).
+            self.doorbell.sleeping.store(true, Ordering::SeqCst);
+            if self.queue.is_empty() {
+                std::thread::park_timeout(deadline - now);
+            }
+            self.doorbell.sleeping.store(false, Ordering::SeqCst);
+        }
     }
 
     /// The maintenance the scheduler says is due, as requests to append to this batch.
@@ -575,6 +655,7 @@ impl<B: WriteBackend> Writer<B> {
                     batch,
                     idempotency,
                     queued_at,
+                    shard,
                     reply,
                 } => {
                     sends_queued_at.push(queued_at);
@@ -592,7 +673,7 @@ impl<B: WriteBackend> Writer<B> {
                             notifications,
                             idempotency,
                         },
-                        Replier::Insert(reply),
+                        Replier::Insert(reply, shard),
                     )
                 }
                 WriteOp::Schedule {
@@ -768,8 +849,17 @@ impl<B: WriteBackend> Writer<B> {
         self.report_unread(&requests, &outcomes, &inserted, now);
 
         let mut outcomes = outcomes.into_iter();
+        let mut deferred = Vec::new();
         for (request, replier) in requests.into_iter().zip(repliers) {
-            replier.complete(request, outcomes.next());
+            replier.complete(request, outcomes.next(), &mut deferred);
+        }
+        // Always, even with nothing inserted: the listener hands the commit's deliveries and the
+        // shards' answers over here, in one hand-off per shard. If it panics, the answers it had
+        // not handed over are dropped, and their callers see the store closed rather than waiting
+        // forever.
+        let listener = &self.listener;
+        if catch_unwind(AssertUnwindSafe(|| listener.commit_ended(deferred))).is_err() {
+            tracing::error!("commit listener panicked at the end of a commit");
         }
     }
 }
@@ -925,6 +1015,7 @@ mod tests {
             batch,
             idempotency: None,
             queued_at: Instant::now(),
+            shard: None,
             reply,
         };
         (op, StoreFuture::waiting(rx))
@@ -961,6 +1052,7 @@ mod tests {
         spawn(
             backend,
             rx,
+            Arc::default(),
             listener,
             max_batch,
             None,
@@ -1041,6 +1133,61 @@ mod tests {
     }
 
     #[test]
+    fn a_shards_insert_is_answered_by_the_listener_at_the_commits_end() {
+        struct Deferring(Arc<Mutex<Vec<usize>>>);
+        impl CommitListener for Deferring {
+            fn committed(&self, _: &[Arc<Notification>]) {}
+            fn commit_ended(&self, replies: Vec<ShardReply>) {
+                for reply in replies {
+                    self.0.lock().unwrap().push(reply.shard);
+                    reply.give();
+                }
+            }
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (reply, answer) = oneshot::channel();
+        tx.send(WriteOp::Insert {
+            batch: vec![new_notification("m")],
+            idempotency: None,
+            queued_at: Instant::now(),
+            shard: Some(3),
+            reply,
+        })
+        .unwrap();
+        let (direct, direct_future) = insert_op(1);
+        tx.send(direct).unwrap();
+        drop(tx);
+        let handed = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeBackend {
+            batches: Arc::default(),
+            fail_batches: Vec::new(),
+        };
+        spawn(
+            backend,
+            rx,
+            Arc::default(),
+            Box::new(Deferring(handed.clone())),
+            8,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap()
+        .join()
+        .unwrap();
+        assert_eq!(
+            *handed.lock().unwrap(),
+            vec![3],
+            "only the shard's insert went through the listener, with its shard"
+        );
+        assert_eq!(
+            done(block_on(StoreFuture::waiting(answer))).unwrap().len(),
+            1
+        );
+        assert_eq!(done(block_on(direct_future)).unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_panicking_listener_does_not_lose_the_reply() {
         struct Panics;
         impl CommitListener for Panics {
@@ -1059,6 +1206,7 @@ mod tests {
         let handle = spawn(
             backend,
             rx,
+            Arc::default(),
             Box::new(Panics),
             8,
             None,
