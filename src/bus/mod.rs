@@ -123,7 +123,23 @@ impl Fanout {
         user_info: Option<&str>,
         conn: ConnRef,
     ) {
-        let outcome = self.presence.join(channel, user_id, user_info, conn);
+        self.presence_join_except(channel, user_id, user_info, conn, None);
+    }
+
+    /// [`Fanout::presence_join`] for a Pusher connection, whose socket id `except_socket` is not told
+    /// of its own arrival (Pusher's `member_added` goes to the other subscribers only).
+    pub fn presence_join_except(
+        &self,
+        channel: &str,
+        user_id: &str,
+        user_info: Option<&str>,
+        conn: ConnRef,
+        except_socket: Option<&str>,
+    ) {
+        let mut outcome = self.presence.join(channel, user_id, user_info, conn);
+        if let (Some(event), Some(socket)) = (&mut outcome.event, except_socket) {
+            event.except_socket = Some(socket.into());
+        }
         self.presence_changed(channel, user_id, user_info, true, outcome);
     }
 
