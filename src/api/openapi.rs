@@ -56,6 +56,7 @@ mod tests {
                 PusherCall::Channels => 21,
                 PusherCall::Channel(_) => 22,
                 PusherCall::TerminateUser(_) => 23,
+                PusherCall::ChannelUsers(_) => 27,
             },
             Endpoint::Presence(_) => 24,
             Endpoint::GetPreferences(_) => 25,
