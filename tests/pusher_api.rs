@@ -503,7 +503,7 @@ fn signed_path(method: &str, path: &str, query: &str) -> String {
 }
 
 #[test]
-fn pusher_presence_members_meet_across_nodes() {
+fn pusher_presence_members_meet_and_terminate_reaches_across_nodes() {
     let Some(redis) = common::redis::TestRedis::shared() else {
         return;
     };
@@ -548,4 +548,29 @@ fn pusher_presence_members_meet_across_nodes() {
     }
     drop(b);
     expect_member(&mut a, channel, "b", None);
+
+    // A user signed in on node two is terminated through node one.
+    let (mut t, established) = pusher_client(&two, "key-1");
+    let t_socket = socket_id_of(&established);
+    let user_data = json!({"id":"t1"}).to_string();
+    let auth = format!(
+        "key-1:{}",
+        sign("secret-1", &format!("{t_socket}::user::{user_data}"))
+    );
+    t.send(Message::text(
+        json!({"event":"pusher:signin","data":{"auth":auth,"user_data":user_data}}).to_string(),
+    ))
+    .unwrap();
+    assert_eq!(next_json(&mut t)["event"], "pusher:signin_success");
+    let r = signed(
+        &one,
+        "POST",
+        "/apps/app-1/users/t1/terminate_connections",
+        Some("{}"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let error = next_json(&mut t);
+    assert_eq!(error["event"], "pusher:error", "{error}");
+    assert_eq!(error["data"]["code"], 4009);
+    assert_eq!(next_json(&mut t), json!({"closed": 4009}));
 }

@@ -177,11 +177,7 @@ pub(super) async fn handle(
             Response::json(200, out)
         }
         Call::TerminateUser(user) => {
-            let user: Box<str> = user.into();
-            for shard in 0..ctx.fanout.shard_count() {
-                ctx.fanout
-                    .send_to_shard(shard, ShardMsg::TerminateUser(user.clone()));
-            }
+            ctx.fanout.terminate_user(&user);
             Response::json(200, b"{}".to_vec())
         }
     }

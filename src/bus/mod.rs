@@ -107,6 +107,18 @@ impl Fanout {
         }
     }
 
+    /// A Pusher app terminated `user`'s connections: every shard of this node closes them, and with a
+    /// bus every other node's too.
+    pub fn terminate_user(&self, user: &str) {
+        let name: Box<str> = user.into();
+        for shard in self.shards.iter() {
+            shard.send_to_shard(ShardMsg::TerminateUser(name.clone()));
+        }
+        if let Some(bus) = &self.bus {
+            bus.send_to_bus(BusCmd::Terminate(name));
+        }
+    }
+
     /// The node's presence registry.
     pub fn presence(&self) -> &Presence {
         &self.presence
