@@ -833,7 +833,10 @@ mod tests {
             .contains("PUSHER_MAX_PRESENCE_MEMBERS"));
         let c = Config::parse_from(["x"]);
         assert_eq!(
-            (c.pusher_max_presence_members, c.pusher_max_presence_info_bytes),
+            (
+                c.pusher_max_presence_members,
+                c.pusher_max_presence_info_bytes
+            ),
             (100, 1024)
         );
         for bad in ["0", "65537"] {

@@ -346,7 +346,10 @@ fn pusher_presence_shares_the_registry_with_native_clients_and_is_capped() {
         &json!({"user_id":1,"user_info":{"name":"A"}}),
         "secret-1",
     );
-    assert_eq!(ok["event"], "pusher_internal:subscription_succeeded", "{ok}");
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
     assert_eq!(
         data_of(&ok),
         json!({"presence":{"ids":["1"],"hash":{"1":{"name":"A"}},"count":1}})
@@ -389,11 +392,23 @@ fn pusher_presence_shares_the_registry_with_native_clients_and_is_capped() {
     // The channel is full for a new user (status 4100), not for a second connection of a member.
     let (mut c, established) = pusher_client(&server, "key-1");
     let c_socket = socket_id_of(&established);
-    let full = join_presence(&mut c, &c_socket, channel, &json!({"user_id":"4"}), "secret-1");
+    let full = join_presence(
+        &mut c,
+        &c_socket,
+        channel,
+        &json!({"user_id":"4"}),
+        "secret-1",
+    );
     assert_eq!(full["event"], "pusher:subscription_error", "{full}");
     assert_eq!(full["data"]["status"], 4100);
     assert_eq!(full["data"]["type"], "LimitReached");
-    let again = join_presence(&mut c, &c_socket, channel, &json!({"user_id":"2"}), "secret-1");
+    let again = join_presence(
+        &mut c,
+        &c_socket,
+        channel,
+        &json!({"user_id":"2"}),
+        "secret-1",
+    );
     assert_eq!(data_of(&again)["presence"]["count"], 3, "{again}");
 
     // The HTTP API: user_count and the users, and what it refuses.
@@ -438,7 +453,11 @@ fn pusher_presence_shares_the_registry_with_native_clients_and_is_capped() {
             &signed_path("GET", "/apps/app-1/channels", "info=user_count"),
             None,
         )
-        .assert_error("user_count without the presence prefix", 400, "invalid_field");
+        .assert_error(
+            "user_count without the presence prefix",
+            400,
+            "invalid_field",
+        );
     let r = signed(
         &server,
         "GET",
@@ -473,7 +492,13 @@ fn pusher_presence_shares_the_registry_with_native_clients_and_is_capped() {
         json!({"event":"leave","channel":channel,"user_id":"2"})
     );
     // The native member leaves: the Pusher side hears it (a's resubscription, as a new member 5).
-    let ok = join_presence(&mut a, &a_socket, channel, &json!({"user_id":"5"}), "secret-1");
+    let ok = join_presence(
+        &mut a,
+        &a_socket,
+        channel,
+        &json!({"user_id":"5"}),
+        "secret-1",
+    );
     assert_eq!(data_of(&ok)["presence"]["ids"], json!(["5", "n"]));
     assert_eq!(
         native.next_json(),
@@ -495,7 +520,10 @@ fn signed_path(method: &str, path: &str, query: &str) -> String {
         p.replace("%2C", ",")
     }));
     params.sort();
-    let signature = sign("secret-1", &format!("{method}\n{path}\n{}", params.join("&")));
+    let signature = sign(
+        "secret-1",
+        &format!("{method}\n{path}\n{}", params.join("&")),
+    );
     format!(
         "{path}?{query}&auth_key=key-1&auth_timestamp={}&auth_version=1.0&auth_signature={signature}",
         now()
@@ -520,7 +548,13 @@ fn pusher_presence_members_meet_and_terminate_reaches_across_nodes() {
     let channel = "presence-nodes";
     let (mut a, established) = pusher_client(&one, "key-1");
     let a_socket = socket_id_of(&established);
-    let ok = join_presence(&mut a, &a_socket, channel, &json!({"user_id":"a"}), "secret-1");
+    let ok = join_presence(
+        &mut a,
+        &a_socket,
+        channel,
+        &json!({"user_id":"a"}),
+        "secret-1",
+    );
     assert_eq!(data_of(&ok)["presence"]["ids"], json!(["a"]));
     let (mut b, established) = pusher_client(&two, "key-1");
     let b_socket = socket_id_of(&established);

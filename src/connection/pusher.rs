@@ -164,14 +164,17 @@ struct Session {
     rate_strikes: u32,
     /// The presence channels the connection is on, each with the user id it joined as (a Pusher
     /// connection may be a different member on each); boxed, since most connections have none.
-    presence: Option<Box<Vec<(Box<str>, Box<str>)>>>,
+    presence: Option<Box<[PresenceSeat]>>,
 }
+
+/// A presence channel a Pusher connection is on, and the user id it is there as.
+type PresenceSeat = (Box<str>, Box<str>);
 
 impl Drop for Session {
     fn drop(&mut self) {
         // However the session ends, it leaves its presence channels (the hub entry goes after this,
         // with the connection).
-        for (channel, user) in self.presence.take().into_iter().flat_map(|p| *p) {
+        for (channel, user) in self.presence.take().into_iter().flat_map(Vec::from) {
             self.conn
                 .shard
                 .fanout
@@ -274,8 +277,7 @@ impl Session {
                                 auth,
                                 channel_data,
                             })) if ChannelKind::of(&channel) == ChannelKind::Presence => {
-                                Box::pin(self.subscribe_presence(channel, auth, channel_data))
-                                    .await
+                                Box::pin(self.subscribe_presence(channel, auth, channel_data)).await
                             }
                             Event::Message(Ok(message)) => self.handle(message),
                             Event::Message(Err(e)) => {
@@ -400,16 +402,16 @@ impl Session {
     /// The connection left `channel` (unsubscribed): if it was on it as a presence member, it
     /// leaves the registry (the others hear `member_removed` if it was the user's last connection).
     fn leave_presence(&mut self, channel: &str) {
-        let Some(list) = self.presence.as_mut() else {
+        let Some(pos) = self
+            .presence
+            .as_ref()
+            .and_then(|list| list.iter().position(|(c, _)| &**c == channel))
+        else {
             return;
         };
-        let Some(pos) = list.iter().position(|(c, _)| &**c == channel) else {
-            return;
-        };
+        let mut list = Vec::from(self.presence.take().unwrap_or_default());
         let (channel, user) = list.swap_remove(pos);
-        if list.is_empty() {
-            self.presence = None;
-        }
+        self.presence = (!list.is_empty()).then(|| list.into_boxed_slice());
         self.conn
             .shard
             .fanout
@@ -489,8 +491,7 @@ impl Session {
             None => {
                 let members = shard.fanout.presence().members(&channel);
                 let limit = config.pusher_max_presence_members;
-                if members.len() >= limit && !members.iter().any(|m| m.user_id == member.user_id)
-                {
+                if members.len() >= limit && !members.iter().any(|m| m.user_id == member.user_id) {
                     return self.send(&protocol::subscription_error(
                         &channel,
                         "LimitReached",
@@ -517,9 +518,9 @@ impl Session {
                         429,
                     ));
                 }
-                self.presence
-                    .get_or_insert_with(Default::default)
-                    .push((channel.as_str().into(), member.user_id.as_str().into()));
+                let mut list = Vec::from(self.presence.take().unwrap_or_default());
+                list.push((channel.as_str().into(), member.user_id.as_str().into()));
+                self.presence = Some(list.into_boxed_slice());
                 let socket_id = self.socket_id();
                 shard.fanout.presence_join_except(
                     &channel,

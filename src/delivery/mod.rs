@@ -391,9 +391,7 @@ impl Frames {
                 });
                 Frames::native_of_client_message(frame)
             }
-            Content::Presence(change) => {
-                Frames::native_of_client_message(change.pusher_frame())
-            }
+            Content::Presence(change) => Frames::native_of_client_message(change.pusher_frame()),
             // Never written: the Pusher protocol has no unread event, and the shard's unread flusher
             // writes only to native and SSE connections.
             Content::Unread { .. } => Frames {
@@ -718,7 +716,8 @@ mod tests {
         let added = payload_json(&d.frames(Encoding::Pusher).plain);
         assert_eq!(added["event"], "pusher_internal:member_added");
         assert_eq!(added["channel"], "presence-room");
-        let data: serde_json::Value = serde_json::from_str(added["data"].as_str().unwrap()).unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(added["data"].as_str().unwrap()).unwrap();
         assert_eq!(
             data,
             serde_json::json!({"user_id":"u\"7","user_info":{"name":"Ann"}})

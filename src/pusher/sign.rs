@@ -9,8 +9,8 @@
 //!
 //! Every comparison of a presented signature is in constant time.
 
-use md5::{Digest as _, Md5};
 use hmac::{Hmac, KeyInit, Mac};
+use md5::{Digest as _, Md5};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -20,7 +20,8 @@ use crate::pusher::PusherApp;
 /// HMAC-SHA256 (RFC 2104) of `message` under `key`.
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     // HMAC takes a key of any length (a longer one is hashed first), so this never fails.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(message);
     mac.finalize().into_bytes().into()
 }
