@@ -1,6 +1,8 @@
 //! The Pusher HTTP API and protocol through the public interface, from Rust: what a native client
 //! receives for a Pusher event and a Pusher client for a native notification, the Pusher limits (each
-//! a setting), stale and forged signatures, and the routes answering 404 when no app is configured.
+//! a setting), stale and forged signatures, the routes answering 404 when no app is configured,
+//! presence channels shared by Pusher and native members (across shards and nodes, with their auth
+//! errors and caps, `user_count` and `/users`), and `terminate_connections` across nodes.
 //! The real Pusher clients are driven in tests/pusher_clients.rs.
 
 mod common;
