@@ -360,6 +360,28 @@ pub struct Config {
     #[arg(long, global = true, env = "PUSHER_MAX_BATCH", default_value_t = 10)]
     pub pusher_max_batch: usize,
 
+    /// Most members (users) of one presence channel a Pusher client may join; Pusher's limit. A
+    /// subscription over it gets `pusher:subscription_error` with status 4100. Native presence
+    /// subscriptions are not capped.
+    #[arg(
+        long,
+        global = true,
+        env = "PUSHER_MAX_PRESENCE_MEMBERS",
+        default_value_t = 100
+    )]
+    pub pusher_max_presence_members: usize,
+
+    /// Largest `user_info` of a Pusher presence member's `channel_data`, in bytes (Pusher's 1 KB):
+    /// every subscriber gets it in the member list and in `member_added`.
+    #[arg(
+        long,
+        global = true,
+        env = "PUSHER_MAX_PRESENCE_INFO_BYTES",
+        default_value_t = 1024,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536)
+    )]
+    pub pusher_max_presence_info_bytes: usize,
+
     /// The Pusher apps read from PUSHER_APPS and PUSHER_APPS_FILE at start-up (`Config::load_pusher`);
     /// empty until then.
     #[arg(skip)]
@@ -429,10 +451,11 @@ impl Config {
             self.pusher_max_event_bytes == 0
                 || self.pusher_max_event_channels == 0
                 || self.pusher_max_channel_name == 0
-                || self.pusher_max_batch == 0,
+                || self.pusher_max_batch == 0
+                || self.pusher_max_presence_members == 0,
             &|| {
-                "PUSHER_MAX_EVENT_BYTES, PUSHER_MAX_EVENT_CHANNELS, PUSHER_MAX_CHANNEL_NAME and \
-                 PUSHER_MAX_BATCH must be at least 1"
+                "PUSHER_MAX_EVENT_BYTES, PUSHER_MAX_EVENT_CHANNELS, PUSHER_MAX_CHANNEL_NAME, \
+                 PUSHER_MAX_BATCH and PUSHER_MAX_PRESENCE_MEMBERS must be at least 1"
                     .into()
             },
         );
@@ -803,6 +826,25 @@ mod tests {
             .contains("PUSHER_USER_CHANNEL"));
         let zero = Config::parse_from(["x", "--pusher-max-batch", "0"]);
         assert!(zero.validate().unwrap_err().contains("PUSHER_MAX_BATCH"));
+        let zero = Config::parse_from(["x", "--pusher-max-presence-members", "0"]);
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .contains("PUSHER_MAX_PRESENCE_MEMBERS"));
+        let c = Config::parse_from(["x"]);
+        assert_eq!(
+            (
+                c.pusher_max_presence_members,
+                c.pusher_max_presence_info_bytes
+            ),
+            (100, 1024)
+        );
+        for bad in ["0", "65537"] {
+            assert!(
+                Config::try_parse_from(["x", "--pusher-max-presence-info-bytes", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -54,8 +54,8 @@
 //!   `connection::pusher`, its HTTP routes `api::pusher`, its frames `delivery::Encoding::Pusher`.
 //! - [`presence`]: who is on each presence channel (`presence-…`), per connection, per user on this
 //!   node (across shards, one mutex touched only on presence subscribe, unsubscribe and close) and
-//!   across nodes; the native `join`/`leave` events and the member lists come from it, and Pusher's
-//!   presence channels are to use the same registry. The bus carries its changes between nodes
+//!   across nodes; the native `join`/`leave` events, Pusher's `member_added`/`member_removed` and the
+//!   member lists come from it (native and Pusher members share it). The bus carries its changes between nodes
 //!   (`bus::presence_sync`).
 //! - [`model`]: the notification, its validation and its JSON encoding.
 //! - [`preferences`]: per-user preferences (muted types and channels, quiet hours in an IANA time

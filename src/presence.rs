@@ -1,5 +1,6 @@
 //! Presence: who is on each presence channel (a channel whose name starts with `presence-`), one
-//! registry for every connection kind (native WebSockets now, Pusher's presence channels later).
+//! registry for every connection kind (native WebSockets and SSE streams, and Pusher connections, so
+//! that a native and a Pusher client on one channel see each other).
 //!
 //! A member is a user id plus an optional `user_info` JSON value (what Pusher's `channel_data`
 //! carries; native members have none). Membership is counted at three levels:
@@ -109,6 +110,7 @@ fn change(channel: &str, user: &str, info: Option<&Arc<str>>, joined: bool) -> P
         user_id: user.to_owned(),
         user_info: info.map(|i| i.to_string()),
         joined,
+        except_socket: None,
     }
 }
 

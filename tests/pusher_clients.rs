@@ -1,6 +1,7 @@
 //! The Pusher-protocol clients, unchanged, against the real server: `tests/pusher/clients.test.mjs`
 //! (pusher-js, laravel-echo and the `pusher` HTTP SDK, versions locked by its package-lock.json) run
-//! by node's test runner against two real nodes joined by the machine's Redis. Node.js 20.14+, npm and
+//! by node's test runner against two real nodes joined by the machine's Redis (presence through
+//! laravel-echo's `join().here/joining/leaving` included, with members on both nodes). Node.js 20.14+, npm and
 //! Redis are needed; without them the test fails under `CI=true` and is skipped with a note elsewhere.
 
 mod common;

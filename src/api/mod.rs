@@ -160,6 +160,10 @@ fn resolve(method: Method, segments: &[String]) -> Option<Endpoint> {
         (Get, ["apps", app, "channels", name]) => {
             Endpoint::Pusher(app.to_string(), pusher::Call::Channel(name.to_string()))
         }
+        (Get, ["apps", app, "channels", name, "users"]) => Endpoint::Pusher(
+            app.to_string(),
+            pusher::Call::ChannelUsers(name.to_string()),
+        ),
         (Post, ["apps", app, "users", user, "terminate_connections"]) => Endpoint::Pusher(
             app.to_string(),
             pusher::Call::TerminateUser(user.to_string()),

@@ -27,7 +27,7 @@ mod tests {
     /// Every endpoint once, numbered by an exhaustive match: a new endpoint does not compile until it
     /// has a number here, and then [`every_route_of_the_router_is_described`] fails until the
     /// description has an operation that reaches it.
-    const ENDPOINTS: usize = 27;
+    const ENDPOINTS: usize = 28;
 
     fn number(e: &Endpoint) -> usize {
         match e {
@@ -56,6 +56,7 @@ mod tests {
                 PusherCall::Channels => 21,
                 PusherCall::Channel(_) => 22,
                 PusherCall::TerminateUser(_) => 23,
+                PusherCall::ChannelUsers(_) => 27,
             },
             Endpoint::Presence(_) => 24,
             Endpoint::GetPreferences(_) => 25,

@@ -1,5 +1,5 @@
-//! The Pusher HTTP API (`/apps/{id}/…`): events for Pusher and native clients, and what the shards
-//! know of channels.
+//! The Pusher HTTP API (`/apps/{id}/…`): events for Pusher and native clients, what the shards
+//! know of channels, and the members of presence channels (from the presence registry, every node's).
 //!
 //! Every request is signed with the app's secret (`crate::pusher::sign::verify_request`), so the
 //! node's `API_KEY` does not apply here; an unknown app (or none configured) is 404, a bad or stale
@@ -19,6 +19,7 @@ use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::json_input::parse_object;
 use crate::model::write_json_str;
+use crate::presence::is_presence_channel;
 use crate::pusher::protocol::{is_valid_channel_name, MAX_EVENT_NAME};
 use crate::pusher::sign::verify_request;
 use crate::pusher::socket_id::SocketId;
@@ -38,6 +39,8 @@ pub(super) enum Call {
     Channels,
     /// `GET /apps/{id}/channels/{name}`.
     Channel(String),
+    /// `GET /apps/{id}/channels/{name}/users`: a presence channel's members.
+    ChannelUsers(String),
     /// `POST /apps/{id}/users/{user}/terminate_connections`.
     TerminateUser(String),
 }
@@ -110,6 +113,10 @@ pub(super) async fn handle(
             let prefix = query_param(head.query(), "filter_by_prefix")
                 .map(|p| p.into_owned())
                 .unwrap_or_default();
+            let info = Info::of(head);
+            if info.user_count && !is_presence_channel(&prefix) {
+                return bad("info=user_count needs filter_by_prefix=presence-");
+            }
             let counts = channel_counts(ctx, prefix, false).await;
             let mut out = b"{\"channels\":{".to_vec();
             for (i, (name, count)) in counts.iter().enumerate() {
@@ -117,7 +124,12 @@ pub(super) async fn handle(
                     out.push(b',');
                 }
                 write_json_str(&mut out, name);
-                out.extend_from_slice(format!(":{{\"subscription_count\":{count}}}").as_bytes());
+                out.extend_from_slice(format!(":{{\"subscription_count\":{count}").as_bytes());
+                if info.user_count {
+                    let users = ctx.fanout.presence_members(name).await.len();
+                    out.extend_from_slice(format!(",\"user_count\":{users}").as_bytes());
+                }
+                out.push(b'}');
             }
             out.extend_from_slice(b"}}");
             Response::json(200, out)
@@ -126,23 +138,62 @@ pub(super) async fn handle(
             if !is_valid_channel_name(&name, ctx.config.pusher_max_channel_name) {
                 return bad("not a valid channel name");
             }
-            let count: usize = channel_counts(ctx, name, true).await.values().sum();
-            Response::json(
-                200,
-                format!(
-                    "{{\"occupied\":{},\"subscription_count\":{count}}}",
-                    count > 0
-                )
-                .into_bytes(),
-            )
+            let info = Info::of(head);
+            if info.user_count && !is_presence_channel(&name) {
+                return bad("info=user_count is for presence channels only");
+            }
+            let count: usize = channel_counts(ctx, name.clone(), true).await.values().sum();
+            let users = if info.user_count {
+                Some(ctx.fanout.presence_members(&name).await.len())
+            } else {
+                None
+            };
+            let occupied = count > 0 || users.is_some_and(|u| u > 0);
+            let mut out = format!("{{\"occupied\":{occupied},\"subscription_count\":{count}");
+            if let Some(users) = users {
+                out.push_str(&format!(",\"user_count\":{users}"));
+            }
+            out.push('}');
+            Response::json(200, out.into_bytes())
+        }
+        Call::ChannelUsers(name) => {
+            if !is_valid_channel_name(&name, ctx.config.pusher_max_channel_name) {
+                return bad("not a valid channel name");
+            }
+            if !is_presence_channel(&name) {
+                return bad("users are listed for presence channels only (presence-…)");
+            }
+            let members = ctx.fanout.presence_members(&name).await;
+            let mut out = b"{\"users\":[".to_vec();
+            for (i, m) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"id\":");
+                write_json_str(&mut out, &m.user_id);
+                out.push(b'}');
+            }
+            out.extend_from_slice(b"]}");
+            Response::json(200, out)
         }
         Call::TerminateUser(user) => {
-            let user: Box<str> = user.into();
-            for shard in 0..ctx.fanout.shard_count() {
-                ctx.fanout
-                    .send_to_shard(shard, ShardMsg::TerminateUser(user.clone()));
-            }
+            ctx.fanout.terminate_user(&user);
             Response::json(200, b"{}".to_vec())
+        }
+    }
+}
+
+/// The attributes a channel query asks for (`info=user_count,subscription_count`). The subscription
+/// count is always given; the user count only when asked, since it is read from every node.
+struct Info {
+    user_count: bool,
+}
+
+impl Info {
+    fn of(head: &RequestHead) -> Info {
+        let info = query_param(head.query(), "info").unwrap_or_default();
+        Info {
+            user_count: info.split(',').any(|a| a.trim() == "user_count"),
         }
     }
 }

@@ -109,6 +109,18 @@ impl Fanout {
         }
     }
 
+    /// A Pusher app terminated `user`'s connections: every shard of this node closes them, and with a
+    /// bus every other node's too.
+    pub fn terminate_user(&self, user: &str) {
+        let name: Box<str> = user.into();
+        for shard in self.shards.iter() {
+            shard.send_to_shard(ShardMsg::TerminateUser(name.clone()));
+        }
+        if let Some(bus) = &self.bus {
+            bus.send_to_bus(BusCmd::Terminate(name));
+        }
+    }
+
     /// The node's presence registry.
     pub fn presence(&self) -> &Presence {
         &self.presence
@@ -125,7 +137,23 @@ impl Fanout {
         user_info: Option<&str>,
         conn: ConnRef,
     ) {
-        let outcome = self.presence.join(channel, user_id, user_info, conn);
+        self.presence_join_except(channel, user_id, user_info, conn, None);
+    }
+
+    /// [`Fanout::presence_join`] for a Pusher connection, whose socket id `except_socket` is not told
+    /// of its own arrival (Pusher's `member_added` goes to the other subscribers only).
+    pub fn presence_join_except(
+        &self,
+        channel: &str,
+        user_id: &str,
+        user_info: Option<&str>,
+        conn: ConnRef,
+        except_socket: Option<&str>,
+    ) {
+        let mut outcome = self.presence.join(channel, user_id, user_info, conn);
+        if let (Some(event), Some(socket)) = (&mut outcome.event, except_socket) {
+            event.except_socket = Some(socket.into());
+        }
         self.presence_changed(channel, user_id, user_info, true, outcome);
     }
 

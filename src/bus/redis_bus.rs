@@ -144,6 +144,8 @@ pub enum BusCmd {
     /// Notifications this node released at the end of their users' quiet hours (already delivered
     /// locally): to their users' connections on the other nodes.
     Released(Vec<Arc<Notification>>),
+    /// A Pusher app terminated a user's connections (done on this node already): to every node.
+    Terminate(Box<str>),
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -714,6 +716,7 @@ impl BusThread {
                 cmd @ (BusCmd::Preferences { .. } | BusCmd::Released(_)) => {
                     self.push_preferences_matter(cmd)
                 }
+                BusCmd::Terminate(user) => self.push_terminate(&user),
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -750,8 +753,20 @@ impl BusThread {
             cmd @ (BusCmd::Preferences { .. } | BusCmd::Released(_)) => {
                 self.push_preferences_matter(cmd)
             }
+            // Kept like a change of preferences, for the same short outage.
+            BusCmd::Terminate(user) => self.push_terminate(&user),
             BusCmd::Stop => self.stopping = true,
         }
+    }
+
+    /// Puts a Pusher `terminate_connections` in the outbox, on the broadcast channel: it is rare, and
+    /// every node must hear it whatever interest it declared.
+    fn push_terminate(&mut self, user: &str) {
+        self.outbox.push_back(Outgoing {
+            id: None,
+            channels: vec![self.broadcast.clone()],
+            envelope: Bytes::from(wire::encode_terminate(self.origin, user)),
+        });
     }
 
     /// Puts a change of preferences (to every node, on the broadcast channel) or released
@@ -1237,6 +1252,13 @@ impl BusThread {
                             name.clone(),
                             preferences.clone(),
                         ));
+                    }
+                    continue;
+                }
+                Ok(Envelope::Terminate(user)) => {
+                    let user: Box<str> = user.into();
+                    for shard in &self.shards {
+                        shard.send_to_shard(ShardMsg::TerminateUser(user.clone()));
                     }
                     continue;
                 }

@@ -6,7 +6,8 @@
 //!              b'P' a Pusher event,
 //!              b'J' a presence change of the origin node,
 //!              b'Q' a preferences matter (byte 17 says which: b'p' a user's preferences changed,
-//!              b'r' a notification released because its user's quiet hours ended)
+//!              b'r' a notification released because its user's quiet hours ended),
+//!              b'T' a Pusher app terminated a user's connections (b'K' is reserved beside it)
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
 //! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
@@ -15,7 +16,8 @@
 //!              J: {"channel","user_id","user_info"?,"present"} (the user's first connection on the
 //!              origin node came, `true`, or its last one went, `false`);
 //!              Q p: `{"user_id":…,"preferences":{…}|null}` (null: back to the defaults);
-//!              Q r: the notification as API.md's JSON object
+//!              Q r: the notification as API.md's JSON object;
+//!              T: the user id, as its UTF-8 bytes
 //! ```
 //!
 //! A `U` goes to the user's topic, so only nodes holding one of the user's connections get it.
@@ -49,6 +51,8 @@ const KIND_PREFERENCES: u8 = b'Q';
 const PREFERENCES_CHANGED: u8 = b'p';
 /// After [`KIND_PREFERENCES`]: a notification released at the end of quiet hours.
 const QUIET_RELEASED: u8 = b'r';
+/// Kind byte of a Pusher `terminate_connections` of one user (to every node).
+const KIND_TERMINATE: u8 = b'T';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -82,6 +86,8 @@ pub enum Envelope<'a> {
     Preferences(String, Option<Preferences>),
     /// A notification whose user's quiet hours ended, to push to that user's connections.
     Released(Arc<Notification>),
+    /// A Pusher app terminated this user's connections: close them on every node.
+    Terminate(&'a str),
 }
 
 /// A presence change on one node: its user's first connection on the channel came, or its last one
@@ -216,6 +222,15 @@ pub fn encode_released(origin: Uuid, n: &Notification) -> Vec<u8> {
     out
 }
 
+/// Encodes a Pusher `terminate_connections` of `user_id`, from node `origin`.
+pub fn encode_terminate(origin: Uuid, user_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + user_id.len());
+    out.push(KIND_TERMINATE);
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(user_id.as_bytes());
+    out
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -257,6 +272,11 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
             }
             _ => Err(WireError("unknown preferences envelope".into())),
         },
+        KIND_TERMINATE => std::str::from_utf8(payload)
+            .ok()
+            .filter(|user| !user.is_empty())
+            .map(Envelope::Terminate)
+            .ok_or_else(|| WireError("bad terminate: the user id is not UTF-8 text".into())),
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
 }
@@ -475,5 +495,17 @@ mod tests {
         let mut bad = encode_message(origin, b"{}");
         bad[0] = b'N';
         assert!(decode(&bad).is_err());
+    }
+
+    #[test]
+    fn a_terminate_carries_its_user() {
+        let origin = Uuid::from_u128(9);
+        let t = encode_terminate(origin, "user-7");
+        assert_eq!(origin_of(&t), Some(origin));
+        assert!(matches!(decode(&t), Ok(Envelope::Terminate("user-7"))));
+        let mut empty = t[..HEADER_LEN].to_vec();
+        assert!(decode(&empty).is_err());
+        empty.extend_from_slice(&[0xff, 0xfe]);
+        assert!(decode(&empty).is_err());
     }
 }

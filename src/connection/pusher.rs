@@ -11,8 +11,13 @@
 //!
 //! A Pusher connection has no user until it signs in (`pusher:signin`) or subscribes, with a valid
 //! signature, to its Laravel user channel (`PUSHER_USER_CHANNEL`): from then on notifications sent to
-//! that user reach it, as Laravel's `BroadcastNotificationCreated` event. Presence channels are not
-//! served yet: their subscription is refused with `pusher:subscription_error`.
+//! that user reach it, as Laravel's `BroadcastNotificationCreated` event.
+//!
+//! Presence channels (`presence-…`) are the node's presence registry (`crate::presence`), shared
+//! with native clients: a signed subscription joins the registry as the `user_id` of its
+//! `channel_data`, answers with the member list of every node, and the session leaves on unsubscribe
+//! and however it ends. The other subscribers hear `pusher_internal:member_added`/`member_removed`
+//! through the registry's presence changes (the Pusher encoding of `delivery::Content::Presence`).
 //!
 //! Memory: as the native session, the live session is a task of its own spawned after the
 //! handshake, and everything rare runs as boxed futures, so an idle connection keeps only
@@ -31,9 +36,10 @@ use crate::http::query::query_param;
 use crate::http::request::RequestHead;
 use crate::http::response::Response;
 use crate::metrics::{Refusal, Route};
+use crate::presence::ConnRef;
 use crate::pusher::protocol::{
-    self, code, is_valid_channel_name, parse_client_message, ChannelKind, ClientMessage,
-    PROTOCOL_VERSION,
+    self, code, is_valid_channel_name, parse_channel_data, parse_client_message, ChannelKind,
+    ClientMessage, PROTOCOL_VERSION,
 };
 use crate::pusher::sign::{channel_auth_valid, signin_auth_valid};
 use crate::pusher::socket_id::SocketId;
@@ -123,6 +129,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Session> {
         connection_seq,
         bucket: LocalBucket::default(),
         rate_strikes: 0,
+        presence: None,
     })
 }
 
@@ -155,6 +162,25 @@ struct Session {
     bucket: LocalBucket,
     /// Client events refused for rate in a row.
     rate_strikes: u32,
+    /// The presence channels the connection is on, each with the user id it joined as (a Pusher
+    /// connection may be a different member on each); boxed, since most connections have none.
+    presence: Option<Box<[PresenceSeat]>>,
+}
+
+/// A presence channel a Pusher connection is on, and the user id it is there as.
+type PresenceSeat = (Box<str>, Box<str>);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // However the session ends, it leaves its presence channels (the hub entry goes after this,
+        // with the connection).
+        for (channel, user) in self.presence.take().into_iter().flat_map(Vec::from) {
+            self.conn
+                .shard
+                .fanout
+                .presence_leave(&channel, &user, self.conn_ref());
+        }
+    }
 }
 
 impl Session {
@@ -246,6 +272,13 @@ impl Session {
                         .missed_pongs = 0;
                     for event in events {
                         match event {
+                            Event::Message(Ok(ClientMessage::Subscribe {
+                                channel,
+                                auth,
+                                channel_data,
+                            })) if ChannelKind::of(&channel) == ChannelKind::Presence => {
+                                Box::pin(self.subscribe_presence(channel, auth, channel_data)).await
+                            }
                             Event::Message(Ok(message)) => self.handle(message),
                             Event::Message(Err(e)) => {
                                 self.send(&protocol::error(e.code, &e.message))
@@ -282,6 +315,7 @@ impl Session {
                     .hub
                     .borrow_mut()
                     .unsubscribe(self.conn.id, &channel);
+                self.leave_presence(&channel);
             }
             ClientMessage::Ping => self.send(&protocol::pong()),
             ClientMessage::Pong => {}
@@ -312,14 +346,8 @@ impl Session {
         let kind = ChannelKind::of(channel);
         match kind {
             ChannelKind::Public => {}
-            ChannelKind::Presence => {
-                return self.send(&protocol::subscription_error(
-                    channel,
-                    "UnsupportedChannel",
-                    "presence channels are not served by this server yet",
-                    501,
-                ));
-            }
+            // Not reached: the frame loop hands presence subscriptions to `subscribe_presence`.
+            ChannelKind::Presence => return,
             ChannelKind::Private | ChannelKind::PrivateEncrypted => {
                 let valid = auth.is_some_and(|auth| {
                     channel_auth_valid(self.app(), &self.socket_id(), channel, channel_data, auth)
@@ -361,6 +389,170 @@ impl Session {
         }
         drop(hub);
         self.send(&protocol::subscription_succeeded(channel));
+    }
+
+    /// This connection, node-wide, for the presence registry.
+    fn conn_ref(&self) -> ConnRef {
+        ConnRef {
+            shard: self.conn.shard.index,
+            conn: self.conn.id,
+        }
+    }
+
+    /// The connection left `channel` (unsubscribed): if it was on it as a presence member, it
+    /// leaves the registry (the others hear `member_removed` if it was the user's last connection).
+    fn leave_presence(&mut self, channel: &str) {
+        let Some(pos) = self
+            .presence
+            .as_ref()
+            .and_then(|list| list.iter().position(|(c, _)| &**c == channel))
+        else {
+            return;
+        };
+        let mut list = Vec::from(self.presence.take().unwrap_or_default());
+        let (channel, user) = list.swap_remove(pos);
+        self.presence = (!list.is_empty()).then(|| list.into_boxed_slice());
+        self.conn
+            .shard
+            .fanout
+            .presence_leave(&channel, &user, self.conn_ref());
+    }
+
+    /// A presence subscription: checked as Pusher defines it (`auth` over
+    /// `socket_id:channel:channel_data`, `channel_data` with the member's `user_id` and optional
+    /// `user_info`, the channel's member cap), then joined to the registry and answered with the
+    /// members of every node.
+    async fn subscribe_presence(
+        &mut self,
+        channel: String,
+        auth: Option<String>,
+        channel_data: Option<String>,
+    ) {
+        let shard = self.conn.shard.clone();
+        let config = &shard.config;
+        if !is_valid_channel_name(&channel, config.pusher_max_channel_name) {
+            // The same answer as any other bad name.
+            return self.subscribe(&channel, None, None);
+        }
+        let (Some(auth), Some(channel_data)) = (auth, channel_data) else {
+            return self.send(&protocol::subscription_error(
+                &channel,
+                "AuthError",
+                "a presence subscription carries auth and channel_data from the app's auth endpoint",
+                401,
+            ));
+        };
+        if !channel_auth_valid(
+            self.app(),
+            &self.socket_id(),
+            &channel,
+            Some(&channel_data),
+            &auth,
+        ) {
+            return self.send(&protocol::subscription_error(
+                &channel,
+                "AuthError",
+                "the subscription's auth signature is not valid for this socket, channel and \
+                 channel_data",
+                401,
+            ));
+        }
+        let member = match parse_channel_data(
+            &channel_data,
+            config.max_json_depth,
+            config.pusher_max_presence_info_bytes,
+        ) {
+            Ok(member) => member,
+            Err(error) => {
+                return self.send(&protocol::subscription_error(
+                    &channel,
+                    "InvalidChannelData",
+                    &error,
+                    400,
+                ))
+            }
+        };
+        let already = self
+            .presence
+            .as_ref()
+            .and_then(|list| list.iter().find(|(c, _)| **c == *channel))
+            .map(|(_, user)| user.clone());
+        match already {
+            // Subscribed already: answer with the members again, as Pusher does for a repeat.
+            Some(user) if *user == *member.user_id => {}
+            Some(_) => {
+                return self.send(&protocol::subscription_error(
+                    &channel,
+                    "InvalidChannelData",
+                    "this connection is on the channel as another user already: unsubscribe first",
+                    400,
+                ))
+            }
+            None => {
+                let members = shard.fanout.presence().members(&channel);
+                let limit = config.pusher_max_presence_members;
+                if members.len() >= limit && !members.iter().any(|m| m.user_id == member.user_id) {
+                    return self.send(&protocol::subscription_error(
+                        &channel,
+                        "LimitReached",
+                        &format!(
+                            "the presence channel has {limit} members already \
+                             (PUSHER_MAX_PRESENCE_MEMBERS)"
+                        ),
+                        code::OVER_CAPACITY,
+                    ));
+                }
+                let subscribed = shard.hub.borrow_mut().subscribe(
+                    self.conn.id,
+                    &channel,
+                    config.max_channels_per_connection,
+                );
+                if let Err(SubscribeError::TooManyChannels) = subscribed {
+                    let limit = config.max_channels_per_connection;
+                    let error = format!("a connection may subscribe to at most {limit} channels");
+                    self.send(&protocol::error(Some(code::OVER_QUOTA), &error));
+                    return self.send(&protocol::subscription_error(
+                        &channel,
+                        "LimitReached",
+                        &error,
+                        429,
+                    ));
+                }
+                let mut list = Vec::from(self.presence.take().unwrap_or_default());
+                list.push((channel.as_str().into(), member.user_id.as_str().into()));
+                self.presence = Some(list.into_boxed_slice());
+                let socket_id = self.socket_id();
+                shard.fanout.presence_join_except(
+                    &channel,
+                    &member.user_id,
+                    member.user_info.as_deref(),
+                    self.conn_ref(),
+                    Some(&socket_id),
+                );
+            }
+        }
+        let mut members = shard.fanout.presence_members(&channel).await;
+        if !self
+            .presence
+            .as_ref()
+            .is_some_and(|list| list.iter().any(|(c, _)| **c == *channel))
+        {
+            // Unsubscribed (or closed) while the list was read.
+            return;
+        }
+        // The list may be read from Redis a moment before this node's own write lands there.
+        if !members.iter().any(|m| m.user_id == member.user_id) {
+            members.push(crate::presence::Member {
+                user_id: member.user_id.clone(),
+                user_info: member.user_info.clone(),
+            });
+        }
+        self.send(&protocol::presence_subscription_succeeded(
+            &channel,
+            members
+                .iter()
+                .map(|m| (m.user_id.as_str(), m.user_info.as_deref())),
+        ));
     }
 
     fn signin(&mut self, auth: &str, user_data: &str) {

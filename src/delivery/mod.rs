@@ -69,6 +69,10 @@ pub struct PresenceChange {
     pub user_info: Option<String>,
     /// `true`: joined; `false`: left.
     pub joined: bool,
+    /// The Pusher socket whose subscription made the user join: Pusher tells a member's arrival to
+    /// the channel's other subscribers only (native connections hear their own `join`). Only ever
+    /// set on the node of that socket; never carried between nodes.
+    pub except_socket: Option<Box<str>>,
 }
 
 impl PresenceChange {
@@ -84,6 +88,28 @@ impl PresenceChange {
         out.extend_from_slice(b",\"user_id\":");
         write_json_str(out, &self.user_id);
         out.push(b'}');
+    }
+
+    /// The Pusher event's frame: `pusher_internal:member_added` with `{"user_id","user_info"}` (no
+    /// `user_info` for a native member) or `pusher_internal:member_removed` with `{"user_id"}`, the
+    /// data as a JSON string, as pusher-js reads it.
+    fn pusher_frame(&self) -> Bytes {
+        let mut data = Vec::with_capacity(32 + self.user_id.len());
+        data.extend_from_slice(b"{\"user_id\":");
+        write_json_str(&mut data, &self.user_id);
+        if let (true, Some(info)) = (self.joined, &self.user_info) {
+            data.extend_from_slice(b",\"user_info\":");
+            data.extend_from_slice(info.as_bytes());
+        }
+        data.push(b'}');
+        let name = if self.joined {
+            "pusher_internal:member_added"
+        } else {
+            "pusher_internal:member_removed"
+        };
+        pusher_frame(name, Some(&self.channel), |out| {
+            write_json_str(out, std::str::from_utf8(&data).unwrap_or_default())
+        })
     }
 }
 
@@ -365,14 +391,10 @@ impl Frames {
                     write_json_str(out, std::str::from_utf8(payload).unwrap_or_default())
                 });
                 Frames::native_of_client_message(frame)
-            } // Never written: the Pusher protocol has no unread event, and the shard's unread flusher
+            }
+            Content::Presence(change) => Frames::native_of_client_message(change.pusher_frame()),
+            // Never written: the Pusher protocol has no unread event, and the shard's unread flusher
             // writes only to native and SSE connections.
-            // Never written either: a Pusher connection cannot subscribe to a `presence-` channel
-            // until Pusher presence is wired to the registry (docs/API.md, "Pusher Channels").
-            Content::Presence(_) => Frames {
-                plain: Bytes::new(),
-                per_channel: Vec::new(),
-            },
             Content::Unread { .. } => Frames {
                 plain: Bytes::new(),
                 per_channel: Vec::new(),
@@ -555,10 +577,11 @@ impl Delivery {
         )
     }
 
-    /// The socket id a Pusher event must not reach, if any.
+    /// The socket id a Pusher event (or a Pusher member's own arrival) must not reach, if any.
     pub fn excluded_socket(&self) -> Option<&str> {
         match &self.content {
             Content::PusherEvent(event) => event.except_socket.as_deref(),
+            Content::Presence(change) => change.except_socket.as_deref(),
             _ => None,
         }
     }
@@ -695,6 +718,7 @@ mod tests {
             user_id: "u\"7".into(),
             user_info: Some(r#"{"name":"Ann"}"#.into()),
             joined: true,
+            except_socket: None,
         };
         let d = Delivery::of_presence_change(change.clone());
         let v = payload_json(&d.native().plain);
@@ -711,6 +735,21 @@ mod tests {
         assert_eq!(payload_json(&left.native().plain)["event"], "leave");
         let again = Encoding::NativeWebSocket.encode(&left.content, &left.channels);
         assert_eq!(again.plain, left.native().plain);
+        // Pusher's encoding: member_added with the user_info, member_removed without.
+        let added = payload_json(&d.frames(Encoding::Pusher).plain);
+        assert_eq!(added["event"], "pusher_internal:member_added");
+        assert_eq!(added["channel"], "presence-room");
+        let data: serde_json::Value =
+            serde_json::from_str(added["data"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            data,
+            serde_json::json!({"user_id":"u\"7","user_info":{"name":"Ann"}})
+        );
+        let removed = payload_json(&left.frames(Encoding::Pusher).plain);
+        assert_eq!(removed["event"], "pusher_internal:member_removed");
+        let data: serde_json::Value =
+            serde_json::from_str(removed["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data, serde_json::json!({"user_id":"u\"7"}));
     }
 
     /// Parses an unmasked server text frame's payload as JSON, checking the header on the way.

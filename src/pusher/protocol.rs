@@ -29,6 +29,9 @@ pub mod code {
     pub const RECONNECT: u16 = 4200;
     /// The client did not answer pings: reconnect.
     pub const PONG_NOT_RECEIVED: u16 = 4201;
+    /// Over a capacity: the presence channel has `PUSHER_MAX_PRESENCE_MEMBERS` members already (the
+    /// status of the subscription error, as Pusher-compatible servers send it).
+    pub const OVER_CAPACITY: u16 = 4100;
     /// Client events over the rate limit.
     pub const CLIENT_EVENT_RATE: u16 = 4301;
 }
@@ -42,7 +45,8 @@ pub enum ChannelKind {
     Private,
     /// `private-encrypted-`: signed; payloads encrypted end to end by the apps; no client events.
     PrivateEncrypted,
-    /// `presence-`: signed with member data (not served yet).
+    /// `presence-`: signed with the member's `channel_data`; its members are listed to subscribers
+    /// (`crate::presence`, shared with native presence channels).
     Presence,
 }
 
@@ -261,6 +265,105 @@ pub fn subscription_succeeded(channel: &str) -> Vec<u8> {
     out
 }
 
+/// `pusher_internal:subscription_succeeded` for presence channel `channel`, with its members
+/// (user id, `user_info` JSON text): `data` is the JSON text of
+/// `{"presence":{"ids":[…],"hash":{id:user_info},"count":N}}`, as pusher-js reads it. A member
+/// without `user_info` (a native one) has `null`.
+pub fn presence_subscription_succeeded<'a>(
+    channel: &str,
+    members: impl Iterator<Item = (&'a str, Option<&'a str>)> + Clone,
+) -> Vec<u8> {
+    let mut ids = Vec::new();
+    let mut hash = Vec::new();
+    let mut count = 0usize;
+    for (id, info) in members {
+        if count > 0 {
+            ids.push(b',');
+            hash.push(b',');
+        }
+        count += 1;
+        write_json_str(&mut ids, id);
+        write_json_str(&mut hash, id);
+        hash.push(b':');
+        hash.extend_from_slice(info.unwrap_or("null").as_bytes());
+    }
+    let mut data = Vec::with_capacity(ids.len() + hash.len() + 48);
+    data.extend_from_slice(b"{\"presence\":{\"ids\":[");
+    data.extend_from_slice(&ids);
+    data.extend_from_slice(b"],\"hash\":{");
+    data.extend_from_slice(&hash);
+    data.extend_from_slice(format!("}},\"count\":{count}}}}}").as_bytes());
+    let data = String::from_utf8(data).unwrap_or_default();
+    let mut out = start(
+        "pusher_internal:subscription_succeeded",
+        channel.len() + data.len() + 32,
+    );
+    out.extend_from_slice(b",\"channel\":");
+    write_json_str(&mut out, channel);
+    out.extend_from_slice(b",\"data\":");
+    write_json_str(&mut out, &data);
+    out.push(b'}');
+    out
+}
+
+/// A presence subscription's member, from its `channel_data`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PresenceMember {
+    /// `user_id`: a string, or a number taken as its text.
+    pub user_id: String,
+    /// `user_info` as JSON text, when there is one (not `null`).
+    pub user_info: Option<String>,
+}
+
+/// Reads a presence subscription's `channel_data` (`{"user_id":…,"user_info":…}`, as the app's auth
+/// endpoint signed it): the user id must be a non-empty string or a number of at most 128 bytes, and
+/// `user_info`, if any, at most `max_info_bytes` of JSON. The error says what is wrong.
+pub fn parse_channel_data(
+    channel_data: &str,
+    max_depth: usize,
+    max_info_bytes: usize,
+) -> Result<PresenceMember, String> {
+    #[derive(Deserialize)]
+    struct ChannelData<'a> {
+        #[serde(borrow)]
+        user_id: &'a RawValue,
+        #[serde(borrow, default)]
+        user_info: Option<&'a RawValue>,
+    }
+    if !within_depth(channel_data.as_bytes(), max_depth) {
+        return Err(format!("channel_data nests deeper than {max_depth} levels"));
+    }
+    let data: ChannelData = serde_json::from_str(channel_data).map_err(|_| {
+        "channel_data must be a JSON object with a user_id (and an optional user_info)".to_owned()
+    })?;
+    let user_id = match serde_json::from_str::<serde_json::Value>(data.user_id.get()) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Number(n)) => n.to_string(),
+        _ => return Err("channel_data's user_id must be a string or a number".to_owned()),
+    };
+    if user_id.is_empty() || user_id.len() > 128 || user_id.chars().any(char::is_control) {
+        return Err(
+            "channel_data's user_id must be 1 to 128 bytes without control characters".to_owned(),
+        );
+    }
+    let user_info = data
+        .user_info
+        .map(|raw| raw.get())
+        .filter(|raw| *raw != "null");
+    if let Some(info) = user_info {
+        if info.len() > max_info_bytes {
+            return Err(format!(
+                "channel_data's user_info is larger than {max_info_bytes} bytes \
+                 (PUSHER_MAX_PRESENCE_INFO_BYTES)"
+            ));
+        }
+    }
+    Ok(PresenceMember {
+        user_id,
+        user_info: user_info.map(str::to_owned),
+    })
+}
+
 /// `pusher:subscription_error` for `channel`: `kind` is pusher-js's error type (`AuthError`), `status`
 /// the HTTP-like status it reports.
 pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> Vec<u8> {
@@ -415,6 +518,45 @@ mod tests {
         assert_eq!(v["data"]["user_data"], "{\"id\":1}");
         assert_eq!(user_id_of(r#"{"id":7,"name":"x"}"#).as_deref(), Some("7"));
         assert_eq!(user_id_of(r#"{"name":"x"}"#), None);
+    }
+
+    #[test]
+    fn presence_messages_are_what_pusher_js_reads() {
+        let ok = presence_subscription_succeeded(
+            "presence-a",
+            [("1", Some(r#"{"name":"A"}"#)), ("2", None)].into_iter(),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&ok).unwrap();
+        assert_eq!(v["event"], "pusher_internal:subscription_succeeded");
+        assert_eq!(v["channel"], "presence-a");
+        let data: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            data,
+            serde_json::json!({"presence":{"ids":["1","2"],"hash":{"1":{"name":"A"},"2":null},"count":2}})
+        );
+        let empty = presence_subscription_succeeded("presence-a", std::iter::empty());
+        let v: serde_json::Value = serde_json::from_slice(&empty).unwrap();
+        let data: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["presence"]["count"], 0);
+        let member = parse_channel_data(r#"{"user_id":7,"user_info":{"n":1}}"#, 32, 1024).unwrap();
+        assert_eq!(member.user_id, "7");
+        assert_eq!(member.user_info.as_deref(), Some(r#"{"n":1}"#));
+        let member = parse_channel_data(r#"{"user_id":"u"}"#, 32, 1024).unwrap();
+        assert_eq!(member.user_info, None);
+        for bad in [
+            "",
+            "{}",
+            r#"{"user_id":""}"#,
+            r#"{"user_id":null}"#,
+            r#"{"user_id":[1]}"#,
+            r#"{"user_info":{}}"#,
+        ] {
+            assert!(parse_channel_data(bad, 32, 1024).is_err(), "{bad}");
+        }
+        let big = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(2000));
+        assert!(parse_channel_data(&big, 32, 1024)
+            .unwrap_err()
+            .contains("PUSHER_MAX_PRESENCE_INFO_BYTES"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!
 //! Every comparison of a presented signature is in constant time.
 
+use hmac::{Hmac, KeyInit, Mac};
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -18,24 +19,11 @@ use crate::pusher::PusherApp;
 
 /// HMAC-SHA256 (RFC 2104) of `message` under `key`.
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    const BLOCK: usize = 64;
-    let mut block = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| block.map(|b| b ^ byte);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
+    // HMAC takes a key of any length (a longer one is hashed first), so this never fails.
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// Lowercase hex of `bytes`.

@@ -37,7 +37,7 @@ const authServer = http.createServer((req, res) => {
     if (params.user) {
       answer = sdkA.authenticateUser(params.socket_id, params.user);
     } else {
-      answer = sdkA.authorizeChannel(params.socket_id, params.channel_name);
+      answer = sdkA.authorizeChannel(params.socket_id, params.channel_name, params.presence);
       if (refuseAuth) answer = { auth: `${KEY}:${'0'.repeat(64)}` };
     }
     res.writeHead(200, { 'content-type': 'application/json' });
@@ -52,7 +52,8 @@ async function callAuth(payload) {
 
 const clients = [];
 
-function connect(host = hostA, port = portA, key = KEY) {
+// `member`: the presence member ({user_id, user_info}) the auth endpoint signs this client in as.
+function connect(host = hostA, port = portA, key = KEY, member = undefined) {
   const client = new Pusher(key, {
     wsHost: host,
     wsPort: Number(port),
@@ -62,7 +63,7 @@ function connect(host = hostA, port = portA, key = KEY) {
     disableStats: true,
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
-        callAuth({ socket_id: socketId, channel_name: channelName }).then(
+        callAuth({ socket_id: socketId, channel_name: channelName, presence: member }).then(
           (data) => callback(null, data),
           (e) => callback(e, null),
         ),
@@ -269,4 +270,53 @@ test('an event triggered on node A reaches a pusher-js client on node B', async 
     await sleep(100);
   }
   assert.notEqual(got, null, 'no event crossed from node A to node B');
+});
+
+test('laravel-echo presence: here, joining and leaving across shards and nodes, with the member list API', async () => {
+  const name = 'team-7';
+  const until = (what, check) =>
+    within(5000, what, (async () => { while (!check()) await sleep(20); })());
+  const echoOf = (host, port, member) =>
+    new Echo({ broadcaster: 'pusher', client: connect(host, port, KEY, member) });
+  const joined = (echo, who) => {
+    const seen = { joining: [], leaving: [] };
+    const here = within(5000, `${who} here`, new Promise((resolve) => {
+      echo.join(name)
+        .here(resolve)
+        .joining((u) => seen.joining.push(u))
+        .leaving((u) => seen.leaving.push(u));
+    }));
+    return { here, seen };
+  };
+
+  const ann = echoOf(hostA, portA, { user_id: 1, user_info: { name: 'Ann' } });
+  const a = joined(ann, 'Ann');
+  assert.deepEqual(await a.here, [{ name: 'Ann' }]);
+
+  // Two more connections on node A (the shards take them as they come) and one on node B.
+  const bob = echoOf(hostA, portA, { user_id: 2, user_info: { name: 'Bob' } });
+  const b = joined(bob, 'Bob');
+  assert.deepEqual(await b.here, [{ name: 'Ann' }, { name: 'Bob' }]);
+  await until('Ann hears Bob join', () => a.seen.joining.length === 1);
+  assert.deepEqual(a.seen.joining, [{ name: 'Bob' }]);
+  assert.deepEqual(b.seen.joining, [], 'a member does not hear of its own arrival');
+
+  const cara = echoOf(hostB, portB, { user_id: 'c3', user_info: { name: 'Cara' } });
+  const c = joined(cara, 'Cara');
+  assert.deepEqual(await c.here, [{ name: 'Ann' }, { name: 'Bob' }, { name: 'Cara' }]);
+  await until('Ann and Bob hear Cara join', () => a.seen.joining.length === 2 && b.seen.joining.length === 1);
+  assert.deepEqual(a.seen.joining[1], { name: 'Cara' });
+
+  const users = await (await sdkA.get({ path: `/channels/presence-${name}/users` })).json();
+  assert.deepEqual(users, { users: [{ id: '1' }, { id: '2' }, { id: 'c3' }] });
+  const info = await (await sdkA.get({ path: `/channels/presence-${name}`, params: { info: 'user_count' } })).json();
+  assert.equal(info.user_count, 3);
+
+  // Cara's node B connection goes; Bob leaves the channel: Ann hears both leave.
+  cara.disconnect();
+  await until('Ann hears Cara leave', () => a.seen.leaving.length === 1);
+  assert.deepEqual(a.seen.leaving, [{ name: 'Cara' }]);
+  bob.leave(name);
+  await until('Ann hears Bob leave', () => a.seen.leaving.length === 2);
+  assert.deepEqual(a.seen.leaving[1], { name: 'Bob' });
 });
