@@ -266,9 +266,8 @@ impl NodeInterest {
         if broadcast || !self.routes() {
             return ShardMask::all(self.shards);
         }
-        let mut mask = user.map_or_else(ShardMask::default, |u| {
-            self.shards_for(TopicKind::User, u)
-        });
+        let mut mask =
+            user.map_or_else(ShardMask::default, |u| self.shards_for(TopicKind::User, u));
         for channel in channels {
             mask = mask | self.shards_for(TopicKind::Channel, channel);
         }
@@ -444,7 +443,10 @@ mod tests {
         table.set(0, TopicKind::Channel, "news", true);
         table.set(3, TopicKind::Channel, "news", true);
         table.set(2, TopicKind::User, "news", true);
-        assert_eq!(table.shards_for(TopicKind::Channel, "news"), ShardMask(0b1001));
+        assert_eq!(
+            table.shards_for(TopicKind::Channel, "news"),
+            ShardMask(0b1001)
+        );
         assert_eq!(table.targets(Some("news"), ["x"], false), ShardMask(0b0100));
         assert_eq!(
             table.targets(Some("nobody"), ["news", "x"], false),
@@ -453,10 +455,16 @@ mod tests {
         assert_eq!(table.targets(None, [], true), ShardMask::all(4));
         table.set(0, TopicKind::Channel, "news", false);
         table.set(0, TopicKind::Channel, "news", false);
-        assert_eq!(table.shards_for(TopicKind::Channel, "news"), ShardMask(0b1000));
+        assert_eq!(
+            table.shards_for(TopicKind::Channel, "news"),
+            ShardMask(0b1000)
+        );
         table.set(3, TopicKind::Channel, "news", false);
         assert!(table.shards_for(TopicKind::Channel, "news").is_empty());
-        assert!(table.segments.iter().all(|s| s.read().unwrap().channels.is_empty()));
+        assert!(table
+            .segments
+            .iter()
+            .all(|s| s.read().unwrap().channels.is_empty()));
 
         let wide = NodeInterest::new(MAX_BUS_SHARDS + 1);
         wide.set(1, TopicKind::Channel, "news", true);
