@@ -45,7 +45,8 @@
 //! - [`bus`]: fan-out of committed notifications (and client publishes) to shards, with each frame
 //!   encoded once and shared; with `REDIS_URL`, [`bus::redis_bus`] joins nodes through Redis Pub/Sub
 //!   (its own thread) over the connections of [`bus::link`] (with `REDIS_CLUSTER`, sharded Pub/Sub on a
-//!   Redis Cluster), [`bus::interest`] tracks which shards want which users and channels,
+//!   Redis Cluster), [`bus::interest`] tracks which shards want which users and channels (for the
+//!   Redis subscriptions, and node-wide for routing every delivery to the shards it concerns),
 //!   [`bus::wire`] is the envelope on Redis, [`bus::recent`] the ids delivered lately (no duplicates)
 //!   and [`bus::peers`] the other nodes' liveness (a node that dies before publishing what it committed
 //!   is caught up by the others from the store).
@@ -99,7 +100,8 @@
 //!     ─► store::Store::insert ══ crossbeam queue ══► store thread: group commit (one
 //!        transaction for everything queued), ids assigned in commit order
 //!     ─► bus::CommitFanout (CommitListener): delivery::Delivery::of_notification, then one
-//!        ShardMsg::Commit per shard (the commit's deliveries, and to shard N the reply)
+//!        ShardMsg::Commit per shard holding a targeted connection (bus::interest::NodeInterest;
+//!        every shard for a broadcast), with the commit's deliveries and, to shard N, the reply
 //!        ══ delivery::inbox ══►
 //!        shard M: Hub::for_each_target (user ∪ channels ∪ broadcast, once per connection,
 //!        the frame of the connection's kind, encoded once per node by the first shard needing it)
@@ -119,9 +121,11 @@
 //! the user's topic); a shard keeps the newest version per user and writes it every
 //! `UNREAD_COALESCE_MS` (`shard::unread`).
 //!
-//! Client publishes skip the store: `connection::websocket` puts the shared delivery in every shard's
-//! inbox, its own included (marked with the sender, who is skipped), so publishes are batched like the
-//! rest.
+//! Client publishes skip the store: `connection::websocket` puts the shared delivery in its own shard's
+//! inbox (marked with the sender, who is skipped) and in the inboxes of the other shards that hold a
+//! subscriber of the channel (the node's `bus::interest::NodeInterest`, which each shard's hub updates
+//! on a channel's first subscribe and last unsubscribe before answering the client), so publishes are
+//! batched like the rest and wake no shard without a subscriber.
 
 pub mod api;
 pub mod audit;

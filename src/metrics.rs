@@ -418,6 +418,8 @@ pub struct ShardCounters {
     deliveries_by_kind: [AtomicU64; 4],
     /// Notifications committed by requests this shard served.
     notifications_stored: AtomicU64,
+    /// Times the shard's inbox pump woke to take work other threads queued (a burst is one).
+    inbox_wakeups: AtomicU64,
     /// Bytes queued for sockets that did not take them at once. Signed: only the sum over a shard's
     /// own changes is meaningful, and it is never negative.
     outbound_bytes: AtomicI64,
@@ -437,6 +439,7 @@ impl Default for ShardCounters {
             deliveries: AtomicU64::new(0),
             deliveries_by_kind: Default::default(),
             notifications_stored: AtomicU64::new(0),
+            inbox_wakeups: AtomicU64::new(0),
             outbound_bytes: AtomicI64::new(0),
             first_write: Histogram::new(LATENCY_BOUNDS_NS),
         }
@@ -515,6 +518,11 @@ impl ShardCounters {
             Self::bump(kind(DeliveryKind::Channel), d.via_channel as u64);
         }
         self.first_write.observe_duration(d.made_at.elapsed());
+    }
+
+    /// The inbox pump woke up to a burst of queued messages.
+    pub fn inbox_wakeup(&self) {
+        Self::bump(&self.inbox_wakeups, 1);
     }
 
     /// Notifications were committed.
@@ -709,6 +717,12 @@ impl Metrics {
             Counter,
             "Notifications stored by send and batch requests (fired schedules are in notif_store_inserted_total).",
             self.sum(|s| &s.notifications_stored),
+        );
+        out.single(
+            "notif_shard_wakeups_total",
+            Counter,
+            "Times a shard woke to take deliveries and messages other threads queued for it (a burst is one).",
+            self.sum(|s| &s.inbox_wakeups),
         );
         let outbound: i64 = self
             .shards

@@ -145,3 +145,69 @@ fn a_disconnected_client_leaves_the_indexes() {
     server.send(json!({"channels": ["room"], "message": "still works"}));
     assert_eq!(stayer.expect_notification()["message"], "still works");
 }
+
+/// A client publish reaches its channel's subscribers on every shard that has one, including a
+/// subscriber whose `subscribed` came just before the publish on another shard (the first of its
+/// shard, so the node's interest table changed just then), and wakes no shard without a subscriber.
+#[test]
+fn a_publish_reaches_every_shard_with_a_subscriber_and_wakes_only_those() {
+    let server = TestServer::start_with(&[("SHARDS", "3")]);
+    let mut sender = server.ws_on_shard("user_id=ana", 0);
+    let mut bystander = server.ws_on_shard("user_id=carl&channels=other", 2);
+    bystander.expect_event("subscribed");
+
+    for round in 0..20 {
+        let room = format!("room{round}");
+        sender.send_json(json!({"action": "subscribe", "channels": [room]}));
+        sender.expect_event("subscribed");
+        // A new connection each round, alternating shards, each the first subscriber of its shard.
+        let mut late = server.ws_on_shard(&format!("user_id=late{round}"), 1 + round % 2);
+        late.send_json(json!({"action": "subscribe", "channels": [room]}));
+        late.expect_event("subscribed");
+        sender.send_json(json!({"action": "publish", "channel": room, "data": {"n": round}}));
+        let m = late.expect_event("message");
+        assert_eq!(
+            (m["channel"].as_str(), m["data"]["n"].as_u64()),
+            (Some(room.as_str()), Some(round as u64))
+        );
+    }
+
+    // Shard 0 (the sender's) and shard 1 hold subscribers of `chat`; shard 2 holds none.
+    sender.send_json(json!({"action": "subscribe", "channels": ["chat"]}));
+    sender.expect_event("subscribed");
+    let mut ben = server.ws_on_shard("user_id=ben&channels=chat", 1);
+    ben.expect_event("subscribed");
+    let mut cleo = server.ws_on_shard("user_id=cleo&channels=chat", 0);
+    cleo.expect_event("subscribed");
+    let before = server.metric("notif_shard_wakeups_total");
+    const PUBLISHES: u64 = 10;
+    for n in 0..PUBLISHES {
+        sender.send_json(json!({"action": "publish", "channel": "chat", "data": {"n": n}}));
+        for receiver in [&mut ben, &mut cleo] {
+            assert_eq!(receiver.expect_event("message")["data"]["n"], n);
+        }
+    }
+    let woken = server.metric("notif_shard_wakeups_total") - before;
+    assert!(
+        (PUBLISHES..=2 * PUBLISHES).contains(&woken),
+        "{PUBLISHES} publishes woke shards {woken} times: shard 2 has no subscriber of the channel"
+    );
+    bystander.expect_silence(QUIET);
+    sender.expect_silence(QUIET);
+
+    // A notification to a user wakes the user's shard only (its delivery and its unread count).
+    let before = server.metric("notif_shard_wakeups_total");
+    const SENDS: u64 = 5;
+    for n in 0..SENDS {
+        server.send(json!({"user_id": "ben", "message": format!("n{n}")}));
+        assert_eq!(ben.expect_notification()["message"], format!("n{n}"));
+    }
+    // Let the last unread count arrive before counting.
+    ben.expect_silence(QUIET);
+    let woken = server.metric("notif_shard_wakeups_total") - before;
+    assert!(
+        woken <= 2 * SENDS,
+        "{SENDS} sends to a user on one shard woke shards {woken} times"
+    );
+    bystander.expect_silence(QUIET);
+}

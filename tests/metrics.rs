@@ -27,6 +27,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("notif_deliveries_total", "counter"),
     ("notif_deliveries_by_kind_total", "counter"),
     ("notif_notifications_stored_total", "counter"),
+    ("notif_shard_wakeups_total", "counter"),
     ("notif_outbound_queue_bytes", "gauge"),
     ("notif_commit_to_write_seconds", "histogram"),
     ("notif_refused_total", "counter"),

@@ -10,8 +10,16 @@
 //! when the last one leaves. The registry only records the wanted state; the bus compares it with what
 //! Redis has, after draining every queued change, so a burst of connects and disconnects becomes one
 //! pipelined write of net changes.
+//!
+//! The same two edges also update the node's [`NodeInterest`], synchronously on the shard's thread:
+//! the table every thread that hands deliveries to shards (a client's publish on another shard, the
+//! store thread's commits) reads, so that a delivery wakes only the shards that hold a connection it
+//! targets. Being updated before the shard answers the subscribe (or the upgrade), it never misses a
+//! subscriber whose subscribe completed before the publish.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::RwLock;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -117,12 +125,153 @@ impl ShardMask {
     pub fn shards(self) -> impl Iterator<Item = usize> {
         (0..MAX_BUS_SHARDS).filter(move |i| self.0 & (1 << i) != 0)
     }
+
+    /// Whether shard `shard` is in the set (a shard past [`MAX_BUS_SHARDS`] is only in a full set).
+    pub fn contains(self, shard: usize) -> bool {
+        if shard >= MAX_BUS_SHARDS {
+            self.0 == u64::MAX
+        } else {
+            self.0 & (1 << shard) != 0
+        }
+    }
 }
 
 impl std::ops::BitOr for ShardMask {
     type Output = ShardMask;
     fn bitor(self, other: ShardMask) -> ShardMask {
         ShardMask(self.0 | other.0)
+    }
+}
+
+/// The kind of name an interest is for: a user's, or a channel's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// A user id (deliveries addressed to the user).
+    User,
+    /// A channel name.
+    Channel,
+}
+
+/// How many independently locked parts [`NodeInterest`] is split into: a subscribe edge on one shard
+/// blocks the readers of one part only, and the readers of different channels rarely share a lock's
+/// cache line.
+const SEGMENTS: usize = 64;
+
+/// One part of [`NodeInterest`]: the shards of each name hashed here.
+#[derive(Debug, Default)]
+struct Segment {
+    users: HashMap<Box<str>, ShardMask>,
+    channels: HashMap<Box<str>, ShardMask>,
+}
+
+impl Segment {
+    fn map(&self, kind: TopicKind) -> &HashMap<Box<str>, ShardMask> {
+        match kind {
+            TopicKind::User => &self.users,
+            TopicKind::Channel => &self.channels,
+        }
+    }
+
+    fn map_mut(&mut self, kind: TopicKind) -> &mut HashMap<Box<str>, ShardMask> {
+        match kind {
+            TopicKind::User => &mut self.users,
+            TopicKind::Channel => &mut self.channels,
+        }
+    }
+}
+
+/// Which of this node's shards hold a connection of each user and a subscriber of each channel,
+/// shared by every thread of the node (see the module docs). A shard sets its bit for a name on its
+/// first connection for it and clears it on its last, always before it answers the client, so a
+/// reader that looks after a subscribe completed sees it. A reader holds one part's read lock for one
+/// hash lookup; writers are the first arrivals and last departures only.
+///
+/// A node with more than [`MAX_BUS_SHARDS`] shards cannot name them all in a [`ShardMask`]: its
+/// table records nothing and answers every shard for everything (the fan-out of old).
+#[derive(Debug)]
+pub struct NodeInterest {
+    segments: Box<[RwLock<Segment>]>,
+    hasher: RandomState,
+    shards: usize,
+}
+
+impl NodeInterest {
+    /// An empty table for a node of `shards` shards.
+    pub fn new(shards: usize) -> NodeInterest {
+        NodeInterest {
+            segments: (0..SEGMENTS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+            shards,
+        }
+    }
+
+    /// Whether the table names shards (the node has at most [`MAX_BUS_SHARDS`]).
+    fn routes(&self) -> bool {
+        self.shards <= MAX_BUS_SHARDS
+    }
+
+    fn segment(&self, name: &str) -> &RwLock<Segment> {
+        let hash = self.hasher.hash_one(name);
+        &self.segments[(hash as usize) % SEGMENTS]
+    }
+
+    /// Shard `shard` now holds (`on`) or no longer holds a connection for the `kind` name `name`.
+    pub fn set(&self, shard: usize, kind: TopicKind, name: &str, on: bool) {
+        if !self.routes() || shard >= MAX_BUS_SHARDS {
+            return;
+        }
+        let bit = 1u64 << shard;
+        // A poisoned lock only means a panic elsewhere while holding it; the masks are still whole.
+        let mut segment = self
+            .segment(name)
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let map = segment.map_mut(kind);
+        if on {
+            match map.get_mut(name) {
+                Some(mask) => mask.0 |= bit,
+                None => {
+                    map.insert(name.into(), ShardMask(bit));
+                }
+            }
+        } else if let Some(mask) = map.get_mut(name) {
+            mask.0 &= !bit;
+            if mask.is_empty() {
+                map.remove(name);
+            }
+        }
+    }
+
+    /// The shards holding a connection for the `kind` name `name` (every shard when the table does
+    /// not route).
+    pub fn shards_for(&self, kind: TopicKind, name: &str) -> ShardMask {
+        if !self.routes() {
+            return ShardMask::all(self.shards);
+        }
+        let segment = self
+            .segment(name)
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        segment.map(kind).get(name).copied().unwrap_or_default()
+    }
+
+    /// The shards that a delivery to `user`, `channels` (and with `broadcast`, every connection)
+    /// has to reach.
+    pub fn targets<'a>(
+        &self,
+        user: Option<&str>,
+        channels: impl IntoIterator<Item = &'a str>,
+        broadcast: bool,
+    ) -> ShardMask {
+        if broadcast || !self.routes() {
+            return ShardMask::all(self.shards);
+        }
+        let mut mask =
+            user.map_or_else(ShardMask::default, |u| self.shards_for(TopicKind::User, u));
+        for channel in channels {
+            mask = mask | self.shards_for(TopicKind::Channel, channel);
+        }
+        mask
     }
 }
 
@@ -286,6 +435,46 @@ mod tests {
             "a leave and a rejoin net out"
         );
         assert!(registry.shards_for(&alice).is_empty());
+    }
+
+    #[test]
+    fn the_node_table_names_the_shards_holding_a_name_until_their_last_leaves() {
+        let table = NodeInterest::new(4);
+        table.set(0, TopicKind::Channel, "news", true);
+        table.set(3, TopicKind::Channel, "news", true);
+        table.set(2, TopicKind::User, "news", true);
+        assert_eq!(
+            table.shards_for(TopicKind::Channel, "news"),
+            ShardMask(0b1001)
+        );
+        assert_eq!(table.targets(Some("news"), ["x"], false), ShardMask(0b0100));
+        assert_eq!(
+            table.targets(Some("nobody"), ["news", "x"], false),
+            ShardMask(0b1001)
+        );
+        assert_eq!(table.targets(None, [], true), ShardMask::all(4));
+        table.set(0, TopicKind::Channel, "news", false);
+        table.set(0, TopicKind::Channel, "news", false);
+        assert_eq!(
+            table.shards_for(TopicKind::Channel, "news"),
+            ShardMask(0b1000)
+        );
+        table.set(3, TopicKind::Channel, "news", false);
+        assert!(table.shards_for(TopicKind::Channel, "news").is_empty());
+        assert!(table
+            .segments
+            .iter()
+            .all(|s| s.read().unwrap().channels.is_empty()));
+
+        let wide = NodeInterest::new(MAX_BUS_SHARDS + 1);
+        wide.set(1, TopicKind::Channel, "news", true);
+        assert_eq!(
+            wide.targets(None, ["other"], false),
+            ShardMask(u64::MAX),
+            "too many shards to name: every shard"
+        );
+        assert!(ShardMask(u64::MAX).contains(MAX_BUS_SHARDS + 3));
+        assert!(!ShardMask(1).contains(MAX_BUS_SHARDS + 3));
     }
 
     #[test]

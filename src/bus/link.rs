@@ -12,6 +12,14 @@
 //! master of its channel's slot, and follows `MOVED` by refreshing the slot map. The subscriber cluster connection hands messages to us as RESP3 pushes; a second cluster
 //! connection publishes, so a burst of publishes never queues behind subscriptions.
 //!
+//! The crate refuses a pipeline whose keys span slots, and a batch's channels (one per user) are
+//! mostly in different slots; one SPUBLISH round trip each would cost a burst one request per
+//! message. So the session reads the slot map itself (`CLUSTER SLOTS`, [`SlotOwners`]) and sends each
+//! batch as one pipeline per master, routed through the slot of its first message (a master serves
+//! every slot it owns): a channel is always in the same group, so its messages keep their order. A
+//! map gone stale (a slot moved) makes a publish fail with `MOVED`, the batch stays queued, and the
+//! new session reads the map again.
+//!
 //! **Slot moves and failovers.** When a slot leaves a master, Redis ends the subscriptions of its
 //! channels with an `sunsubscribe` push; when a master goes away, the crate reports a disconnection.
 //! Either way the bus treats the session as lost ([`Incoming::Lost`]): it reconnects, reads the new slot
@@ -28,6 +36,7 @@ use futures_util::{FutureExt, StreamExt};
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisError};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -74,7 +83,111 @@ pub enum Link {
         publisher: ClusterConnection,
         /// Our own SUNSUBSCRIBEs whose confirmation has not come back yet.
         own: OwnUnsubscribes,
+        /// The master of each slot as the session began, to group a batch's publishes per master;
+        /// `None` if it could not be read (each message is then published on its own).
+        owners: Option<SlotOwners>,
     },
+}
+
+/// Redis Cluster's number of hash slots.
+const SLOTS: usize = 16384;
+
+/// The slot of a Redis key (channel name): CRC16 (XMODEM) of the key, or of its `{hashtag}` when it
+/// has a non-empty one, modulo 16384, as Redis Cluster computes it.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in hashed {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS as u16
+}
+
+/// Which master owns each slot, read from `CLUSTER SLOTS` when a session begins.
+#[derive(Debug, Clone)]
+pub struct SlotOwners {
+    /// Per slot, the index of its master in the reply's order of masters (`u16::MAX`: none).
+    owner: Vec<u16>,
+}
+
+impl SlotOwners {
+    /// Reads a `CLUSTER SLOTS` reply: `[[start, end, [host, port, …], replicas…], …]`. `None` for
+    /// a reply of another shape.
+    pub fn from_reply(reply: &redis::Value) -> Option<SlotOwners> {
+        use redis::Value;
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut masters: Vec<(Vec<u8>, i64)> = Vec::new();
+        let mut owner = vec![u16::MAX; SLOTS];
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let (Some(Value::BulkString(host)), Some(Value::Int(port))) =
+                (master.first(), master.get(1))
+            else {
+                return None;
+            };
+            let key = (host.clone(), *port);
+            let index = match masters.iter().position(|m| *m == key) {
+                Some(i) => i,
+                None => {
+                    masters.push(key);
+                    masters.len() - 1
+                }
+            };
+            let (start, end) = (usize::try_from(*start).ok()?, usize::try_from(*end).ok()?);
+            if start > end || end >= SLOTS {
+                return None;
+            }
+            owner[start..=end].fill(u16::try_from(index).ok()?);
+        }
+        Some(SlotOwners { owner })
+    }
+
+    /// Groups `messages` per master of their channel's slot, each group in the batch's order, with
+    /// the slot of its first message (the route of its pipeline). A message whose slot has no known
+    /// master is a group of its own.
+    pub fn group<'m>(
+        &self,
+        messages: &'m [(String, Bytes)],
+    ) -> Vec<(u16, Vec<&'m (String, Bytes)>)> {
+        let mut groups: Vec<(u16, Vec<&(String, Bytes)>)> = Vec::new();
+        let mut by_master: HashMap<u16, usize> = HashMap::new();
+        for message in messages {
+            let slot = key_slot(message.0.as_bytes());
+            let master = self.owner[usize::from(slot)];
+            match by_master.get(&master) {
+                Some(&i) if master != u16::MAX => groups[i].1.push(message),
+                _ => {
+                    by_master.insert(master, groups.len());
+                    groups.push((slot, vec![message]));
+                }
+            }
+        }
+        groups
+    }
 }
 
 /// Tells our own SUNSUBSCRIBE's confirmation from Redis ending a subscription after a slot move: both
@@ -171,11 +284,14 @@ impl Link {
                 let publisher = tokio::time::timeout(whole, pub_client.get_async_connection())
                     .await
                     .map_err(|_| timed_out())??;
+                let mut publisher = publisher;
+                let owners = read_slot_owners(&mut publisher).await;
                 Ok(Link::Cluster {
                     subscriber,
                     pushes,
                     publisher,
                     own: OwnUnsubscribes::default(),
+                    owners,
                 })
             }
         }
@@ -215,8 +331,8 @@ impl Link {
         }
     }
 
-    /// Publishes each `(channel, envelope)`: one PUBLISH pipeline, or one SPUBLISH per message sent
-    /// together (the cluster connection pipelines them per master).
+    /// Publishes each `(channel, envelope)`: one PUBLISH pipeline, or in a cluster one SPUBLISH
+    /// pipeline per master (see the module docs), the pipelines sent together.
     pub async fn publish(&mut self, messages: &[(String, Bytes)]) -> RedisResult {
         if messages.is_empty() {
             return Ok(());
@@ -232,12 +348,39 @@ impl Link {
                 }
                 pipe.query_async::<()>(publisher).await
             }
-            Link::Cluster { publisher, .. } => {
-                let sends = messages.iter().map(|(channel, envelope)| {
+            Link::Cluster {
+                publisher, owners, ..
+            } => {
+                let Some(owners) = owners else {
+                    let sends = messages.iter().map(|(channel, envelope)| {
+                        let mut conn = publisher.clone();
+                        let mut cmd = redis::cmd("SPUBLISH");
+                        cmd.arg(channel).arg(envelope.as_ref());
+                        async move { cmd.exec_async(&mut conn).await }
+                    });
+                    futures_util::future::try_join_all(sends).await?;
+                    return Ok(());
+                };
+                let sends = owners.group(messages).into_iter().map(|(slot, group)| {
                     let mut conn = publisher.clone();
-                    let mut cmd = redis::cmd("SPUBLISH");
-                    cmd.arg(channel).arg(envelope.as_ref());
-                    async move { cmd.exec_async(&mut conn).await }
+                    let mut pipe = redis::pipe();
+                    for (channel, envelope) in &group {
+                        pipe.cmd("SPUBLISH").arg(channel).arg(envelope.as_ref());
+                    }
+                    let route =
+                        SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                    let count = group.len();
+                    async move {
+                        let replies = conn.route_pipeline(pipe, 0, count, route).await?;
+                        // A stale slot map shows as a `MOVED` reply inside the pipeline.
+                        match replies.into_iter().find_map(|r| match r {
+                            redis::Value::ServerError(e) => Some(e),
+                            _ => None,
+                        }) {
+                            Some(e) => Err(RedisError::from(e)),
+                            None => Ok(()),
+                        }
+                    }
                 });
                 futures_util::future::try_join_all(sends).await?;
                 Ok(())
@@ -295,6 +438,32 @@ impl Link {
     }
 }
 
+/// The cluster's slot map, read through the publisher connection from any master; `None` (each
+/// message then published on its own) if it cannot be read or understood.
+async fn read_slot_owners(publisher: &mut ClusterConnection) -> Option<SlotOwners> {
+    let reply = publisher
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+        )
+        .await;
+    match reply {
+        Ok(reply) => {
+            let owners = SlotOwners::from_reply(&reply);
+            if owners.is_none() {
+                tracing::warn!(
+                    "CLUSTER SLOTS answered in an unknown shape: publishing one message at a time"
+                );
+            }
+            owners
+        }
+        Err(e) => {
+            tracing::warn!(error = %describe(&e), "CLUSTER SLOTS failed: publishing one message at a time");
+            None
+        }
+    }
+}
+
 /// The result of a subscription change or a publish.
 type RedisResult = Result<(), RedisError>;
 
@@ -328,6 +497,69 @@ fn from_push(own: &mut OwnUnsubscribes, push: PushInfo) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_redis_clusters_and_a_batch_is_grouped_per_master_in_order() {
+        for key in [
+            "notif:u:ann",
+            "notif:c:{room}.x",
+            "{}x",
+            "a{b",
+            "",
+            "notif:b",
+        ] {
+            assert_eq!(
+                Route::new(key_slot(key.as_bytes()), SlotAddr::Master),
+                Route::with_key(key, SlotAddr::Master),
+                "{key}"
+            );
+        }
+        assert_eq!(key_slot(b"foo"), 12182, "Redis's own example");
+        let node = |host: &str, port| {
+            redis::Value::Array(vec![
+                redis::Value::BulkString(host.as_bytes().to_vec()),
+                redis::Value::Int(port),
+            ])
+        };
+        let range = |start, end, master| {
+            redis::Value::Array(vec![
+                redis::Value::Int(start),
+                redis::Value::Int(end),
+                master,
+            ])
+        };
+        let reply = redis::Value::Array(vec![
+            range(0, 8191, node("10.0.0.1", 7000)),
+            range(8192, 12000, node("10.0.0.2", 7000)),
+            range(12001, 16383, node("10.0.0.1", 7000)),
+        ]);
+        let owners = SlotOwners::from_reply(&reply).expect("a slot map");
+        let message = |channel: &str, n: u8| (channel.to_owned(), Bytes::from(vec![n]));
+        // Slots: {a} 15495 (first master), {b} 3300 (first), {c} 7365 (first), {d} 11298 (second).
+        let batch = [
+            message("{d}1", 1),
+            message("{a}1", 2),
+            message("{d}1", 3),
+            message("{b}1", 4),
+            message("{a}1", 5),
+        ];
+        let groups: Vec<(u16, Vec<u8>)> = owners
+            .group(&batch)
+            .into_iter()
+            .map(|(slot, g)| (slot, g.iter().map(|m| m.1[0]).collect()))
+            .collect();
+        assert_eq!(
+            groups,
+            vec![
+                (key_slot(b"d"), vec![1, 3]),
+                (key_slot(b"a"), vec![2, 4, 5])
+            ]
+        );
+        assert!(SlotOwners::from_reply(&redis::Value::Int(1)).is_none());
+        let gap =
+            SlotOwners::from_reply(&redis::Value::Array(vec![range(0, 10, node("h", 1))])).unwrap();
+        assert_eq!(gap.group(&batch).len(), 5, "no known master: one each");
+    }
 
     #[test]
     fn sharded_pushes_become_messages_and_server_unsubscribes() {

@@ -8,9 +8,12 @@
 //! channel). No connection ever serializes anything.
 //!
 //! In a single node the bus is in-process: committed notifications arrive from the store thread through
-//! [`CommitListener`] ([`CommitFanout`]), in commit order, and go to every shard's inbox, one message per
-//! commit and shard with the replies to that shard's sends; each shard drops what none of its
-//! connections wants (a hash lookup). Since one thread (the store thread) feeds every shard in commit order,
+//! [`CommitListener`] ([`CommitFanout`]), in commit order, and go to the inboxes of the shards that hold
+//! a connection they target, as the node's [`interest::NodeInterest`] table says (every shard for a
+//! broadcast): one message per commit and shard, with the replies to that shard's sends; each shard then
+//! finds its connections in its own indexes. Client publishes, Pusher events and presence changes go the
+//! same way, so a publish to a channel wakes only the shards with a subscriber of it. Since one thread
+//! (the store thread) feeds every shard in commit order,
 //! a connection sees notifications in id order, which is what makes "resume after id X" exact.
 //!
 //! With `REDIS_URL` (or `REDIS_CLUSTER`, sharded Pub/Sub over a Redis Cluster: [`link`]) several nodes
@@ -35,7 +38,7 @@ pub mod wire;
 use std::sync::Arc;
 
 use crate::audit::Audit;
-use crate::bus::interest::InterestSink;
+use crate::bus::interest::{InterestSink, NodeInterest, ShardMask};
 use crate::bus::redis_bus::{BusCmd, RedisBus};
 use crate::bus::wire::NodePresence;
 use crate::delivery::frame::frame_payload;
@@ -54,6 +57,9 @@ const PRESENCE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 #[derive(Debug, Clone)]
 pub struct Fanout {
     shards: Arc<[ShardInbox]>,
+    /// Which shards hold which users and channels, kept by the shards' hubs: a delivery goes only to
+    /// the shards it concerns.
+    interest: Arc<NodeInterest>,
     /// The Redis bus of a multi-node deployment; `None` for a single node.
     bus: Option<RedisBus>,
     /// Told of every commit (`stored` and `fired` lines), on the store thread before delivery.
@@ -69,6 +75,7 @@ impl Fanout {
     /// A fan-out over these shard inboxes (index = shard number), joined to other nodes through `bus`.
     pub fn new(shards: Vec<ShardInbox>, bus: Option<RedisBus>) -> Fanout {
         Fanout {
+            interest: Arc::new(NodeInterest::new(shards.len())),
             shards: shards.into(),
             bus,
             audit: Audit::off(),
@@ -119,6 +126,11 @@ impl Fanout {
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Terminate(name));
         }
+    }
+
+    /// The node's table of which shards hold which users and channels, for the shards' hubs to keep.
+    pub fn node_interest(&self) -> &Arc<NodeInterest> {
+        &self.interest
     }
 
     /// The node's presence registry.
@@ -174,7 +186,7 @@ impl Fanout {
     ) {
         if let Some(event) = outcome.event {
             let delivery = Arc::new(Delivery::of_presence_change(event));
-            self.send_to_other_shards(None, Arc::from([delivery]));
+            self.send_to_interested_shards(None, Arc::from([delivery]));
         }
         if let (true, Some(bus)) = (outcome.node_changed, &self.bus) {
             bus.send_to_bus(BusCmd::Presence(NodePresence {
@@ -234,8 +246,8 @@ impl Fanout {
             .map(|bus| InterestSink::new(shard, bus.queue()))
     }
 
-    /// A client's channel message, already delivered on shard `from`: to the other shards and, with a
-    /// bus, to the other nodes.
+    /// A client's channel message, already delivered on shard `from`: to the other shards with a
+    /// subscriber of the channel and, with a bus, to the other nodes.
     pub fn send_client_message(&self, from: usize, channel: &str, delivery: Arc<Delivery>) {
         if let Some(bus) = &self.bus {
             bus.send_to_bus(BusCmd::Message {
@@ -243,11 +255,11 @@ impl Fanout {
                 payload: frame_payload(&delivery.native().plain),
             });
         }
-        self.send_to_other_shards(Some(from), Arc::from([delivery]));
+        self.send_to_interested_shards(Some(from), Arc::from([delivery]));
     }
 
     /// Pusher events (one delivery per channel, made by `Delivery::of_pusher_event`): to every shard
-    /// but `except` (a Pusher client's shard, which delivers its client event locally itself) and,
+    /// with a subscriber of the channel but `except` (a Pusher client's shard, which delivers its client event locally itself) and,
     /// with a bus, to the other nodes. Ephemeral: not stored, and dropped for the other nodes while
     /// Redis is away.
     pub fn send_pusher_events(&self, except: Option<usize>, deliveries: Vec<Arc<Delivery>>) {
@@ -263,7 +275,7 @@ impl Fanout {
                 }
             }
         }
-        self.send_to_other_shards(except, deliveries.into());
+        self.send_to_interested_shards(except, deliveries.into());
     }
 
     /// How many shards this node runs.
@@ -271,13 +283,63 @@ impl Fanout {
         self.shards.len()
     }
 
-    /// Sends deliveries to every shard except `except` (the caller, which delivers locally itself).
-    pub fn send_to_other_shards(&self, except: Option<usize>, deliveries: Arc<[Arc<Delivery>]>) {
-        for (i, shard) in self.shards.iter().enumerate() {
-            if Some(i) != except {
-                shard.send_to_shard(ShardMsg::Deliver(deliveries.clone()));
+    /// The shards holding a connection that `delivery` targets.
+    fn targets(&self, delivery: &Delivery) -> ShardMask {
+        self.interest.targets(
+            delivery.user.as_deref(),
+            delivery.channels.iter().map(String::as_str),
+            delivery.broadcast,
+        )
+    }
+
+    /// Sends deliveries to the shards, except `except` (the caller, which delivers locally itself),
+    /// holding a connection one of them targets: each such shard gets those that concern it, in
+    /// order (the whole shared list when all concern it), and the others are not woken.
+    pub fn send_to_interested_shards(
+        &self,
+        except: Option<usize>,
+        deliveries: Arc<[Arc<Delivery>]>,
+    ) {
+        let lists = self.per_shard(&deliveries);
+        for (i, (shard, list)) in self.shards.iter().zip(lists).enumerate() {
+            if let Some(list) = list.filter(|_| Some(i) != except) {
+                shard.send_to_shard(ShardMsg::Deliver(list));
             }
         }
+    }
+
+    /// Which of `deliveries` each shard is to get, as the node's interest table says: `None` for a
+    /// shard holding no connection that any of them targets. A burst whose deliveries all want the
+    /// same shards is shared whole, not copied per shard.
+    fn per_shard(&self, deliveries: &Arc<[Arc<Delivery>]>) -> Vec<Option<Arc<[Arc<Delivery>]>>> {
+        let shards = self.shards.len();
+        if let [one] = &**deliveries {
+            let mask = self.targets(one);
+            return (0..shards)
+                .map(|i| mask.contains(i).then(|| deliveries.clone()))
+                .collect();
+        }
+        let masks: Vec<ShardMask> = deliveries.iter().map(|d| self.targets(d)).collect();
+        let union = masks.iter().fold(ShardMask::default(), |a, &m| a | m);
+        let all_alike = masks.iter().all(|&m| m == union);
+        (0..shards)
+            .map(|i| {
+                if !union.contains(i) {
+                    None
+                } else if all_alike {
+                    Some(deliveries.clone())
+                } else {
+                    Some(
+                        deliveries
+                            .iter()
+                            .zip(&masks)
+                            .filter(|(_, m)| m.contains(i))
+                            .map(|(d, _)| d.clone())
+                            .collect(),
+                    )
+                }
+            })
+            .collect()
     }
 
     /// Sends a message to shard `index` (a shard may send to its own inbox).
@@ -380,12 +442,14 @@ impl CommitListener for CommitFanout {
             }
         }
         let deliveries: Arc<[Arc<Delivery>]> = deliveries.into();
-        for (shard, replies) in shards.iter().zip(answers) {
-            if deliveries.is_empty() && replies.is_empty() {
+        let lists = self.fanout.per_shard(&deliveries);
+        for ((shard, replies), list) in shards.iter().zip(answers).zip(lists) {
+            // A shard that none of the commit targets hears of it only if it has a reply waiting.
+            if list.is_none() && replies.is_empty() {
                 continue;
             }
             shard.send_to_shard(ShardMsg::Commit {
-                deliveries: deliveries.clone(),
+                deliveries: list.unwrap_or_else(|| Arc::from([])),
                 replies,
             });
         }

@@ -30,7 +30,7 @@ use std::task::Waker;
 
 use smallvec::SmallVec;
 
-use crate::bus::interest::{InterestSink, Topic};
+use crate::bus::interest::{InterestSink, NodeInterest, Topic, TopicKind};
 use crate::delivery::inbox::ConnId;
 use crate::delivery::{Content, Delivery, Encoding, Via};
 use crate::preferences::{Preferences, Registry, Verdict};
@@ -302,6 +302,10 @@ pub struct Hub {
     /// Told when the shard's first connection of a user or channel arrives and its last one leaves
     /// (the Redis bus subscribes to exactly those); `None` on a single node.
     interest: Option<InterestSink>,
+    /// The node's table of which shards hold which users and channels, and this shard's number in
+    /// it: told of the same edges, before the client hears of its subscribe. `None`: a hub alone
+    /// (tests), reached by every delivery.
+    node: Option<(Arc<NodeInterest>, usize)>,
     /// Below this many connections the tables are shrunk (see [`Hub::shrink_if_sparse`]).
     shrink_below: usize,
     /// The node's users' preferences, read when a user's first connection arrives on this shard;
@@ -324,6 +328,12 @@ impl Hub {
         }
     }
 
+    /// The same hub, keeping shard `shard`'s bits in the node's interest table `table` current.
+    pub fn with_node_interest(mut self, table: Arc<NodeInterest>, shard: usize) -> Hub {
+        self.node = Some((table, shard));
+        self
+    }
+
     /// The same hub, reading its users' preferences from `registry`.
     pub fn with_preferences(mut self, registry: Arc<Registry>) -> Hub {
         self.preferences = Some(registry);
@@ -337,10 +347,18 @@ impl Hub {
         }
     }
 
-    /// Reports a first arrival (`on`) or a last departure to the bus, if there is one.
-    fn interest_changed(&self, topic: impl FnOnce() -> Topic, on: bool) {
+    /// Reports a first arrival (`on`) or a last departure of the `kind` name `name` to the node's
+    /// table and to the bus, if there is one.
+    fn interest_changed(&self, kind: TopicKind, name: &str, on: bool) {
+        if let Some((table, shard)) = &self.node {
+            table.set(*shard, kind, name, on);
+        }
         if let Some(sink) = &self.interest {
-            sink.send_to_bus(topic(), on);
+            let topic = match kind {
+                TopicKind::User => Topic::User(name.into()),
+                TopicKind::Channel => Topic::Channel(name.into()),
+            };
+            sink.send_to_bus(topic, on);
         }
     }
 
@@ -423,7 +441,7 @@ impl Hub {
         );
         let (user_id, new) = self.users.intern(user);
         if new {
-            self.interest_changed(|| Topic::User(user.into()), true);
+            self.interest_changed(TopicKind::User, user, true);
             if let Some(registry) = &self.preferences {
                 self.users.entries[user_id as usize].preferences = registry.get(user);
             }
@@ -464,7 +482,7 @@ impl Hub {
         }
         let (user_id, new) = self.users.intern(user);
         if new {
-            self.interest_changed(|| Topic::User(user.into()), true);
+            self.interest_changed(TopicKind::User, user, true);
         }
         self.users.add(user_id, id);
         self.conns[id as usize].user = NonZeroU32::new(user_id + 1);
@@ -538,7 +556,7 @@ impl Hub {
         }
         let (ch, new) = self.channels.intern(channel);
         if new {
-            self.interest_changed(|| Topic::Channel(channel.into()), true);
+            self.interest_changed(TopicKind::Channel, channel, true);
         }
         let position = self.channels.add(ch, id);
         self.conns[id as usize].subscriptions.push(Subscription {
@@ -566,7 +584,7 @@ impl Hub {
     fn remove_member(&mut self, ch: NameId, position: u32) {
         let (moved, freed) = self.channels.remove_at(ch, position);
         if let Some(name) = freed {
-            self.interest_changed(|| Topic::Channel(name.as_ref().into()), false);
+            self.interest_changed(TopicKind::Channel, &name, false);
         }
         if let Some(moved) = moved {
             if let Some(s) = self.conns[moved as usize]
@@ -589,7 +607,7 @@ impl Hub {
             let members = self.users.members(user);
             if let Some(pos) = members.iter().position(|&c| c == id) {
                 if let (_, Some(name)) = self.users.remove_at(user, pos as u32) {
-                    self.interest_changed(|| Topic::User(name.as_ref().into()), false);
+                    self.interest_changed(TopicKind::User, &name, false);
                 }
             }
         }

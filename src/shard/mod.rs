@@ -1,7 +1,7 @@
 //! Shards: one glommio `LocalExecutor` per core, each with its own `SO_REUSEPORT` listener, its own
 //! connections and its own hub. Shared-nothing (Seastar's model): a shard never touches another shard's
 //! memory; everything that crosses shards is a message in a [`ShardInbox`](crate::delivery::inbox::ShardInbox),
-//! and the functions that send one say so in their name (`send_to_shard`, `send_to_other_shards`).
+//! and the functions that send one say so in their name (`send_to_shard`, `send_to_interested_shards`).
 //!
 //! The shard holds connections and routes deliveries to them; it does not know what a connection speaks.
 //! The task that serves each accepted socket (HTTP, then a session of some connection kind) is the
@@ -353,6 +353,7 @@ where
         config: setup.config,
         hub: RefCell::new(
             Hub::with_interest(setup.fanout.interest_sink(setup.index))
+                .with_node_interest(setup.fanout.node_interest().clone(), setup.index)
                 .with_preferences(setup.fanout.preferences().clone()),
         ),
         store: setup.store,
@@ -546,6 +547,7 @@ impl Shard {
 async fn pump_inbox(shard: Rc<Shard>, inbox: InboxReceiver) {
     loop {
         inbox.ready().await;
+        shard.stats().inbox_wakeup();
         let mut handled = 0;
         while let Some(msg) = inbox.try_next() {
             match msg {
