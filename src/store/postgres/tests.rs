@@ -109,7 +109,7 @@ fn an_operators_delete_from_another_search_path_still_removes_channel_rows() {
     let (mut writer, _reader) = open(&schema);
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![stored(
+            &mut [WriteRequest::plain_insert(vec![stored(
                 1,
                 Some("u"),
                 &["c"],
@@ -154,7 +154,7 @@ fn a_long_mixed_batch_is_applied_in_request_order() {
         }
     }
     let outcomes = writer
-        .apply_batch(&batch, BatchClock::at(7, &mut IdGenerator::new()))
+        .apply_batch(&mut batch, BatchClock::at(7, &mut IdGenerator::new()))
         .unwrap();
     assert_eq!(outcomes.len(), batch.len());
     for (request, outcome) in batch.iter().zip(&outcomes) {
@@ -185,7 +185,7 @@ fn times_round_trip_exactly_and_odd_stored_times_decode() {
     before_2000.created_at = POSTGRES_EPOCH_MILLIS - 1;
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![
+            &mut [WriteRequest::plain_insert(vec![
                 Arc::new(before_epoch.clone()),
                 Arc::new(before_2000.clone()),
             ])],
@@ -211,7 +211,7 @@ fn times_round_trip_exactly_and_odd_stored_times_decode() {
     absurd.scheduled_at = Some(Millis::MAX);
     let err = writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![Arc::new(absurd)])],
+            &mut [WriteRequest::plain_insert(vec![Arc::new(absurd)])],
             BatchClock::at(0, &mut IdGenerator::new()),
         )
         .unwrap_err();
@@ -289,14 +289,14 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
         )])]
     };
     writer
-        .apply_batch(&insert(1), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(1), BatchClock::at(0, &mut IdGenerator::new()))
         .unwrap();
 
     // The database goes away: the batch fails (a 503 upstream), quickly, and so does a read.
     proxy.set(ProxyMode::Down);
     let started = Instant::now();
     assert!(writer
-        .apply_batch(&insert(2), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(2), BatchClock::at(0, &mut IdGenerator::new()))
         .is_err());
     assert!(reader.ping().is_err());
     assert!(
@@ -311,7 +311,7 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
         .find(|seed| {
             backing_off(
                 &writer
-                    .apply_batch(&insert(*seed), BatchClock::at(0, &mut IdGenerator::new()))
+                    .apply_batch(&mut insert(*seed), BatchClock::at(0, &mut IdGenerator::new()))
                     .unwrap_err(),
             )
         })
@@ -320,7 +320,7 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     let started = Instant::now();
     for seed in first_backoff + 1..100 {
         let err = writer
-            .apply_batch(&insert(seed), BatchClock::at(0, &mut IdGenerator::new()))
+            .apply_batch(&mut insert(seed), BatchClock::at(0, &mut IdGenerator::new()))
             .unwrap_err();
         assert!(backing_off(&err), "{err}");
     }
@@ -335,7 +335,7 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     let deadline = Instant::now() + RECONNECT_BACKOFF_MAX * 2;
     let mut seed = 100;
     while writer
-        .apply_batch(&insert(seed), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(seed), BatchClock::at(0, &mut IdGenerator::new()))
         .is_err()
     {
         assert!(Instant::now() < deadline, "the writer did not recover");
@@ -354,7 +354,7 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     proxy.set(ProxyMode::Blackhole);
     let started = Instant::now();
     let err = writer
-        .apply_batch(&insert(1_000), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(1_000), BatchClock::at(0, &mut IdGenerator::new()))
         .unwrap_err();
     assert!(err.to_string().contains("no answer within"), "{err}");
     assert!(
@@ -366,7 +366,7 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     proxy.set(ProxyMode::Up);
     let deadline = Instant::now() + RECONNECT_BACKOFF_MAX * 2;
     while writer
-        .apply_batch(&insert(1_001), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(1_001), BatchClock::at(0, &mut IdGenerator::new()))
         .is_err()
     {
         assert!(Instant::now() < deadline, "the writer did not recover");
@@ -398,7 +398,7 @@ fn a_key_raced_by_another_node_stores_once_and_replays_the_winner() {
         let racing = s.spawn(|| {
             let started = Instant::now();
             let out = w.apply_batch(
-                &[keyed_insert(1, 1), keyed_insert(2, 9)],
+                &mut [keyed_insert(1, 1), keyed_insert(2, 9)],
                 BatchClock::at(now, &mut IdGenerator::new()),
             );
             (out, started.elapsed())
@@ -431,7 +431,7 @@ fn a_due_notification_another_node_is_claiming_is_skipped_not_waited_for() {
     let (mut w, _r) = open(&schema);
     let mut ids = IdGenerator::new();
     w.apply_batch(
-        &[pending(1, 100), pending(2, 200)],
+        &mut [pending(1, 100), pending(2, 200)],
         BatchClock::at(50, &mut ids),
     )
     .unwrap();
@@ -443,9 +443,9 @@ fn a_due_notification_another_node_is_claiming_is_skipped_not_waited_for() {
             Uuid::from_u128(2)
         ))
         .unwrap();
-    let fire = [WriteRequest::FireDue { limit: 10 }];
+    let mut fire = [WriteRequest::FireDue { limit: 10 }];
     let started = Instant::now();
-    let out = w.apply_batch(&fire, BatchClock::at(500, &mut ids)).unwrap();
+    let out = w.apply_batch(&mut fire, BatchClock::at(500, &mut ids)).unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "skipped, not waited for"
@@ -459,7 +459,7 @@ fn a_due_notification_another_node_is_claiming_is_skipped_not_waited_for() {
     assert_eq!(fired(&out), ["m1"], "the locked one is the other node's");
     // The other node gives up its claim (rolls back): the next tick fires #2 here.
     other_node.execute("ROLLBACK").unwrap();
-    let out = w.apply_batch(&fire, BatchClock::at(500, &mut ids)).unwrap();
+    let out = w.apply_batch(&mut fire, BatchClock::at(500, &mut ids)).unwrap();
     assert_eq!(fired(&out), ["m2"]);
 }
 
@@ -475,7 +475,7 @@ fn a_claim_in_the_middle_of_a_batch_keeps_request_order() {
     let mut due = (*stored(1, Some("u"), &[])).clone();
     due.scheduled_at = Some(10);
     w.apply_batch(
-        &[WriteRequest::Schedule {
+        &mut [WriteRequest::Schedule {
             notification: Arc::new(due),
             idempotency: None,
         }],
@@ -484,7 +484,7 @@ fn a_claim_in_the_middle_of_a_batch_keeps_request_order() {
     .unwrap();
     let out = w
         .apply_batch(
-            &[
+            &mut [
                 WriteRequest::plain_insert(vec![stored(2, Some("u"), &[])]),
                 WriteRequest::FireDue { limit: 10 },
                 WriteRequest::MarkAllRead {
@@ -528,7 +528,7 @@ fn data_reads_back_as_jsonb_normalized_text() {
     n.data = r#"{"k":1,"b":[true]}"#.into();
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![Arc::new(n)])],
+            &mut [WriteRequest::plain_insert(vec![Arc::new(n)])],
             BatchClock::at(1, &mut IdGenerator::new()),
         )
         .unwrap();
