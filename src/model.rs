@@ -828,7 +828,10 @@ mod tests {
         let (before, _) = ours.next_id();
         ours.skip_past(theirs);
         let (after, _) = ours.next_id();
-        assert!(before < theirs && theirs < after, "{before} {theirs} {after}");
+        assert!(
+            before < theirs && theirs < after,
+            "{before} {theirs} {after}"
+        );
         // Skipping past an older id changes nothing.
         ours.skip_past(before);
         assert!(ours.next_id().0 > after);

@@ -251,14 +251,22 @@ fn an_event_stream_resuming_with_last_event_id_on_the_other_node_gets_every_noti
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut here = 0usize;
     while received.count.len() < total {
-        assert!(Instant::now() < deadline, "stalled at {}", received.count.len());
+        assert!(
+            Instant::now() < deadline,
+            "stalled at {}",
+            received.count.len()
+        );
         let event = stream.next().expect("the stream stays open");
         if event.name != "notification" {
             continue;
         }
         let frame = event.json();
         let id = received.note(&frame);
-        assert_eq!(event.id.as_deref(), Some(id.as_str()), "id: is the notification's");
+        assert_eq!(
+            event.id.as_deref(),
+            Some(id.as_str()),
+            "id: is the notification's"
+        );
         here += 1;
         let other = ["B", "A"][on];
         let relayed = frame["message"]

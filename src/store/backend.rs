@@ -307,12 +307,15 @@ pub(crate) fn number_above(
 /// The greatest id of a notification `requests` and `outcomes` stored (inserts and fired
 /// schedules), to record in the id clock; `None` when the batch stored none.
 pub(crate) fn last_stored_id(requests: &[WriteRequest], outcomes: &[WriteOutcome]) -> Option<Uuid> {
-    let inserted = requests.iter().zip(outcomes).flat_map(|(r, o)| match (r, o) {
-        (WriteRequest::Insert { notifications, .. }, WriteOutcome::Inserted) => {
-            notifications.as_slice()
-        }
-        _ => &[],
-    });
+    let inserted = requests
+        .iter()
+        .zip(outcomes)
+        .flat_map(|(r, o)| match (r, o) {
+            (WriteRequest::Insert { notifications, .. }, WriteOutcome::Inserted) => {
+                notifications.as_slice()
+            }
+            _ => &[],
+        });
     let fired = outcomes.iter().flat_map(|o| match o {
         WriteOutcome::Fired(fired) => fired.as_slice(),
         _ => &[],

@@ -318,11 +318,8 @@ fn idempotency_records_replay_refuse_and_expire<H: Harness>() {
         created_before: None,
         limit: 1,
     };
-    w.apply_batch(
-        &mut [purge.clone()],
-        BatchClock::at(later, &mut ids),
-    )
-    .unwrap();
+    w.apply_batch(&mut [purge.clone()], BatchClock::at(later, &mut ids))
+        .unwrap();
     assert_eq!(db.count("idempotency_keys"), 1);
     let much_later = later + IDEMPOTENCY_TTL_MS;
     w.apply_batch(&mut [purge], BatchClock::at(much_later, &mut ids))

@@ -109,8 +109,7 @@ pub(super) const INSERT_NOTIFICATIONS: &str = concat!(
 /// deadlock on the rows behind it.
 pub(super) const CLOCK_LOCK: &str = "SELECT last_id FROM id_clock FOR UPDATE";
 /// Records the batch's greatest id (`$1`) in the id clock, under the lock [`CLOCK_LOCK`] took.
-pub(super) const CLOCK_ADVANCE: &str =
-    "UPDATE id_clock SET last_id = $1 WHERE last_id < $1::uuid";
+pub(super) const CLOCK_ADVANCE: &str = "UPDATE id_clock SET last_id = $1 WHERE last_id < $1::uuid";
 /// Stores a pending scheduled notification (`$7`–`$16`) under an optional `Idempotency-Key` (see
 /// [`claim_key!`]).
 pub(super) const SCHEDULE: &str = concat!(

@@ -12,8 +12,9 @@ use uuid::Uuid;
 use super::rows::{column_error, notification_from_row, Timestamp};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
-    CANCEL_SCHEDULED, CLAIM_DUE, CLOCK_ADVANCE, CLOCK_LOCK, DELETE, IDEMPOTENCY_LOOKUP, INSERT_NOTIFICATIONS, MARK_ALL_READ,
-    MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE, UNREAD_COUNTS,
+    CANCEL_SCHEDULED, CLAIM_DUE, CLOCK_ADVANCE, CLOCK_LOCK, DELETE, IDEMPOTENCY_LOOKUP,
+    INSERT_NOTIFICATIONS, MARK_ALL_READ, MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE,
+    UNREAD_COUNTS,
 };
 use crate::model::{IdGenerator, Notification};
 use crate::store::backend::{
