@@ -5,11 +5,12 @@
 //! notification committed on one node just after the client's `since` could sort below it and was
 //! never replayed; this test then misses some.
 //!
-//! The client leaves at a notification relayed from the other node, the greatest id it has seen: by
-//! then everything committed before it has reached the connection. What remains inexact is the
-//! window API.md names (a node's own later notification delivered before another node's earlier
-//! one); leaving at such a moment is what the documented rule "resume from the greatest id seen,
-//! after the relayed ones have arrived" avoids, and this test keeps to it.
+//! The client leaves at a notification relayed from the other node, with `since` = the greatest id it
+//! has seen, and only once every acknowledged notification below it has arrived: what remains inexact
+//! is on the live side (API.md, "Several nodes": a node's own notification can reach a connection
+//! after another node's later one), a client cannot see it, and this test does not leave then. Both
+//! nodes also keep a connection of the user open, so neither has the window of a fresh Redis
+//! subscription.
 
 mod common;
 
