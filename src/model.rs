@@ -590,8 +590,9 @@ impl Notification {
 
 /// Generates UUIDv7 ids that strictly increase, even within one millisecond.
 ///
-/// The store thread owns one, so on one node id order is commit order: a client that resumes "after
-/// id X" has, by then, been sent every notification with a smaller id.
+/// The store thread owns one, so on one node id order is commit order; with several nodes on one
+/// PostgreSQL, each batch first moves its generator past the last id any node committed (the id
+/// clock, migration 7, see [`IdGenerator::skip_past`]), so id order is commit order across nodes too.
 ///
 /// Layout (RFC 9562 §5.7, "method 1" with a 26-bit counter): 48 bits of milliseconds, version, then a
 /// counter that restarts every millisecond (67 million ids per millisecond before it would carry), then
@@ -637,6 +638,20 @@ impl IdGenerator {
         let hi: u64 = (self.last_ms << 16) | 0x7000 | counter_hi;
         let lo: u64 = (0b10 << 62) | (counter_lo << ID_RANDOM_BITS) | random;
         (Uuid::from_u64_pair(hi, lo), self.last_ms as Millis)
+    }
+
+    /// Makes every later id greater than `id`, an id another node issued (the PostgreSQL id clock,
+    /// migration 7): the generator moves up to `id`'s millisecond and counter when it is behind them,
+    /// so its next id has a greater millisecond or counter whatever the random bits. A generator
+    /// already past `id` is left alone.
+    pub fn skip_past(&mut self, id: Uuid) {
+        let (hi, lo) = id.as_u64_pair();
+        let ms = hi >> 16;
+        let counter = ((hi & 0x0fff) << 14) | ((lo >> ID_RANDOM_BITS) & 0x3fff);
+        if (ms, counter) > (self.last_ms, self.counter) {
+            self.last_ms = ms;
+            self.counter = counter;
+        }
     }
 }
 
@@ -800,6 +815,26 @@ mod tests {
             assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
             last = id;
         }
+    }
+
+    #[test]
+    fn after_skip_past_every_id_is_above_the_other_nodes() {
+        let mut ahead = IdGenerator::new();
+        // Another node far ahead in its clock, deep into its millisecond's counter.
+        ahead.last_ms = now_millis() as u64 + 60_000;
+        ahead.counter = (1 << 20) + 5;
+        let (theirs, _) = ahead.next_id();
+        let mut ours = IdGenerator::new();
+        let (before, _) = ours.next_id();
+        ours.skip_past(theirs);
+        let (after, _) = ours.next_id();
+        assert!(
+            before < theirs && theirs < after,
+            "{before} {theirs} {after}"
+        );
+        // Skipping past an older id changes nothing.
+        ours.skip_past(before);
+        assert!(ours.next_id().0 > after);
     }
 
     #[test]

@@ -257,6 +257,7 @@ pub(crate) async fn resume(
             let complete = reached_live || list.len() <= limit;
             list.truncate(limit);
             let last = list.last().map(|n| n.id).unwrap_or(since);
+            conn.resumed_through = conn.resumed_through.max(Some(last));
             let mut receipts = shard.receipts.borrow_mut();
             let now = now_millis();
             for n in &list {

@@ -112,6 +112,12 @@ pub struct ConnState {
     pub close_code: Option<u16>,
     /// Where live delivery stands against replay, so a `resume` sends nothing twice (see [`LiveMark`]).
     pub live_mark: LiveMark,
+    /// The greatest id a resume of this connection covered (its `since`, or the last id it replayed
+    /// when greater): a live stored delivery at or below it is a late copy of something the client
+    /// has (it arrives later through another node's Redis relay than the replay's read), and is
+    /// dropped, whatever newer ones passed meanwhile. Exact because ids follow commit order on every
+    /// node (the id clock): everything at or below it was committed before the replay read it.
+    pub resumed_through: Option<uuid::Uuid>,
     /// When the connection's token expires (seconds since the epoch; 0: no token). The shard's expiry
     /// sweep closes the connection at this time unless a `refresh` moved it.
     pub token_expires_at: u64,
@@ -164,6 +170,7 @@ impl ConnState {
             missed_pongs: 0,
             close_code: None,
             live_mark: LiveMark::Nothing,
+            resumed_through: None,
             token_expires_at: 0,
             deadline: 0,
             deadline_queued: 0,

@@ -215,6 +215,12 @@ fn live_gate(
             return LiveGate::Done(Sent::Dropped);
         }
     }
+    if let (Some(id), Some(through)) = (id, conn.resumed_through) {
+        if id <= through {
+            // A copy relayed from another node that arrived after the resume covered it.
+            return LiveGate::Done(Sent::Dropped);
+        }
+    }
     LiveGate::Write
 }
 

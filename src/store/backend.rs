@@ -253,7 +253,74 @@ pub(crate) trait WriteBackend: CountersBackend + Send + 'static {
     /// everything back and returns the error: all-or-nothing for the whole batch. `clock` is the
     /// batch's time (scheduling, retention and idempotency go by it) and numbers what
     /// [`WriteRequest::FireDue`] stores.
-    fn apply_batch(&mut self, requests: &[WriteRequest], clock: BatchClock<'_>) -> Applied;
+    ///
+    /// `requests` is mutable for one reason: a backend shared by several nodes may learn, once it
+    /// holds its id clock, that another node committed ids above this batch's; it then numbers the
+    /// batch's notifications again ([`number_above`]), and the store thread tells the listener and
+    /// the callers the ids as stored.
+    fn apply_batch(&mut self, requests: &mut [WriteRequest], clock: BatchClock<'_>) -> Applied;
+}
+
+/// Gives the notifications of every [`WriteRequest::Insert`] of `requests` new ids from `ids`, all
+/// above `floor` (the last id any node committed, read under the id clock's lock), keeping their
+/// order, and re-encodes the receipts of their `Idempotency-Key`s. Does nothing when the batch's
+/// first id is above `floor` already (the usual case: this node committed last, or the others' ids
+/// are older), since the batch's ids ascend. Returns whether it renumbered.
+pub(crate) fn number_above(
+    requests: &mut [WriteRequest],
+    floor: Uuid,
+    ids: &mut IdGenerator,
+) -> bool {
+    ids.skip_past(floor);
+    let first = requests.iter().find_map(|r| match r {
+        WriteRequest::Insert { notifications, .. } => notifications.first().map(|n| n.id),
+        _ => None,
+    });
+    if first.is_none_or(|id| id > floor) {
+        return false;
+    }
+    for request in requests.iter_mut() {
+        let WriteRequest::Insert {
+            notifications,
+            idempotency,
+        } = request
+        else {
+            continue;
+        };
+        for n in notifications.iter_mut() {
+            let (id, created_at) = ids.next_id();
+            *n = Arc::new(Notification {
+                id,
+                created_at,
+                ..(**n).clone()
+            });
+        }
+        if let Some(record) = idempotency {
+            let (status, body) = Receipt::inserted(notifications).encode();
+            record.status = status;
+            record.body = body;
+        }
+    }
+    true
+}
+
+/// The greatest id of a notification `requests` and `outcomes` stored (inserts and fired
+/// schedules), to record in the id clock; `None` when the batch stored none.
+pub(crate) fn last_stored_id(requests: &[WriteRequest], outcomes: &[WriteOutcome]) -> Option<Uuid> {
+    let inserted = requests
+        .iter()
+        .zip(outcomes)
+        .flat_map(|(r, o)| match (r, o) {
+            (WriteRequest::Insert { notifications, .. }, WriteOutcome::Inserted) => {
+                notifications.as_slice()
+            }
+            _ => &[],
+        });
+    let fired = outcomes.iter().flat_map(|o| match o {
+        WriteOutcome::Fired(fired) => fired.as_slice(),
+        _ => &[],
+    });
+    inserted.chain(fired).map(|n| n.id).max()
 }
 
 /// A reader thread's connection to a database. Each method reads from one consistent snapshot.
@@ -441,6 +508,15 @@ macro_rules! migrations {
                     "/migrations/",
                     $dialect,
                     "/0006_preferences.sql"
+                )),
+            },
+            $crate::store::backend::Migration {
+                version: 7,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0007_id_clock.sql"
                 )),
             },
         ]

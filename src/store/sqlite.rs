@@ -931,13 +931,13 @@ fn release_quiet(tx: &Transaction<'_>, now: i64, limit: usize) -> rusqlite::Resu
 }
 
 impl WriteBackend for SqliteWriter {
-    fn apply_batch(&mut self, requests: &[WriteRequest], mut clock: BatchClock<'_>) -> Applied {
+    fn apply_batch(&mut self, requests: &mut [WriteRequest], mut clock: BatchClock<'_>) -> Applied {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sqlite_error)?;
         let mut outcomes = Vec::with_capacity(requests.len());
-        for request in requests {
+        for request in requests.iter() {
             // On error, dropping `tx` rolls the whole batch back (rusqlite's default drop behaviour).
             outcomes.push(apply_one(&tx, request, &mut clock).map_err(sqlite_error)?);
         }
@@ -1284,7 +1284,7 @@ mod tests {
             .collect();
         writer
             .apply_batch(
-                &[WriteRequest::plain_insert(rows)],
+                &mut [WriteRequest::plain_insert(rows)],
                 BatchClock::at(1, &mut IdGenerator::new()),
             )
             .unwrap();

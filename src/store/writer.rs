@@ -7,8 +7,9 @@
 //! load is committed immediately with no timer or linger: batching is free in latency because it only
 //! ever groups what was already waiting.
 //!
-//! Order of events for a batch: assign ids (one generator, on this thread, so id order is commit order),
-//! apply and commit, call the [`CommitListener`] with everything the batch inserted, and only then reply.
+//! Order of events for a batch: assign ids (one generator, on this thread, so id order is commit order;
+//! on PostgreSQL the backend may number the batch again above the id clock, see
+//! [`super::backend::number_above`]), apply and commit, call the [`CommitListener`] with everything the batch inserted, and only then reply.
 //! A caller that got `Ok` therefore knows its notification is durable AND already handed to delivery.
 //! The replies to inserts a shard queued through its own handle ([`super::Store::for_shard`]) are
 //! handed to the listener instead ([`CommitListener::commit_ended`]), which gives them on that shard in
@@ -570,12 +571,12 @@ impl<B: WriteBackend> Writer<B> {
         if self.receipts.pending.is_empty() {
             return;
         }
-        let requests = [WriteRequest::RecordDelivered {
+        let mut requests = [WriteRequest::RecordDelivered {
             receipts: self.receipts.take(),
         }];
         match self
             .backend
-            .apply_batch(&requests, BatchClock::at(now_millis(), &mut self.ids))
+            .apply_batch(&mut requests, BatchClock::at(now_millis(), &mut self.ids))
         {
             Ok(outcomes) => {
                 Outage::ended(&mut self.receipts.outage);
@@ -743,7 +744,7 @@ impl<B: WriteBackend> Writer<B> {
 
         let outcomes = match self
             .backend
-            .apply_batch(&requests, BatchClock::at(now, &mut self.ids))
+            .apply_batch(&mut requests, BatchClock::at(now, &mut self.ids))
         {
             Ok(outcomes) => outcomes,
             Err(e) => {
@@ -895,10 +896,10 @@ impl<B: WriteBackend> Writer<B> {
             return;
         }
         let count = held.len();
-        let request = [WriteRequest::HoldQuiet { held }];
+        let mut request = [WriteRequest::HoldQuiet { held }];
         if let Err(e) = self
             .backend
-            .apply_batch(&request, BatchClock::at(now_millis(), &mut self.ids))
+            .apply_batch(&mut request, BatchClock::at(now_millis(), &mut self.ids))
         {
             tracing::error!(error = %e, count, "could not record notifications held by quiet hours; they will not be pushed when the quiet hours end");
         }
@@ -926,7 +927,11 @@ mod tests {
     }
 
     impl WriteBackend for FakeBackend {
-        fn apply_batch(&mut self, requests: &[WriteRequest], _clock: BatchClock<'_>) -> Applied {
+        fn apply_batch(
+            &mut self,
+            requests: &mut [WriteRequest],
+            _clock: BatchClock<'_>,
+        ) -> Applied {
             // Only the callers' requests count; the scheduler's and retention's ride along.
             let client = requests
                 .iter()

@@ -115,7 +115,7 @@ pub(crate) fn insert_one(writer: &mut impl WriteBackend, seed: u128) {
     let mut ids = IdGenerator::new();
     assert_eq!(
         writer
-            .apply_batch(&[insert], BatchClock::at(1_000, &mut ids))
+            .apply_batch(&mut [insert], BatchClock::at(1_000, &mut ids))
             .unwrap(),
         [WriteOutcome::Inserted]
     );
@@ -142,12 +142,12 @@ fn a_failing_request_rolls_back_the_whole_batch<H: Harness>() {
     let first = stored(1, Some("u"), &["c"]);
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![first.clone()])],
+            &mut [WriteRequest::plain_insert(vec![first.clone()])],
             BatchClock::at(5, &mut IdGenerator::new()),
         )
         .unwrap();
     // Batch: a fresh insert, a read-all, then a duplicate primary key, which fails.
-    let batch = [
+    let mut batch = [
         WriteRequest::plain_insert(vec![stored(2, Some("u"), &["c"])]),
         WriteRequest::MarkAllRead {
             user_id: "u".into(),
@@ -155,7 +155,7 @@ fn a_failing_request_rolls_back_the_whole_batch<H: Harness>() {
         WriteRequest::plain_insert(vec![stored(3, Some("u"), &[]), first.clone()]),
     ];
     let err = writer
-        .apply_batch(&batch, BatchClock::at(6, &mut IdGenerator::new()))
+        .apply_batch(&mut batch, BatchClock::at(6, &mut IdGenerator::new()))
         .unwrap_err();
     assert!(err.to_string().contains(H::DUPLICATE_KEY), "{err}");
     let after = page(&mut reader, "u");
@@ -183,7 +183,7 @@ fn requests_later_in_a_batch_see_earlier_ones<H: Harness>() {
         return;
     };
     let n = stored(9, Some("u"), &["c", "c", "b"]);
-    let batch = [
+    let mut batch = [
         WriteRequest::plain_insert(vec![n.clone()]),
         WriteRequest::MarkRead {
             user_id: "u".into(),
@@ -203,7 +203,7 @@ fn requests_later_in_a_batch_see_earlier_ones<H: Harness>() {
         },
     ];
     let outcomes = writer
-        .apply_batch(&batch, BatchClock::at(42, &mut IdGenerator::new()))
+        .apply_batch(&mut batch, BatchClock::at(42, &mut IdGenerator::new()))
         .unwrap();
     let WriteOutcome::MarkedRead(Some(read)) = &outcomes[1] else {
         panic!("{outcomes:?}")
@@ -231,14 +231,14 @@ fn retention_deletes_only_older_notifications_in_bounded_batches<H: Harness>() {
     let new: Vec<_> = (0..2).map(|i| created_at(now - day / 2, i, "u")).collect();
     let mut ids = IdGenerator::new();
     w.apply_batch(
-        &[WriteRequest::plain_insert([old, new].concat())],
+        &mut [WriteRequest::plain_insert([old, new].concat())],
         BatchClock::at(now, &mut ids),
     )
     .unwrap();
     let mut purge = |created_before: Option<Millis>| {
         let out = w
             .apply_batch(
-                &[WriteRequest::Purge {
+                &mut [WriteRequest::Purge {
                     created_before,
                     limit: 3,
                 }],
@@ -276,7 +276,7 @@ fn idempotency_records_replay_refuse_and_expire<H: Harness>() {
     // Two requests with one key in one batch: the second is a retry of the first.
     let out = w
         .apply_batch(
-            &[keyed_insert(1, 1), keyed_insert(2, 1), keyed_insert(3, 9)],
+            &mut [keyed_insert(1, 1), keyed_insert(2, 1), keyed_insert(3, 9)],
             BatchClock::at(now, &mut ids),
         )
         .unwrap();
@@ -297,7 +297,7 @@ fn idempotency_records_replay_refuse_and_expire<H: Harness>() {
     };
     let out = w
         .apply_batch(
-            &[WriteRequest::Schedule {
+            &mut [WriteRequest::Schedule {
                 notification: Arc::new(pending),
                 idempotency,
             }],
@@ -309,7 +309,7 @@ fn idempotency_records_replay_refuse_and_expire<H: Harness>() {
     // After 24 h the key is free again: the write goes ahead and replaces the expired record.
     let later = now + IDEMPOTENCY_TTL_MS + 1;
     let out = w
-        .apply_batch(&[keyed_insert(5, 9)], BatchClock::at(later, &mut ids))
+        .apply_batch(&mut [keyed_insert(5, 9)], BatchClock::at(later, &mut ids))
         .unwrap();
     assert_eq!(out, [WriteOutcome::Inserted]);
     assert_eq!(page(&mut r, "u").total, 2);
@@ -318,14 +318,11 @@ fn idempotency_records_replay_refuse_and_expire<H: Harness>() {
         created_before: None,
         limit: 1,
     };
-    w.apply_batch(
-        std::slice::from_ref(&purge),
-        BatchClock::at(later, &mut ids),
-    )
-    .unwrap();
+    w.apply_batch(&mut [purge.clone()], BatchClock::at(later, &mut ids))
+        .unwrap();
     assert_eq!(db.count("idempotency_keys"), 1);
     let much_later = later + IDEMPOTENCY_TTL_MS;
-    w.apply_batch(&[purge], BatchClock::at(much_later, &mut ids))
+    w.apply_batch(&mut [purge], BatchClock::at(much_later, &mut ids))
         .unwrap();
     assert_eq!(db.count("idempotency_keys"), 0);
 }
@@ -345,9 +342,9 @@ fn due_scheduled_notifications_fire_with_new_ids_in_due_order<H: Harness>() {
         return;
     };
     let mut ids = IdGenerator::new();
-    let schedules = [pending(1, 300), pending(2, 100), pending(3, 9_000)];
+    let mut schedules = [pending(1, 300), pending(2, 100), pending(3, 9_000)];
     let out = w
-        .apply_batch(&schedules, BatchClock::at(50, &mut ids))
+        .apply_batch(&mut schedules, BatchClock::at(50, &mut ids))
         .unwrap();
     assert_eq!(out, vec![WriteOutcome::Scheduled; 3]);
     let shown = r.scheduled(Uuid::from_u128(2)).unwrap().unwrap();
@@ -358,7 +355,7 @@ fn due_scheduled_notifications_fire_with_new_ids_in_due_order<H: Harness>() {
     assert_eq!(shown.channels, ["ch"]);
     let out = w
         .apply_batch(
-            &[WriteRequest::FireDue { limit: 10 }],
+            &mut [WriteRequest::FireDue { limit: 10 }],
             BatchClock::at(500, &mut ids),
         )
         .unwrap();
@@ -391,7 +388,7 @@ fn due_scheduled_notifications_fire_with_new_ids_in_due_order<H: Harness>() {
         id: Uuid::from_u128(3),
     };
     let cancelled = w
-        .apply_batch(&[cancel.clone(), cancel], BatchClock::at(600, &mut ids))
+        .apply_batch(&mut [cancel.clone(), cancel], BatchClock::at(600, &mut ids))
         .unwrap();
     assert_eq!(
         cancelled,

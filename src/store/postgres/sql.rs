@@ -102,6 +102,14 @@ pub(super) const INSERT_NOTIFICATIONS: &str = concat!(
     )",
     claim_verdict!()
 );
+/// Locks the id clock (migration 7) until COMMIT and reads the greatest id any node has committed.
+/// The first statement of every transaction that takes it, so every other row lock of that
+/// transaction (the notifications', the `user_counters` rows' through the triggers of migration 4)
+/// comes after it: two nodes' transactions wait for each other here, in one place, and never
+/// deadlock on the rows behind it.
+pub(super) const CLOCK_LOCK: &str = "SELECT last_id FROM id_clock FOR UPDATE";
+/// Records the batch's greatest id (`$1`) in the id clock, under the lock [`CLOCK_LOCK`] took.
+pub(super) const CLOCK_ADVANCE: &str = "UPDATE id_clock SET last_id = $1 WHERE last_id < $1::uuid";
 /// Stores a pending scheduled notification (`$7`–`$16`) under an optional `Idempotency-Key` (see
 /// [`claim_key!`]).
 pub(super) const SCHEDULE: &str = concat!(

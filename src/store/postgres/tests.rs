@@ -13,7 +13,7 @@ use super::rows::POSTGRES_EPOCH_MILLIS;
 use super::session::{Backoff, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN};
 use super::testing::{base_url, with_param, ProxyMode, SideConnection, TestProxy, TestSchema};
 use super::*;
-use crate::model::{IdGenerator, Millis};
+use crate::model::{IdGenerator, Millis, Notification};
 use crate::scheduler::IDEMPOTENCY_TTL_MS;
 use crate::store::backend::tests::{insert_one, keyed_insert, page, pending, stored};
 use crate::store::backend::{
@@ -51,6 +51,7 @@ fn the_url_options_put_the_tables_in_the_schema_and_logs_never_show_the_password
     assert_eq!(
         tables,
         [
+            "id_clock",
             "idempotency_keys",
             "notification_channels",
             "notifications",
@@ -74,6 +75,58 @@ fn the_url_options_put_the_tables_in_the_schema_and_logs_never_show_the_password
             .starts_with(r#"postgres://ns@db.example:6432/inbox options="-csearch_path=tenant_7""#),
         "{shown}"
     );
+}
+
+#[test]
+fn a_node_whose_ids_are_behind_numbers_its_batch_above_every_committed_id() {
+    let Some(schema) = TestSchema::create() else {
+        return;
+    };
+    let (mut ahead, mut reader) = open(&schema);
+    let mut behind = PostgresWriter::open(&PostgresTarget::parse(schema.url()).unwrap()).unwrap();
+    // Node "ahead" commits an id a minute in the future (its clock is ahead).
+    let future = Uuid::from_u64_pair(
+        ((crate::model::now_millis() as u64 + 60_000) << 16) | 0x7000,
+        0x8000_0000_0000_0001,
+    );
+    let theirs = Arc::new(Notification {
+        id: future,
+        ..(*stored(0, Some("u"), &[])).clone()
+    });
+    ahead
+        .apply_batch(
+            &mut [WriteRequest::plain_insert(vec![theirs])],
+            BatchClock::at(0, &mut IdGenerator::new()),
+        )
+        .unwrap();
+    // Node "behind" commits later with its own, smaller ids: they are numbered again, above.
+    let mut ids = IdGenerator::new();
+    let mut batch = [WriteRequest::plain_insert(vec![
+        stored(1, Some("u"), &[]),
+        stored(2, Some("u"), &[]),
+    ])];
+    behind
+        .apply_batch(&mut batch, BatchClock::at(0, &mut ids))
+        .unwrap();
+    let WriteRequest::Insert { notifications, .. } = &batch[0] else {
+        unreachable!()
+    };
+    let ours: Vec<Uuid> = notifications.iter().map(|n| n.id).collect();
+    assert!(future < ours[0] && ours[0] < ours[1], "{future} {ours:?}");
+    assert_eq!(notifications[1].message, "m2", "content and order kept");
+    // A client that saw `future` resumes from it and gets both.
+    let replayed = reader
+        .replay(&crate::store::ReplayQuery {
+            user_id: Some("u".to_owned()),
+            channels: Vec::new(),
+            since: future,
+            limit: 10,
+        })
+        .unwrap();
+    assert_eq!(replayed.iter().map(|n| n.id).collect::<Vec<_>>(), ours);
+    // The clock holds the greatest id committed.
+    let clock = schema.side().strings("SELECT last_id::text FROM id_clock");
+    assert_eq!(clock, [ours[1].to_string()]);
 }
 
 #[test]
@@ -109,7 +162,7 @@ fn an_operators_delete_from_another_search_path_still_removes_channel_rows() {
     let (mut writer, _reader) = open(&schema);
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![stored(
+            &mut [WriteRequest::plain_insert(vec![stored(
                 1,
                 Some("u"),
                 &["c"],
@@ -154,7 +207,7 @@ fn a_long_mixed_batch_is_applied_in_request_order() {
         }
     }
     let outcomes = writer
-        .apply_batch(&batch, BatchClock::at(7, &mut IdGenerator::new()))
+        .apply_batch(&mut batch, BatchClock::at(7, &mut IdGenerator::new()))
         .unwrap();
     assert_eq!(outcomes.len(), batch.len());
     for (request, outcome) in batch.iter().zip(&outcomes) {
@@ -185,7 +238,7 @@ fn times_round_trip_exactly_and_odd_stored_times_decode() {
     before_2000.created_at = POSTGRES_EPOCH_MILLIS - 1;
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![
+            &mut [WriteRequest::plain_insert(vec![
                 Arc::new(before_epoch.clone()),
                 Arc::new(before_2000.clone()),
             ])],
@@ -211,7 +264,7 @@ fn times_round_trip_exactly_and_odd_stored_times_decode() {
     absurd.scheduled_at = Some(Millis::MAX);
     let err = writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![Arc::new(absurd)])],
+            &mut [WriteRequest::plain_insert(vec![Arc::new(absurd)])],
             BatchClock::at(0, &mut IdGenerator::new()),
         )
         .unwrap_err();
@@ -289,14 +342,14 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
         )])]
     };
     writer
-        .apply_batch(&insert(1), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(1), BatchClock::at(0, &mut IdGenerator::new()))
         .unwrap();
 
     // The database goes away: the batch fails (a 503 upstream), quickly, and so does a read.
     proxy.set(ProxyMode::Down);
     let started = Instant::now();
     assert!(writer
-        .apply_batch(&insert(2), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(&mut insert(2), BatchClock::at(0, &mut IdGenerator::new()))
         .is_err());
     assert!(reader.ping().is_err());
     assert!(
@@ -311,7 +364,10 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
         .find(|seed| {
             backing_off(
                 &writer
-                    .apply_batch(&insert(*seed), BatchClock::at(0, &mut IdGenerator::new()))
+                    .apply_batch(
+                        &mut insert(*seed),
+                        BatchClock::at(0, &mut IdGenerator::new()),
+                    )
                     .unwrap_err(),
             )
         })
@@ -320,7 +376,10 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     let started = Instant::now();
     for seed in first_backoff + 1..100 {
         let err = writer
-            .apply_batch(&insert(seed), BatchClock::at(0, &mut IdGenerator::new()))
+            .apply_batch(
+                &mut insert(seed),
+                BatchClock::at(0, &mut IdGenerator::new()),
+            )
             .unwrap_err();
         assert!(backing_off(&err), "{err}");
     }
@@ -335,7 +394,10 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     let deadline = Instant::now() + RECONNECT_BACKOFF_MAX * 2;
     let mut seed = 100;
     while writer
-        .apply_batch(&insert(seed), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(
+            &mut insert(seed),
+            BatchClock::at(0, &mut IdGenerator::new()),
+        )
         .is_err()
     {
         assert!(Instant::now() < deadline, "the writer did not recover");
@@ -354,7 +416,10 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     proxy.set(ProxyMode::Blackhole);
     let started = Instant::now();
     let err = writer
-        .apply_batch(&insert(1_000), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(
+            &mut insert(1_000),
+            BatchClock::at(0, &mut IdGenerator::new()),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("no answer within"), "{err}");
     assert!(
@@ -366,7 +431,10 @@ fn an_outage_fails_fast_backs_off_and_recovers_by_itself() {
     proxy.set(ProxyMode::Up);
     let deadline = Instant::now() + RECONNECT_BACKOFF_MAX * 2;
     while writer
-        .apply_batch(&insert(1_001), BatchClock::at(0, &mut IdGenerator::new()))
+        .apply_batch(
+            &mut insert(1_001),
+            BatchClock::at(0, &mut IdGenerator::new()),
+        )
         .is_err()
     {
         assert!(Instant::now() < deadline, "the writer did not recover");
@@ -398,7 +466,7 @@ fn a_key_raced_by_another_node_stores_once_and_replays_the_winner() {
         let racing = s.spawn(|| {
             let started = Instant::now();
             let out = w.apply_batch(
-                &[keyed_insert(1, 1), keyed_insert(2, 9)],
+                &mut [keyed_insert(1, 1), keyed_insert(2, 9)],
                 BatchClock::at(now, &mut IdGenerator::new()),
             );
             (out, started.elapsed())
@@ -431,7 +499,7 @@ fn a_due_notification_another_node_is_claiming_is_skipped_not_waited_for() {
     let (mut w, _r) = open(&schema);
     let mut ids = IdGenerator::new();
     w.apply_batch(
-        &[pending(1, 100), pending(2, 200)],
+        &mut [pending(1, 100), pending(2, 200)],
         BatchClock::at(50, &mut ids),
     )
     .unwrap();
@@ -443,9 +511,11 @@ fn a_due_notification_another_node_is_claiming_is_skipped_not_waited_for() {
             Uuid::from_u128(2)
         ))
         .unwrap();
-    let fire = [WriteRequest::FireDue { limit: 10 }];
+    let mut fire = [WriteRequest::FireDue { limit: 10 }];
     let started = Instant::now();
-    let out = w.apply_batch(&fire, BatchClock::at(500, &mut ids)).unwrap();
+    let out = w
+        .apply_batch(&mut fire, BatchClock::at(500, &mut ids))
+        .unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "skipped, not waited for"
@@ -459,7 +529,9 @@ fn a_due_notification_another_node_is_claiming_is_skipped_not_waited_for() {
     assert_eq!(fired(&out), ["m1"], "the locked one is the other node's");
     // The other node gives up its claim (rolls back): the next tick fires #2 here.
     other_node.execute("ROLLBACK").unwrap();
-    let out = w.apply_batch(&fire, BatchClock::at(500, &mut ids)).unwrap();
+    let out = w
+        .apply_batch(&mut fire, BatchClock::at(500, &mut ids))
+        .unwrap();
     assert_eq!(fired(&out), ["m2"]);
 }
 
@@ -475,7 +547,7 @@ fn a_claim_in_the_middle_of_a_batch_keeps_request_order() {
     let mut due = (*stored(1, Some("u"), &[])).clone();
     due.scheduled_at = Some(10);
     w.apply_batch(
-        &[WriteRequest::Schedule {
+        &mut [WriteRequest::Schedule {
             notification: Arc::new(due),
             idempotency: None,
         }],
@@ -484,7 +556,7 @@ fn a_claim_in_the_middle_of_a_batch_keeps_request_order() {
     .unwrap();
     let out = w
         .apply_batch(
-            &[
+            &mut [
                 WriteRequest::plain_insert(vec![stored(2, Some("u"), &[])]),
                 WriteRequest::FireDue { limit: 10 },
                 WriteRequest::MarkAllRead {
@@ -528,7 +600,7 @@ fn data_reads_back_as_jsonb_normalized_text() {
     n.data = r#"{"k":1,"b":[true]}"#.into();
     writer
         .apply_batch(
-            &[WriteRequest::plain_insert(vec![Arc::new(n)])],
+            &mut [WriteRequest::plain_insert(vec![Arc::new(n)])],
             BatchClock::at(1, &mut IdGenerator::new()),
         )
         .unwrap();

@@ -12,13 +12,14 @@ use uuid::Uuid;
 use super::rows::{column_error, notification_from_row, Timestamp};
 use super::session::{Failure, Link, PostgresTarget, Statements};
 use super::sql::{
-    CANCEL_SCHEDULED, CLAIM_DUE, DELETE, IDEMPOTENCY_LOOKUP, INSERT_NOTIFICATIONS, MARK_ALL_READ,
-    MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE, UNREAD_COUNTS,
+    CANCEL_SCHEDULED, CLAIM_DUE, CLOCK_ADVANCE, CLOCK_LOCK, DELETE, IDEMPOTENCY_LOOKUP,
+    INSERT_NOTIFICATIONS, MARK_ALL_READ, MARK_READ, MARK_SEEN, PURGE, RECORD_DELIVERED, SCHEDULE,
+    UNREAD_COUNTS,
 };
 use crate::model::{IdGenerator, Notification};
 use crate::store::backend::{
-    fire_in_due_order, first_id_of, sql_int, Applied, BackendError, BatchClock, CountersBackend,
-    WriteBackend, WriteOutcome, WriteRequest,
+    fire_in_due_order, first_id_of, last_stored_id, number_above, sql_int, Applied, BackendError,
+    BatchClock, CountersBackend, WriteBackend, WriteOutcome, WriteRequest,
 };
 use crate::store::idempotency::{verdict, FoundRecord, IdempotencyRecord};
 use crate::store::{MarkedSeen, OpenError, UnreadCount};
@@ -49,6 +50,10 @@ struct WriterStatements {
     record_delivered: Statement,
     /// [`UNREAD_COUNTS`].
     unread_counts: Statement,
+    /// [`CLOCK_LOCK`].
+    clock_lock: Statement,
+    /// [`CLOCK_ADVANCE`].
+    clock_advance: Statement,
 }
 
 impl Statements for WriterStatements {
@@ -68,6 +73,8 @@ impl Statements for WriterStatements {
             mark_seen: client.prepare(MARK_SEEN).await?,
             record_delivered: client.prepare(RECORD_DELIVERED).await?,
             unread_counts: client.prepare(UNREAD_COUNTS).await?,
+            clock_lock: client.prepare(CLOCK_LOCK).await?,
+            clock_advance: client.prepare(CLOCK_ADVANCE).await?,
         })
     }
 }
@@ -507,6 +514,7 @@ async fn fire_due(
     limit: usize,
     clock: StatementClock,
     ids: &mut IdGenerator,
+    id_clock: &mut IdClock,
 ) -> Result<WriteOutcome, Failure> {
     let rows = tx
         .query(&statements.claim_due, &[&clock.now, &sql_int(limit)])
@@ -515,6 +523,13 @@ async fn fire_due(
         .iter()
         .map(|row| notification_from_row(row, 0))
         .collect::<Result<Vec<_>, _>>()?;
+    if !due.is_empty() && *id_clock == IdClock::NotTaken {
+        // A scheduler tick with nothing else in its batch: it has no counter rows locked yet (the
+        // claim skips locked rows rather than wait), so taking the clock here keeps the order.
+        let floor = lock_id_clock(tx, statements).await?;
+        ids.skip_past(floor);
+        *id_clock = IdClock::Held;
+    }
     let fired = fire_in_due_order(due, ids);
     if !fired.is_empty() {
         let rows: Vec<&Notification> = fired.iter().map(|n| &**n).collect();
@@ -537,13 +552,51 @@ async fn finish_segment(
     Ok(())
 }
 
-/// Applies a batch in one transaction: BEGIN, the steps pipelined (a claim of due notifications
-/// waits for the steps before it), COMMIT. Any error returns early, and dropping the transaction
-/// rolls it back.
+/// Whether a transaction holds the id clock (migration 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdClock {
+    /// Not taken (yet): the batch neither stores notifications nor changes an inbox so far.
+    NotTaken,
+    /// Locked until COMMIT.
+    Held,
+}
+
+/// Locks the id clock ([`CLOCK_LOCK`]) and returns the greatest id committed by any node.
+async fn lock_id_clock(
+    tx: &Transaction<'_>,
+    statements: &WriterStatements,
+) -> Result<Uuid, Failure> {
+    let row = tx.query_one(&statements.clock_lock, &[]).await?;
+    row.try_get(0).map_err(|e| column_error(0, e))
+}
+
+/// Whether a batch takes the id clock first thing: it stores notifications (their ids must follow
+/// commit order across nodes) or changes rows of `notifications` and so, through the triggers of
+/// migration 4, `user_counters` rows another node may be changing too (taking the clock first
+/// orders those locks). A scheduler tick alone does not: it takes the clock only when it has
+/// something to fire ([`fire_due`]), so idle nodes do not queue on it ten times a second.
+fn takes_id_clock_first(requests: &[WriteRequest]) -> bool {
+    requests.iter().any(|r| {
+        matches!(
+            r,
+            WriteRequest::Insert { .. }
+                | WriteRequest::MarkRead { .. }
+                | WriteRequest::MarkAllRead { .. }
+                | WriteRequest::MarkSeen { .. }
+                | WriteRequest::Delete { .. }
+                | WriteRequest::Purge { .. }
+        )
+    })
+}
+
+/// Applies a batch in one transaction: BEGIN, the id clock when the batch needs it (then the batch's
+/// ids are made greater than every id committed before, see [`number_above`]), the steps pipelined
+/// (a claim of due notifications waits for the steps before it), the clock's new last id, COMMIT.
+/// Any error returns early, and dropping the transaction rolls it back.
 async fn apply_batch_on(
     client: &mut Client,
     statements: &WriterStatements,
-    requests: &[WriteRequest],
+    requests: &mut [WriteRequest],
     batch: BatchClock<'_>,
 ) -> Result<Vec<WriteOutcome>, Failure> {
     let tx = client.transaction().await?;
@@ -552,21 +605,58 @@ async fn apply_batch_on(
         expired_before: Timestamp(batch.keys_expired_before),
     };
     let ids = batch.ids;
+    let mut id_clock = IdClock::NotTaken;
+    if takes_id_clock_first(requests) {
+        let floor = lock_id_clock(&tx, statements).await?;
+        if number_above(requests, floor, ids) {
+            tracing::trace!(%floor, "batch numbered above another node's ids");
+        }
+        id_clock = IdClock::Held;
+    }
+    let requests: &[WriteRequest] = requests;
     let mut outcomes = Vec::with_capacity(requests.len());
     // Built but not polled: nothing is sent until the segment is finished.
     let mut segment = Vec::new();
     for step in plan(requests) {
         if let Step::FireDue { limit } = step {
             finish_segment(&mut segment, &mut outcomes).await?;
-            outcomes.push(fire_due(&tx, statements, limit, clock, ids).await?);
+            outcomes.push(fire_due(&tx, statements, limit, clock, ids, &mut id_clock).await?);
         } else {
             segment.push(run_step(&tx, statements, step, clock));
         }
     }
     finish_segment(&mut segment, &mut outcomes).await?;
     drop(segment); // empty now; it borrowed `tx`
+    if let Some(last) = last_stored_id(requests, &outcomes) {
+        if id_clock != IdClock::Held {
+            return Err(Failure::Data(
+                "notifications stored without the id clock (a planning bug)".to_owned(),
+            ));
+        }
+        tx.execute(&statements.clock_advance, &[&last]).await?;
+    }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// How many times a batch that PostgreSQL chose as a deadlock's victim is applied again. Two
+/// nodes' batches no longer deadlock (the id clock orders them), but a batch and the other node's
+/// delivery receipts (a transaction of their own, which does not take the clock) still can.
+const DEADLOCK_RETRIES: usize = 2;
+
+/// Whether `error` is PostgreSQL aborting the transaction to break a deadlock or a serialization
+/// conflict: nothing was written, and the same batch may simply be applied again.
+fn is_retryable(error: &BackendError) -> bool {
+    use tokio_postgres::error::SqlState;
+    match error {
+        BackendError::Postgres {
+            cause: Some(cause), ..
+        } => matches!(
+            cause.code(),
+            Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+        ),
+        _ => false,
+    }
 }
 
 /// The store thread's connection.
@@ -585,10 +675,30 @@ impl PostgresWriter {
 }
 
 impl WriteBackend for PostgresWriter {
-    fn apply_batch(&mut self, requests: &[WriteRequest], clock: BatchClock<'_>) -> Applied {
-        self.link.run(async |client, statements| {
-            apply_batch_on(client, statements, requests, clock).await
-        })
+    fn apply_batch(&mut self, requests: &mut [WriteRequest], clock: BatchClock<'_>) -> Applied {
+        let BatchClock {
+            now,
+            keys_expired_before,
+            ids,
+        } = clock;
+        let mut attempt = 0;
+        loop {
+            let clock = BatchClock {
+                now,
+                keys_expired_before,
+                ids: &mut *ids,
+            };
+            let result = self.link.run(async |client, statements| {
+                apply_batch_on(client, statements, &mut *requests, clock).await
+            });
+            match result {
+                Err(e) if attempt < DEADLOCK_RETRIES && is_retryable(&e) => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "store batch retried after a deadlock");
+                }
+                other => return other,
+            }
+        }
     }
 }
 

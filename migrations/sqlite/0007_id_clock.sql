@@ -1,0 +1,3 @@
+-- 0007: the id clock (see migrations/postgres/0007_id_clock.sql). Nothing to do on SQLite: one
+-- process writes the database, through one store thread whose id generator is monotonic, so id order
+-- is commit order already. The step exists so both stores count the same migrations.
