@@ -19,7 +19,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -71,6 +72,51 @@ pub struct InterestChange {
     pub topic: Topic,
     /// `true`: the shard now wants the topic; `false`: it no longer does.
     pub on: bool,
+    /// The change's number among the shard's (from 1, in the order the shard sent them), for
+    /// [`SubscriptionMarks`].
+    pub seq: u64,
+}
+
+/// How far each shard's interest changes have got into Redis: a shard numbers the changes it sends,
+/// and the bus thread, once Redis has confirmed the subscriptions they asked for, records the last it
+/// applied. A resume reads the store only when its shard's changes are all confirmed (or Redis is
+/// away, when the outage's catch-up covers the gap): otherwise a notification another node commits
+/// after the read but publishes before this node listens to the user's topic would be neither
+/// replayed nor delivered live.
+#[derive(Debug)]
+pub struct SubscriptionMarks {
+    /// Per shard, the number of its last change sent (written by that shard's thread only).
+    sent: [AtomicU64; MAX_BUS_SHARDS],
+    /// Per shard, the number of its last change whose subscription Redis confirmed.
+    confirmed: [AtomicU64; MAX_BUS_SHARDS],
+}
+
+impl Default for SubscriptionMarks {
+    fn default() -> SubscriptionMarks {
+        SubscriptionMarks {
+            sent: std::array::from_fn(|_| AtomicU64::new(0)),
+            confirmed: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl SubscriptionMarks {
+    /// Numbers shard `shard`'s next change (called on that shard's thread only).
+    fn next(&self, shard: usize) -> u64 {
+        self.sent[shard].fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Redis confirmed the subscriptions of shard `shard`'s changes up to number `seq`.
+    pub fn confirm(&self, shard: usize, seq: u64) {
+        self.confirmed[shard].fetch_max(seq, Ordering::Release);
+    }
+
+    /// Whether every change shard `shard` sent so far is confirmed.
+    pub fn settled(&self, shard: usize) -> bool {
+        shard >= MAX_BUS_SHARDS
+            || self.confirmed[shard].load(Ordering::Acquire)
+                >= self.sent[shard].load(Ordering::Relaxed)
+    }
 }
 
 /// A shard's way to tell the bus about interest changes; `None` in the hub of a single node.
@@ -80,21 +126,29 @@ pub struct InterestSink {
     shard: usize,
     /// The bus thread's command queue.
     bus: UnboundedSender<BusCmd>,
+    /// Where the changes are numbered.
+    marks: Arc<SubscriptionMarks>,
 }
 
 impl InterestSink {
-    /// A sink for shard `shard` feeding the bus queue `bus`.
-    pub fn new(shard: usize, bus: UnboundedSender<BusCmd>) -> InterestSink {
-        InterestSink { shard, bus }
+    /// A sink for shard `shard` feeding the bus queue `bus`, numbering its changes in `marks`.
+    pub fn new(
+        shard: usize,
+        bus: UnboundedSender<BusCmd>,
+        marks: Arc<SubscriptionMarks>,
+    ) -> InterestSink {
+        InterestSink { shard, bus, marks }
     }
 
     /// Tells the bus this shard now wants (`on`) or no longer wants `topic`. Never blocks; a bus that
     /// has stopped (shutdown) is ignored.
     pub fn send_to_bus(&self, topic: Topic, on: bool) {
+        let seq = self.marks.next(self.shard);
         let _ = self.bus.send(BusCmd::Interest(InterestChange {
             shard: self.shard,
             topic,
             on,
+            seq,
         }));
     }
 }
@@ -373,7 +427,26 @@ mod tests {
             shard,
             topic: topic.clone(),
             on,
+            seq: 0,
         }
+    }
+
+    #[test]
+    fn a_shard_is_settled_once_its_last_change_is_confirmed_and_stays_so() {
+        let marks = SubscriptionMarks::default();
+        assert!(marks.settled(3));
+        let (first, second) = (marks.next(3), marks.next(3));
+        assert!(!marks.settled(3));
+        marks.confirm(3, first);
+        assert!(!marks.settled(3), "the second change is not confirmed yet");
+        marks.confirm(3, second);
+        assert!(marks.settled(3));
+        marks.confirm(3, first);
+        assert!(
+            marks.settled(3),
+            "a late, older confirmation does not go back"
+        );
+        assert!(marks.settled(1), "other shards are their own");
     }
 
     #[test]

@@ -239,11 +239,20 @@ impl Fanout {
         self.bus.as_ref().map(RedisBus::is_up)
     }
 
+    /// Whether shard `shard` may read the store for a resume: a single node always may; with Redis,
+    /// once Redis confirmed every subscription the shard asked for (see
+    /// [`interest::SubscriptionMarks`]), or while Redis is away.
+    pub fn subscriptions_settled(&self, shard: usize) -> bool {
+        self.bus
+            .as_ref()
+            .is_none_or(|bus| bus.subscriptions_settled(shard))
+    }
+
     /// The interest sink of shard `shard`: `None` for a single node, where interest stays local.
     pub fn interest_sink(&self, shard: usize) -> Option<InterestSink> {
         self.bus
             .as_ref()
-            .map(|bus| InterestSink::new(shard, bus.queue()))
+            .map(|bus| InterestSink::new(shard, bus.queue(), bus.marks()))
     }
 
     /// A client's channel message, already delivered on shard `from`: to the other shards with a

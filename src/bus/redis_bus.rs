@@ -63,13 +63,15 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::bus::interest::{broadcast_channel, InterestChange, InterestRegistry, ShardMask, Topic};
+use crate::bus::interest::{
+    broadcast_channel, InterestChange, InterestRegistry, ShardMask, SubscriptionMarks, Topic,
+};
 use crate::bus::link::{describe, Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::presence_sync;
 use crate::bus::recent::RecentIds;
 use crate::bus::wire::{self, Envelope, NodePresence};
-use crate::config::RedisTarget;
+use crate::config::{RedisTarget, MAX_BUS_SHARDS};
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
 use crate::delivery::{Delivery, PresenceChange};
 use crate::model::{now_millis, Millis, Notification};
@@ -207,6 +209,8 @@ pub struct RedisBus {
     up: Arc<AtomicBool>,
     /// What the bus thread did.
     counters: Arc<BusCounters>,
+    /// How far each shard's interest changes are subscribed in Redis.
+    marks: Arc<SubscriptionMarks>,
 }
 
 impl RedisBus {
@@ -218,6 +222,7 @@ impl RedisBus {
                 queue,
                 up: Arc::new(AtomicBool::new(false)),
                 counters: Arc::default(),
+                marks: Arc::default(),
             },
             rx,
         )
@@ -236,6 +241,17 @@ impl RedisBus {
     /// Whether Redis is connected and every subscription is in place.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// The numbering of the shards' interest changes, for their interest sinks.
+    pub fn marks(&self) -> Arc<SubscriptionMarks> {
+        self.marks.clone()
+    }
+
+    /// Whether shard `shard` may read the store for a resume: Redis confirmed every subscription the
+    /// shard asked for so far, or Redis is away (its outage's catch-up covers what is missed).
+    pub fn subscriptions_settled(&self, shard: usize) -> bool {
+        !self.is_up() || self.marks.settled(shard)
     }
 
     /// Appends the bus's metrics in Prometheus text format.
@@ -315,6 +331,8 @@ pub fn spawn_bus_thread(
     // Redis is back; only then is a node that has not announced itself again taken for gone.
     let grace = config.node_timeout + MAX_BACKOFF + CONNECT_GRACE;
     let thread = BusThread {
+        marks: bus.marks.clone(),
+        applied: vec![0; MAX_BUS_SHARDS],
         peers: PeerWatch::new(origin, grace),
         published_through: now_millis(),
         caught_up_from: now_millis(),
@@ -412,6 +430,10 @@ struct Outgoing {
 
 /// The bus thread's state.
 struct BusThread {
+    /// Where the bus records which interest changes Redis confirmed.
+    marks: Arc<SubscriptionMarks>,
+    /// Per shard, the number of the last interest change applied to the registry.
+    applied: Vec<u64>,
     config: RedisBusConfig,
     /// This process's id in envelopes.
     origin: Uuid,
@@ -674,7 +696,7 @@ impl BusThread {
         while let Some(cmd) = next.take() {
             taken += 1;
             match cmd {
-                BusCmd::Interest(change) => self.registry.apply(change),
+                BusCmd::Interest(change) => self.apply_interest(change),
                 BusCmd::Committed(list) => self.push_committed(list),
                 BusCmd::Message { channel, payload } => {
                     let name = Topic::Channel(channel).redis_channel(&self.config.prefix);
@@ -736,7 +758,7 @@ impl BusThread {
     /// A command while Redis is away: interest is recorded; commits wait in the outbox.
     fn apply_offline(&mut self, cmd: BusCmd) {
         match cmd {
-            BusCmd::Interest(change) => self.registry.apply(change),
+            BusCmd::Interest(change) => self.apply_interest(change),
             BusCmd::Committed(list) => self.push_committed(list),
             // Ephemeral by contract: a client message while Redis is away reaches this node only.
             BusCmd::Message { .. } | BusCmd::PusherEvent { .. } => {}
@@ -975,6 +997,7 @@ impl BusThread {
             Resync::Changes => self.registry.take_changes(&self.subscribed),
         };
         if add.is_empty() && remove.is_empty() {
+            self.confirm_applied();
             return Ok(());
         }
         let prefix = &self.config.prefix;
@@ -1010,7 +1033,26 @@ impl BusThread {
             }
         }
         self.subscribed.extend(add);
+        self.confirm_applied();
         Ok(())
+    }
+
+    /// Records a shard's interest change in the registry (Redis follows at the next sync).
+    fn apply_interest(&mut self, change: InterestChange) {
+        if let Some(applied) = self.applied.get_mut(change.shard) {
+            *applied = (*applied).max(change.seq);
+        }
+        self.registry.apply(change);
+    }
+
+    /// Redis now holds every subscription the applied interest changes asked for: tells the shards'
+    /// waiting resumes (see [`SubscriptionMarks`]).
+    fn confirm_applied(&self) {
+        for (shard, &seq) in self.applied.iter().enumerate() {
+            if seq > 0 {
+                self.marks.confirm(shard, seq);
+            }
+        }
     }
 
     /// Puts this node's presence change in the outbox, for the nodes listening to its channel.

@@ -4,6 +4,8 @@
 //! with live deliveries held back, docs/architecture.md "Resume exactness"). Each kind says how its
 //! bytes look with a [`Wire`]; the native WebSocket session and the SSE stream share the rest.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use uuid::Uuid;
 
@@ -218,6 +220,29 @@ pub(crate) async fn unread_at_connect(shard: &Shard, user: &str, wire: Wire) -> 
     }
 }
 
+/// How long a resume waits for Redis to confirm its node's subscriptions before reading the store
+/// anyway (Redis slow to answer; while Redis is away nothing waits, the outage's catch-up covers it).
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until Redis has confirmed every subscription this shard asked for so far (at once on a
+/// single node): a resume's store read must come after its node listens to the user's and the
+/// channels' topics, or a notification another node commits after the read, and publishes before
+/// this node listens, would be neither replayed nor delivered live (see
+/// `bus::interest::SubscriptionMarks`).
+pub(crate) async fn until_subscribed(shard: &Shard) {
+    let started = Instant::now();
+    while !shard.fanout.subscriptions_settled(shard.index) {
+        if started.elapsed() > SUBSCRIBE_WAIT {
+            tracing::warn!(
+                shard = shard.index,
+                "Redis has not confirmed this node's subscriptions; resuming from the store anyway"
+            );
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Replays stored notifications after `since` to connection `id` of `user`, then releases the live
 /// ones held back meanwhile, and ends with `resumed`, all in `wire`. The caller has already called
 /// `begin_resume`, at the instant from which live deliveries must be held.
@@ -242,6 +267,7 @@ pub(crate) async fn resume(
         since,
         limit: limit + 1,
     };
+    until_subscribed(shard).await;
     let replayed = shard.store.replay(query).await;
     let mut hub = shard.hub.borrow_mut();
     let conn = hub.conn_mut(id);

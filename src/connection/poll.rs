@@ -146,6 +146,8 @@ impl Poll {
             outbox: false,
             shutdown: false,
         };
+        // Its store reads come after its node listens to its topics (see `live::until_subscribed`).
+        super::live::until_subscribed(&shard).await;
         // Without `since`, the first stored delivery that reaches the request marks where to start.
         let mut first_live: Option<Uuid> = None;
         loop {
