@@ -8,6 +8,8 @@ use std::net::TcpStream;
 #[derive(Default)]
 pub struct ResponseReader {
     buf: Vec<u8>,
+    /// The last response said `Connection: close`: the server closes the connection after it.
+    closing: bool,
 }
 
 impl ResponseReader {
@@ -20,6 +22,7 @@ impl ResponseReader {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             if let Some((status, head, total)) = parse_response(&self.buf) {
+                self.closing = says_close(&self.buf[..head]);
                 if let Some(body) = body {
                     body.clear();
                     body.extend_from_slice(&self.buf[head..total]);
@@ -37,6 +40,26 @@ impl ResponseReader {
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+impl ResponseReader {
+    /// Whether the last response said `Connection: close` (some servers, sockudo among them, close
+    /// after every API answer): the next request needs a new connection.
+    pub fn server_closes(&self) -> bool {
+        self.closing
+    }
+}
+
+/// Whether a response head carries `Connection: close`.
+fn says_close(head: &[u8]) -> bool {
+    std::str::from_utf8(head).is_ok_and(|head| {
+        head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("connection")
+                    && value.trim().eq_ignore_ascii_case("close")
+            })
+        })
+    })
 }
 
 /// The status, head length and total length of the first complete response in `buf`, if it is all there.
@@ -58,6 +81,16 @@ fn parse_response(buf: &[u8]) -> Option<(u16, usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_close_answer_is_noticed() {
+        assert!(says_close(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n"));
+        assert!(says_close(b"HTTP/1.1 200 OK\r\nConnection:  Close\r\n\r\n"));
+        assert!(!says_close(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        assert!(!says_close(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"));
+    }
 
     #[test]
     fn parse_response_waits_for_the_whole_body() {

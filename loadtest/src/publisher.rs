@@ -349,6 +349,10 @@ fn rest_sender(
             }),
         };
         progress.fetch_add(1, Ordering::Relaxed);
+        if answer.is_ok() && reader.server_closes() {
+            // The server closes the kept connection after this answer: a new one per request.
+            kept = None;
+        }
         match answer {
             Ok(status) if (200..300).contains(&status) => {
                 out.ok += 1;
