@@ -11,13 +11,16 @@
 //! after another node's later one), a client cannot see it, and this test does not leave then. The
 //! WebSocket client hops once with both nodes keeping another connection of the user open (each node
 //! stays subscribed on Redis), and once alone, so that every hop lands on a node that must subscribe
-//! afresh: its resume reads the store only once Redis confirmed the subscription.
+//! afresh: its resume reads the store only once Redis confirmed the subscription; the event stream
+//! hops with `Last-Event-ID`. The producers keep sending until the client has changed nodes
+//! [`HOPS`] times, so that a slow machine, where a moment with nothing in flight comes seldom, still
+//! sees every hop.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +30,12 @@ use common::sse;
 use common::{TestServer, TestServerRef};
 use serde_json::{json, Value};
 
-/// Sends each producer makes (half to the user, half to the channel).
-const SENDS_PER_NODE: usize = 240;
+/// Sends a producer makes at least, and at most (it stops in between once the client hopped
+/// [`HOPS`] times).
+const SENDS_PER_NODE: (usize, usize) = (120, 4000);
+/// Times the client changes nodes in every test. Producers keep sending until it has, however slow
+/// the machine: how often a moment with nothing in flight comes depends on it.
+const HOPS: usize = 6;
 /// A client stays connected for at least this many notifications before it leaves.
 const STAY_FOR: usize = 6;
 
@@ -62,11 +69,13 @@ struct Sends {
     acked: Mutex<HashSet<String>>,
     /// Sends made and not yet answered: one of them may be committed already.
     in_flight: AtomicUsize,
+    /// Set by the client once it hopped enough: the producers stop.
+    enough: AtomicBool,
 }
 
 /// Starts a producer on node `index` (named by its letter in every message): interleaved sends to
-/// `user` and to `channel`, each waiting for its 201, noted in `acked`. Returns the ids it was
-/// answered.
+/// `user` and to `channel`, each waiting for its 201, noted in `acked`, until `acked.enough` (within
+/// [`SENDS_PER_NODE`]). Returns the ids it was answered.
 fn producer(
     addr: SocketAddr,
     index: usize,
@@ -78,7 +87,9 @@ fn producer(
     std::thread::spawn(move || {
         let server = TestServerRef(addr);
         let letter = ["A", "B"][index];
-        (0..SENDS_PER_NODE)
+        let (least, most) = SENDS_PER_NODE;
+        (0..most)
+            .take_while(|i| *i < least || !acked.enough.load(Ordering::SeqCst))
             .map(|i| {
                 let body = if i % 2 == 0 {
                     json!({"user_id": user, "message": format!("{letter}{i}")})
@@ -87,8 +98,11 @@ fn producer(
                 };
                 acked.in_flight.fetch_add(1, Ordering::SeqCst);
                 let id = server.send(body);
-                acked.acked.lock().unwrap().insert(id.clone());
+                // Both under the lock, so that `caught_up` sees them agree.
+                let mut answered = acked.acked.lock().unwrap();
+                answered.insert(id.clone());
                 acked.in_flight.fetch_sub(1, Ordering::SeqCst);
+                drop(answered);
                 // A moment with nothing in flight, for the client to leave in (see `may_leave`).
                 std::thread::sleep(Duration::from_millis(2));
                 id
@@ -180,17 +194,125 @@ impl Received {
 
 #[test]
 fn a_websocket_client_hopping_between_nodes_gets_every_notification_once() {
-    hop_between_nodes(true);
+    hop_between_nodes::<WsHopper>(true);
 }
 
 #[test]
 fn a_websocket_client_alone_on_each_node_it_hops_to_gets_every_notification_once() {
-    hop_between_nodes(false);
+    hop_between_nodes::<WsHopper>(false);
 }
 
-/// A WebSocket client hops between the two nodes while both commit to its user and channel; with
-/// `anchored`, each node also holds another connection of the user all along.
-fn hop_between_nodes(anchored: bool) {
+#[test]
+fn an_event_stream_resuming_with_last_event_id_on_the_other_node_gets_every_notification_once() {
+    hop_between_nodes::<SseHopper>(true);
+}
+
+/// What a hopping client reads next.
+enum Next {
+    /// A notification: its JSON.
+    Notification(Value),
+    /// `resumed`: the replay of a resume is over.
+    Resumed,
+    /// Any other protocol event, or an SSE comment.
+    Other,
+}
+
+/// A connection kind the client hops with.
+trait Hopper: Sized {
+    /// What the test calls it in its messages.
+    const KIND: &'static str;
+    /// Connects to `node` with `query`, resuming after `since` when given.
+    fn open(node: &TestServer, query: &str, since: Option<&str>) -> Self;
+    /// The next frame or event; `None` when nothing came for a few seconds.
+    fn next(&mut self) -> Option<Next>;
+    /// Asserts that nothing arrives for `dur`.
+    fn expect_silence(&mut self, dur: Duration);
+}
+
+/// A WebSocket resuming with `since` in its query.
+struct WsHopper(common::WsClient);
+
+impl Hopper for WsHopper {
+    const KIND: &'static str = "websocket";
+
+    fn open(node: &TestServer, query: &str, since: Option<&str>) -> Self {
+        match since {
+            Some(id) => WsHopper(node.ws(&format!("{query}&since={id}"))),
+            None => {
+                let mut ws = node.ws(query);
+                ws.expect_event("subscribed");
+                WsHopper(ws)
+            }
+        }
+    }
+
+    fn next(&mut self) -> Option<Next> {
+        let frame = next_frame(&mut self.0)?;
+        Some(match frame.get("event") {
+            None => Next::Notification(frame),
+            Some(e) if e == "resumed" => Next::Resumed,
+            Some(_) => Next::Other,
+        })
+    }
+
+    fn expect_silence(&mut self, dur: Duration) {
+        self.0.expect_silence(dur);
+    }
+}
+
+/// An event stream reconnecting with `Last-Event-ID`, as an `EventSource` does.
+struct SseHopper(sse::SseClient);
+
+impl Hopper for SseHopper {
+    const KIND: &'static str = "event stream";
+
+    fn open(node: &TestServer, query: &str, since: Option<&str>) -> Self {
+        let headers: Vec<(&str, &str)> =
+            since.map(|id| ("Last-Event-ID", id)).into_iter().collect();
+        let mut stream = sse::open(node.addr, query, &headers).expect("the stream opens");
+        if since.is_none() {
+            // The `retry:` block, then `connected`.
+            while stream.next_event().name != "connected" {}
+        }
+        SseHopper(stream)
+    }
+
+    fn next(&mut self) -> Option<Next> {
+        let event = self.0.next().expect("the stream stays open");
+        Some(match event.name.as_str() {
+            "notification" => {
+                let frame = event.json();
+                assert_eq!(
+                    event.id.as_deref(),
+                    frame["id"].as_str(),
+                    "id: is the notification's"
+                );
+                Next::Notification(frame)
+            }
+            "resumed" => Next::Resumed,
+            _ => Next::Other,
+        })
+    }
+
+    fn expect_silence(&mut self, dur: Duration) {
+        self.0.expect_silence(dur);
+    }
+}
+
+/// Whether everything the producers sent so far has arrived (in flight too): nothing to read until
+/// they send again.
+fn caught_up(received: &Received, acked: &Acknowledged) -> bool {
+    // Under the lock the producers note an answer under, so the two figures agree.
+    let answered = acked.acked.lock().unwrap();
+    let in_flight = acked.in_flight.load(Ordering::SeqCst);
+    answered.iter().all(|id| received.count.contains_key(id))
+        && received.count.len() >= answered.len() + in_flight
+}
+
+/// A client of kind `C` hops between the two nodes while both commit to its user and channel, until
+/// it changed nodes [`HOPS`] times; with `anchored`, each node also holds another connection of the
+/// user all along.
+fn hop_between_nodes<C: Hopper>(anchored: bool) {
     let Some((_schema, _redis, nodes)) = two_nodes() else {
         return;
     };
@@ -200,8 +322,7 @@ fn hop_between_nodes(anchored: bool) {
         nodes.iter().for_each(|n| anchor(n, user, channel));
     }
     // Connected before the sends start, so the first connection needs no `since`.
-    let mut client = nodes[0].ws(&query);
-    client.expect_event("subscribed");
+    let mut client = C::open(&nodes[0], &query, None);
     let acked = Acknowledged::default();
     let producers = [
         producer(nodes[0].addr, 0, user, channel, &acked),
@@ -211,133 +332,72 @@ fn hop_between_nodes(anchored: bool) {
     let mut received = Received::default();
     let mut on = 0usize;
     let mut hops = 0usize;
-    let total = 2 * SENDS_PER_NODE;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut here = 0usize;
     let mut awaiting_resumed = false;
-    while received.count.len() < total && Instant::now() < deadline {
-        let Some(frame) = next_frame(&mut client) else {
-            break;
-        };
-        if frame.get("event").is_some() {
-            // `subscribed`, `resumed`: the protocol around a resume.
-            awaiting_resumed &= frame["event"] != "resumed";
+    while Instant::now() < deadline {
+        if caught_up(&received, &acked) {
+            if producers.iter().all(|p| p.is_finished()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
             continue;
         }
+        let frame = match client.next() {
+            Some(Next::Notification(frame)) => frame,
+            Some(Next::Resumed) => {
+                awaiting_resumed = false;
+                continue;
+            }
+            Some(Next::Other) => continue,
+            None => break,
+        };
         let id = received.note(&frame);
         here += 1;
         let other = ["B", "A"][on];
         let relayed = frame["message"]
             .as_str()
             .is_some_and(|m| m.starts_with(other));
-        let producing = producers.iter().any(|p| !p.is_finished());
+        let producing =
+            !acked.enough.load(Ordering::SeqCst) && producers.iter().any(|p| !p.is_finished());
         if producing && here >= STAY_FOR && relayed && may_leave(&received, &id, &acked) {
             // Leave, and resume on the other node from the greatest id seen.
             drop(client);
             on = 1 - on;
             hops += 1;
             here = 0;
-            client = nodes[on].ws(&format!("{query}&since={id}"));
+            client = C::open(&nodes[on], &query, Some(&id));
             awaiting_resumed = true;
+            if hops >= HOPS {
+                acked.enough.store(true, Ordering::SeqCst);
+            }
         }
     }
     // The last hop's replay may have brought the last notifications, its `resumed` still to come.
     while awaiting_resumed {
-        let frame = next_frame(&mut client).expect("the last hop's resumed event");
-        if frame["event"] == "resumed" {
-            awaiting_resumed = false;
-        } else if frame.get("event").is_none() {
-            received.note(&frame);
+        match client.next().expect("the last hop's resumed event") {
+            Next::Resumed => awaiting_resumed = false,
+            Next::Notification(frame) => {
+                received.note(&frame);
+            }
+            Next::Other => {}
         }
     }
+    // Stops the producers if the deadline passed first.
+    acked.enough.store(true, Ordering::SeqCst);
     let sent: Vec<String> = producers
         .into_iter()
         .flat_map(|p| p.join().expect("producer"))
         .collect();
-    assert_eq!(sent.len(), total);
     received.assert_exactly(
         &sent,
-        &format!("websocket (anchored: {anchored}), {hops} hops"),
+        &format!("{} (anchored: {anchored}), {hops} hops", C::KIND),
     );
     // Anything duplicated would come now.
     client.expect_silence(Duration::from_millis(300));
-    assert!(hops >= 5, "the client changed nodes only {hops} times");
-}
-
-#[test]
-fn an_event_stream_resuming_with_last_event_id_on_the_other_node_gets_every_notification_once() {
-    let Some((_schema, _redis, nodes)) = two_nodes() else {
-        return;
-    };
-    let (user, channel) = ("streamer", "feed");
-    let query = format!("user_id={user}&channels={channel}");
-    nodes.iter().for_each(|n| anchor(n, user, channel));
-    let mut stream = sse::open(nodes[0].addr, &query, &[]).expect("stream opens");
-    // The `retry:` block, then `connected`.
-    while stream.next_event().name != "connected" {}
-    let acked = Acknowledged::default();
-    let producers = [
-        producer(nodes[0].addr, 0, user, channel, &acked),
-        producer(nodes[1].addr, 1, user, channel, &acked),
-    ];
-
-    let mut received = Received::default();
-    let mut on = 0usize;
-    let mut hops = 0usize;
-    let total = 2 * SENDS_PER_NODE;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut here = 0usize;
-    let mut awaiting_resumed = false;
-    while received.count.len() < total {
-        assert!(
-            Instant::now() < deadline,
-            "stalled at {}",
-            received.count.len()
-        );
-        let event = stream.next().expect("the stream stays open");
-        if event.name != "notification" {
-            awaiting_resumed &= event.name != "resumed";
-            continue;
-        }
-        let frame = event.json();
-        let id = received.note(&frame);
-        assert_eq!(
-            event.id.as_deref(),
-            Some(id.as_str()),
-            "id: is the notification's"
-        );
-        here += 1;
-        let other = ["B", "A"][on];
-        let relayed = frame["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with(other));
-        let producing = producers.iter().any(|p| !p.is_finished());
-        if producing && here >= STAY_FOR && relayed && may_leave(&received, &id, &acked) {
-            // What an EventSource does: reconnect (here to the other node) with Last-Event-ID.
-            let last = stream.last_event_id.clone().expect("an id was seen");
-            drop(stream);
-            on = 1 - on;
-            hops += 1;
-            here = 0;
-            stream = sse::open(nodes[on].addr, &query, &[("Last-Event-ID", &last)])
-                .expect("stream reopens");
-            awaiting_resumed = true;
-        }
-    }
-    // The last hop's replay may have brought the last notifications, its `resumed` still to come.
-    while awaiting_resumed {
-        let event = stream.next().expect("the last hop's resumed event");
-        if event.name == "resumed" {
-            awaiting_resumed = false;
-        } else if event.name == "notification" {
-            received.note(&event.json());
-        }
-    }
-    let sent: Vec<String> = producers
-        .into_iter()
-        .flat_map(|p| p.join().expect("producer"))
-        .collect();
-    stream.expect_silence(Duration::from_millis(300));
-    assert!(hops >= 5, "the stream changed nodes only {hops} times");
-    received.assert_exactly(&sent, &format!("event stream, {hops} hops"));
+    assert!(
+        hops >= HOPS,
+        "the {} changed nodes only {hops} times",
+        C::KIND
+    );
 }
