@@ -116,6 +116,11 @@ pub struct Config {
     )]
     pub redis_node_timeout_ms: u64,
 
+    /// Milliseconds a Pusher channel query (`GET /apps/{id}/channels…`) on a multi-node deployment
+    /// waits for the other live nodes' counts; a node that has not answered by then is left out.
+    #[arg(long, global = true, env = "SURVEY_TIMEOUT_MS", default_value_t = 1000)]
+    pub survey_timeout_ms: u64,
+
     /// Executors, one per core. Default: the number of CPUs.
     #[arg(long, global = true, env = "SHARDS")]
     pub shards: Option<usize>,
@@ -499,6 +504,9 @@ impl Config {
         );
         check(self.redis_node_timeout_ms < 300, &|| {
             "REDIS_NODE_TIMEOUT_MS must be at least 300".into()
+        });
+        check(!(1..=60_000).contains(&self.survey_timeout_ms), &|| {
+            "SURVEY_TIMEOUT_MS must be 1 to 60000".into()
         });
         if self.redis_url.is_some() && self.redis_cluster.is_some() {
             check(true, &|| "set REDIS_URL or REDIS_CLUSTER, not both".into());

@@ -391,6 +391,7 @@ pub fn run(mut config: Config) -> Result<(), StartupError> {
                 prefix: config.redis_prefix.clone(),
                 max_replay: config.max_replay,
                 node_timeout: Duration::from_millis(config.redis_node_timeout_ms),
+                survey_timeout: Duration::from_millis(config.survey_timeout_ms),
             };
             let thread = redis_bus::spawn_bus_thread(
                 bus_config,

@@ -1,5 +1,5 @@
 //! The Pusher HTTP API (`/apps/{id}/…`): events for Pusher and native clients, what the shards
-//! know of channels, and the members of presence channels (from the presence registry, every node's).
+//! of every node know of channels (a survey over the bus, `crate::bus::survey`), and the members of presence channels (from the presence registry, every node's).
 //!
 //! Every request is signed with the app's secret (`crate::pusher::sign::verify_request`), so the
 //! node's `API_KEY` does not apply here; an unknown app (or none configured) is 404, a bad or stale
@@ -8,10 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::api::ApiContext;
+use crate::bus::survey::sum_shard_counts;
 use crate::delivery::inbox::ShardMsg;
 use crate::delivery::{Delivery, PusherEvent};
 use crate::http::query::query_param;
@@ -286,8 +288,9 @@ fn publish(ctx: &ApiContext<'_>, events: Vec<EventInput>) -> Result<(), Response
     Ok(())
 }
 
-/// Subscribed connections per channel over every shard of this node, for channels starting with
-/// `prefix` (or the one channel `prefix` names, with `exact`).
+/// Subscribed connections per channel over every shard of every node, for channels starting with
+/// `prefix` (or the one channel `prefix` names, with `exact`): this node's shards and, with a bus,
+/// the other live nodes that answer within `SURVEY_TIMEOUT_MS`, asked at the same time.
 async fn channel_counts(
     ctx: &ApiContext<'_>,
     prefix: String,
@@ -306,14 +309,15 @@ async fn channel_counts(
         );
         replies.push(answer);
     }
-    let mut counts = BTreeMap::new();
-    for answer in replies {
-        // A shard that is gone (shutting down) answers nothing: it holds no connections either.
-        if let Ok(list) = answer.await {
-            for (name, n) in list {
-                *counts.entry(name).or_insert(0) += n;
-            }
-        }
+    let timeout = Duration::from_millis(ctx.config.survey_timeout_ms);
+    let (mut counts, others) = futures_util::future::join(
+        sum_shard_counts(replies),
+        ctx.fanout
+            .other_nodes_channel_counts(&prefix, exact, timeout),
+    )
+    .await;
+    for (name, n) in others {
+        *counts.entry(name).or_insert(0) += n;
     }
     counts
 }

@@ -33,6 +33,7 @@ pub mod peers;
 pub mod presence_sync;
 pub mod recent;
 pub mod redis_bus;
+pub mod survey;
 pub mod wire;
 
 use std::sync::Arc;
@@ -48,6 +49,10 @@ use crate::model::Notification;
 use crate::preferences::{Preferences, Registry};
 use crate::presence::{ConnRef, Member, Outcome, Presence};
 use crate::store::{CommitListener, ShardReply, UnreadCount};
+
+/// How much longer than `SURVEY_TIMEOUT_MS` a channel query waits for the bus thread before the local
+/// counts answer alone (the bus thread is busy, a catch-up).
+const SURVEY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a presence query waits for the bus thread before the registry's view answers.
 const PRESENCE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -219,6 +224,35 @@ impl Fanout {
             }
         }
         self.presence.members(channel)
+    }
+
+    /// Subscribed connections per channel on the other live nodes (channels starting with `prefix`,
+    /// or the one channel `prefix` names with `exact`), by a survey over the bus
+    /// ([`survey`]) that waits up to `timeout` for them: nothing on a single node or while Redis is
+    /// away.
+    pub async fn other_nodes_channel_counts(
+        &self,
+        prefix: &str,
+        exact: bool,
+        timeout: std::time::Duration,
+    ) -> survey::Counts {
+        let Some(bus) = &self.bus else {
+            return survey::Counts::new();
+        };
+        let (reply, answer) = futures_channel::oneshot::channel();
+        bus.send_to_bus(BusCmd::Survey {
+            prefix: prefix.to_owned(),
+            exact,
+            reply,
+        });
+        // Called on a shard: wait on glommio's timer. The bus thread answers by the timeout itself;
+        // this bound is for a bus thread held up by other work.
+        let answer = std::pin::pin!(answer);
+        let deadline = std::pin::pin!(glommio::timer::sleep(timeout + SURVEY_GRACE));
+        match futures_util::future::select(answer, deadline).await {
+            futures_util::future::Either::Left((Ok(counts), _)) => counts,
+            _ => survey::Counts::new(),
+        }
     }
 
     /// The same fan-out, recording every commit it is told of in `audit`.

@@ -70,6 +70,7 @@ use crate::bus::link::{describe, Incoming, Link};
 use crate::bus::peers::{self, GonePeer, PeerState, PeerWatch};
 use crate::bus::presence_sync;
 use crate::bus::recent::RecentIds;
+use crate::bus::survey::Surveys;
 use crate::bus::wire::{self, Envelope, NodePresence};
 use crate::config::{RedisTarget, MAX_BUS_SHARDS};
 use crate::delivery::inbox::{ShardInbox, ShardMsg};
@@ -148,6 +149,27 @@ pub enum BusCmd {
     Released(Vec<Arc<Notification>>),
     /// A Pusher app terminated a user's connections (done on this node already): to every node.
     Terminate(Box<str>),
+    /// The other live nodes' subscribed connections per channel (see [`crate::bus::survey`]):
+    /// summed over the nodes that answered within the survey timeout; nothing while Redis is away.
+    Survey {
+        /// The channel name prefix, or one channel's whole name with `exact`.
+        prefix: String,
+        /// Whether `prefix` is one channel's whole name.
+        exact: bool,
+        /// Where the sums go.
+        reply: futures_channel::oneshot::Sender<BTreeMap<String, usize>>,
+    },
+    /// This node's counts for another node's survey, gathered from the shards: publish them.
+    SurveyAnswer {
+        /// The asking node.
+        to: Uuid,
+        /// Its survey's id.
+        id: u64,
+        /// This node's subscribed connections per channel.
+        counts: BTreeMap<String, usize>,
+    },
+    /// The timeout of this node's survey `id` passed: answer with what came.
+    SurveyExpired(u64),
     /// Leave Redis and end the thread.
     Stop,
 }
@@ -175,6 +197,8 @@ pub struct RedisBusConfig {
     /// `REDIS_NODE_TIMEOUT_MS`: how long a node that stops announcing itself is waited for before the
     /// others catch up what it may not have published (see `peers.rs`).
     pub node_timeout: Duration,
+    /// `SURVEY_TIMEOUT_MS`: how long a survey waits for the other nodes' answers.
+    pub survey_timeout: Duration,
 }
 
 /// The bus thread's counters, for `/metrics`. Only the bus thread writes them (not a shard's hot path).
@@ -192,6 +216,8 @@ pub struct BusCounters {
     outages: AtomicU64,
     /// Other nodes taken for gone (stopped announcing themselves without stopping gracefully).
     peers_gone: AtomicU64,
+    /// Surveys answered without every live node's counts (see `survey.rs`).
+    survey_timeouts: AtomicU64,
 }
 
 impl BusCounters {
@@ -301,6 +327,12 @@ impl RedisBus {
                 "Other nodes that stopped announcing themselves, and were caught up from the store.",
                 value(&c.peers_gone),
             ),
+            (
+                "notif_survey_timeouts_total",
+                "counter",
+                "Pusher channel queries answered without some live node's counts (SURVEY_TIMEOUT_MS passed).",
+                value(&c.survey_timeouts),
+            ),
         ];
         for (name, kind, help, v) in metrics {
             let _ = writeln!(
@@ -331,6 +363,7 @@ pub fn spawn_bus_thread(
     // Redis is back; only then is a node that has not announced itself again taken for gone.
     let grace = config.node_timeout + MAX_BACKOFF + CONNECT_GRACE;
     let thread = BusThread {
+        surveys: Surveys::new(bus.queue.downgrade(), config.survey_timeout),
         marks: bus.marks.clone(),
         applied: vec![0; MAX_BUS_SHARDS],
         peers: PeerWatch::new(origin, grace),
@@ -485,6 +518,8 @@ struct BusThread {
     stopping: bool,
     /// The node's users' preferences, which other nodes' changes update.
     preferences: Arc<Registry>,
+    /// This node's surveys waiting for answers.
+    surveys: Surveys,
 }
 
 impl BusThread {
@@ -542,6 +577,8 @@ impl BusThread {
         self.outbox.retain(|o| o.id.is_some());
         // Queries in flight fail over to the registry's view; writes are redone by the next session.
         self.presence_ops.clear();
+        // No answer can come now: surveys under way answer with what came.
+        self.surveys.finish_all();
         if self.outage_since.is_none() {
             let now = Instant::now();
             self.outage_since = Some((now_millis(), now));
@@ -739,6 +776,30 @@ impl BusThread {
                     self.push_preferences_matter(cmd)
                 }
                 BusCmd::Terminate(user) => self.push_terminate(&user),
+                BusCmd::Survey {
+                    prefix,
+                    exact,
+                    reply,
+                } => {
+                    if let Some(id) = self.surveys.begin(self.peers.known().collect(), reply) {
+                        self.outbox.push_back(Outgoing {
+                            id: None,
+                            channels: vec![self.broadcast.clone()],
+                            envelope: Bytes::from(wire::encode_survey(
+                                self.origin,
+                                id,
+                                &prefix,
+                                exact,
+                            )),
+                        });
+                    }
+                }
+                BusCmd::SurveyAnswer { to, id, counts } => self.outbox.push_back(Outgoing {
+                    id: None,
+                    channels: vec![self.broadcast.clone()],
+                    envelope: Bytes::from(wire::encode_survey_reply(self.origin, to, id, &counts)),
+                }),
+                BusCmd::SurveyExpired(id) => self.survey_expired(id),
                 BusCmd::Stop => self.stopping = true,
             }
             if taken < MAX_BATCH {
@@ -777,6 +838,13 @@ impl BusThread {
             }
             // Kept like a change of preferences, for the same short outage.
             BusCmd::Terminate(user) => self.push_terminate(&user),
+            // No other node can be asked: the local counts answer alone.
+            BusCmd::Survey { reply, .. } => {
+                let _ = reply.send(BTreeMap::new());
+            }
+            // The asking node gave up on it when its own timeout passed.
+            BusCmd::SurveyAnswer { .. } => {}
+            BusCmd::SurveyExpired(id) => self.survey_expired(id),
             BusCmd::Stop => self.stopping = true,
         }
     }
@@ -789,6 +857,13 @@ impl BusThread {
             channels: vec![self.broadcast.clone()],
             envelope: Bytes::from(wire::encode_terminate(self.origin, user)),
         });
+    }
+
+    /// Survey `id`'s timeout passed: it answers with what came, counted if some node is missing.
+    fn survey_expired(&mut self, id: u64) {
+        if self.surveys.expire(id) {
+            BusCounters::add(&self.counters.survey_timeouts, 1);
+        }
     }
 
     /// Puts a change of preferences (to every node, on the broadcast channel) or released
@@ -1301,6 +1376,20 @@ impl BusThread {
                     let user: Box<str> = user.into();
                     for shard in &self.shards {
                         shard.send_to_shard(ShardMsg::TerminateUser(user.clone()));
+                    }
+                    continue;
+                }
+                Ok(Envelope::Survey { id, prefix, exact }) => {
+                    let Some(origin) = wire::origin_of(bytes) else {
+                        continue;
+                    };
+                    self.surveys
+                        .answer(&self.shards, origin, id, prefix.to_owned(), exact);
+                    continue;
+                }
+                Ok(Envelope::SurveyReply { to, id, counts }) => {
+                    if let (true, Some(from)) = (to == self.origin, wire::origin_of(bytes)) {
+                        self.surveys.answered(id, from, counts);
                     }
                     continue;
                 }

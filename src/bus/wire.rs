@@ -7,7 +7,8 @@
 //!              b'J' a presence change of the origin node,
 //!              b'Q' a preferences matter (byte 17 says which: b'p' a user's preferences changed,
 //!              b'r' a notification released because its user's quiet hours ended),
-//!              b'T' a Pusher app terminated a user's connections (b'K' is reserved beside it)
+//!              b'T' a Pusher app terminated a user's connections (b'K' is reserved beside it),
+//!              b'S' a survey of the nodes' Pusher channel counts, b'R' one node's answer to it
 //! bytes 1..17  the origin node's id (random per process start), so a node drops its own messages:
 //!              it delivered them locally already
 //! bytes 17..   N: the notification as API.md's JSON object; M: the WebSocket payload, as is;
@@ -17,8 +18,15 @@
 //!              origin node came, `true`, or its last one went, `false`);
 //!              Q p: `{"user_id":…,"preferences":{…}|null}` (null: back to the defaults);
 //!              Q r: the notification as API.md's JSON object;
-//!              T: the user id, as its UTF-8 bytes
+//!              T: the user id, as its UTF-8 bytes;
+//!              S: the survey id (8 bytes, big-endian), b'e' (one channel, exact) or b'p' (a
+//!              prefix), then the channel name or prefix;
+//!              R: the asking node's id (16 bytes), the survey id (8 bytes, big-endian), then the
+//!              answering node's counts as a JSON object {"channel":subscribed connections,…}
 //! ```
+//!
+//! `S` and `R` go on the broadcast channel: every node answers a survey, and a node drops answers
+//! addressed to another.
 //!
 //! A `U` goes to the user's topic, so only nodes holding one of the user's connections get it.
 //!
@@ -26,6 +34,7 @@
 //! [`Notification`] and encodes the WebSocket frame once (`Delivery::of_notification`); a client message
 //! is already the frame's payload and is wrapped in a frame header without being parsed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -53,6 +62,14 @@ const PREFERENCES_CHANGED: u8 = b'p';
 const QUIET_RELEASED: u8 = b'r';
 /// Kind byte of a Pusher `terminate_connections` of one user (to every node).
 const KIND_TERMINATE: u8 = b'T';
+/// Kind byte of a survey of the nodes' Pusher channel counts (to every node).
+const KIND_SURVEY: u8 = b'S';
+/// Kind byte of one node's answer to a survey (to the asking node).
+const KIND_SURVEY_REPLY: u8 = b'R';
+/// After a survey's id: the question names one channel.
+const SURVEY_EXACT: u8 = b'e';
+/// After a survey's id: the question names a prefix.
+const SURVEY_PREFIX: u8 = b'p';
 /// Bytes before the payload: the kind and the origin id.
 const HEADER_LEN: usize = 1 + 16;
 
@@ -88,6 +105,24 @@ pub enum Envelope<'a> {
     Released(Arc<Notification>),
     /// A Pusher app terminated this user's connections: close them on every node.
     Terminate(&'a str),
+    /// Another node asks for this node's subscribed connections per channel.
+    Survey {
+        /// The survey's id, to quote in the answer.
+        id: u64,
+        /// The channel name prefix, or one channel's whole name with `exact`.
+        prefix: &'a str,
+        /// Whether `prefix` is one channel's whole name.
+        exact: bool,
+    },
+    /// A node's answer to a survey of node `to`.
+    SurveyReply {
+        /// The asking node.
+        to: Uuid,
+        /// The survey's id.
+        id: u64,
+        /// The answering node's subscribed connections per channel.
+        counts: BTreeMap<String, usize>,
+    },
 }
 
 /// A presence change on one node: its user's first connection on the channel came, or its last one
@@ -231,6 +266,68 @@ pub fn encode_terminate(origin: Uuid, user_id: &str) -> Vec<u8> {
     out
 }
 
+/// Encodes survey `id` of node `origin`: the channels starting with `prefix` (or, with `exact`,
+/// the one channel `prefix` names).
+pub fn encode_survey(origin: Uuid, id: u64, prefix: &str, exact: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 9 + prefix.len());
+    out.push(KIND_SURVEY);
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(if exact { SURVEY_EXACT } else { SURVEY_PREFIX });
+    out.extend_from_slice(prefix.as_bytes());
+    out
+}
+
+/// Encodes node `origin`'s answer `counts` to survey `id` of node `to`.
+pub fn encode_survey_reply(
+    origin: Uuid,
+    to: Uuid,
+    id: u64,
+    counts: &BTreeMap<String, usize>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 24 + 32 * counts.len());
+    out.push(KIND_SURVEY_REPLY);
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(to.as_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    // A map of strings to integers cannot fail to serialize.
+    let _ = serde_json::to_writer(&mut out, counts);
+    out
+}
+
+fn decode_survey(payload: &[u8]) -> Result<Envelope<'_>, WireError> {
+    let bad = || WireError("bad survey".into());
+    let (id, rest) = payload.split_first_chunk::<8>().ok_or_else(bad)?;
+    let (&how, prefix) = rest.split_first().ok_or_else(bad)?;
+    let exact = match how {
+        SURVEY_EXACT => true,
+        SURVEY_PREFIX => false,
+        _ => return Err(bad()),
+    };
+    let prefix = std::str::from_utf8(prefix).map_err(|_| bad())?;
+    Ok(Envelope::Survey {
+        id: u64::from_be_bytes(*id),
+        prefix,
+        exact,
+    })
+}
+
+fn decode_survey_reply(payload: &[u8]) -> Result<Envelope<'_>, WireError> {
+    let bad = |why: String| WireError(format!("bad survey answer: {why}"));
+    let (to, rest) = payload
+        .split_first_chunk::<16>()
+        .ok_or_else(|| bad("too short".into()))?;
+    let (id, json) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| bad("too short".into()))?;
+    let counts = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+    Ok(Envelope::SurveyReply {
+        to: Uuid::from_bytes(*to),
+        id: u64::from_be_bytes(*id),
+        counts,
+    })
+}
+
 /// The origin node of an envelope, read without decoding the rest (to drop our own messages first).
 pub fn origin_of(bytes: &[u8]) -> Option<Uuid> {
     bytes
@@ -277,6 +374,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
             .filter(|user| !user.is_empty())
             .map(Envelope::Terminate)
             .ok_or_else(|| WireError("bad terminate: the user id is not UTF-8 text".into())),
+        KIND_SURVEY => decode_survey(payload),
+        KIND_SURVEY_REPLY => decode_survey_reply(payload),
         other => Err(WireError(format!("unknown envelope kind {other}"))),
     }
 }
@@ -507,5 +606,43 @@ mod tests {
         assert!(decode(&empty).is_err());
         empty.extend_from_slice(&[0xff, 0xfe]);
         assert!(decode(&empty).is_err());
+    }
+
+    #[test]
+    fn a_survey_and_its_answer_round_trip() {
+        let origin = Uuid::from_u128(3);
+        let s = encode_survey(origin, 42, "presence-", false);
+        assert!(matches!(
+            decode(&s),
+            Ok(Envelope::Survey {
+                id: 42,
+                prefix: "presence-",
+                exact: false
+            })
+        ));
+        let s = encode_survey(origin, 7, "room", true);
+        assert!(matches!(
+            decode(&s),
+            Ok(Envelope::Survey {
+                id: 7,
+                prefix: "room",
+                exact: true
+            })
+        ));
+        let counts = BTreeMap::from([("a".to_string(), 2), ("b\"c".to_string(), 5)]);
+        let r = encode_survey_reply(Uuid::from_u128(4), origin, 7, &counts);
+        assert_eq!(origin_of(&r), Some(Uuid::from_u128(4)));
+        match decode(&r) {
+            Ok(Envelope::SurveyReply {
+                to,
+                id,
+                counts: got,
+            }) => {
+                assert_eq!((to, id, got), (origin, 7, counts));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(decode(&r[..HEADER_LEN + 20]).is_err());
+        assert!(decode(&s[..HEADER_LEN + 8]).is_err());
     }
 }
