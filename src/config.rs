@@ -748,6 +748,23 @@ mod tests {
     }
 
     #[test]
+    fn the_survey_timeout_is_bounded() {
+        let c = Config::parse_from(["x"]);
+        assert_eq!(c.survey_timeout_ms, 1000);
+        for ok in ["1", "60000"] {
+            let c = Config::parse_from(["x", "--survey-timeout-ms", ok]);
+            assert!(c.validate().is_ok(), "{ok}");
+        }
+        for bad in ["0", "60001"] {
+            let c = Config::parse_from(["x", "--survey-timeout-ms", bad]);
+            assert_eq!(
+                c.validate().unwrap_err(),
+                "SURVEY_TIMEOUT_MS must be 1 to 60000"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let c = Config::parse_from(["notification-service"]);
         assert_eq!(c.port, 8080);

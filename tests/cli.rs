@@ -159,6 +159,7 @@ fn migrate_with_a_bad_setting_exits_2_and_touches_nothing() {
         &[
             ("DATABASE_URL", &sqlite_url(dir.path())),
             ("MAX_FRAME", "1"),
+            ("SURVEY_TIMEOUT_MS", "60001"),
         ],
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -223,6 +224,10 @@ fn check_config_names_a_bad_setting_and_exits_2() {
         "{stdout}"
     );
     assert!(stdout.contains("problem: HEARTBEAT_S"), "{stdout}");
+    assert!(
+        stdout.contains("problem: SURVEY_TIMEOUT_MS must be 1 to 60000"),
+        "{stdout}"
+    );
     assert!(stdout.contains("ok: store:"), "{stdout}");
 
     // A value clap cannot read at all is its usage error, also status 2.
