@@ -49,7 +49,8 @@
 //!   Redis subscriptions, and node-wide for routing every delivery to the shards it concerns),
 //!   [`bus::wire`] is the envelope on Redis, [`bus::recent`] the ids delivered lately (no duplicates)
 //!   and [`bus::peers`] the other nodes' liveness (a node that dies before publishing what it committed
-//!   is caught up by the others from the store).
+//!   is caught up by the others from the store); [`bus::survey`] asks every node for its Pusher
+//!   channel counts (the HTTP API's channel queries).
 //! - [`pusher`]: the Pusher Channels protocol 7 and HTTP API, pure: the apps (`PUSHER_APPS`), the
 //!   HMAC-SHA256 signatures, the protocol's messages and socket ids. Its session is
 //!   `connection::pusher`, its HTTP routes `api::pusher`, its frames `delivery::Encoding::Pusher`.

@@ -159,7 +159,6 @@ fn migrate_with_a_bad_setting_exits_2_and_touches_nothing() {
         &[
             ("DATABASE_URL", &sqlite_url(dir.path())),
             ("MAX_FRAME", "1"),
-            ("SURVEY_TIMEOUT_MS", "60001"),
         ],
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -214,6 +213,7 @@ fn check_config_names_a_bad_setting_and_exits_2() {
         &[
             ("DATABASE_URL", &sqlite_url(dir.path())),
             ("MAX_FRAME", "1"),
+            ("SURVEY_TIMEOUT_MS", "60001"),
         ],
     );
     let (stdout, stderr) = text(&out);

@@ -26,6 +26,9 @@
 //! Presence changes (`crate::presence`) go the same ways: a change on this node goes to every shard's
 //! inbox as a `join`/`leave` delivery and, with a bus, to the other nodes as a `J` envelope, with the
 //! node's members kept in Redis under an expiry ([`presence_sync`]).
+//!
+//! The Pusher HTTP API's channel counts are every node's: a survey over the bus ([`survey`]) asks the
+//! other live nodes and waits for them up to `SURVEY_TIMEOUT_MS`.
 
 pub mod interest;
 pub mod link;
