@@ -1,7 +1,8 @@
 //! The Pusher HTTP API's channel queries across nodes (a survey over the bus): `occupied`,
 //! `subscription_count` and the `filter_by_prefix` list count the subscribers of every node, with
 //! `REDIS_URL` and with `REDIS_CLUSTER`, and a node that does not answer within `SURVEY_TIMEOUT_MS`
-//! is left out (the others' counts still answer, and the timeout is counted).
+//! is left out (the others' counts still answer, and the timeout is counted); while Redis is away a
+//! node answers at once with its own counts.
 
 mod common;
 
@@ -207,4 +208,45 @@ fn a_node_that_does_not_answer_is_left_out_after_the_survey_timeout() {
     // Generous: SURVEY_TIMEOUT_MS is 1.5 s; anything under 10 s shows it did not wait for c.
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
     assert_eq!(a.metric("notif_survey_timeouts_total"), timeouts + 1);
+}
+
+#[test]
+fn while_redis_is_away_a_node_answers_at_once_with_its_own_counts() {
+    let Some(mut redis_server) = common::redis::PrivateRedis::start() else {
+        return;
+    };
+    let redis = redis_server.as_test_redis();
+    // A survey that waited for the other node would take a minute: the answer must not.
+    let node = || {
+        TestServer::start_with(&[
+            ("PUSHER_APPS", APPS),
+            ("REDIS_URL", &redis.url),
+            ("REDIS_PREFIX", &redis.prefix),
+            ("REDIS_NODE_TIMEOUT_MS", "600"),
+            ("SURVEY_TIMEOUT_MS", "60000"),
+        ])
+    };
+    let (a, b) = (node(), node());
+    redis.wait_numsub("b", 2);
+    let _on_a = subscriber(&a, "room");
+    let _on_b = subscriber(&b, "room");
+    expect(
+        "room counted on both nodes",
+        json!({"occupied":true,"subscription_count":2}),
+        || channel_info(&a, "room"),
+    );
+    redis_server.stop();
+    wait_for("redis to be down on a", Duration::from_secs(20), || {
+        (a.get("/health").json()["redis"] == "down").then_some(())
+    });
+    let asked = Instant::now();
+    assert_eq!(
+        channel_info(&a, "room"),
+        json!({"occupied":true,"subscription_count":1})
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "answered after {:?}",
+        asked.elapsed()
+    );
 }
