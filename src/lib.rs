@@ -14,7 +14,7 @@
 //! - `connection`: one accepted socket's task, the top of the request path: the admission caps, the
 //!   HTTP/1.1 loop (handing requests to [`api`]) and, at `GET /ws` or `GET /app/{key}`, the upgrade to
 //!   a session of its kind (`connection::websocket`, the native protocol; `connection::pusher`, the
-//!   Pusher Channels protocol). The shard's accept loop spawns it per socket.
+//!   Pusher Channels protocol; both read their frames through `connection::frames`). The shard's accept loop spawns it per socket.
 //! - [`shard`]: one glommio executor per core, with its own `SO_REUSEPORT` listener, connections and
 //!   indexes. [`shard::hub`] holds the connections (each of a [`shard::hub::ConnKind`]) and the
 //!   user → connections and channel → connections indexes; [`shard::outbound`] writes frames to

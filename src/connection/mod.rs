@@ -21,6 +21,7 @@
 //! parses the next head from whatever is already buffered before it reads again.
 
 mod audit_origin;
+mod frames;
 mod live;
 mod poll;
 pub(crate) mod pusher;

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use crate::auth::rate_limit::LocalBucket;
+use crate::connection::frames::{next_frames, Frame, Stop};
 use crate::connection::respond_and_close;
 use crate::delivery::inbox::ShardMsg;
 use crate::delivery::{Delivery, PusherEvent};
@@ -46,8 +47,8 @@ use crate::pusher::socket_id::SocketId;
 use crate::pusher::{PusherApp, UserChannelPattern};
 use crate::shard::hub::{ConnKind, SubscribeError};
 use crate::shard::outbound::{queue_final_frame, send_frame};
-use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
-use crate::ws::codec::{close_code, encode_close, encode_pong, encode_text, Decoder, Incoming};
+use crate::shard::socket::{Connection, CLOSE_FLUSH_TIMEOUT};
+use crate::ws::codec::{close_code, encode_close, encode_pong, encode_text, Decoder};
 use crate::ws::handshake;
 
 /// Runs the handshake and the session on a connection that asked for `GET /app/{key}`.
@@ -143,14 +144,6 @@ enum Ending {
     Client(Option<u16>),
 }
 
-/// One client message, decoded, waiting to be handled after the decode pass.
-enum Event {
-    Message(Result<ClientMessage, protocol::ProtocolError>),
-    Ping(Vec<u8>),
-    Pong,
-    Close(Option<u16>),
-}
-
 /// A live Pusher session: what an idle connection keeps (its subscriptions and user are in the hub).
 struct Session {
     conn: Connection,
@@ -216,86 +209,50 @@ impl Session {
         );
     }
 
-    fn close_requested(&self) -> Option<u16> {
-        self.conn.shard.hub.borrow().conn(self.conn.id).close_code
-    }
-
     /// Reads and handles client messages until the connection must close.
     async fn frame_loop(&mut self) -> Ending {
         let mut decoder = Decoder::new();
-        let max_frame = self.conn.shard.config.max_frame;
         let max_depth = self.conn.shard.config.max_json_depth;
-        let signals = Signals {
-            outbox: true,
-            shutdown: false,
-        };
         loop {
-            match self.conn.read_or_signal(signals, None).await {
-                Err(_) | Ok(Wake::Eof) => return Ending::Gone,
-                Ok(Wake::Signal) => {
-                    if let Some(code) = self.close_requested() {
-                        return Ending::Server(code);
+            let events = match next_frames(&mut self.conn, &mut decoder, |text| {
+                parse_client_message(text, max_depth)
+            })
+            .await
+            {
+                Ok(events) => events,
+                Err(Stop::Gone) => return Ending::Gone,
+                Err(Stop::Server(code)) => return Ending::Server(code),
+                Err(Stop::Violation(violation)) => return Ending::Server(violation.close_code()),
+            };
+            // Any message shows the client is alive, as a pong would.
+            self.conn
+                .shard
+                .hub
+                .borrow_mut()
+                .conn_mut(self.conn.id)
+                .missed_pongs = 0;
+            for event in events {
+                match event {
+                    Frame::Text(Ok(ClientMessage::Subscribe {
+                        channel,
+                        auth,
+                        channel_data,
+                    })) if ChannelKind::of(&channel) == ChannelKind::Presence => {
+                        Box::pin(self.subscribe_presence(channel, auth, channel_data)).await
                     }
-                    match self.conn.flush_outbox(false).await {
-                        Ok(Flushed::Drained) | Ok(Flushed::Interrupted) => {}
-                        Err(_) => return Ending::Gone,
+                    Frame::Text(Ok(message)) => self.handle(message),
+                    Frame::Text(Err(e)) => self.send(&protocol::error(e.code, &e.message)),
+                    Frame::Ping(payload) => {
+                        let shard = &self.conn.shard;
+                        let mut hub = shard.hub.borrow_mut();
+                        send_frame(
+                            hub.conn_mut(self.conn.id),
+                            &Bytes::from(encode_pong(&payload)),
+                            shard.config.max_outbound_bytes,
+                        );
                     }
-                }
-                Ok(Wake::Data) => {
-                    let mut events = Vec::new();
-                    let decoded = decoder.decode(&mut self.conn.inbuf, max_frame, |msg| {
-                        events.push(match msg {
-                            Incoming::Text(text) => {
-                                Event::Message(parse_client_message(text, max_depth))
-                            }
-                            Incoming::Ping(payload) => Event::Ping(payload.to_vec()),
-                            Incoming::Pong(_) => Event::Pong,
-                            Incoming::Close(code) => Event::Close(code),
-                        })
-                    });
-                    let consumed = match decoded {
-                        Ok(consumed) => consumed,
-                        Err(violation) => return Ending::Server(violation.close_code()),
-                    };
-                    self.conn.inbuf.drain(..consumed);
-                    if self.conn.inbuf.is_empty() {
-                        // Free the buffer: an idle connection owns no read memory.
-                        self.conn.inbuf = Vec::new();
-                    }
-                    self.conn.shard.stats().websocket_messages(events.len());
-                    // Any message shows the client is alive, as a pong would.
-                    self.conn
-                        .shard
-                        .hub
-                        .borrow_mut()
-                        .conn_mut(self.conn.id)
-                        .missed_pongs = 0;
-                    for event in events {
-                        match event {
-                            Event::Message(Ok(ClientMessage::Subscribe {
-                                channel,
-                                auth,
-                                channel_data,
-                            })) if ChannelKind::of(&channel) == ChannelKind::Presence => {
-                                Box::pin(self.subscribe_presence(channel, auth, channel_data)).await
-                            }
-                            Event::Message(Ok(message)) => self.handle(message),
-                            Event::Message(Err(e)) => {
-                                self.send(&protocol::error(e.code, &e.message))
-                            }
-                            Event::Ping(payload) => {
-                                let shard = &self.conn.shard;
-                                let mut hub = shard.hub.borrow_mut();
-                                send_frame(
-                                    hub.conn_mut(self.conn.id),
-                                    &Bytes::from(encode_pong(&payload)),
-                                    shard.config.max_outbound_bytes,
-                                );
-                            }
-                            Event::Pong => {}
-                            Event::Close(code) => return Ending::Client(code),
-                        }
-                    }
+                    Frame::Pong => {}
+                    Frame::Close(code) => return Ending::Client(code),
                 }
             }
         }

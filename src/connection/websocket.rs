@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::auth::jwt::ChannelGrant;
 use crate::auth::rate_limit::LocalBucket;
 use crate::auth::UpgradeIdentity;
+use crate::connection::frames::{next_frames, Frame, Stop};
 use crate::connection::live::{self, bad_request, connect_params, watch_expiry, Wire};
 use crate::connection::{audit_origin, respond_and_close};
 use crate::delivery::inbox::ShardMsg;
@@ -32,11 +33,11 @@ use crate::model::parse_notification_ids;
 use crate::presence::{is_presence_channel, ConnRef};
 use crate::shard::hub::ConnKind;
 use crate::shard::outbound::{begin_resume, queue_final_frame, send_frame};
-use crate::shard::socket::{Connection, Flushed, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
+use crate::shard::socket::{Connection, CLOSE_FLUSH_TIMEOUT};
 use crate::store::MarkedSeen;
-use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder, Incoming};
+use crate::ws::codec::{close_code, encode_close, encode_pong, Decoder};
 use crate::ws::handshake;
-use crate::ws::protocol::{self, parse_action, Action, ProtocolError};
+use crate::ws::protocol::{self, parse_action, Action};
 
 /// How a session ended.
 enum Ending {
@@ -48,14 +49,6 @@ enum Ending {
     Server(u16),
     /// The client sent a close frame (with this code); we answer it.
     Client(Option<u16>),
-}
-
-/// One client message, decoded, waiting to be handled after the decode pass.
-enum Event {
-    Action(Result<Action, ProtocolError>),
-    Ping(Vec<u8>),
-    Pong,
-    Close(Option<u16>),
 }
 
 /// Runs the handshake and the session on an upgraded connection.
@@ -261,71 +254,41 @@ impl Session {
     /// Reads and handles client messages until the connection must close.
     async fn frame_loop(&mut self) -> Ending {
         let mut decoder = Decoder::new();
-        let max_frame = self.conn.shard.config.max_frame;
         let max_depth = self.conn.shard.config.max_json_depth;
-        let signals = Signals {
-            outbox: true,
-            shutdown: false,
-        };
         loop {
-            match self.conn.read_or_signal(signals, None).await {
-                Err(_) | Ok(Wake::Eof) => return Ending::Gone,
-                Ok(Wake::Signal) => {
-                    if let Some(code) = self.close_requested() {
-                        return Ending::Server(code);
-                    }
-                    match self.conn.flush_outbox(false).await {
-                        Ok(Flushed::Drained) => {}
-                        Ok(Flushed::Interrupted) => {}
-                        Err(_) => return Ending::Gone,
-                    }
+            let events = match next_frames(&mut self.conn, &mut decoder, |text| {
+                parse_action(text, max_depth)
+            })
+            .await
+            {
+                Ok(events) => events,
+                Err(Stop::Gone) => return Ending::Gone,
+                Err(Stop::Server(code)) => return Ending::Server(code),
+                Err(Stop::Violation(violation)) => {
+                    debug!(user = %self.user, reason = violation.reason(), "protocol violation");
+                    return Ending::Server(violation.close_code());
                 }
-                Ok(Wake::Data) => {
-                    let mut events = Vec::new();
-                    let decoded = decoder.decode(&mut self.conn.inbuf, max_frame, |msg| {
-                        events.push(match msg {
-                            Incoming::Text(text) => Event::Action(parse_action(text, max_depth)),
-                            Incoming::Ping(payload) => Event::Ping(payload.to_vec()),
-                            Incoming::Pong(_) => Event::Pong,
-                            Incoming::Close(code) => Event::Close(code),
-                        })
-                    });
-                    let consumed = match decoded {
-                        Ok(consumed) => consumed,
-                        Err(violation) => {
-                            debug!(user = %self.user, reason = violation.reason(), "protocol violation");
-                            return Ending::Server(violation.close_code());
-                        }
-                    };
-                    self.conn.inbuf.drain(..consumed);
-                    if self.conn.inbuf.is_empty() {
-                        // Free the buffer: an idle connection owns no read memory.
-                        self.conn.inbuf = Vec::new();
+            };
+            for event in events {
+                if matches!(event, Frame::Text(_) | Frame::Ping(_)) && !self.within_rate() {
+                    if self.rate_strikes > self.rate_burst() {
+                        return Ending::RateAbuse;
                     }
-                    self.conn.shard.stats().websocket_messages(events.len());
-                    for event in events {
-                        if matches!(event, Event::Action(_) | Event::Ping(_)) && !self.within_rate()
-                        {
-                            if self.rate_strikes > self.rate_burst() {
-                                return Ending::RateAbuse;
-                            }
-                            continue;
-                        }
-                        match event {
-                            Event::Action(Ok(action)) => Box::pin(self.handle(action)).await,
-                            Event::Action(Err(e)) => self.send_error(e.code, &e.message),
-                            Event::Ping(payload) => self.send(&Bytes::from(encode_pong(&payload))),
-                            Event::Pong => {
-                                self.conn
-                                    .shard
-                                    .hub
-                                    .borrow_mut()
-                                    .conn_mut(self.conn.id)
-                                    .missed_pongs = 0
-                            }
-                            Event::Close(code) => return Ending::Client(code),
-                        }
+                    continue;
+                }
+                match event {
+                    Frame::Text(Ok(action)) => Box::pin(self.handle(action)).await,
+                    Frame::Text(Err(e)) => self.send_error(e.code, &e.message),
+                    Frame::Ping(payload) => self.send(&Bytes::from(encode_pong(&payload))),
+                    Frame::Pong => {
+                        self.conn
+                            .shard
+                            .hub
+                            .borrow_mut()
+                            .conn_mut(self.conn.id)
+                            .missed_pongs = 0
                     }
+                    Frame::Close(code) => return Ending::Client(code),
                 }
             }
         }
@@ -361,10 +324,6 @@ impl Session {
             .auth
             .ws_rate()
             .map_or(u32::MAX, |rate| rate.burst())
-    }
-
-    fn close_requested(&self) -> Option<u16> {
-        self.conn.shard.hub.borrow().conn(self.conn.id).close_code
     }
 
     /// Handles one client action.
