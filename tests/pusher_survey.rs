@@ -136,18 +136,25 @@ fn counts_cover_both_nodes(a: &TestServer, b: &TestServer) {
     );
 }
 
+/// A node with the Pusher app, joined through `target` (`REDIS_URL` or `REDIS_CLUSTER` and its value)
+/// under `prefix`, with `extra` settings.
+fn pusher_node(target: (&str, &str), prefix: &str, extra: &[(&str, &str)]) -> TestServer {
+    let mut env = vec![("PUSHER_APPS", APPS), target, ("REDIS_PREFIX", prefix)];
+    env.extend_from_slice(extra);
+    TestServer::start_with(&env)
+}
+
 #[test]
 fn channel_queries_count_the_subscribers_of_every_node() {
     let Some(redis) = common::redis::TestRedis::shared() else {
         return;
     };
     let node = || {
-        TestServer::start_with(&[
-            ("PUSHER_APPS", APPS),
+        pusher_node(
             ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-            ("REDIS_NODE_TIMEOUT_MS", "600"),
-        ])
+            &redis.prefix,
+            &[("REDIS_NODE_TIMEOUT_MS", "600")],
+        )
     };
     let (a, b) = (node(), node());
     redis.wait_numsub("b", 2);
@@ -162,12 +169,11 @@ fn channel_queries_count_every_node_on_a_redis_cluster() {
     let prefix = format!("nstest:{}:", uuid::Uuid::now_v7().simple());
     let seeds = cluster.seeds();
     let node = || {
-        TestServer::start_with(&[
-            ("PUSHER_APPS", APPS),
+        pusher_node(
             ("REDIS_CLUSTER", &seeds),
-            ("REDIS_PREFIX", &prefix),
-            ("REDIS_NODE_TIMEOUT_MS", "600"),
-        ])
+            &prefix,
+            &[("REDIS_NODE_TIMEOUT_MS", "600")],
+        )
     };
     let (a, b) = (node(), node());
     counts_cover_both_nodes(&a, &b);
@@ -180,13 +186,14 @@ fn a_node_that_does_not_answer_is_left_out_after_the_survey_timeout() {
     };
     // The stopped node's announcement stays fresh for the whole test: the others still wait for it.
     let node = || {
-        TestServer::start_with(&[
-            ("PUSHER_APPS", APPS),
+        pusher_node(
             ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-            ("REDIS_NODE_TIMEOUT_MS", "9000"),
-            ("SURVEY_TIMEOUT_MS", "1500"),
-        ])
+            &redis.prefix,
+            &[
+                ("REDIS_NODE_TIMEOUT_MS", "9000"),
+                ("SURVEY_TIMEOUT_MS", "1500"),
+            ],
+        )
     };
     let (a, b, c) = (node(), node(), node());
     redis.wait_numsub("b", 3);
@@ -218,13 +225,14 @@ fn while_redis_is_away_a_node_answers_at_once_with_its_own_counts() {
     let redis = redis_server.as_test_redis();
     // A survey that waited for the other node would take a minute: the answer must not.
     let node = || {
-        TestServer::start_with(&[
-            ("PUSHER_APPS", APPS),
+        pusher_node(
             ("REDIS_URL", &redis.url),
-            ("REDIS_PREFIX", &redis.prefix),
-            ("REDIS_NODE_TIMEOUT_MS", "600"),
-            ("SURVEY_TIMEOUT_MS", "60000"),
-        ])
+            &redis.prefix,
+            &[
+                ("REDIS_NODE_TIMEOUT_MS", "600"),
+                ("SURVEY_TIMEOUT_MS", "60000"),
+            ],
+        )
     };
     let (a, b) = (node(), node());
     redis.wait_numsub("b", 2);
