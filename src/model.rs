@@ -333,13 +333,6 @@ impl SendInput {
                 )
             })?,
         };
-        // A pending schedule does not store it yet; refused rather than lost when it fires.
-        if self.urgent.is_some() {
-            return Err(FieldError::new(
-                "urgent",
-                "is not accepted by POST /api/v1/notifications/schedule yet",
-            ));
-        }
         if scheduled_at > now + MAX_SCHEDULE_AHEAD_MS {
             return Err(FieldError::new(
                 "scheduled_at",

@@ -61,7 +61,7 @@ fn migrate_creates_a_fresh_sqlite_store_once_and_the_server_then_starts_on_it() 
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert_eq!(stdout.lines().count(), 1, "one line: {stdout}");
     assert!(
-        stdout.starts_with("migrate: applied 7 migrations"),
+        stdout.starts_with("migrate: applied 8 migrations"),
         "{stdout}"
     );
     assert!(dir.path().join("notifications.db").exists());
@@ -90,7 +90,7 @@ fn migrate_applies_the_postgres_schema() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.starts_with("migrate: applied 7 migrations"),
+        stdout.starts_with("migrate: applied 8 migrations"),
         "{stdout}"
     );
     assert!(!stdout.contains("password"), "{stdout}");
@@ -200,7 +200,7 @@ fn check_config_is_ok_with_sqlite_and_redis_and_creates_nothing() {
     let out = run(&["check-config", "--database-url", &url], &[]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
-        text(&out).0.contains("schema version 7 (current)"),
+        text(&out).0.contains("schema version 8 (current)"),
         "{out:?}"
     );
 }

@@ -245,6 +245,103 @@ fn quiet_hours_hold_a_notification_until_they_end_and_urgent_is_pushed_on_postgr
     quiet_hours(&[("DATABASE_URL", &schema.url)]);
 }
 
+/// `urgent` is stored: history, WebSocket `since`, SSE `Last-Event-ID` and the long-poll show it as
+/// the live object did (absent when false), and a scheduled urgent notification is shown by `GET`
+/// and pushed at once when it fires in quiet hours.
+fn urgent_stored_and_scheduled(env: &[(&str, &str)]) {
+    let server = TestServer::start_with(env);
+    let mut ana = server.ws("user_id=ana");
+    // Quiet hours from a minute ago to an hour ahead: nothing plain is pushed during the test.
+    put_ok(
+        &server,
+        "ana",
+        json!({"quiet_hours": {"start": kolkata_in(-60), "end": kolkata_in(3600), "time_zone": "Asia/Kolkata"}}),
+    );
+    let held = server.send(json!({"user_id": "ana", "message": "while asleep"}));
+    let urgent = server.send(json!({"user_id": "ana", "message": "fire alarm", "urgent": true}));
+    let live = ana.expect_notification();
+    assert_eq!(live["id"], urgent.as_str());
+    assert_eq!(live["urgent"], true);
+
+    // Scheduled: accepted, shown pending, pushed at once when it fires in quiet hours.
+    let at = (chrono::Utc::now() + chrono::Duration::milliseconds(800))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let r = server.post(
+        "/api/v1/notifications/schedule",
+        &json!({"user_id": "ana", "message": "flood", "urgent": true, "scheduled_at": at}),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let schedule_id = r.json()["id"].as_str().unwrap().to_owned();
+    let pending = server.get(&format!("/api/v1/notifications/scheduled/{schedule_id}"));
+    assert_eq!(pending.status, 200);
+    assert_eq!(pending.json()["urgent"], true, "{}", pending.json());
+    let fired = ana.expect_notification();
+    assert_eq!(fired["schedule_id"], schedule_id.as_str(), "{fired}");
+    assert_eq!(fired["urgent"], true);
+    let fired_id = fired["id"].as_str().unwrap().to_owned();
+
+    // History: the key only on the urgent ones.
+    let history = server.get("/api/v1/notifications/user/ana").json();
+    let by_id = |list: &Value, id: &str| -> Value {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing from {list}"))
+            .clone()
+    };
+    let notifications = &history["notifications"];
+    assert_eq!(by_id(notifications, &urgent)["urgent"], true);
+    assert_eq!(by_id(notifications, &fired_id)["urgent"], true);
+    assert!(by_id(notifications, &held).get("urgent").is_none());
+
+    // Replay: WebSocket `since`, SSE `Last-Event-ID`, long-poll.
+    let nil = uuid::Uuid::nil().to_string();
+    let mut replay = server.ws(&format!("user_id=ana&since={nil}"));
+    let mut replayed = Vec::new();
+    while replayed.len() < 3 {
+        let v = replay.next_json();
+        if v.get("event").is_none() {
+            replayed.push(v);
+        }
+    }
+    let replayed = Value::Array(replayed);
+    assert_eq!(by_id(&replayed, &urgent)["urgent"], true, "{replayed}");
+    assert_eq!(by_id(&replayed, &fired_id)["urgent"], true);
+    assert!(by_id(&replayed, &held).get("urgent").is_none());
+
+    let mut stream = common::sse::open(server.addr, "user_id=ana", &[("Last-Event-ID", &nil)])
+        .unwrap_or_else(|r| panic!("refused: {}", r.status));
+    let mut streamed = Vec::new();
+    while streamed.len() < 3 {
+        let e = stream.next_event();
+        if e.name == "notification" {
+            streamed.push(e.json());
+        }
+    }
+    let streamed = Value::Array(streamed);
+    assert_eq!(by_id(&streamed, &urgent)["urgent"], true, "{streamed}");
+    assert!(by_id(&streamed, &held).get("urgent").is_none());
+
+    let polled = common::sse::poll(server.addr, &format!("user_id=ana&since={nil}"), &[]).json();
+    let polled = &polled["notifications"];
+    assert_eq!(by_id(polled, &fired_id)["urgent"], true, "{polled}");
+    assert!(by_id(polled, &held).get("urgent").is_none());
+}
+
+#[test]
+fn urgent_is_stored_replayed_and_schedulable_on_sqlite() {
+    urgent_stored_and_scheduled(&[]);
+}
+
+#[test]
+fn urgent_is_stored_replayed_and_schedulable_on_postgres() {
+    let Some(schema) = PgSchema::create() else {
+        return;
+    };
+    urgent_stored_and_scheduled(&[("DATABASE_URL", &schema.url)]);
+}
+
 #[test]
 fn a_held_notification_is_pushed_after_a_restart() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());

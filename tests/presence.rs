@@ -268,3 +268,65 @@ fn a_killed_nodes_users_leave_within_the_bound() {
     );
     assert_eq!(rest_users(&b, channel), ["w"]);
 }
+
+/// An SSE stream of `user` on `channel`, open (its `connected` and `subscribed` events read).
+fn sse_member(server: &TestServer, user: &str, channel: &str) -> common::sse::SseClient {
+    let mut s = common::sse::open(
+        server.addr,
+        &format!("user_id={user}&channels={channel}"),
+        &[],
+    )
+    .unwrap_or_else(|r| panic!("refused: {} {}", r.status, String::from_utf8_lossy(&r.body)));
+    let retry = s.next().expect("the retry line");
+    assert_eq!(retry.retry, Some(1000), "{retry:?}");
+    s.expect_event("connected");
+    s.expect_event("subscribed");
+    s
+}
+
+#[test]
+fn an_sse_stream_is_a_presence_member_while_it_is_open() {
+    let server = TestServer::start_with(&[("SHARDS", "2")]);
+    let channel = "presence-room";
+    let mut watcher = member(&server, "w", channel);
+    expect_change(&mut watcher, "join", channel, "w");
+
+    let mut stream = sse_member(&server, "sue", channel);
+    expect_change(&mut watcher, "join", channel, "sue");
+    // The stream hears its own join, like a WebSocket member.
+    let own = stream.expect_event("join");
+    assert_eq!(own["user_id"], "sue", "{own}");
+    assert_eq!(rest_users(&server, channel), ["sue", "w"]);
+    assert_eq!(ask(&mut watcher, channel)["users"], json!(["sue", "w"]));
+
+    // The client closes the stream: she leaves.
+    drop(stream);
+    expect_change(&mut watcher, "leave", channel, "sue");
+    assert_eq!(rest_users(&server, channel), ["w"]);
+}
+
+#[test]
+fn an_sse_stream_on_one_node_is_present_on_the_other() {
+    let Some(redis) = TestRedis::shared() else {
+        return;
+    };
+    let node =
+        || TestServer::start_with(&[("REDIS_URL", &redis.url), ("REDIS_PREFIX", &redis.prefix)]);
+    let (a, b) = (node(), node());
+    redis.wait_numsub("b", 2);
+    let channel = "presence-hall";
+    let mut watcher = member(&b, "w", channel);
+    expect_change(&mut watcher, "join", channel, "w");
+    redis.wait_numsub(&format!("c:{channel}"), 1);
+
+    let stream = sse_member(&a, "sue", channel);
+    expect_change(&mut watcher, "join", channel, "sue");
+    assert_eq!(rest_users(&b, channel), ["sue", "w"]);
+    drop(stream);
+    expect_change(&mut watcher, "leave", channel, "sue");
+    wait_until(
+        "node B to list only the watcher",
+        Duration::from_secs(5),
+        || rest_users(&b, channel) == ["w"],
+    );
+}

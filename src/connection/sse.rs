@@ -23,6 +23,7 @@ use crate::delivery::sse;
 use crate::http::request::RequestHead;
 use crate::http::response::{write_stream_head, Response};
 use crate::metrics::Route;
+use crate::presence::{is_presence_channel, ConnRef};
 use crate::shard::hub::ConnKind;
 use crate::shard::outbound::{begin_resume, send_frame};
 use crate::shard::socket::{Connection, Signals, Wake, CLOSE_FLUSH_TIMEOUT};
@@ -165,9 +166,7 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Stream> {
         stream.send(event);
     }
     if !params.channels.is_empty() {
-        // A stream hears the joins and leaves of a presence channel but is not a member of it (it
-        // cannot leave as a WebSocket session does): the joined list is not used.
-        let (events, _joined) = live::subscribe(
+        let (events, joined) = live::subscribe(
             &shard,
             stream.conn.id,
             opened.grant.as_ref(),
@@ -175,6 +174,14 @@ async fn open(mut conn: Connection, head: RequestHead) -> Option<Stream> {
         );
         for event in events {
             stream.send(Wire::Sse.control(event));
+        }
+        // A stream is a member of its presence channels, like a WebSocket subscription, for as long
+        // as it is open ([`Stream`]'s drop leaves them). After `subscribed`, so the stream's own
+        // `join` (through the inbox) comes after it.
+        for channel in joined {
+            shard
+                .fanout
+                .presence_join(&channel, &stream.user, None, stream.conn_ref());
         }
     }
     if let Some(since) = params.since {
@@ -201,10 +208,34 @@ impl Drop for Stream {
     fn drop(&mut self) {
         // The user's slot taken in `open_request`.
         self.conn.shard.auth.connections.release_user(&self.user);
+        // However the stream ends (the client closed, a slow consumer dropped, the token expired, a
+        // cut resume, shutdown), it leaves its presence channels; the hub entry goes after this, with
+        // the connection.
+        let presence: Vec<Rc<str>> = {
+            let hub = self.conn.shard.hub.borrow();
+            hub.channels_of(self.conn.id)
+                .into_iter()
+                .filter(|c| is_presence_channel(c))
+                .collect()
+        };
+        for channel in presence {
+            self.conn
+                .shard
+                .fanout
+                .presence_leave(&channel, &self.user, self.conn_ref());
+        }
     }
 }
 
 impl Stream {
+    /// This stream, node-wide, for the presence registry.
+    fn conn_ref(&self) -> ConnRef {
+        ConnRef {
+            shard: self.conn.shard.index,
+            conn: self.conn.id,
+        }
+    }
+
     /// Sends an event through the normal outbound path.
     fn send(&self, event: bytes::Bytes) {
         let shard = &self.conn.shard;

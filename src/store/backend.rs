@@ -519,6 +519,15 @@ macro_rules! migrations {
                     "/0007_id_clock.sql"
                 )),
             },
+            $crate::store::backend::Migration {
+                version: 8,
+                sql: include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/migrations/",
+                    $dialect,
+                    "/0008_urgent.sql"
+                )),
+            },
         ]
     };
 }

@@ -147,7 +147,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 macro_rules! columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data, created_at, read_at, \
-         delivered_at, seen_at, scheduled_at, schedule_id"
+         delivered_at, seen_at, scheduled_at, schedule_id, urgent"
     };
 }
 
@@ -155,7 +155,7 @@ macro_rules! columns {
 const INSERT_NOTIFICATION: &str = concat!(
     "INSERT INTO notifications (",
     columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
 );
 /// `OR IGNORE`: a producer may list the same channel twice; it is one channel.
 const INSERT_CHANNEL: &str =
@@ -197,13 +197,13 @@ const IDEMPOTENCY_EXPIRE: &str = "DELETE FROM idempotency_keys WHERE created_at 
 macro_rules! scheduled_columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data, created_at, NULL, NULL, NULL, \
-         scheduled_at, NULL"
+         scheduled_at, NULL, urgent"
     };
 }
 /// A pending scheduled notification.
 const SCHEDULE: &str = "INSERT INTO scheduled_notifications \
-     (id, user_id, type, title, message, channels, broadcast, data, created_at, scheduled_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+     (id, user_id, type, title, message, channels, broadcast, data, created_at, scheduled_at, \
+     urgent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 /// Cancels one.
 const CANCEL_SCHEDULED: &str = "DELETE FROM scheduled_notifications WHERE id = ?1";
 /// Claims the due ones (the store thread is the only writer, so no other claim can race this one).
@@ -336,9 +336,8 @@ fn notification_from_row(row: &Row<'_>) -> rusqlite::Result<Notification> {
         delivered_at: row.get(10)?,
         seen_at: row.get(11)?,
         scheduled_at: row.get(12)?,
-        // Not stored: it decided the live push when the notification was committed.
-        urgent: false,
         schedule_id: row.get::<_, Option<[u8; 16]>>(13)?.map(Uuid::from_bytes),
+        urgent: row.get(14)?,
     })
 }
 
@@ -679,6 +678,7 @@ fn insert_notifications(
             n.seen_at,
             n.scheduled_at,
             n.schedule_id.as_ref().map(Uuid::as_bytes),
+            n.urgent,
         ])?;
         for channel in &n.channels {
             insert_channel.execute(params![channel, n.id.as_bytes()])?;
@@ -793,6 +793,7 @@ fn apply_one(
                 n.data,
                 n.created_at,
                 n.scheduled_at.unwrap_or(now),
+                n.urgent,
             ])?;
             Ok(WriteOutcome::Scheduled)
         }

@@ -90,8 +90,7 @@ pub(super) fn notification_from_row(row: &Row, first: usize) -> Result<Notificat
         delivered_at: time(column!(10)),
         seen_at: time(column!(11)),
         scheduled_at: time(column!(12)),
-        // Not stored: it decided the live push when the notification was committed.
-        urgent: false,
         schedule_id: column!(13),
+        urgent: column!(14),
     })
 }

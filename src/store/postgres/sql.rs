@@ -13,7 +13,7 @@ pub(super) const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS sch
 macro_rules! columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data::text AS data, created_at, \
-         read_at, delivered_at, seen_at, scheduled_at, schedule_id"
+         read_at, delivered_at, seen_at, scheduled_at, schedule_id, urgent"
     };
 }
 
@@ -22,7 +22,8 @@ macro_rules! columns {
 macro_rules! scheduled_columns {
     () => {
         "id, user_id, type, title, message, channels, broadcast, data::text AS data, created_at, \
-         NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, scheduled_at, NULL::uuid"
+         NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, scheduled_at, NULL::uuid, \
+         urgent"
     };
 }
 
@@ -69,8 +70,8 @@ macro_rules! claim_verdict {
 
 /// Inserts notifications and their channel-index rows in ONE statement, whatever their number, under
 /// an optional `Idempotency-Key` (see [`claim_key!`], `$1`–`$6`). Every notification column is an
-/// array with one element per notification (`$7`–`$19`, and `$22` for `schedule_id`, numbered after
-/// the others because it came later; `channels` as a JSON array text per notification, since
+/// array with one element per notification (`$7`–`$19`, and `$22` for `schedule_id` and `$23` for
+/// `urgent`, numbered after the others because they came later; `channels` as a JSON array text per notification, since
 /// PostgreSQL arrays cannot be ragged), turned back into rows by UNNEST; the channel rows come as two
 /// parallel arrays of (channel, id) (`$20`, `$21`). The CTEs' inserts run
 /// even though nothing reads from them. `ON CONFLICT DO NOTHING`: a producer may list the same channel
@@ -81,18 +82,19 @@ pub(super) const INSERT_NOTIFICATIONS: &str = concat!(
     inserted AS (
         INSERT INTO notifications (id, user_id, type, title, message, channels, broadcast, data,
                                    created_at, read_at, delivered_at, seen_at, scheduled_at,
-                                   schedule_id)
+                                   schedule_id, urgent)
         SELECT n.id, n.user_id, n.type, n.title, n.message,
                ARRAY(SELECT c.name FROM jsonb_array_elements_text(n.channels::jsonb)
                                         WITH ORDINALITY AS c(name, position)
                      ORDER BY c.position),
                n.broadcast, n.data::jsonb, n.created_at, n.read_at, n.delivered_at, n.seen_at,
-               n.scheduled_at, n.schedule_id
+               n.scheduled_at, n.schedule_id, n.urgent
         FROM UNNEST($7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
                     $13::boolean[], $14::text[], $15::timestamptz[], $16::timestamptz[],
-                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $22::uuid[])
+                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $22::uuid[],
+                    $23::boolean[])
              AS n(id, user_id, type, title, message, channels, broadcast, data, created_at,
-                  read_at, delivered_at, seen_at, scheduled_at, schedule_id)
+                  read_at, delivered_at, seen_at, scheduled_at, schedule_id, urgent)
         WHERE (SELECT yes FROM proceed)
     ),
     indexed AS (
@@ -110,16 +112,16 @@ pub(super) const INSERT_NOTIFICATIONS: &str = concat!(
 pub(super) const CLOCK_LOCK: &str = "SELECT last_id FROM id_clock FOR UPDATE";
 /// Records the batch's greatest id (`$1`) in the id clock, under the lock [`CLOCK_LOCK`] took.
 pub(super) const CLOCK_ADVANCE: &str = "UPDATE id_clock SET last_id = $1 WHERE last_id < $1::uuid";
-/// Stores a pending scheduled notification (`$7`–`$16`) under an optional `Idempotency-Key` (see
+/// Stores a pending scheduled notification (`$7`–`$17`) under an optional `Idempotency-Key` (see
 /// [`claim_key!`]).
 pub(super) const SCHEDULE: &str = concat!(
     claim_key!(),
     "
     scheduled AS (
         INSERT INTO scheduled_notifications (id, user_id, type, title, message, channels,
-                                             broadcast, data, created_at, scheduled_at)
+                                             broadcast, data, created_at, scheduled_at, urgent)
         SELECT $7::uuid, $8::text, $9::text, $10::text, $11::text, $12::text[], $13::boolean,
-               $14::text::jsonb, $15::timestamptz, $16::timestamptz
+               $14::text::jsonb, $15::timestamptz, $16::timestamptz, $17::boolean
         WHERE (SELECT yes FROM proceed)
     )",
     claim_verdict!()

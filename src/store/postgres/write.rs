@@ -227,6 +227,8 @@ struct InsertArrays<'a> {
     scheduled: Vec<Option<Timestamp>>,
     /// `$22`.
     schedule_ids: Vec<Option<Uuid>>,
+    /// `$23`.
+    urgent: Vec<bool>,
     /// `$20`: the channel of each channel-index row.
     channel_names: Vec<&'a str>,
     /// `$21`: the notification of each channel-index row.
@@ -252,6 +254,7 @@ impl<'a> InsertArrays<'a> {
             seen: Vec::with_capacity(count),
             scheduled: Vec::with_capacity(count),
             schedule_ids: Vec::with_capacity(count),
+            urgent: Vec::with_capacity(count),
             channel_names: Vec::new(),
             channel_ids: Vec::new(),
         };
@@ -273,6 +276,7 @@ impl<'a> InsertArrays<'a> {
             arrays.seen.push(n.seen_at.map(Timestamp));
             arrays.scheduled.push(n.scheduled_at.map(Timestamp));
             arrays.schedule_ids.push(n.schedule_id);
+            arrays.urgent.push(n.urgent);
             for channel in &n.channels {
                 arrays.channel_names.push(channel);
                 arrays.channel_ids.push(n.id);
@@ -281,8 +285,8 @@ impl<'a> InsertArrays<'a> {
         Ok(arrays)
     }
 
-    /// `$7`–`$22`, in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+    /// `$7`–`$23`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 17] {
         [
             &self.ids,
             &self.user_ids,
@@ -300,6 +304,7 @@ impl<'a> InsertArrays<'a> {
             &self.channel_names,
             &self.channel_ids,
             &self.schedule_ids,
+            &self.urgent,
         ]
     }
 }
@@ -415,7 +420,7 @@ async fn run_step(
                 let key = KeyParams::new(idempotency.as_ref(), clock);
                 let scheduled_at = Timestamp(n.scheduled_at.unwrap_or(now.0));
                 let created_at = Timestamp(n.created_at);
-                let row: [&(dyn ToSql + Sync); 10] = [
+                let row: [&(dyn ToSql + Sync); 11] = [
                     &n.id,
                     &n.user_id,
                     &n.kind,
@@ -426,6 +431,7 @@ async fn run_step(
                     &n.data,
                     &created_at,
                     &scheduled_at,
+                    &n.urgent,
                 ];
                 let params: Vec<&(dyn ToSql + Sync)> =
                     key.params().into_iter().chain(row).collect();
