@@ -39,6 +39,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("notif_store_reads_total", "counter"),
     ("notif_scheduled_fired_total", "counter"),
     ("notif_scheduled_pending", "gauge"),
+    ("notif_sqlite_memory_bytes", "gauge"),
     ("notif_store_batch_size", "histogram"),
     ("notif_send_to_commit_seconds", "histogram"),
     ("process_resident_memory_bytes", "gauge"),
@@ -94,6 +95,8 @@ fn every_family_is_exposed_with_its_type_and_moves_with_its_event() {
     }
     assert_eq!(before.value("notif_scheduled_pending", &[]), 0.0);
     assert!(before.value("process_resident_memory_bytes", &[]) > 1e6);
+    // The test server runs on SQLite: its caches and statements are there from the start.
+    assert!(before.value("notif_sqlite_memory_bytes", &[]) > 1e4);
     assert!(before.value("process_open_fds", &[]) > 3.0);
     assert!(before.value("process_start_time_seconds", &[]) > 1.7e9);
 

@@ -76,6 +76,12 @@ pub async fn metrics(ctx: &ApiContext<'_>) -> Response {
         "Audit log lines dropped because the queue (AUDIT_QUEUE) was full or a write failed.",
         audit.lines_dropped(),
     );
+    out.single(
+        "notif_sqlite_memory_bytes",
+        Kind::Gauge,
+        "Memory SQLite's allocator holds (page caches, statements); 0 on PostgreSQL.",
+        crate::store::sqlite_allocator_bytes(),
+    );
     let mut bus = String::new();
     ctx.fanout.render_bus_metrics(&mut bus);
     out.push_raw(&bus);

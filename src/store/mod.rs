@@ -43,7 +43,7 @@ mod writer;
 pub use backend::StoredPreferences;
 pub use error::{BackendError, OpenError, StoreError};
 pub use idempotency::{IdempotencyKey, Receipt, Stamp};
-pub use sqlite::SqliteSynchronous;
+pub use sqlite::{allocator_bytes as sqlite_allocator_bytes, SqliteSynchronous};
 
 use std::fmt;
 use std::future::Future;

@@ -7,8 +7,10 @@
 //!
 //! Writes are a drained batch in one `BEGIN IMMEDIATE` transaction, one cached prepared statement per
 //! kind of row, executed row by row. SQLite has no network round trip, so a per-row `execute` of a
-//! prepared statement costs a few microseconds and the commit is the only expensive step: batching rows
-//! into multi-row `INSERT`s would save little and complicate error handling. `IMMEDIATE` takes the write
+//! prepared statement costs a few microseconds and the commit is the most expensive single step. Each
+//! row's `INSERT` still pays a statement journal (the counters' trigger makes it a statement that
+//! changes two rows), 12 % of the writer under batched ingest (docs/benchmarks.md, "Batched ingest");
+//! multi-row `INSERT`s would pay it once a statement, at the price of harder per-row error handling. `IMMEDIATE` takes the write
 //! lock up front, so a batch never fails half-way on a lock upgrade; a second process holding the lock
 //! (an admin's `sqlite3` shell) is waited for up to [`BUSY_TIMEOUT`], then the batch fails as a whole.
 //!
@@ -339,6 +341,28 @@ fn notification_from_row(row: &Row<'_>) -> rusqlite::Result<Notification> {
         schedule_id: row.get::<_, Option<[u8; 16]>>(13)?.map(Uuid::from_bytes),
         urgent: row.get(14)?,
     })
+}
+
+/// Bytes SQLite's allocator holds now, over every connection of the process: page caches (up to
+/// [`CACHE_KIB`] each), prepared statements, schema. Part of the resident memory that is neither
+/// connections nor queues; `/metrics` shows it so a growing RSS can be told apart from a full cache.
+pub fn allocator_bytes() -> i64 {
+    let (mut current, mut highwater) = (0i64, 0i64);
+    // SAFETY: sqlite3_status64 only writes the two integers we own; SQLITE_STATUS_MEMORY_USED is
+    // a valid operation and the library is initialised by its first use (0 before that).
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_status64(
+            rusqlite::ffi::SQLITE_STATUS_MEMORY_USED,
+            &mut current,
+            &mut highwater,
+            0,
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        current
+    } else {
+        0
+    }
 }
 
 /// Settings every connection gets.
